@@ -1,0 +1,233 @@
+"""Typed, validated configuration of a TempFlow-GRPO run.
+
+Every field carries its unit and scope in its description; the Prefect UI renders these
+models as the run form, and the CLI's `--set section.field=value` writes into them. Sizes are
+global per iteration, never per device: the engine cuts work into micro-batches itself, so
+group size, prompts per iteration and what fits in memory are independent settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Algorithm = Literal["flow_grpo", "flow_grpo_fixed", "branch", "tempflow"]
+
+DEFAULT_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(_Section):
+    """Sizes of the tiny StableDiffusion3Pipeline built when no model path is given."""
+
+    resolution: int = Field(32, ge=16, le=512, description="Image side in pixels.")
+    vae_channels: list[int] = Field([8, 16, 16], min_length=1, description="AutoencoderKL block widths; the latent is resolution / 2**(len-1) pixels wide.")
+    latent_channels: int = Field(4, ge=1)
+    layers: int = Field(2, ge=1, description="SD3 transformer blocks.")
+    heads: int = Field(2, ge=1)
+    head_dim: int = Field(16, ge=4)
+    patch_size: int = Field(2, ge=1)
+    text_width: int = Field(32, ge=8, description="Hidden width of each tiny CLIP text encoder.")
+    text_layers: int = Field(1, ge=1)
+    max_tokens: int = Field(16, ge=4, description="Tokenizer max length (CLIP position embeddings).")
+    seed: int = Field(0, description="Seed of the random initialisation.")
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base). None builds a random tiny model.")
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the frozen weights; LoRA and the sampler math stay float32.")
+    max_sequence_length: int = Field(0, ge=0, le=512, description="T5 tokens (256 for SD3.5 with T5). 0 when the model has no T5: no zero padding tokens are spent.")
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:i]'.")
+
+
+class LoraSettings(_Section):
+    rank: int = Field(32, ge=1, description="LoRA rank r.")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha / r).")
+    init: Literal["gaussian", "default", "zeros"] = Field("gaussian", description="peft init_lora_weights ('zeros' = peft False).")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1)
+
+
+class SamplingConfig(_Section):
+    num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps T of rollouts.")
+    guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale (1 = no CFG).")
+    shift: float = Field(3.0, gt=0, description="Flow shift of the timestep grid (3.0 for SD3).")
+    noise_level: float = Field(0.7, gt=0, description="a in s_t = a sqrt(t/(1-t)); 0.7 for SD3.5-M, 0.9 for FLUX.")
+    eval_num_steps: int = Field(20, ge=1, description="ODE steps for evaluation images.")
+
+
+class RolloutConfig(_Section):
+    prompts_per_iter: int = Field(4, ge=1, description="Prompts per iteration (global).")
+    group_size: int = Field(6, ge=2, description="K children per branch point (branching) or G trajectories per prompt (plain).")
+    branch_steps: Literal["all"] | list[int] | int = Field("all", description="'all' steps, a fixed list of step indices, or an int m: m steps drawn per iteration.")
+    max_batch: int = Field(64, ge=1, description="Max samples per transformer forward (CFG doubles it internally).")
+
+    @field_validator("branch_steps")
+    @classmethod
+    def _check_branch_steps(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("branch_steps list must not be empty")
+            if any(k < 0 for k in v) or len(set(v)) != len(v):
+                raise ValueError("branch_steps must be distinct, non-negative step indices")
+        elif isinstance(v, int) and v < 1:
+            raise ValueError("branch_steps as a count must be >= 1")
+        return v
+
+
+class LossConfig(_Section):
+    clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the per-step likelihood ratio (Flow-GRPO uses 1e-4).")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to [-max, max].")
+    beta: float = Field(0.004, ge=0, description="KL weight (paper: 0.004 GenEval, 0.001 PickScore).")
+    weight_norm: Literal["mean1", "constant"] = Field("mean1", description="Noise-aware weight normalisation: mean 1 over trained steps (paper), or constant * s_k sqrt(dt_k) (authors' code).")
+    weight_constant: float = Field(2.25, gt=0, description="Multiplier for weight_norm='constant'.")
+
+
+class TrainConfig(_Section):
+    iterations: int = Field(3, ge=1, description="RL iterations (rollout -> reward -> update).")
+    lr: float = Field(3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(1e-4, ge=0)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
+    inner_epochs: int = Field(1, ge=1, description="Passes over one iteration's rollouts.")
+    minibatches: int = Field(1, ge=1, description="Optimizer steps per inner epoch: units are split into this many minibatches.")
+    micro_batch: int = Field(16, ge=1, description="Training units per forward/backward (gradient accumulation fills the minibatch). What fits in memory.")
+    train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained.")
+    seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
+
+
+class RewardConfig(_Section):
+    name: str = Field("brightness", description="Reward name in the registry, or 'weighted' with `weights`.")
+    weights: dict[str, float] = Field(default_factory=dict, description="For 'weighted': reward name -> weight.")
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-reward keyword options, e.g. {'clipscore': {'model': '/path'}}.")
+
+
+class PromptsConfig(_Section):
+    source: str = Field("builtin:colors", description="'builtin:<name>', a .txt file (one prompt a line) or a .jsonl file with a 'prompt' field.")
+    test_source: str | None = Field(None, description="Held-out prompts for evaluation.")
+
+
+class RunConfig(_Section):
+    """A whole run. Sections group settings by the stage that reads them."""
+
+    algorithm: Algorithm = Field("tempflow", description="flow_grpo (global std), flow_grpo_fixed (group std), branch (branching only), tempflow (branching + noise-aware weights).")
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    sampling: SamplingConfig = SamplingConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    reward: RewardConfig = RewardConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    output_dir: str = Field("runs", description="Local folder for in-process runs.")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "RunConfig":
+        T = self.sampling.num_steps
+        if isinstance(self.rollout.branch_steps, list) and max(self.rollout.branch_steps) >= T:
+            raise ValueError(f"rollout.branch_steps {self.rollout.branch_steps} must be < sampling.num_steps ({T})")
+        if isinstance(self.rollout.branch_steps, int) and not isinstance(self.rollout.branch_steps, bool) \
+                and self.rollout.branch_steps > T:
+            raise ValueError(f"rollout.branch_steps ({self.rollout.branch_steps}) cannot exceed sampling.num_steps ({T})")
+        if isinstance(self.train.train_steps, list) and (not self.train.train_steps or max(self.train.train_steps) >= T):
+            raise ValueError(f"train.train_steps {self.train.train_steps} must be non-empty indices < sampling.num_steps ({T})")
+        return self
+
+    # Derived settings of the four paper variants (one field selects them).
+    @property
+    def branching(self) -> bool:
+        return self.algorithm in ("branch", "tempflow")
+
+    @property
+    def std_mode(self) -> Literal["group", "global"]:
+        return "global" if self.algorithm == "flow_grpo" else "group"
+
+    @property
+    def noise_aware(self) -> bool:
+        return self.algorithm == "tempflow"
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: names a config in manifests and lineage."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+class ConfigError(ValueError):
+    """A config that failed validation; the message names every bad field."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {e['msg']}")
+    return "invalid run config:\n" + "\n".join(lines)
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse a --set value as YAML (numbers, lists, bools), falling back to the raw string."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides to a nested dict (a copy)."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML/JSON config file over `base`, apply overrides and validate.
+
+    Raises:
+        ConfigError: naming each invalid or unknown field, or an unreadable file.
+    """
+    data: dict[str, Any] = json.loads(json.dumps(base or {}))
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        data = _deep_merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

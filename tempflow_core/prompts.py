@@ -1,0 +1,94 @@
+"""Prompt sets: built-in lists, text files and GenEval-style JSONL with metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_COLORS = ["red", "green", "blue", "yellow"]
+_SHAPES = ["circle", "square", "triangle"]
+
+BUILTIN: dict[str, list[str]] = {
+    "colors": [f"a {c} {s}" for c in _COLORS for s in _SHAPES],
+}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str  # stable id: rewards, seeds and shards refer to prompts by it (no dots)
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_prompts(source: str) -> list[PromptRecord]:
+    """Resolve a PromptsConfig source.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the source.
+    """
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        loader = _builtin_loaders().get(name)
+        if loader is None:
+            raise ValueError(f"unknown builtin prompt set {source!r}; available: "
+                             + ", ".join(f"builtin:{n}" for n in sorted(_builtin_loaders())))
+        return loader()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source!r} does not exist")
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}:{n + 1}: not valid JSON: {e}") from None
+            if "prompt" not in rec:
+                raise ValueError(f"{source}:{n + 1}: record has no 'prompt' field")
+            out.append(PromptRecord(str(rec.get("id", f"{len(out):06d}")).replace(".", "_"), rec["prompt"], rec))
+        return out
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [PromptRecord(f"{i:06d}", t) for i, t in enumerate(lines)]
+
+
+def _builtin_loaders():
+    loaders = {name: (lambda items=items: [PromptRecord(f"{i:06d}", t) for i, t in enumerate(items)])
+               for name, items in BUILTIN.items()}
+    try:  # the shapes benchmark registers its train/test splits when present
+        from .shapes.prompts import builtin_prompt_sets
+        loaders.update(builtin_prompt_sets())
+    except ImportError:
+        pass
+    return loaders
+
+
+class PromptStream:
+    """An endless, seeded, resumable stream of prompt batches: a shuffled pass over the set,
+    reshuffled each epoch. `position` is all a checkpoint needs to continue exactly."""
+
+    def __init__(self, records: list[PromptRecord], seed: int, position: int = 0):
+        if not records:
+            raise ValueError("the prompt set is empty")
+        self.records = records
+        self.seed = seed
+        self.position = position
+
+    def _order(self, epoch: int) -> list[int]:
+        import torch
+
+        from .seeding import derive_seed
+
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "prompt-epoch", epoch))
+        return torch.randperm(len(self.records), generator=g).tolist()
+
+    def next_batch(self, n: int) -> list[PromptRecord]:
+        out = []
+        for _ in range(n):
+            epoch, idx = divmod(self.position, len(self.records))
+            out.append(self.records[self._order(epoch)[idx]])
+            self.position += 1
+        return out

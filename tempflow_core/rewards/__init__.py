@@ -1,0 +1,97 @@
+"""Reward registry: every reward is `(images, prompts, metadata) -> (scores, details)`.
+
+images are uint8 numpy arrays [N, H, W, 3]; prompts a list of N strings; metadata a list of N
+dicts (the prompt's record, e.g. GenEval-style requirements). scores are float32 [N];
+details maps names to float32 [N] arrays (per-reward parts, per-category checks).
+`build_reward` validates every call's output so that a broken reward fails loudly, naming
+itself, instead of silently training on NaN or zeros of the wrong shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+class RewardFn(Protocol):
+    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+
+class RewardError(RuntimeError):
+    """A reward returned something unusable; the message names the reward."""
+
+
+_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
+    """Register a reward factory under `name` (factories import heavy models lazily)."""
+
+    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    from . import basic  # noqa: F401  (registers brightness and friends)
+    try:  # optional reward modules register themselves when present
+        from . import extra  # noqa: F401
+    except ImportError:
+        pass
+
+
+def checked(name: str, fn: RewardFn) -> RewardFn:
+    """Wrap a reward so that a wrong shape, dtype or a NaN raises RewardError naming it."""
+
+    def call(images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]):
+        n = len(images)
+        scores, details = fn(images, prompts, metadata)
+        scores = np.asarray(scores)
+        if scores.shape != (n,):
+            raise RewardError(f"reward {name!r} returned shape {scores.shape}, expected ({n},)")
+        if not np.all(np.isfinite(scores)):
+            bad = int((~np.isfinite(scores)).sum())
+            raise RewardError(f"reward {name!r} returned {bad} non-finite value(s) (NaN or inf) out of {n}")
+        return scores.astype(np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in (details or {}).items()}
+
+    call.__name__ = f"reward_{name}"
+    return call
+
+
+def build_reward(name: str, weights: dict[str, float] | None = None,
+                 options: dict[str, dict[str, Any]] | None = None) -> RewardFn:
+    """Build a registered reward, or a weighted sum when name == 'weighted'.
+
+    Raises:
+        KeyError: naming the unknown reward and the available ones.
+    """
+    _load_builtin()
+    options = options or {}
+    if name == "weighted":
+        if not weights:
+            raise ValueError("reward 'weighted' needs reward.weights, e.g. {'shapes': 1.0, 'jpeg_compressibility': 0.1}")
+        parts = {n: build_reward(n, options=options) for n in weights}
+
+        def weighted(images, prompts, metadata):
+            total = np.zeros(len(images), dtype=np.float32)
+            details: dict[str, np.ndarray] = {}
+            for n, fn in parts.items():
+                s, d = fn(images, prompts, metadata)
+                total += np.float32(weights[n]) * s
+                details[n] = s
+                details.update({f"{n}/{k}": v for k, v in d.items()})
+            return total, details
+
+        return checked("weighted", weighted)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY) + ['weighted'])}")
+    return checked(name, _REGISTRY[name](**options.get(name, {})))

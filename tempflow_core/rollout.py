@@ -1,0 +1,351 @@
+"""Rollouts: branched (ODE -> one SDE step -> ODE) and plain Flow-GRPO SDE trajectories.
+
+Branched rollouts run as a wavefront: at denoising step i the ODE backbone of every prompt
+and every live child of every (prompt, branch step) sit at the same timestep, so they go
+through the transformer together (chunked to `max_batch`). The K children leaving one
+branch point share x_k, so their SDE step reuses the backbone's velocity at x_k: no forward
+pass is spent per child at the branch step. Per prompt that is T + K*T(T-1)/2 NFEs when every
+step branches, the floor for this estimator.
+
+`branched_rollout_loop` is the structure of the paper's public code (a separate inner loop
+finishes each branch step's children). It is kept as the reference for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from .policy import Policy, PromptEmbeds
+from .schedule import Schedule
+from .sde import ode_step, sde_step
+from .seeding import derive_seed, seeded_normal
+
+
+@dataclass
+class BranchPoint:
+    """One (prompt, branch step k) action and its K children: one GRPO group."""
+
+    prompt_index: int  # row in the batch's prompts / embeddings
+    prompt_id: str
+    step: int  # k: index into the schedule, 0 = noisiest
+    sigma: float  # t_k
+    sigma_next: float  # t_{k+1}
+    x_k: torch.Tensor  # [C, H, W] backbone state, stored once
+    x_next: torch.Tensor  # [K, C, H, W] child state after its one SDE step
+    log_prob: torch.Tensor  # [K] float32 old log-prob of x_next
+    seeds: torch.Tensor  # [K] int64 noise seed of each child
+    final_latents: torch.Tensor  # [K, C, H, W]
+    images: np.ndarray | None = None  # [K, H', W', 3] uint8
+
+    @property
+    def group_id(self) -> str:
+        return f"{self.prompt_id}_k{self.step:02d}"
+
+    @property
+    def child_keys(self) -> list[str]:
+        return [f"{self.group_id}_c{j:02d}" for j in range(self.x_next.shape[0])]
+
+
+@dataclass
+class Trajectory:
+    """One plain SDE trajectory; its G siblings of the same prompt form the group."""
+
+    prompt_index: int
+    prompt_id: str
+    member: int  # j in 0..G-1
+    seed: int
+    states: torch.Tensor  # [T+1, C, H, W] x_0 (noise) .. x_T (final latent)
+    log_probs: torch.Tensor  # [T] float32
+    image: np.ndarray | None = None  # [H', W', 3] uint8
+
+    @property
+    def group_id(self) -> str:
+        return self.prompt_id
+
+    @property
+    def key(self) -> str:
+        return f"{self.prompt_id}_g{self.member:02d}"
+
+
+@dataclass
+class RolloutBatch:
+    """Everything one rollout stage produces, before rewards."""
+
+    kind: Literal["branch", "plain"]
+    prompts: list[str]
+    prompt_ids: list[str]
+    embeds: PromptEmbeds
+    sigmas: torch.Tensor  # [T+1] float64
+    branch_points: list[BranchPoint] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
+    forward_calls: int = 0
+    nfe: int = 0
+
+    def sample_keys(self) -> list[str]:
+        if self.kind == "branch":
+            return [k for bp in self.branch_points for k in bp.child_keys]
+        return [tr.key for tr in self.trajectories]
+
+    def group_ids(self) -> list[str]:
+        if self.kind == "branch":
+            return [bp.group_id for bp in self.branch_points for _ in range(bp.x_next.shape[0])]
+        return [tr.group_id for tr in self.trajectories]
+
+    def images(self) -> np.ndarray:
+        """[S, H', W', 3] uint8 in sample_keys order."""
+        if self.kind == "branch":
+            return np.concatenate([bp.images for bp in self.branch_points], 0)
+        return np.stack([tr.image for tr in self.trajectories], 0)
+
+    def prompt_index_per_sample(self) -> list[int]:
+        if self.kind == "branch":
+            return [bp.prompt_index for bp in self.branch_points for _ in range(bp.x_next.shape[0])]
+        return [tr.prompt_index for tr in self.trajectories]
+
+
+def _chunked_velocity(policy: Policy, x: torch.Tensor, t: float, rows: torch.Tensor, emb: PromptEmbeds,
+                      guidance: float, max_batch: int) -> torch.Tensor:
+    """Velocity for every row of x (all at time t), prompts picked by `rows`, in chunks."""
+    out = []
+    for i in range(0, x.shape[0], max_batch):
+        r = rows[i:i + max_batch]
+        out.append(policy.velocity(x[i:i + max_batch], torch.tensor(t), emb.embeds[r], emb.pooled[r], emb, guidance))
+    return torch.cat(out, 0)
+
+
+def initial_noise(seed: int, prompt_ids: list[str], shape: tuple[int, int, int], device) -> torch.Tensor:
+    """[B, C, H, W] starting noise of each prompt's backbone, seeded by prompt id."""
+    return torch.stack([seeded_normal(derive_seed(seed, "init", pid), shape, device) for pid in prompt_ids])
+
+
+def child_seeds(seed: int, prompt_id: str, step: int, k: int) -> list[int]:
+    return [derive_seed(seed, "child", prompt_id, step, j) for j in range(k)]
+
+
+@torch.no_grad()
+def branched_rollout(
+    policy: Policy,
+    prompts: list[str],
+    prompt_ids: list[str],
+    schedule: Schedule,
+    branch_steps: list[int],
+    group_size: int,
+    guidance_scale: float,
+    seed: int,
+    max_batch: int = 64,
+    decode: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> RolloutBatch:
+    """Wavefront branched rollouts for B prompts; see the module docstring."""
+    device = policy.device
+    emb = policy.encode_prompts(prompts)
+    shape = policy.latent_shape()
+    T = schedule.num_steps
+    sig = schedule.sigmas.tolist()
+    sde_sigma = schedule.sde_sigma().tolist()
+    steps = sorted(set(int(k) for k in branch_steps))
+    if not steps or steps[-1] >= T or steps[0] < 0:
+        raise ValueError(f"branch steps {branch_steps} must lie in [0, {T})")
+    last_branch = steps[-1]
+    B = len(prompts)
+    calls0, nfe0 = policy.forward_calls, policy.nfe
+
+    backbone = initial_noise(seed, prompt_ids, shape, device)  # [B, C, H, W]
+    groups: list[BranchPoint] = []
+    live: list[torch.Tensor] = []  # per group: [K, C, H, W] child states
+
+    for i in range(T):
+        # 1. gather the wavefront: backbones still needed + every live child
+        parts, rows = [], []
+        if i <= last_branch:
+            parts.append(backbone)
+            rows.append(torch.arange(B, device=device))
+        for g, xs in zip(groups, live):
+            parts.append(xs)
+            rows.append(torch.full((xs.shape[0],), g.prompt_index, device=device))
+        if not parts:
+            break
+        x_all = torch.cat(parts, 0)
+        v_all = _chunked_velocity(policy, x_all, sig[i], torch.cat(rows), emb, guidance_scale, max_batch)
+        # 2. children take ODE steps
+        offset = B if i <= last_branch else 0
+        for gi, xs in enumerate(live):
+            n = xs.shape[0]
+            live[gi] = ode_step(xs, v_all[offset:offset + n], sig[i], sig[i + 1])
+            offset += n
+        # 3. the backbone spawns children at branch steps (reusing its velocity), then moves on
+        if i <= last_branch:
+            v_b = v_all[:B]
+            if i in steps:
+                for p in range(B):
+                    seeds = child_seeds(seed, prompt_ids[p], i, group_size)
+                    noise = torch.stack([seeded_normal(s, shape, device) for s in seeds])
+                    out = sde_step(backbone[p].expand(group_size, *shape), v_b[p].expand(group_size, *shape),
+                                   sig[i], sig[i + 1], sde_sigma[i], noise)
+                    groups.append(BranchPoint(
+                        prompt_index=p, prompt_id=prompt_ids[p], step=i, sigma=sig[i], sigma_next=sig[i + 1],
+                        x_k=backbone[p].clone(), x_next=out.next_sample.clone(), log_prob=out.log_prob.float(),
+                        seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample,
+                    ))
+                    live.append(out.next_sample)
+            backbone = ode_step(backbone, v_b, sig[i], sig[i + 1])
+        if progress is not None:
+            progress(1)
+
+    for g, xs in zip(groups, live):
+        g.final_latents = xs
+    batch = RolloutBatch("branch", list(prompts), list(prompt_ids), emb, schedule.sigmas.clone(), branch_points=groups,
+                         forward_calls=policy.forward_calls - calls0, nfe=policy.nfe - nfe0)
+    if decode:
+        decode_rollout_images(policy, batch)
+    return batch
+
+
+@torch.no_grad()
+def branched_rollout_loop(
+    policy: Policy,
+    prompts: list[str],
+    prompt_ids: list[str],
+    schedule: Schedule,
+    branch_steps: list[int],
+    group_size: int,
+    guidance_scale: float,
+    seed: int,
+    max_batch: int = 64,
+    decode: bool = True,
+) -> RolloutBatch:
+    """Reference structure of the paper's public code: at each branch step the children
+    leave the backbone with its velocity, then an inner loop of their own finishes them.
+    Same seeds as `branched_rollout`, so both return the same children."""
+    device = policy.device
+    emb = policy.encode_prompts(prompts)
+    shape = policy.latent_shape()
+    T = schedule.num_steps
+    sig = schedule.sigmas.tolist()
+    sde_sigma = schedule.sde_sigma().tolist()
+    steps = sorted(set(int(k) for k in branch_steps))
+    B = len(prompts)
+    calls0, nfe0 = policy.forward_calls, policy.nfe
+    backbone = initial_noise(seed, prompt_ids, shape, device)
+    groups: list[BranchPoint] = []
+    all_rows = torch.arange(B, device=device)
+    for i in range(steps[-1] + 1):
+        v_b = _chunked_velocity(policy, backbone, sig[i], all_rows, emb, guidance_scale, max_batch)
+        if i in steps:
+            new, xs_all, rows = [], [], []
+            for p in range(B):
+                seeds = child_seeds(seed, prompt_ids[p], i, group_size)
+                noise = torch.stack([seeded_normal(s, shape, device) for s in seeds])
+                out = sde_step(backbone[p].expand(group_size, *shape), v_b[p].expand(group_size, *shape),
+                               sig[i], sig[i + 1], sde_sigma[i], noise)
+                new.append(BranchPoint(p, prompt_ids[p], i, sig[i], sig[i + 1], backbone[p].clone(),
+                                       out.next_sample.clone(), out.log_prob.float(),
+                                       torch.tensor(seeds, dtype=torch.int64), out.next_sample))
+                xs_all.append(out.next_sample)
+                rows.append(torch.full((group_size,), p, device=device))
+            xs, r = torch.cat(xs_all, 0), torch.cat(rows)
+            for j in range(i + 1, T):  # the inner loop that finishes this branch step's children
+                v = _chunked_velocity(policy, xs, sig[j], r, emb, guidance_scale, max_batch)
+                xs = ode_step(xs, v, sig[j], sig[j + 1])
+            for p, g in enumerate(new):
+                g.final_latents = xs[p * group_size:(p + 1) * group_size]
+            groups.extend(new)
+        backbone = ode_step(backbone, v_b, sig[i], sig[i + 1])
+    groups.sort(key=lambda g: (g.step, g.prompt_index))
+    batch = RolloutBatch("branch", list(prompts), list(prompt_ids), emb, schedule.sigmas.clone(), branch_points=groups,
+                         forward_calls=policy.forward_calls - calls0, nfe=policy.nfe - nfe0)
+    if decode:
+        decode_rollout_images(policy, batch)
+    return batch
+
+
+@torch.no_grad()
+def plain_rollout(
+    policy: Policy,
+    prompts: list[str],
+    prompt_ids: list[str],
+    schedule: Schedule,
+    group_size: int,
+    guidance_scale: float,
+    seed: int,
+    max_batch: int = 64,
+    decode: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> RolloutBatch:
+    """Flow-GRPO rollouts: G full SDE trajectories per prompt, all stepped together."""
+    device = policy.device
+    emb = policy.encode_prompts(prompts)
+    shape = policy.latent_shape()
+    T = schedule.num_steps
+    sig = schedule.sigmas.tolist()
+    sde_sigma = schedule.sde_sigma().tolist()
+    B, G = len(prompts), group_size
+    calls0, nfe0 = policy.forward_calls, policy.nfe
+    members = [(p, j) for p in range(B) for j in range(G)]
+    seeds = [derive_seed(seed, "traj", prompt_ids[p], j) for p, j in members]
+    gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    rows = torch.tensor([p for p, _ in members], device=device)
+    states, logps = [x], []
+    for i in range(T):
+        v = _chunked_velocity(policy, x, sig[i], rows, emb, guidance_scale, max_batch)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        out = sde_step(x, v, sig[i], sig[i + 1], sde_sigma[i], noise)
+        x = out.next_sample
+        states.append(x)
+        logps.append(out.log_prob.float())
+        if progress is not None:
+            progress(1)
+    st = torch.stack(states, 1)  # [B*G, T+1, C, H, W]
+    lp = torch.stack(logps, 1)  # [B*G, T]
+    trajs = [Trajectory(p, prompt_ids[p], j, seeds[n], st[n].clone(), lp[n].clone()) for n, (p, j) in enumerate(members)]
+    batch = RolloutBatch("plain", list(prompts), list(prompt_ids), emb, schedule.sigmas.clone(), trajectories=trajs,
+                         forward_calls=policy.forward_calls - calls0, nfe=policy.nfe - nfe0)
+    if decode:
+        decode_rollout_images(policy, batch)
+    return batch
+
+
+def decode_rollout_images(policy: Policy, batch: RolloutBatch) -> None:
+    """Decode final latents into uint8 images, in place."""
+    if batch.kind == "branch":
+        if not batch.branch_points:
+            return
+        imgs = policy.decode(torch.cat([g.final_latents for g in batch.branch_points], 0))
+        o = 0
+        for g in batch.branch_points:
+            k = g.final_latents.shape[0]
+            g.images = imgs[o:o + k]
+            o += k
+    else:
+        imgs = policy.decode(torch.stack([tr.states[-1] for tr in batch.trajectories]))
+        for tr, im in zip(batch.trajectories, imgs):
+            tr.image = im
+
+
+def select_branch_steps(spec: str | int | list[int], num_steps: int, seed: int, iteration: int) -> list[int]:
+    """Resolve RolloutConfig.branch_steps: 'all', a fixed list, or m steps drawn this iteration."""
+    if spec == "all":
+        return list(range(num_steps))
+    if isinstance(spec, list):
+        return sorted(spec)
+    g = torch.Generator().manual_seed(derive_seed(seed, "branch-steps", iteration))
+    return sorted(torch.randperm(num_steps, generator=g)[: int(spec)].tolist())
+
+
+@torch.no_grad()
+def sample_images(policy: Policy, prompts: list[str], prompt_ids: list[str], schedule: Schedule,
+                  guidance_scale: float, seed: int, max_batch: int = 64) -> np.ndarray:
+    """Deterministic ODE samples (evaluation): [B, H', W', 3] uint8."""
+    emb = policy.encode_prompts(prompts)
+    x = initial_noise(seed, prompt_ids, policy.latent_shape(), policy.device)
+    rows = torch.arange(len(prompts), device=policy.device)
+    sig = schedule.sigmas.tolist()
+    for i in range(schedule.num_steps):
+        v = _chunked_velocity(policy, x, sig[i], rows, emb, guidance_scale, max_batch)
+        x = ode_step(x, v, sig[i], sig[i + 1])
+    return policy.decode(x)

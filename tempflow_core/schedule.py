@@ -1,0 +1,105 @@
+"""Flow-matching schedule, SDE noise levels and noise-aware step weights.
+
+Timesteps and sigmas come from diffusers' FlowMatchEulerDiscreteScheduler, so a run uses
+exactly the grid the pipeline samples on. Everything else is a pure function of that grid:
+nothing here keeps a hidden step counter (branched rollouts call steps out of order).
+
+Step i goes from t_i = sigmas[i] to t_{i+1} = sigmas[i+1] (t = 1 is noise, t = 0 data),
+with dt_i = t_{i+1} - t_i < 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+WeightNorm = Literal["mean1", "constant"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The sampling grid of one run.
+
+    Attributes:
+        sigmas: [T+1] float64, t_0 = 1 (shifted) down to t_T = 0.
+        timesteps: [T] float32, sigmas[:-1] * num_train_timesteps: what the transformer sees.
+        noise_level: the `a` of s_t = a * sqrt(t / (1 - t)) (0.7 for SD3.5-M, 0.9 for FLUX).
+    """
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    noise_level: float
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sigmas.numel() - 1)
+
+    def dt(self) -> torch.Tensor:
+        """[T] signed step sizes t_{i+1} - t_i (negative)."""
+        return self.sigmas[1:] - self.sigmas[:-1]
+
+    def sde_sigma(self) -> torch.Tensor:
+        """[T] s_t = a * sqrt(t / (1 - t)) at the start of every step.
+
+        At t = 1 the ratio is infinite; as in Flow-GRPO, sigma_max = sigmas[1] stands in for
+        t in the denominator, so the first step's noise stays finite.
+        """
+        t = self.sigmas[:-1]
+        denom_t = torch.where(t >= 1.0, self.sigmas[1].expand_as(t), t)
+        return self.noise_level * torch.sqrt(t / (1.0 - denom_t))
+
+    def step_std(self) -> torch.Tensor:
+        """[T] per-step noise scale s_t * sqrt(|dt|): the std of the SDE transition."""
+        return self.sde_sigma() * torch.sqrt(self.dt().abs())
+
+    def step_weights(
+        self,
+        steps: torch.Tensor | list[int] | None = None,
+        norm: WeightNorm = "mean1",
+        constant: float = 2.25,
+    ) -> torch.Tensor:
+        """Noise-aware weights w_k = Norm(s_k sqrt(|dt_k|)) for the trained steps (paper eq. 8).
+
+        Args:
+            steps: step indices being trained (default all T). With "mean1" the weights are
+                normalised so that their mean over exactly these steps is 1, which keeps the
+                loss scale comparable to unweighted Flow-GRPO (paper section 5).
+            norm: "mean1" (the paper's text) or "constant" (the authors' SD3 code, which
+                multiplies the step's noise scale by a fixed constant instead).
+            constant: the fixed multiplier of the "constant" normalisation.
+
+        Returns:
+            [len(steps)] float64 weights, in the order of `steps`.
+        """
+        scale = self.step_std()
+        idx = torch.arange(self.num_steps) if steps is None else torch.as_tensor(steps, dtype=torch.long)
+        w = scale[idx]
+        if norm == "mean1":
+            return w / w.mean()
+        if norm == "constant":
+            return constant * w
+        raise ValueError(f"unknown weight normalisation {norm!r}; expected 'mean1' or 'constant'")
+
+    def scale_term(self) -> torch.Tensor:
+        """[T] the unweighted gradient scale sqrt(|dt| (1 - t) / t) of paper eq. 22."""
+        t = self.sigmas[:-1]
+        return torch.sqrt(self.dt().abs() * (1.0 - t) / t)
+
+
+def make_schedule(
+    num_steps: int,
+    shift: float = 3.0,
+    noise_level: float = 0.7,
+    num_train_timesteps: int = 1000,
+) -> Schedule:
+    """Build the grid with diffusers' own scheduler (SD3 uses shift 3.0, no dynamic shifting)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    scheduler.set_timesteps(num_steps)
+    sigmas = scheduler.sigmas.to(torch.float64).clone()
+    timesteps = scheduler.timesteps.to(torch.float32).clone()
+    return Schedule(sigmas=sigmas, timesteps=timesteps, noise_level=float(noise_level))

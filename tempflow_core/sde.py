@@ -1,0 +1,114 @@
+"""One denoising step of a flow-matching model: ODE (Euler) and SDE (Flow-GRPO, paper eq. 5).
+
+The SDE transition from t to t + dt (dt < 0) is Gaussian:
+
+    mean = x + [v + s_t^2 / (2t) * (x + (1 - t) v)] dt
+    std  = s_t * sqrt(|dt|)
+
+and keeps the marginals of the probability-flow ODE. Log-probs are those of that Gaussian,
+averaged over all non-batch dimensions (as in Flow-GRPO) so that their scale does not grow
+with the image size. Arithmetic runs in float32 (float64 inputs stay float64) and results
+are cast back to the input dtype where they are states.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class SDEStepOutput:
+    """Result of one SDE step; tensors are [N, ...] with the input's shape."""
+
+    next_sample: torch.Tensor  # [N, C, H, W]
+    mean: torch.Tensor  # [N, C, H, W] float32
+    std: torch.Tensor  # [N, 1, 1, 1] float32 (broadcastable)
+    log_prob: torch.Tensor  # [N] float32, averaged over non-batch dims
+
+
+def _per_sample(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a scalar or [N] value to [N, 1, 1, ...] in like's device and compute dtype."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    v = torch.as_tensor(value, dtype=dtype, device=like.device)
+    if v.ndim == 0:
+        v = v.expand(like.shape[0])
+    return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _compute(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def ode_step(sample: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor | float,
+             t_next: torch.Tensor | float) -> torch.Tensor:
+    """Euler step of dx = v dt; matches FlowMatchEulerDiscreteScheduler.step."""
+    dt = _per_sample(t_next, sample) - _per_sample(t, sample)
+    return (_compute(sample) + dt * _compute(velocity)).to(sample.dtype)
+
+
+def sde_mean_std(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    t: torch.Tensor | float,
+    t_next: torch.Tensor | float,
+    sde_sigma: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the SDE transition (paper eq. 5 / eq. 9)."""
+    x = _compute(sample)
+    v = _compute(velocity)
+    t_ = _per_sample(t, x)
+    dt = _per_sample(t_next, x) - t_
+    s = _per_sample(sde_sigma, x)
+    mean = x + (v + s**2 / (2.0 * t_) * (x + (1.0 - t_) * v)) * dt
+    std = s * torch.sqrt(dt.abs())
+    return mean, std
+
+
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Log-density of N(mean, std^2 I) at value, averaged over the non-batch dimensions: [N]."""
+    value = _compute(value)
+    lp = -((value - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+def sde_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    t: torch.Tensor | float,
+    t_next: torch.Tensor | float,
+    sde_sigma: torch.Tensor | float,
+    noise: torch.Tensor,
+) -> SDEStepOutput:
+    """Take one SDE step with the given standard-normal noise (callers own the RNG)."""
+    mean, std = sde_mean_std(sample, velocity, t, t_next, sde_sigma)
+    nxt = mean + std * _compute(noise)
+    return SDEStepOutput(
+        next_sample=nxt.to(sample.dtype), mean=mean, std=std, log_prob=gaussian_log_prob(nxt, mean, std)
+    )
+
+
+def sde_log_prob(
+    next_sample: torch.Tensor,
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    t: torch.Tensor | float,
+    t_next: torch.Tensor | float,
+    sde_sigma: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-prob [N] of a given next state under the policy's transition, with its mean and std."""
+    mean, std = sde_mean_std(sample, velocity, t, t_next, sde_sigma)
+    return gaussian_log_prob(next_sample, mean, std), mean, std
+
+
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(mean_ref, std^2 I)) averaged over non-batch dims (paper eq. 6): [N].
+
+    Both policies share the transition std, so the KL is the squared mean gap over 2 std^2.
+    """
+    kl = (mean - mean_ref) ** 2 / (2.0 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
