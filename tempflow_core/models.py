@@ -211,4 +211,4 @@ def load_model(cfg: ModelConfig, workdir: str | Path | None = None):
     if cfg.path:
         return load_pipeline(cfg.path, cfg.dtype)
     pipe = build_tiny_pipeline(cfg.tiny, workdir)
-    return pipe.to(_DTYPES[cfg.dtype])
+    return pipe if cfg.dtype == "float32" else pipe.to(_DTYPES[cfg.dtype])

@@ -1,0 +1,186 @@
+"""`train_in_process`: the whole TempFlow-GRPO loop without orchestration.
+
+It is what the tests drive, and the baseline the Prefect pipeline's overhead is measured
+against. The stage functions below are the same ones the pipeline's tasks call:
+
+    setup -> for each iteration:
+        1. rollout   (no grad): branched (branch/tempflow) or plain SDE (flow_grpo*)
+        2. rewards   -> advantages (group std, or global std for flow_grpo)
+        3. update    inner epochs x minibatches, micro-batched, clipped + weighted + KL
+        4. log metrics
+    -> save the LoRA (safetensors, loadable by diffusers)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .advantages import compute_advantages
+from .config import RunConfig
+from .learner import build_units, make_optimizer, trained_steps, update
+from .models import load_model
+from .policy import Policy
+from .prompts import PromptRecord, PromptStream, load_prompts
+from .rewards import RewardFn, build_reward
+from .rollout import RolloutBatch, branched_rollout, plain_rollout, select_branch_steps
+from .schedule import Schedule, make_schedule
+from .seeding import derive_seed
+
+
+@dataclass
+class Session:
+    """Everything that lives across iterations of one run."""
+
+    cfg: RunConfig
+    policy: Policy
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    reward_fn: RewardFn
+    stream: PromptStream
+    generator: torch.Generator  # minibatch shuffling
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe=None) -> Session:
+    """Load the model, attach the LoRA, build reward, prompts, schedule and optimizer."""
+    seed_everything(cfg.train.seed)
+    pipe = pipe if pipe is not None else load_model(cfg.model, workdir)
+    policy = Policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length)
+    schedule = make_schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
+    stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
+    return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen)
+
+
+def batch_prompt_ids(records: list[PromptRecord]) -> list[str]:
+    """Ids unique within a batch (a prompt may appear twice), stable and dot-free."""
+    return [f"b{slot:03d}_{rec.id}" for slot, rec in enumerate(records)]
+
+
+def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
+                progress: Callable[[int], None] | None = None) -> RolloutBatch:
+    """Stage 1: sample this iteration's rollouts with the current policy."""
+    cfg = s.cfg
+    seed = derive_seed(cfg.train.seed, "rollout", iteration)
+    prompts, ids = [r.text for r in records], batch_prompt_ids(records)
+    if cfg.branching:
+        steps = select_branch_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
+        return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
+                                cfg.sampling.guidance_scale, seed, cfg.rollout.max_batch, progress=progress)
+    return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.sampling.guidance_scale,
+                         seed, cfg.rollout.max_batch, progress=progress)
+
+
+def score_rollout(reward_fn: RewardFn, batch: RolloutBatch, records: list[PromptRecord]
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Stage 2: rewards [S] in sample_keys order, with per-reward details."""
+    idx = batch.prompt_index_per_sample()
+    return reward_fn(batch.images(), [records[i].text for i in idx], [records[i].metadata for i in idx])
+
+
+def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> dict[int, float]:
+    """Noise-aware weights for tempflow (mean 1 over the trained steps), 1 otherwise."""
+    if not cfg.noise_aware:
+        return {k: 1.0 for k in steps}
+    w = schedule.step_weights(steps, cfg.loss.weight_norm, cfg.loss.weight_constant)
+    return {k: float(x) for k, x in zip(steps, w)}
+
+
+def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray,
+               progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Stage 3: advantages, then the clipped GRPO update. Returns metrics."""
+    cfg = s.cfg
+    adv, astats = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
+    steps = trained_steps(batch, cfg.train.train_steps)
+    weights = step_weights_for(cfg, s.schedule, steps)
+    units = build_units(batch, adv, weights, steps)
+    stats = update(s.policy, s.optimizer, units, batch.embeds, s.schedule, cfg.sampling.guidance_scale,
+                   cfg.train, cfg.loss, s.generator, progress=progress)
+    out = {f"train/{k}": v for k, v in stats.items()}
+    out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
+                "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
+    out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})
+    return out
+
+
+def reward_metrics(batch: RolloutBatch, rewards: np.ndarray, details: dict[str, np.ndarray]) -> dict[str, float]:
+    """Reward mean/std overall and per branch step (the data of the paper's Figure 1)."""
+    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+           "reward/frac_zero": float(np.mean(rewards == 0)), "reward/frac_nan": float(np.mean(~np.isfinite(rewards)))}
+    for name, v in details.items():
+        out[f"reward/{name}/mean"] = float(np.mean(v))
+    if batch.kind == "branch":
+        steps = np.array([bp.step for bp in batch.branch_points for _ in range(bp.x_next.shape[0])])
+        groups = batch.group_ids()
+        for k in sorted(set(steps.tolist())):
+            m = steps == k
+            out[f"reward_step/mean_{k:02d}"] = float(rewards[m].mean())
+            # mean within-group std at this step: the spread a branch point's children show
+            gstd = [rewards[np.array([g == gid for g in groups])].std() for gid in dict.fromkeys(np.array(groups)[m])]
+            out[f"reward_step/std_{k:02d}"] = float(np.mean(gstd))
+    return out
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    lora_path: Path | None = None
+    out_dir: Path | None = None
+
+
+def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = False,
+                     pipe=None, on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run cfg.train.iterations of the configured algorithm in this process.
+
+    Args:
+        out_dir: where metrics.jsonl and the final LoRA go (cfg.output_dir if None).
+        progress: show tqdm bars for rollouts and learner epochs.
+        pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir or cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    s = setup(cfg, out / "tokenizer", pipe)
+    result = TrainResult(out_dir=out)
+    metrics_file = (out / "metrics.jsonl").open("w")
+    for it in range(cfg.train.iterations):
+        t0 = time.perf_counter()
+        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
+        with tqdm(total=cfg.sampling.num_steps, desc=f"iter {it} rollout", disable=not progress, leave=False) as bar:
+            batch = run_rollout(s, records, it, bar.update)
+        t1 = time.perf_counter()
+        rewards, details = score_rollout(s.reward_fn, batch, records)
+        t2 = time.perf_counter()
+        n_units = len(batch.branch_points) if batch.kind == "branch" else \
+            len(batch.trajectories) * len(trained_steps(batch, cfg.train.train_steps))
+        with tqdm(total=n_units * cfg.train.inner_epochs, desc=f"iter {it} learner", disable=not progress,
+                  leave=False) as bar:
+            metrics = run_update(s, batch, rewards, bar.update)
+        t3 = time.perf_counter()
+        metrics.update(reward_metrics(batch, rewards, details))
+        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/forward_calls": batch.forward_calls,
+                        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2})
+        result.history.append(metrics)
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        if on_iteration is not None:
+            on_iteration(it, metrics)
+    metrics_file.close()
+    result.lora_path = s.policy.save_lora(out / "lora")
+    return result

@@ -1,0 +1,32 @@
+"""Shared fixtures: offline hub settings and one tiny SD3 pipeline saved per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny StableDiffusion3Pipeline written with save_pretrained (built once)."""
+    from tempflow_core.models import build_tiny_pipeline, save_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-sd3")
+    return save_pipeline(build_tiny_pipeline(workdir=root / "tok"), root / "model")
+
+
+@pytest.fixture
+def tiny_pipe(tiny_model_dir):
+    """A fresh pipeline per test (Policy attaches its LoRA in place)."""
+    from tempflow_core.models import load_pipeline
+
+    return load_pipeline(tiny_model_dir)
