@@ -1,0 +1,25 @@
+"""Shapes: a procedural GenEval-like compositional benchmark for tiny text-to-image models.
+
+Prompts in GenEval's six tasks over 3 shapes x 4 colours (prompts), a scene renderer used for
+pretraining data and round-trip tests (render), a deterministic colour-segmentation detector
+(detect), GenEval's strict rules plus Flow-GRPO's partial reward (score), and evaluation and
+report helpers (evaluate, grid). Pure numpy/scipy/PIL: no torch, no model weights.
+"""
+
+from __future__ import annotations
+
+from .detect import Detection, detect
+from .evaluate import evaluate, format_table
+from .geometry import relative_position
+from .grid import image_grid
+from .prompts import builtin_prompt_sets, generate_records, load_split, record_for_prompt, split_records, write_prompt_files
+from .render import SceneObject, generate_dataset, render_batch, render_scene
+from .score import ImageScore, score_images, score_objects
+from .world import COLORS, RELATIONS, SHAPES, TAGS
+
+__all__ = [
+    "COLORS", "RELATIONS", "SHAPES", "TAGS", "Detection", "ImageScore", "SceneObject", "builtin_prompt_sets",
+    "detect", "evaluate", "format_table", "generate_dataset", "generate_records", "image_grid", "load_split",
+    "record_for_prompt", "relative_position", "render_batch", "render_scene", "score_images", "score_objects",
+    "split_records", "write_prompt_files",
+]

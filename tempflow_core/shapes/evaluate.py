@@ -1,0 +1,70 @@
+"""GenEval-style evaluation of generated images and a Table-1-like markdown report.
+
+GenEval's overall score is the mean over its six tasks of each task's strict accuracy (not the
+mean over images), so a prompt set with many position prompts does not outweigh the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .score import score_images
+from .world import TAGS
+
+TABLE_COLUMNS: dict[str, str] = {
+    "single_object": "Single Obj.", "two_object": "Two Obj.", "counting": "Counting",
+    "colors": "Colors", "position": "Position", "color_attr": "Color Attr.",
+}
+
+
+def _metadata(records: Sequence[Any]) -> list[dict[str, Any]]:
+    return [r.metadata if hasattr(r, "metadata") else r for r in records]
+
+
+def evaluate(images: np.ndarray, records: Sequence[Any]) -> dict[str, Any]:
+    """Strict and partial GenEval-like scores of images [N, H, W, 3] uint8 against their
+    records (PromptRecord or metadata dicts with 'tag' and 'include').
+
+    Returns:
+        {"overall": mean over the tags present of their strict accuracy,
+         "per_category": {tag: strict accuracy}, "counts": {tag: images},
+         "partial_overall": same mean of partial scores, "partial_per_category": {tag: ...},
+         "n": images}
+    Raises:
+        ValueError: when lengths differ, a record has no tag, or there are no images.
+    """
+    meta = _metadata(records)
+    if len(images) == 0:
+        raise ValueError("evaluate needs at least one image")
+    missing = [i for i, m in enumerate(meta) if "tag" not in m]
+    if missing:
+        raise ValueError(f"records {missing[:5]} have no GenEval 'tag'")
+    strict, partial = score_images(images, meta)
+    tags = np.array([m["tag"] for m in meta])
+    order = [t for t in TAGS if t in set(tags)] + sorted(set(tags) - set(TAGS))
+    per = {t: float(strict[tags == t].mean()) for t in order}
+    per_partial = {t: float(partial[tags == t].mean()) for t in order}
+    return {
+        "overall": float(np.mean(list(per.values()))),
+        "per_category": per,
+        "counts": {t: int((tags == t).sum()) for t in order},
+        "partial_overall": float(np.mean(list(per_partial.values()))),
+        "partial_per_category": per_partial,
+        "n": int(len(images)),
+    }
+
+
+def format_table(results: Mapping[str, Mapping[str, Any]], digits: int = 2) -> str:
+    """A markdown table like Table 1 of Flow-GRPO/TempFlow-GRPO: one row per model or
+    checkpoint (name -> evaluate() result), columns Overall and the six tasks; tasks a row
+    did not evaluate show as '-'."""
+    header = ["Model", "Overall"] + list(TABLE_COLUMNS.values())
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for name, res in results.items():
+        per = res.get("per_category", {})
+        cells = [str(name), f"{res['overall']:.{digits}f}"]
+        cells += [f"{per[t]:.{digits}f}" if t in per else "-" for t in TABLE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
