@@ -115,8 +115,9 @@ def detect(images: np.ndarray, cutoff: float = COLOR_CUTOFF) -> list[list[Detect
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"detect expects uint8 images [N, H, W, 3]; got shape {images.shape}")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        # a float image in [0, 1] would silently read as all black: refuse it instead
+        raise ValueError(f"detect expects uint8 images [N, H, W, 3]; got {images.dtype} {images.shape}")
     n, h, w, _ = images.shape
     min_area = max(4, round(MIN_AREA_FRACTION * h * w))
     labels = color_labels(images, cutoff)

@@ -104,18 +104,21 @@ def _relation_ok(box_a: tuple[int, ...], box_b: tuple[int, ...], rel: str) -> bo
             "above": dy < -lo and abs(dx) < hi, "below": dy > lo and abs(dx) < hi}[rel]
 
 
-def render_scene(metadata: dict[str, Any], rng: np.random.Generator | int, resolution: int = 64
+def render_scene(metadata: Any, rng: np.random.Generator | int, resolution: int = 64
                  ) -> tuple[np.ndarray, list[SceneObject]]:
-    """One scene satisfying a GenEval-style record.
+    """One scene satisfying a GenEval-style record (a metadata dict or a PromptRecord).
 
     Returns:
         image uint8 [resolution, resolution, 3] and the objects drawn (ground truth).
     Raises:
         ValueError: for unknown shapes/colours, or when the objects cannot be placed
-            (too many for the resolution).
+            (too many for the resolution, or a resolution under 16 px).
     """
+    metadata = _metadata_of(metadata)
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     res = int(resolution)
+    if res < 16:
+        raise ValueError(f"resolution {res} is too small for the shapes world (objects would be 1-2 px); use >= 16")
     wanted = _objects_to_draw(metadata, rng)
     positions = {i: req["position"] for i, req in enumerate(metadata["include"]) if req.get("position")}
     gap = max(1, round(res / 32))
@@ -163,7 +166,7 @@ def render_batch(records: Sequence[Any], seed: int, resolution: int = 64) -> np.
     """Render one scene per record (PromptRecord or metadata dict); image i uses rng (seed, i)."""
     images = np.zeros((len(records), resolution, resolution, 3), dtype=np.uint8)
     for i, rec in enumerate(records):
-        images[i] = render_scene(_metadata_of(rec), np.random.default_rng([seed, i]), resolution)[0]
+        images[i] = render_scene(rec, np.random.default_rng([seed, i]), resolution)[0]
     return images
 
 
@@ -181,7 +184,8 @@ def generate_dataset(n: int, seed: int, resolution: int = 64, split: str = "all"
     Image i depends only on (seed, i), so generate_dataset(k, s) is a prefix of (n > k, s).
 
     Returns:
-        images uint8 [n, H, W, 3], captions (the prompts), metadata (the prompts' records).
+        images uint8 [n, H, W, 3], captions (the prompts), metadata (the prompts' records;
+        images of the same prompt share one dict, so copy before mutating).
     """
     from .prompts import load_split
 

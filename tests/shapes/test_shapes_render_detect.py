@@ -110,3 +110,8 @@ def test_split_argument_and_errors():
         generate_dataset(2, seed=1, split="val")
     with pytest.raises(ValueError, match="place"):
         render_scene({"include": [{"class": "circle", "count": 40}]}, 0, 64)
+
+
+def test_detector_refuses_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        detect(np.zeros((1, 32, 32, 3), np.float32))
