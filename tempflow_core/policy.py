@@ -91,8 +91,13 @@ class Policy:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # the adapter config (rank, alpha, targets) travels in the safetensors metadata, so
+        # plain diffusers applies the same alpha / r scale the policy trained with
+        meta = self.transformer.peft_config["default"].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
         StableDiffusion3Pipeline.save_lora_weights(
-            save_directory=str(folder), transformer_lora_layers=self.lora_state_dict(), safe_serialization=True
+            save_directory=str(folder), transformer_lora_layers=self.lora_state_dict(), safe_serialization=True,
+            transformer_lora_adapter_metadata=meta,
         )
         return folder / "pytorch_lora_weights.safetensors"
 

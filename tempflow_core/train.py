@@ -58,6 +58,9 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe=None) -> Sessi
     """Load the model, attach the LoRA, build reward, prompts, schedule and optimizer."""
     seed_everything(cfg.train.seed)
     pipe = pipe if pipe is not None else load_model(cfg.model, workdir)
+    # LoRA init draws from the global RNG: seed it here so that a built and a loaded model
+    # start from the same adapter
+    torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
     policy = Policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length)
     schedule = make_schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
     reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)

@@ -1,0 +1,46 @@
+"""Config validation names the bad field; variants derive from one field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tempflow_core.config import ConfigError, RunConfig, load_config
+
+
+@pytest.mark.parametrize("override, field", [
+    ("rollout.group_size=-3", "rollout.group_size"),
+    ("algorithm=ppo", "algorithm"),
+    ("train.lr=abc", "train.lr"),
+    ("rollout.bogus=1", "rollout.bogus"),
+    ("rollout.branch_steps=[12]", "branch_steps"),
+    ("sampling.guidance_scale=0.5", "sampling.guidance_scale"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_config_file_and_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("algorithm: branch\nrollout:\n  group_size: 3\n")
+    cfg = load_config(f, ["train.lr=0.01", "rollout.branch_steps=[0, 2]"])
+    assert cfg.algorithm == "branch" and cfg.rollout.group_size == 3 and cfg.train.lr == 0.01
+    assert cfg.rollout.branch_steps == [0, 2]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_variants():
+    v = {a: RunConfig(algorithm=a) for a in ("flow_grpo", "flow_grpo_fixed", "branch", "tempflow")}
+    assert [v[a].branching for a in v] == [False, False, True, True]
+    assert [v[a].std_mode for a in v] == ["global", "group", "group", "group"]
+    assert [v[a].noise_aware for a in v] == [False, False, False, True]
+    assert v["tempflow"].digest() != v["branch"].digest()
+
+
+def test_core_imports_no_orchestration():
+    code = ("import sys, tempflow_core.train, tempflow_core.rollout, tempflow_core.learner;"
+            "bad = [m for m in ('prefect', 'mlflow', 'flows', 'tasks') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
