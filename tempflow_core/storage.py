@@ -283,6 +283,57 @@ class _Secret:
     __str__ = __repr__
 
 
+class _RedactCredentials(logging.Filter):
+    """Scrubs credentials from records of the boto/urllib3 loggers that dump requests.
+
+    Why: at DEBUG level botocore logs every prepared request (the Authorization header carries the
+    access key id, `X-Amz-Security-Token` the session token) and the canonical request it signs.
+    The filter runs only for records that pass the level check, so it costs nothing otherwise.
+    """
+
+    _PATTERNS = (
+        re.compile(r"((?:X-Amz-)?Credential=)[^/\s,'\"&]+", re.I),
+        re.compile(r"(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)[^'\"\s,&]+", re.I),
+    )
+
+    def __init__(self) -> None:
+        super().__init__("tempflow-redact-credentials")
+        self.secrets: set[str] = set()
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        for pattern in self._PATTERNS:
+            text = pattern.sub(r"\1***", text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
+            return True
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACTOR = _RedactCredentials()
+_REDACTED_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.httpsession", "botocore.parsers",
+                     "botocore.hooks", "botocore.credentials", "botocore.retryhandler", "botocore.utils",
+                     "urllib3.connectionpool", "s3transfer.tasks", "s3transfer.futures", "s3transfer.upload")
+
+
+def _protect_logs(*secrets: str | None) -> None:
+    """Register credential values for redaction and install the filter on the dumping loggers."""
+    _REDACTOR.secrets.update(s for s in secrets if s and len(s) >= 4)
+    for name in _REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACTOR not in logger.filters:
+            logger.addFilter(_REDACTOR)
+
+
 _S3_RETRYABLE_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
     "RequestLimitExceeded", "BandwidthLimitExceeded", "RequestTimeTooSkewed", "OperationAborted",
@@ -454,6 +505,10 @@ class S3Store(ObjectStore):
             max_pool_connections=max(10, 2 * self.max_concurrency),
             s3=s3cfg or None,
         )
+        creds = session.get_credentials()  # whichever the chain picked: env, profile, role, options
+        frozen = creds.get_frozen_credentials() if creds is not None else None
+        _protect_logs(self._access_key.value, self._secret_key.value, self._session_token.value,
+                      *((frozen.access_key, frozen.secret_key, frozen.token) if frozen else ()))
         return session.client("s3", endpoint_url=self.endpoint_url, config=config)
 
     def _transfer_config(self) -> Any:
@@ -477,7 +532,7 @@ class S3Store(ObjectStore):
         for secret in (self._secret_key.value, self._session_token.value, self._access_key.value):
             if secret:
                 text = text.replace(secret, "***")
-        return text
+        return _REDACTOR.redact(text)
 
     def _call(self, op: str, uri: str, fn: Callable[[], T]) -> T:
         """Run `fn` with this store's outer retry loop; map errors to StoreError naming `uri`."""
