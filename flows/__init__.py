@@ -1,0 +1,1 @@
+"""Entry points: the `tempflow` CLI and (as the pipeline lands) the Prefect flows."""
