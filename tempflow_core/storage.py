@@ -561,8 +561,8 @@ class S3Store(ObjectStore):
             code, status = _client_error_code(exc)
             if code in _S3_NOT_FOUND_CODES or (status == 404 and code != "NoSuchBucket"):
                 raise ObjectNotFound(f"object not found: {uri}") from None
-            if code == "NoSuchBucket":
-                raise ObjectNotFound(f"bucket does not exist: s3://{self.bucket} (while {op} {uri})") from None
+            if code == "NoSuchBucket":  # not ObjectNotFound: a wrong bucket must not read as "stage absent"
+                raise StoreError(f"bucket does not exist: s3://{self.bucket} (while {op} {uri})") from None
         if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
             raise StoreError(f"{op} {uri}: no usable AWS credentials ({type(exc).__name__}); set them through "
                              "the standard chain (env, profile, instance role) or the store options") from None

@@ -88,6 +88,20 @@ def test_shard_members_and_keys(store):
         "embeds.safetensors", "manifest.json", "prompts.json", "shard-000000.tar"]
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (7, 5, 1), (3, 9, 2), (16, 16, 3), (5, 4, 4)])
+def test_png_encoder_is_lossless(shape):
+    from PIL import Image
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    for level in (0, 1, 9):
+        with Image.open(io.BytesIO(shards._png(img, "test", level))) as im:
+            im.load()
+            assert im.format == "PNG"
+            assert np.array_equal(np.asarray(im), img[..., 0] if shape[-1:] == (1,) else img)
+    with pytest.raises(SchemaError, match="uint8"):
+        shards._png(img.astype(np.float32), "test image", 1)
+
+
 def test_same_batch_gives_same_shard_bytes(tmp_path):
     batch = make_branch_batch()
     a = write_rollouts(batch, str(tmp_path / "a"), "s")
@@ -252,12 +266,22 @@ def test_scores_roundtrip(store):
         write_scores(store, rewards, "bad", keys, {"reward": np.zeros(n + 1)})
 
 
+def _tag_worker(src):
+    info = torch.utils.data.get_worker_info()
+    for d in src:
+        d["worker"] = info.id if info is not None else -1
+        yield d
+
+
 def test_dataloader_two_workers_each_sample_once(store):
     batch = make_branch_batch(prompts=3, steps=(0, 1, 2, 3), k=2, images=False)  # 12 samples
     write_rollouts(batch, store, PREFIX, samples_per_shard=2)  # 6 shards
     ds = iter_samples(store, PREFIX, images=False)
+    ds.append(_tag_worker)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    seen = [(d["__key__"], d["x_k"]) for d in loader]
+    items = list(loader)
+    assert {d["worker"] for d in items} == {0, 1}
+    seen = [(d["__key__"], d["x_k"]) for d in items]
     keys = [k for k, _ in seen]
     assert sorted(keys) == sorted(bp.group_id for bp in batch.branch_points)
     assert len(set(keys)) == len(keys)

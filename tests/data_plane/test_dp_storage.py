@@ -127,3 +127,13 @@ def test_s3_repr_and_pickle_hide_nothing_they_should_not(s3_endpoint):
     clone = pickle.loads(pickle.dumps(store))  # DataLoader workers under spawn receive the store this way
     clone.put_bytes("x", b"1")
     assert store.get_bytes("x") == b"1"
+
+
+def test_missing_bucket_is_an_error_not_an_absent_stage(s3_endpoint):
+    from tempflow_core.shards import read_manifest
+    from tempflow_core.storage import StoreError
+
+    store = open_store("s3://tf-no-such-bucket-here/x", endpoint_url=s3_endpoint)
+    with pytest.raises(StoreError, match="bucket does not exist: s3://tf-no-such-bucket-here") as err:
+        read_manifest(store, "run/iter-000001/rollouts")
+    assert not isinstance(err.value, ObjectNotFound)
