@@ -408,6 +408,7 @@ class _OpenShard:
         self.payload = 0
 
     def write(self, sample: dict[str, Any]) -> None:
+        _check_writable(sample)
         self.payload += self.writer.write(sample)
         self.keys.append(sample["__key__"])
 
@@ -418,6 +419,18 @@ class _OpenShard:
 
     def abort(self) -> None:
         self.file.close()
+
+
+def _check_writable(sample: Mapping[str, Any]) -> None:
+    """A sample may be written only with a valid key and byte members that are not pickles."""
+    key = _check_key(sample.get("__key__"), "sample __key__")  # type: ignore[arg-type]
+    for member, value in sample.items():
+        if member.startswith("_"):
+            continue
+        if "/" in member or not member or FORBIDDEN_EXTENSIONS.intersection(member.lower().split(".")):
+            raise SchemaError(f"sample {key!r}: member name {member!r} is not allowed (no '/', no pickle formats)")
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise SchemaError(f"sample {key!r}: member {member!r} must be bytes, got {type(value).__name__}")
 
 
 def _upload(store: ObjectStore, key: str, path: str) -> None:

@@ -222,6 +222,15 @@ def test_pickle_member_refused(store, member, monkeypatch):
     assert member in str(err.value) and "shard-000000.tar" in str(err.value)
 
 
+def test_writer_refuses_pickle_members_and_bad_keys(store):
+    sample = shards.encode_branch_point(make_branch_batch().branch_points[0])
+    with pytest.raises(SchemaError, match="'x.pth' is not allowed"):
+        shards.write_shards([{**sample, "x.pth": b"..."}], store, PREFIX)
+    with pytest.raises(SchemaError, match="'a.b'.*no dots"):
+        shards.write_shards([{**sample, "__key__": "a.b"}], store, PREFIX)
+    assert store.list(PREFIX) == []
+
+
 def test_missing_member_named(store):
     sample = shards.encode_branch_point(make_branch_batch().branch_points[0])
     _write_raw_stage(store, {"meta.json": sample["meta.json"]})
