@@ -119,6 +119,30 @@ class PromptsConfig(_Section):
     test_source: str | None = Field(None, description="Held-out prompts for evaluation.")
 
 
+class EvalConfig(_Section):
+    every: int = Field(0, ge=0, description="Evaluate every N iterations (0: only after the last one).")
+    prompts: str | None = Field(None, description="Held-out prompt source (default: prompts.test_source, else prompts.source).")
+    max_prompts: int = Field(0, ge=0, description="Use at most this many eval prompts (0: all).")
+    images_per_prompt: int = Field(1, ge=1, description="ODE samples per eval prompt (different seeds).")
+    extra_reward: str | None = Field(None, description="A reward the learner is NOT trained on, scored at evaluation to spot reward hacking.")
+    seed: int = Field(1234, description="Seed of the evaluation noise (fixed across iterations and runs).")
+
+
+class GuardConfig(_Section):
+    max_bad_iterations: int = Field(3, ge=1, description="Stop the run when rewards are degenerate for more than this many consecutive iterations.")
+    zero_spread_fraction: float = Field(1.0, gt=0, le=1, description="An iteration is degenerate when at least this share of groups has zero reward spread, or all rewards are 0.")
+
+
+class PipelineConfig(_Section):
+    store: str = Field(".tempflow/store", description="Object store for stage outputs: a local folder, file:///abs/path or s3://bucket/prefix (credentials from the boto3 chain, never from here).")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); AWS_ENDPOINT_URL_S3 works too.")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the run folder).")
+    experiment: str = Field("tempflow", description="MLflow experiment name.")
+    registered_model: str = Field("tempflow-lora", description="MLflow registered model for LoRA checkpoints.")
+    samples_per_shard: int = Field(32, ge=1, description="Rollout samples (branch points or trajectories) per webdataset shard.")
+    grid_every: int = Field(1, ge=0, description="Log per-group image grids every N iterations (0: never).")
+
+
 class RunConfig(_Section):
     """A whole run. Sections group settings by the stage that reads them."""
 
@@ -131,6 +155,9 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     reward: RewardConfig = RewardConfig()
     prompts: PromptsConfig = PromptsConfig()
+    eval: EvalConfig = EvalConfig()
+    guard: GuardConfig = GuardConfig()
+    pipeline: PipelineConfig = PipelineConfig()
     output_dir: str = Field("runs", description="Local folder for in-process runs.")
 
     @model_validator(mode="after")

@@ -46,6 +46,7 @@ class Session:
     reward_fn: RewardFn
     stream: PromptStream
     generator: torch.Generator  # minibatch shuffling
+    init_lora: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter before any update
 
 
 def seed_everything(seed: int) -> None:
@@ -66,7 +67,8 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe=None) -> Sessi
     reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
     stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
-    return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen)
+    return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen,
+                   policy.lora_state_dict())
 
 
 def batch_prompt_ids(records: list[PromptRecord]) -> list[str]:
@@ -106,6 +108,12 @@ def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> di
 def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray,
                progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Stage 3: advantages, then the clipped GRPO update. Returns metrics."""
+    return run_update_with_advantages(s, batch, rewards, progress)[0]
+
+
+def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndarray,
+                               progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """run_update that also returns the advantages [S] (sample_keys order) it trained on."""
     cfg = s.cfg
     adv, astats = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
     steps = trained_steps(batch, cfg.train.train_steps)
@@ -117,7 +125,7 @@ def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray,
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
                 "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
     out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})
-    return out
+    return out, adv
 
 
 def reward_metrics(batch: RolloutBatch, rewards: np.ndarray, details: dict[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,264 @@
+"""The pipeline's stages as plain functions over an object store (no Prefect, no MLflow).
+
+Each stage reads its inputs from, and writes its output to, a deterministic prefix:
+
+    {run}/init/learner/           the initial adapter (seeded LoRA init), a checkpoint
+    {run}/iter-000003/rollout/    webdataset shards + manifest   (stage "rollout")
+    {run}/iter-000003/reward/     rewards keyed by sample key    (stage "reward")
+    {run}/iter-000003/advantages/ advantages keyed by sample key (written by "learner")
+    {run}/iter-000003/learner/    checkpoint_3                   (stage "learner")
+    {run}/iter-000003/eval/       scores + image grid            (stage "eval")
+
+A stage whose manifest exists is not recomputed: that is what makes a retried or resumed
+run continue where it stopped. Every stage is a deterministic function of the config and
+its inputs, so a run killed anywhere and resumed ends with the same LoRA, byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .prompts import PromptRecord, load_prompts
+from .shards import (
+    Manifest, ObjectInfo, read_manifest, read_rollouts, read_scores, require_manifest, scores_complete,
+    write_manifest, write_rollouts, write_scores,
+)
+from .storage import ObjectStore, join_key, open_store
+from .train import Session, reward_metrics, run_rollout, run_update_with_advantages, score_rollout, setup
+
+STAGES = ("rollout", "reward", "learner", "eval")
+
+_SESSIONS: dict[str, Session] = {}
+
+
+def get_session(cfg: RunConfig) -> Session:
+    """One loaded model per config in this process (stages of a run share it)."""
+    key = cfg.digest()
+    if key not in _SESSIONS:
+        _SESSIONS.clear()  # one model at a time: a new config replaces the old one
+        _SESSIONS[key] = setup(cfg)
+    return _SESSIONS[key]
+
+
+def open_run_store(cfg: RunConfig) -> ObjectStore:
+    opts = {"endpoint_url": cfg.pipeline.s3_endpoint_url} if cfg.pipeline.s3_endpoint_url else {}
+    return open_store(cfg.pipeline.store, **opts)
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    store: ObjectStore
+    run_id: str
+
+    def iteration_prefix(self, iteration: int) -> str:
+        return join_key(self.run_id, f"iter-{iteration:06d}")
+
+    def prefix(self, iteration: int, stage: str) -> str:
+        if stage == "learner" and iteration < 0:
+            return join_key(self.run_id, "init", "learner")
+        return join_key(self.iteration_prefix(iteration), stage)
+
+    def uri(self, iteration: int, stage: str) -> str:
+        return self.store.uri_for(self.prefix(iteration, stage))
+
+    def complete(self, iteration: int, stage: str) -> bool:
+        if stage == "reward":
+            return scores_complete(self.store, self.iteration_prefix(iteration), "reward")
+        return read_manifest(self.store, self.prefix(iteration, stage)) is not None
+
+
+def _lora_metadata(s: Session) -> dict[str, Any]:
+    meta = s.policy.transformer.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+
+
+def _restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
+    s.policy.load_lora_state_dict(ck.lora)
+    if with_optimizer:
+        from .learner import make_optimizer
+
+        s.optimizer = make_optimizer(s.policy, s.cfg.train)
+        if ck.optimizer is not None:
+            s.optimizer.load_state_dict(ck.optimizer)
+        s.generator.set_state(ck.generator_state)
+
+
+def init_stage(cfg: RunConfig, layout: RunLayout) -> str:
+    """Write the initial adapter (the seeded LoRA init) as checkpoint -1, once per run."""
+    prefix = layout.prefix(-1, "learner")
+    if not layout.complete(-1, "learner"):
+        s = get_session(cfg)
+        from .seeding import derive_seed
+
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
+        init = CheckpointState(-1, 0, s.init_lora, None, gen.get_state(),
+                               {"config_digest": cfg.digest(), "base_model": cfg.model.path or "tiny-random"})
+        save_checkpoint(layout.store, prefix, init, _lora_metadata(s))
+    return layout.store.uri_for(prefix)
+
+
+def _records_json(records: list[PromptRecord]) -> list[dict[str, Any]]:
+    return [{"id": r.id, "text": r.text, "metadata": r.metadata} for r in records]
+
+
+def _records_from(m: Manifest) -> list[PromptRecord]:
+    return [PromptRecord(r["id"], r["text"], r.get("metadata", {})) for r in m.extra["records"]]
+
+
+def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
+                  progress: Callable[[int], None] | None = None) -> str:
+    """Sample iteration i's rollouts with checkpoint i-1 and write them as shards."""
+    prefix = layout.prefix(iteration, "rollout")
+    if not layout.complete(iteration, "rollout"):
+        s = get_session(cfg)
+        ck_prefix = layout.prefix(iteration - 1, "learner")
+        ck = load_checkpoint(layout.store, ck_prefix)
+        _restore(s, ck, with_optimizer=False)
+        s.stream.position = ck.stream_position
+        t0 = time.perf_counter()
+        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
+        batch = run_rollout(s, records, iteration, progress)
+        seconds = time.perf_counter() - t0
+        write_rollouts(
+            batch, layout.store, prefix, samples_per_shard=cfg.pipeline.samples_per_shard,
+            checkpoint_uri=layout.store.uri_for(ck_prefix), config_hash=cfg.digest(),
+            producer={"stage": "rollout", "iteration": iteration, "run": layout.run_id},
+            extra={"records": _records_json(records), "stream_position": s.stream.position, "iteration": iteration,
+                   "nfe": batch.nfe, "forward_calls": batch.forward_calls, "seconds": seconds},
+        )
+    return layout.store.uri_for(prefix)
+
+
+def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
+    """Score the stored rollouts; the shards are never rewritten."""
+    base = layout.iteration_prefix(iteration)
+    if not layout.complete(iteration, "reward"):
+        s = get_session(cfg)
+        rp = layout.prefix(iteration, "rollout")
+        m = require_manifest(layout.store, rp, kind="rollouts")
+        batch = read_rollouts(layout.store, rp, images=True)
+        records = _records_from(m)
+        rewards, details = score_rollout(s.reward_fn, batch, records)
+        write_scores(layout.store, base, "reward", batch.sample_keys(), {"reward": rewards, **details},
+                     meta={"reward": cfg.reward.name, "weights": cfg.reward.weights},
+                     producer={"stage": "reward", "iteration": iteration, "run": layout.run_id},
+                     config_hash=cfg.digest())
+    return layout.store.uri_for(join_key(base, "reward"))
+
+
+def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
+                  progress: Callable[[int], None] | None = None) -> str:
+    """Advantages and one GRPO update from checkpoint i-1; writes checkpoint i (manifest last)."""
+    prefix = layout.prefix(iteration, "learner")
+    if not layout.complete(iteration, "learner"):
+        s = get_session(cfg)
+        prev = layout.prefix(iteration - 1, "learner")
+        ck = load_checkpoint(layout.store, prev)
+        _restore(s, ck, with_optimizer=True)
+        rp = layout.prefix(iteration, "rollout")
+        m = require_manifest(layout.store, rp, kind="rollouts")
+        batch = read_rollouts(layout.store, rp, images=False)
+        scores = read_scores(layout.store, layout.iteration_prefix(iteration), "reward")
+        keys = batch.sample_keys()
+        rewards = scores.aligned(keys, "reward")
+        details = {k: scores.aligned(keys, k) for k in scores.values if k != "reward"}
+        t0 = time.perf_counter()
+        metrics, adv = run_update_with_advantages(s, batch, rewards, progress)
+        metrics.update(reward_metrics(batch, rewards, details))
+        metrics.update({"iteration": iteration, "rollout/nfe": m.extra.get("nfe", 0),
+                        "rollout/forward_calls": m.extra.get("forward_calls", 0),
+                        "time/rollout_s": m.extra.get("seconds", 0.0), "time/learner_s": time.perf_counter() - t0})
+        write_scores(layout.store, layout.iteration_prefix(iteration), "advantages", keys, {"advantage": adv},
+                     producer={"stage": "learner", "iteration": iteration, "run": layout.run_id},
+                     config_hash=cfg.digest(), overwrite=True)
+        state = CheckpointState(
+            iteration, int(m.extra["stream_position"]), s.policy.lora_state_dict(), s.optimizer.state_dict(),
+            s.generator.get_state(),
+            {"config_digest": cfg.digest(), "parent_checkpoint": layout.store.uri_for(prev),
+             "rollouts": layout.store.uri_for(rp), "metrics": metrics},
+        )
+        save_checkpoint(layout.store, prefix, state, _lora_metadata(s))
+    return layout.store.uri_for(prefix)
+
+
+def checkpoint_metrics(layout: RunLayout, iteration: int) -> dict[str, float]:
+    """The metrics the learner recorded in checkpoint i."""
+    return load_checkpoint(layout.store, layout.prefix(iteration, "learner")).info.get("metrics", {})
+
+
+def eval_prompts(cfg: RunConfig) -> list[PromptRecord]:
+    source = cfg.eval.prompts or cfg.prompts.test_source or cfg.prompts.source
+    records = load_prompts(source)
+    return records[: cfg.eval.max_prompts] if cfg.eval.max_prompts else records
+
+
+def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
+    """ODE samples of checkpoint i on held-out prompts: reward, per-category scores, a grid."""
+    prefix = layout.prefix(iteration, "eval")
+    if not layout.complete(iteration, "eval"):
+        s = get_session(cfg)
+        ck = load_checkpoint(layout.store, layout.prefix(iteration, "learner"))
+        _restore(s, ck, with_optimizer=False)
+        result, grid_png = evaluate_policy(cfg, s, eval_prompts(cfg))
+        objects = {}
+        for name, data in (("eval.json", json.dumps(result, indent=1, sort_keys=True).encode()),
+                           ("grid.png", grid_png)):
+            import hashlib
+
+            layout.store.put_bytes(join_key(prefix, name), data)
+            objects[name] = ObjectInfo(name, hashlib.sha256(data).hexdigest(), len(data))
+        write_manifest(layout.store, prefix, Manifest(kind="eval", objects=objects, config_hash=cfg.digest(),
+                                                      extra={"iteration": iteration}))
+    return layout.store.uri_for(prefix)
+
+
+def read_eval(layout: RunLayout, iteration: int) -> dict[str, Any]:
+    prefix = layout.prefix(iteration, "eval")
+    require_manifest(layout.store, prefix, kind="eval")
+    return json.loads(layout.store.get_bytes(join_key(prefix, "eval.json")))
+
+
+def evaluate_policy(cfg: RunConfig, s: Session, records: list[PromptRecord]) -> tuple[dict[str, Any], bytes]:
+    """Deterministic evaluation: fixed seeds, ODE sampling with CFG."""
+    from .rewards import build_reward
+    from .rollout import sample_images
+    from .schedule import make_schedule
+
+    sched = make_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    texts, ids, recs = [], [], []
+    for j in range(cfg.eval.images_per_prompt):
+        for r in records:
+            texts.append(r.text)
+            ids.append(f"{r.id}_s{j}")
+            recs.append(r)
+    images = np.concatenate([
+        sample_images(s.policy, texts[i:i + 64], ids[i:i + 64], sched, cfg.sampling.guidance_scale,
+                      cfg.eval.seed, cfg.rollout.max_batch)
+        for i in range(0, len(texts), 64)])
+    meta = [r.metadata for r in recs]
+    scores, _ = s.reward_fn(images, texts, meta)
+    result: dict[str, Any] = {"reward": float(scores.mean()), "n": len(texts)}
+    if cfg.eval.extra_reward:
+        extra, _ = build_reward(cfg.eval.extra_reward, options=cfg.reward.options)(images, texts, meta)
+        result[f"extra/{cfg.eval.extra_reward}"] = float(extra.mean())
+    if all("include" in m for m in meta):
+        from .shapes import evaluate
+
+        geneval = evaluate(images, recs)
+        result["geneval_overall"] = float(geneval["overall"])
+        result["geneval"] = {k: float(v) for k, v in geneval["per_category"].items()}
+    from .shapes import image_grid
+
+    buf = io.BytesIO()
+    n = min(len(images), 32)
+    image_grid(images[:n], ncols=8).save(buf, format="PNG")
+    return result, buf.getvalue()
