@@ -1,8 +1,11 @@
 """The `tempflow` command line.
 
-    tempflow train                      # the embedded default (tiny model, CPU, minutes)
+    tempflow train                                  # the embedded default through the Prefect flow
     tempflow train --config my.yaml --set train.iterations=50 --set algorithm=flow_grpo_fixed
-    tempflow show-config                # the resolved config, with every default
+    tempflow train --resume RUN                     # continue a failed run; finished stages are skipped
+    tempflow train --resume RUN --from reward --set reward.name=jpeg_compressibility   # new run from a stage
+    tempflow show-config                            # the resolved config, with every default
+    tempflow ui                                     # Prefect and MLflow UIs on the local state
 """
 
 from __future__ import annotations
@@ -15,48 +18,102 @@ from typing import Optional
 
 import typer
 
+# Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
+STATE = Path(os.environ.get("TEMPFLOW_HOME", ".tempflow")).resolve()
+os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TempFlow-GRPO for flow-matching text-to-image models.")
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
-def _resolve(config: Optional[Path], overrides: list[str]):
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] = None):
     import yaml
 
     from tempflow_core.config import ConfigError, load_config
 
-    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    if base is None:
+        base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        base.setdefault("output_dir", str(STATE / "runs"))
+        base.setdefault("pipeline", {}).setdefault("store", str(STATE / "store"))
     try:
         return load_config(config, overrides, base=base)
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(e))
+
+
+def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
+    """The config a run was made with (from its run.json), with any new overrides."""
+    from tempflow_core.runs import read_run
+    from tempflow_core.stages import RunLayout, open_run_store
+
+    probe = _resolve(config, [o for o in overrides if o.startswith("pipeline.")])
+    record = read_run(RunLayout(open_run_store(probe), run))
+    if record is None:
+        _fail(f"run {run!r} not found in store {probe.pipeline.store} (set pipeline.store to where it ran)")
+    return _resolve(config, overrides, base=record["config"])
 
 
 @app.command()
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON run config over the embedded default."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override: section.field=value (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<algorithm>-<config hash>)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of a new run (default: algorithm-time-hash)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue run RUN; finished stages are not redone."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="With --resume: start a NEW run that reuses RUN up to this stage (rollout, reward, learner, eval)."),
+    from_iteration: int = typer.Option(0, "--from-iteration", help="With --from: the iteration of that stage."),
+    in_process: bool = typer.Option(False, "--in-process", help="Run the loop without Prefect/MLflow (baseline)."),
 ) -> None:
-    """Train with TempFlow-GRPO (or an ablation variant) in this process."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg = _resolve(config, set_)
-    from tempflow_core.train import train_in_process
-
-    out = out or Path(cfg.output_dir) / f"{cfg.algorithm}-{cfg.digest()[:8]}"
+    """Train with TempFlow-GRPO (or an ablation variant)."""
+    if from_stage and not resume:
+        _fail("--from needs --resume RUN (the run whose stages are reused)")
+    cfg = _stored_config(resume, config, set_) if resume else _resolve(config, set_)
     typer.echo(f"tempflow: {cfg.algorithm}, {cfg.train.iterations} iterations, reward {cfg.reward.name!r}, "
-               f"model {cfg.model.path or 'tiny (random init)'} -> {out}")
+               f"model {cfg.model.path or 'tiny (random init)'}")
+    if in_process:
+        from tempflow_core.train import train_in_process
 
-    def report(it: int, m: dict) -> None:
-        typer.echo(f"iter {it:3d}  reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f}  "
-                   f"loss {m['train/loss']:+.4f}  kl {m['train/approx_kl']:.2e}  clip {m['train/clip_frac']:.2f}  "
-                   f"nfe {m['rollout/nfe']}  ({m['time/rollout_s'] + m['time/learner_s']:.1f}s)")
+        out = Path(cfg.output_dir) / (run_id or f"{cfg.algorithm}-{cfg.digest()[:8]}")
+        result = train_in_process(cfg, out, progress=sys.stderr.isatty(), on_iteration=_report)
+        typer.echo(f"done: metrics {out / 'metrics.jsonl'}, LoRA {result.lora_path}")
+        return
+    from flows.train import train_flow
 
-    result = train_in_process(cfg, out, progress=sys.stderr.isatty(), on_iteration=report)
-    typer.echo(f"done: metrics {out / 'metrics.jsonl'}, LoRA {result.lora_path}")
-    typer.echo("load it with diffusers: StableDiffusion3Pipeline.from_pretrained(<model>).load_lora_weights("
-               f"{str(result.lora_path.parent)!r})")
+    try:
+        if resume and not from_stage:
+            result = train_flow(config=cfg, run_id=resume)
+        else:
+            result = train_flow(config=cfg, run_id=run_id, resume_from=resume, from_stage=from_stage,
+                                from_iteration=from_iteration)
+    except Exception as e:  # noqa: BLE001 - the flow logged the traceback; say what failed and how to go on
+        typer.echo(f"error: the run failed: {type(e).__name__}: {e}", err=True)
+        typer.echo("resume it with `tempflow train --resume <run id>` (the run id is in the log above), or retry the "
+                   "flow run from the Prefect UI", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"\nrun {result['run_id']} finished")
+    typer.echo(f"  final checkpoint : {result['checkpoint']}")
+    for it, e in sorted(result["evals"].items()):
+        extra = f", GenEval-style overall {e['geneval_overall']:.3f}" if "geneval_overall" in e else ""
+        typer.echo(f"  eval (iter {it})   : reward {e['reward']:.4f}{extra}")
+    typer.echo(f"  export the LoRA  : tempflow export-lora {result['run_id']} --out lora-{result['run_id']}")
+    typer.echo(f"  Prefect UI       : PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1")
+    typer.echo(f"  MLflow UI        : {result['mlflow_ui']}")
+    typer.echo("  (or both at once: tempflow ui)")
+
+
+def _report(it: int, m: dict) -> None:
+    typer.echo(f"iter {it:3d}  reward {m['reward/mean']:.4f} ± {m['reward/std']:.4f}  "
+               f"loss {m['train/loss']:+.4f}  kl {m['train/approx_kl']:.2e}  clip {m['train/clip_frac']:.2f}  "
+               f"nfe {m['rollout/nfe']}  ({m['time/rollout_s'] + m['time/learner_s']:.1f}s)")
 
 
 @app.command("show-config")
@@ -66,6 +123,37 @@ def show_config(
 ) -> None:
     """Print the resolved run config as JSON."""
     typer.echo(json.dumps(_resolve(config, set_).model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def ui(
+    prefect_port: int = typer.Option(4200, help="Prefect UI port on 127.0.0.1."),
+    mlflow_port: int = typer.Option(5000, help="MLflow UI port on 127.0.0.1."),
+) -> None:
+    """Start the Prefect and MLflow UIs on the local state (127.0.0.1) until Ctrl-C."""
+    import subprocess
+
+    from tasks.tracking import resolve_tracking_uri
+
+    cfg = _resolve(None, [])
+    bindir = Path(sys.executable).parent
+    uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
+    procs = [
+        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]),
+        subprocess.Popen([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                          "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+    ]
+    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)")
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
 
 
 if __name__ == "__main__":

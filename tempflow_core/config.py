@@ -141,6 +141,7 @@ class PipelineConfig(_Section):
     registered_model: str = Field("tempflow-lora", description="MLflow registered model for LoRA checkpoints.")
     samples_per_shard: int = Field(32, ge=1, description="Rollout samples (branch points or trajectories) per webdataset shard.")
     grid_every: int = Field(1, ge=0, description="Log per-group image grids every N iterations (0: never).")
+    gpu_limit: str | None = Field(None, description="Prefect global concurrency limit held around rollout, learner and eval (e.g. 'tempflow-gpu'); None: no limit.")
 
 
 class RunConfig(_Section):

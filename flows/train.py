@@ -1,0 +1,131 @@
+"""The training flow: rollout -> reward -> learner per iteration, evaluation every N.
+
+    tempflow train                         # this flow on the embedded default
+    prefect flow-run retry <run>           # or the UI's Retry: finished stages are skipped
+
+Stages talk only through URIs on the object store (see tempflow_core.stages); this flow
+wires them, tracks the run in MLflow and stops a run whose reward has gone degenerate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal, Optional
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.stages import eval_task, init_task, layout, learner_task, reward_task, rollout_task
+from tasks.tracking_task import track_eval, track_iteration, tracker_for
+from tempflow_core import stages
+from tempflow_core.config import RunConfig
+from tempflow_core.prompts import load_prompts
+from tempflow_core.storage import join_key
+from tempflow_core.runs import branch_run, new_run_id, open_run, write_run
+
+
+class DegenerateRewardError(RuntimeError):
+    """The reward gave no learning signal for too long (all zero, NaN-free but flat groups)."""
+
+
+def guard_check(cfg: RunConfig, history: list[dict[str, float]]) -> None:
+    """Stop when the last max_bad_iterations+1 iterations were all degenerate."""
+    g = cfg.guard
+    recent = history[-(g.max_bad_iterations + 1):]
+    if len(recent) <= g.max_bad_iterations:
+        return
+
+    def bad(m: dict[str, float]) -> bool:
+        return m.get("adv/frac_zero_std_groups", 0.0) >= g.zero_spread_fraction or m.get("reward/frac_zero", 0.0) >= 1.0
+
+    if all(bad(m) for m in recent):
+        last = recent[-1]
+        raise DegenerateRewardError(
+            f"reward {cfg.reward.name!r} gave no learning signal for {len(recent)} consecutive iterations "
+            f"(share of groups with zero reward spread {last.get('adv/frac_zero_std_groups', 0):.2f}, "
+            f"share of zero rewards {last.get('reward/frac_zero', 0):.2f}); check the reward setup "
+            f"(guard.max_bad_iterations={g.max_bad_iterations})")
+
+
+def eval_due(cfg: RunConfig, iteration: int) -> bool:
+    last = iteration == cfg.train.iterations - 1
+    return last or (cfg.eval.every > 0 and (iteration + 1) % cfg.eval.every == 0)
+
+
+@flow(name="tempflow-train", validate_parameters=True)
+def train_flow(
+    config: RunConfig = RunConfig(),
+    run_id: Optional[str] = None,
+    resume_from: Optional[str] = None,
+    from_stage: Optional[Literal["rollout", "reward", "learner", "eval"]] = None,
+    from_iteration: int = 0,
+) -> dict[str, Any]:
+    """Train one run. `run_id` of an existing run resumes it; `resume_from` + `from_stage`
+    starts a new run that reuses everything of `resume_from` upstream of that stage."""
+    log = get_run_logger()
+    run_id = run_id or new_run_id(config)
+    lay = layout(config, run_id)
+    origin = None
+    if resume_from and from_stage:
+        origin = {"run": resume_from, "stage": from_stage, "iteration": from_iteration}
+        n = branch_run(layout(config, resume_from), lay, from_stage, from_iteration)
+        log.info("run %s starts from %s at iteration %d stage %s (%d objects reused)", run_id, resume_from,
+                 from_iteration, from_stage, n)
+    record = open_run(config, lay, origin)
+    tracker = tracker_for(config, lay, record)
+    if record.get("mlflow_run_id") != tracker.run_id:  # a new MLflow run: record it and its prompt set
+        record["mlflow_run_id"] = tracker.run_id
+        write_run(lay, record)
+        # the exact prompt set goes into the run's folder, so lineage points at what was used
+        data = "\n".join(json.dumps({"id": r.id, "prompt": r.text, **r.metadata}, sort_keys=True)
+                         for r in load_prompts(config.prompts.source)).encode()
+        key = join_key(run_id, "prompts", "train.jsonl")
+        lay.store.put_bytes(key, data)
+        tracker.log_prompts_dataset(config.prompts.source.replace(":", "-"), lay.store.uri_for(key),
+                                    hashlib.sha256(data).hexdigest()[:16])
+    log.info("run %s: store %s, MLflow run %s", run_id, lay.store.uri_for(run_id), tracker.run_id)
+    history: list[dict[str, float]] = []
+    evals: dict[int, dict[str, Any]] = {}
+    status = "FAILED"
+    try:
+        init_task(config, run_id)
+        for it in range(config.train.iterations):
+            rollout_task(config, run_id, it)
+            reward_task(config, run_id, it)
+            learner_task(config, run_id, it)
+            metrics = stages.checkpoint_metrics(lay, it)
+            history.append(metrics)
+            track_iteration(config, run_id, it, tracker)
+            log.info("iteration %d: reward %.4f ± %.4f, loss %+.4f, clip %.2f", it, metrics["reward/mean"],
+                     metrics["reward/std"], metrics["train/loss"], metrics["train/clip_frac"])
+            guard_check(config, history)
+            if eval_due(config, it):
+                eval_task(config, run_id, it)
+                evals[it] = stages.read_eval(lay, it)
+                track_eval(config, run_id, it, tracker, evals[it])
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+        _artifacts(config, run_id, lay, history, evals, tracker)
+    final = lay.uri(config.train.iterations - 1, "learner")
+    return {"run_id": run_id, "checkpoint": final, "mlflow_run_id": tracker.run_id,
+            "mlflow_ui": tracker.ui_command(), "store": lay.store.uri_for(run_id), "evals": evals}
+
+
+def _artifacts(cfg: RunConfig, run_id: str, lay: stages.RunLayout, history: list[dict[str, float]],
+               evals: dict[int, dict[str, Any]], tracker) -> None:
+    """Prefect artifacts: a per-iteration metrics table and a summary linking MLflow."""
+    if not history:
+        return
+    cols = ["reward/mean", "reward/std", "adv/frac_zero_std_groups", "train/loss", "train/approx_kl",
+            "train/clip_frac", "rollout/nfe"]
+    table = [{"iteration": i, **{c: round(float(m.get(c, float("nan"))), 6) for c in cols}} for i, m in enumerate(history)]
+    create_table_artifact(table=table, key="tempflow-metrics", description=f"per-iteration metrics of {run_id}")
+    lines = [f"# tempflow run `{run_id}`", "", f"- algorithm: `{cfg.algorithm}`, reward `{cfg.reward.name}`",
+             f"- store: `{lay.store.uri_for(run_id)}`", f"- MLflow run: `{tracker.run_id}` ({tracker.ui_command()})",
+             f"- iterations finished: {len(history)} / {cfg.train.iterations}"]
+    for it, e in sorted(evals.items()):
+        lines.append(f"- eval after iteration {it}: reward {e['reward']:.4f}"
+                     + (f", GenEval-style overall {e['geneval_overall']:.3f}" if "geneval_overall" in e else ""))
+    create_markdown_artifact(markdown="\n".join(lines), key="tempflow-summary", description="run summary")

@@ -1,0 +1,81 @@
+"""Prefect tasks for the pipeline stages: thin wrappers over tempflow_core.stages.
+
+Each task takes the run config and a run id, calls one core stage, and returns the URI of
+what it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
+`tempflow train --resume`) never redo finished work. The rollout and learner stages hold a
+slot of the GPU concurrency limit; I/O-bound stages retry with a delay on transient faults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from tempflow_core import stages
+from tempflow_core.config import RunConfig
+from tempflow_core.storage import StoreError
+
+def layout(config: RunConfig, run_id: str) -> stages.RunLayout:
+    return stages.RunLayout(stages.open_run_store(config), run_id)
+
+
+@contextlib.contextmanager
+def gpu_slot(config: RunConfig) -> Iterator[None]:
+    """Hold a slot of the global concurrency limit named for the GPU, when one is configured
+    (infra/prefect.yaml creates `tempflow-gpu`); the embedded default runs without one."""
+    if not config.pipeline.gpu_limit:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(config.pipeline.gpu_limit, occupy=1, strict=True):
+        yield
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry only what can succeed on a second try: store/network faults, not bad configs."""
+    try:
+        state.result()
+    except (StoreError, ConnectionError, TimeoutError, OSError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a real failure
+        return False
+    return False
+
+
+_common = dict(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_transient)
+
+
+@task(name="init", task_run_name="init", **_common)
+def init_task(config: RunConfig, run_id: str) -> str:
+    return stages.init_stage(config, layout(config, run_id))
+
+
+@task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
+def rollout_task(config: RunConfig, run_id: str, iteration: int) -> str:
+    lay = layout(config, run_id)
+    if not lay.complete(iteration, "rollout"):
+        get_run_logger().info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
+                              config.rollout.group_size)
+    with gpu_slot(config):
+        return stages.rollout_stage(config, lay, iteration)
+
+
+@task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
+def reward_task(config: RunConfig, run_id: str, iteration: int) -> str:
+    return stages.reward_stage(config, layout(config, run_id), iteration)
+
+
+@task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
+def learner_task(config: RunConfig, run_id: str, iteration: int) -> str:
+    with gpu_slot(config):
+        return stages.learner_stage(config, layout(config, run_id), iteration)
+
+
+@task(name="eval", task_run_name="eval-iter-{iteration}", **_common)
+def eval_task(config: RunConfig, run_id: str, iteration: int) -> str:
+    with gpu_slot(config):
+        return stages.eval_stage(config, layout(config, run_id), iteration)

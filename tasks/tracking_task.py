@@ -1,0 +1,146 @@
+"""Prefect tasks that record a run in MLflow from what the stages wrote to the store.
+
+Tracking reads only the store (manifests, checkpoints, eval results), so it can be retried
+or replayed after a crash; `{run}/iter-i/mlflow.json` records what was logged, so a resumed
+run never logs an iteration twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks.tracking import RunTracker, resolve_tracking_uri
+from tempflow_core import stages
+from tempflow_core.checkpoint import ADAPTER
+from tempflow_core.config import RunConfig
+from tempflow_core.shards import manifest_key, read_rollouts, read_scores
+from tempflow_core.storage import ObjectNotFound, join_key
+
+SECRET_HINTS = ("secret", "password", "token", "credential", "access_key", "key_id")
+
+
+def run_root(config: RunConfig) -> Path:
+    """Local folder for run-side files (MLflow's sqlite by default)."""
+    root = Path(config.output_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def flat_params(config: RunConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", config.model_dump(mode="json"))
+    return {k: v for k, v in out.items() if not any(h in k.lower() for h in SECRET_HINTS)}
+
+
+def tracker_for(config: RunConfig, lay: stages.RunLayout, record: dict[str, Any]) -> RunTracker:
+    origin = record.get("resumed_from") or {}
+    return RunTracker(
+        resolve_tracking_uri(config.pipeline.mlflow_uri, run_root(config)), config.pipeline.experiment,
+        run_name=lay.run_id, params=flat_params(config),
+        tags={"tempflow.run_id": lay.run_id, "tempflow.store": lay.store.uri_for(lay.run_id),
+              "tempflow.algorithm": config.algorithm, "tempflow.config_digest": config.digest()},
+        run_id=record.get("mlflow_run_id"), parent_run_id=origin.get("run"),
+    )
+
+
+def _marker_key(lay: stages.RunLayout, iteration: int) -> str:
+    return join_key(lay.iteration_prefix(iteration), "mlflow.json")
+
+
+def _read_marker(lay: stages.RunLayout, iteration: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(lay.store.get_bytes(_marker_key(lay, iteration)))
+    except ObjectNotFound:
+        return None
+
+
+def group_grid_png(lay: stages.RunLayout, iteration: int, max_groups: int = 4) -> bytes:
+    """The K children of a few branch points (or one prompt's G samples), labelled with rewards."""
+    from tempflow_core.shapes import image_grid
+
+    batch = read_rollouts(lay.store, lay.prefix(iteration, "rollout"), images=True, verify=False)
+    rewards = read_scores(lay.store, lay.iteration_prefix(iteration), "reward").aligned(batch.sample_keys(), "reward")
+    groups = batch.group_ids()
+    chosen = list(dict.fromkeys(groups))
+    chosen = chosen[:: max(1, len(chosen) // max_groups)][:max_groups]
+    idx = [i for i, g in enumerate(groups) if g in chosen]
+    labels = [f"{groups[i][-8:]} {rewards[i]:.2f}" for i in idx]
+    ncols = max(1, sum(1 for g in groups if g == chosen[0]))
+    buf = io.BytesIO()
+    image_grid(batch.images()[idx], ncols=ncols, labels=labels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@task(name="track-iteration", task_run_name="track-iter-{iteration}", cache_policy=NONE, retries=2,
+      retry_delay_seconds=5)
+def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker) -> str:
+    """Metrics, the rollout shard set as a dataset input, the checkpoint as a logged model."""
+    lay = stages.RunLayout(stages.open_run_store(config), run_id)
+    done = _read_marker(lay, iteration)
+    if done is not None:
+        return done["model_id"]
+    prev = _read_marker(lay, iteration - 1) if iteration > 0 else None
+    metrics = stages.checkpoint_metrics(lay, iteration)
+    tracker.start_iteration(iteration)
+    tracker.log_metrics(iteration, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    rp = lay.prefix(iteration, "rollout")
+    manifest = lay.store.get_bytes(manifest_key(rp))
+    tracker.log_rollout_dataset(iteration, lay.store.uri_for(rp), hashlib.sha256(manifest).hexdigest()[:16],
+                                int(json.loads(manifest).get("num_keys", 0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = lay.prefix(iteration, "learner")
+        (Path(tmp) / "pytorch_lora_weights.safetensors").write_bytes(lay.store.get_bytes(join_key(ck, ADAPTER)))
+        if config.pipeline.grid_every and iteration % config.pipeline.grid_every == 0:
+            png = Path(tmp) / "groups.png"
+            png.write_bytes(group_grid_png(lay, iteration))
+            tracker.log_image(iteration, "group_grid", png)
+        model_id = tracker.log_checkpoint(iteration, Path(tmp), lay.store.uri_for(ck), lay.store.uri_for(rp),
+                                          prev["model_id"] if prev else None, metrics=None)
+    tracker.end_iteration()
+    lay.store.put_bytes(_marker_key(lay, iteration), json.dumps({"model_id": model_id}).encode())
+    return model_id
+
+
+@task(name="track-eval", task_run_name="track-eval-{iteration}", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
+    """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
+    lay = stages.RunLayout(stages.open_run_store(config), run_id)
+    scores = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+    scores.update({f"geneval/{k}": float(v) for k, v in result.get("geneval", {}).items()})
+    table = None
+    if "geneval" in result:
+        from tempflow_core.shapes import format_table
+
+        table = format_table({f"iter {iteration}": {"overall": result["geneval_overall"], "per_category": result["geneval"]}})
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = Path(tmp) / "eval_grid.png"
+        grid.write_bytes(lay.store.get_bytes(join_key(lay.prefix(iteration, "eval"), "grid.png")))
+        tracker.log_eval(iteration, scores, table, grid)
+    marker = _read_marker(lay, iteration)
+    score = result.get("geneval_overall", result["reward"])
+    best_key = join_key(run_id, "best.json")
+    try:
+        best = json.loads(lay.store.get_bytes(best_key))
+    except ObjectNotFound:
+        best = None
+    if marker is not None and (best is None or score > best["score"]):
+        version = tracker.register(marker["model_id"], config.pipeline.registered_model, alias="best")
+        lay.store.put_bytes(best_key, json.dumps({"iteration": iteration, "score": float(np.float64(score)),
+                                                  "model_id": marker["model_id"], "version": version}).encode())

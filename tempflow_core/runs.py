@@ -1,0 +1,84 @@
+"""Run records on the store: what a run is, where it came from, and branching a new run.
+
+`{run}/run.json` holds the config, the MLflow parent run id and, for a run that re-runs a
+finished one from a named stage, the run and stage it came from. Branching copies every
+finished stage upstream of (iteration, stage) into the new run, manifests last, so the new
+run reuses them (e.g. re-score stored rollouts with another reward without sampling again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from .config import RunConfig
+from .shards import MANIFEST_NAME
+from .stages import STAGES, RunLayout
+from .storage import ObjectNotFound, join_key
+
+RUN_FILE = "run.json"
+_ORDER = {"rollout": 0, "reward": 1, "advantages": 2, "learner": 2, "eval": 3}
+
+
+class RunError(ValueError):
+    """A run id or resume request that cannot be honoured; the message says why."""
+
+
+def read_run(layout: RunLayout) -> dict[str, Any] | None:
+    try:
+        return json.loads(layout.store.get_bytes(join_key(layout.run_id, RUN_FILE)))
+    except ObjectNotFound:
+        return None
+
+
+def write_run(layout: RunLayout, record: dict[str, Any]) -> None:
+    layout.store.put_bytes(join_key(layout.run_id, RUN_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def new_run_id(cfg: RunConfig) -> str:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.algorithm}-{stamp}-{cfg.digest()[:6]}"
+
+
+def open_run(cfg: RunConfig, layout: RunLayout, resumed_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create run.json, or check that an existing run was made with this config."""
+    record = read_run(layout)
+    if record is None:
+        record = {"run_id": layout.run_id, "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(),
+                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "resumed_from": resumed_from, "mlflow_run_id": None}
+        write_run(layout, record)
+    elif record["config_digest"] != cfg.digest():
+        raise RunError(f"run {layout.run_id!r} was made with a different config (digest {record['config_digest'][:8]} "
+                       f"!= {cfg.digest()[:8]}); to change settings, start a new run from it with --from STAGE")
+    return record
+
+
+def _copy_prefix(src: RunLayout, dst: RunLayout, prefix_src: str, prefix_dst: str) -> int:
+    keys = src.store.list(prefix_src)
+    manifests = [k for k in keys if k.endswith("/" + MANIFEST_NAME)]
+    n = 0
+    for key in [k for k in keys if k not in manifests] + manifests:  # manifests last
+        dst.store.put_bytes(prefix_dst + key[len(prefix_src):], src.store.get_bytes(key))
+        n += 1
+    return n
+
+
+def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: int) -> int:
+    """Copy everything of `src` upstream of (from_iteration, from_stage) into `dst`."""
+    if from_stage not in STAGES:
+        raise RunError(f"unknown stage {from_stage!r}; stages are {', '.join(STAGES)}")
+    if read_run(src) is None:
+        raise RunError(f"run {src.run_id!r} not found in {src.store.uri_for('')}")
+    if from_stage != "rollout" and not src.complete(from_iteration, "rollout"):
+        raise RunError(f"run {src.run_id!r} has no finished rollout at iteration {from_iteration} to start "
+                       f"'{from_stage}' from")
+    copied = _copy_prefix(src, dst, join_key(src.run_id, "init"), join_key(dst.run_id, "init"))
+    for it in range(from_iteration + 1):
+        base_s, base_d = src.iteration_prefix(it), dst.iteration_prefix(it)
+        for stage in ("rollout", "reward", "advantages", "learner", "eval"):
+            if it == from_iteration and _ORDER[stage] >= _ORDER[from_stage]:
+                continue
+            copied += _copy_prefix(src, dst, join_key(base_s, stage), join_key(base_d, stage))
+    return copied

@@ -1,0 +1,151 @@
+"""The training flow through the real Prefect engine, MLflow and the object store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from tempflow_core.config import load_config
+from tempflow_core.rewards import register
+from tempflow_core.stages import RunLayout, open_run_store
+from tempflow_core.train import train_in_process
+
+from .conftest import KEY_ID, SECRET, tiny_overrides
+
+FAIL = {"on": False}
+
+
+@register("test_flaky_brightness")
+def _flaky():
+    def fn(images, prompts, metadata):
+        if FAIL["on"]:
+            raise RuntimeError("reward server down (test)")
+        return images.reshape(len(images), -1).mean(1) / 255.0, {}
+
+    return fn
+
+
+@register("test_constant")
+def _constant():
+    def fn(images, prompts, metadata):
+        import numpy as np
+
+        return np.zeros(len(images), dtype=np.float32), {}
+
+    return fn
+
+
+def _lora(path_or_bytes) -> dict[str, torch.Tensor]:
+    raw = st.load(path_or_bytes) if isinstance(path_or_bytes, bytes) else st.load_file(str(path_or_bytes))
+    return {k.removeprefix("transformer."): v for k, v in raw.items()}
+
+
+def _final_adapter(cfg, run_id: str) -> dict[str, torch.Tensor]:
+    from tempflow_core.checkpoint import adapter_bytes
+
+    lay = RunLayout(open_run_store(cfg), run_id)
+    return _lora(adapter_bytes(lay.store, lay.prefix(cfg.train.iterations - 1, "learner")))
+
+
+def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_mlflow(
+        prefect_api, s3_server, tiny_model_dir, tmp_path, quiet_env):
+    from flows.train import train_flow
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + [
+        "pipeline.store=s3://tempflow-test/runs", f"pipeline.s3_endpoint_url={s3_server}"])
+    result = train_flow(config=cfg, run_id="e2e")
+    assert result["run_id"] == "e2e" and result["checkpoint"].startswith("s3://tempflow-test/runs/e2e/")
+
+    # the orchestrated run ends with the very LoRA the in-process loop gives
+    ref = train_in_process(cfg, tmp_path / "inproc")
+    got, want = _final_adapter(cfg, "e2e"), _lora(ref.lora_path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+    # what a user sees in Prefect: the flow run, its stage runs and artifacts
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    async def read():
+        async with get_client() as c:
+            runs = await c.read_flow_runs()
+            run = [r for r in runs if r.parameters.get("run_id") == "e2e"][0]
+            tasks = await c.read_task_runs()
+            names = sorted(t.name for t in tasks if t.flow_run_id == run.id)
+            arts = await c.read_artifacts()
+            return run, names, [a.key for a in arts if a.flow_run_id == run.id]
+
+    run, names, keys = asyncio.run(read())
+    assert run.state.is_completed()
+    for stage in ("init", "rollout-iter-0", "reward-iter-1", "learner-iter-1", "eval-iter-1", "track-iter-0"):
+        assert stage in names
+    assert {"tempflow-metrics", "tempflow-summary"} <= set(keys)
+
+    # MLflow: the parent run, one child per iteration, metrics per iteration, the LoRA model
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(None, tmp_path.joinpath("runs").resolve()))
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.params["algorithm"] == "tempflow"
+    assert not any(SECRET in str(v) or KEY_ID in str(v) for v in parent.data.params.values())
+    hist = client.get_metric_history(parent.info.run_id, "reward/mean")
+    assert sorted(m.step for m in hist) == [0, 1]
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(kids) == 2
+    assert all(k.inputs.dataset_inputs for k in kids)
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert len(models) == 2
+
+
+def test_failed_stage_resumes_without_redoing_finished_stages(prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    from flows.train import train_flow
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["reward.name=test_flaky_brightness"])
+    lay = RunLayout(open_run_store(cfg), "flaky")
+    FAIL["on"] = True
+    with pytest.raises(Exception, match="reward server down"):
+        train_flow(config=cfg, run_id="flaky")
+    assert lay.complete(0, "rollout") and not lay.complete(0, "reward")
+    rollout_manifest = lay.store.get_bytes("flaky/iter-000000/rollout/manifest.json")
+    FAIL["on"] = False
+    train_flow(config=cfg, run_id="flaky")
+    assert lay.store.get_bytes("flaky/iter-000000/rollout/manifest.json") == rollout_manifest  # not redone
+    ref = train_in_process(cfg, tmp_path / "inproc")
+    got, want = _final_adapter(cfg, "flaky"), _lora(ref.lora_path)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_rerun_from_reward_reuses_rollouts_with_another_reward(prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    from flows.train import train_flow
+    from tempflow_core.runs import read_run
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1))
+    train_flow(config=cfg, run_id="base")
+    cfg2 = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1)
+                       + ["reward.name=jpeg_compressibility"])
+    train_flow(config=cfg2, run_id="rescored", resume_from="base", from_stage="reward")
+    lay = RunLayout(open_run_store(cfg), "base")
+    shard = "iter-000000/rollout/manifest.json"
+    assert lay.store.get_bytes(f"rescored/{shard}") == lay.store.get_bytes(f"base/{shard}")
+    r1 = json.loads(lay.store.get_bytes("base/iter-000000/reward/manifest.json"))
+    r2 = json.loads(lay.store.get_bytes("rescored/iter-000000/reward/manifest.json"))
+    assert r1["objects"] != r2["objects"]  # re-scored
+    assert read_run(RunLayout(lay.store, "rescored"))["resumed_from"] == {"run": "base", "stage": "reward",
+                                                                          "iteration": 0}
+
+
+def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    from flows.train import DegenerateRewardError, train_flow
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=5)
+                      + ["reward.name=test_constant", "guard.max_bad_iterations=2"])
+    with pytest.raises(DegenerateRewardError, match="test_constant"):
+        train_flow(config=cfg, run_id="flat")
+    lay = RunLayout(open_run_store(cfg), "flat")
+    assert lay.complete(2, "learner") and not lay.complete(3, "rollout")  # stopped after 3 bad iterations
