@@ -1,0 +1,1 @@
+"""Pipeline tests (Prefect flows, MLflow tracking)."""
