@@ -1,0 +1,76 @@
+"""The `tempflow` CLI as a user runs it: bad configs, and a SIGKILL in the middle of a run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import safetensors.torch as st
+import torch
+
+from tempflow_core.train import train_in_process
+
+from .conftest import tiny_overrides
+
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def _env(tmp_path: Path, prefect_api: str | None) -> dict[str, str]:
+    env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    return env
+
+
+def test_invalid_config_exits_2_naming_the_field_and_writes_nothing(tmp_path):
+    for override, field in (("rollout.group_size=-1", "rollout.group_size"), ("algorithm=ppo", "algorithm"),
+                            ("reward.bogus=1", "reward.bogus"), ("train.lr=fast", "train.lr")):
+        out = subprocess.run(CLI + ["train", "--set", override], capture_output=True, text=True, timeout=120,
+                             env=_env(tmp_path, None), cwd=tmp_path)
+        assert out.returncode == 2, out.stderr[-500:]
+        assert field in out.stderr
+    assert not (tmp_path / "home" / "store").exists() and not (tmp_path / "home" / "runs").exists()
+
+
+def test_unknown_reward_is_refused_before_any_work(prefect_api, tiny_model_dir, tmp_path):
+    args = ["train", "--run-id", "r"] + sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir)), [])
+    out = subprocess.run(CLI + args + ["--set", "reward.name=no_such_reward"], capture_output=True, text=True,
+                         timeout=300, env=_env(tmp_path, prefect_api), cwd=tmp_path)
+    assert out.returncode != 0 and "no_such_reward" in out.stderr
+    assert not list((tmp_path / "store").glob("r/iter-*"))
+
+
+def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny_model_dir, tmp_path):
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, iterations=3)
+    args = ["train", "--run-id", "killed"] + sum((["--set", o] for o in overrides), [])
+    env = _env(tmp_path, prefect_api)
+    proc = subprocess.Popen(CLI + args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    target = tmp_path / "store" / "killed" / "iter-000001" / "rollout"
+    deadline = time.time() + 400
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # in the middle of iteration 1's rollout stage
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "store" / "killed" / "iter-000002").exists()
+
+    out = subprocess.run(CLI + ["train", "--resume", "killed", "--set", f"pipeline.store={tmp_path / 'store'}"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "run killed finished" in out.stdout
+
+    import json
+
+    from tempflow_core.config import RunConfig
+
+    # the run's own config (the CLI's embedded default under the overrides), as stored with it
+    record = json.loads((tmp_path / "store" / "killed" / "run.json").read_text())
+    ref = train_in_process(RunConfig.model_validate(record["config"]), tmp_path / "reference")
+    final = tmp_path / "store" / "killed" / "iter-000002" / "learner" / "adapter" / "pytorch_lora_weights.safetensors"
+    got, want = st.load_file(str(final)), st.load_file(str(ref.lora_path))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
