@@ -116,6 +116,111 @@ def _report(it: int, m: dict) -> None:
                f"nfe {m['rollout/nfe']}  ({m['time/rollout_s'] + m['time/learner_s']:.1f}s)")
 
 
+def _run_config(run: str, store: Optional[str]):
+    from tempflow_core.config import RunConfig
+    from tempflow_core.runs import read_run
+    from tempflow_core.stages import RunLayout, open_run_store
+
+    probe = _resolve(None, [f"pipeline.store={store}"] if store else [])
+    lay = RunLayout(open_run_store(probe), run)
+    record = read_run(lay)
+    if record is None:
+        _fail(f"run {run!r} not found in store {probe.pipeline.store} (pass --store)")
+    cfg = RunConfig.model_validate(record["config"])
+    return cfg, RunLayout(open_run_store(cfg), run)
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Optional[str] = typer.Option(None, "--run", help="Run whose checkpoint to score (default: the base model)."),
+    iteration: int = typer.Option(-1, "--iteration", help="Checkpoint iteration (-1: the last finished)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store the run lives in (default: the local one)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    set_: list[str] = typer.Option([], "--set", "-s"),
+) -> None:
+    """Score a checkpoint on the held-out prompts (per-category table for GenEval-style prompts)."""
+    from flows.evaluate import eval_flow
+
+    cfg = _run_config(run, store)[0] if run else _resolve(config, set_)
+    result = eval_flow(config=cfg, run_id=run, iteration=iteration)
+    if "geneval" in result:
+        from tempflow_core.shapes import format_table
+
+        typer.echo(format_table({run or "base": {"overall": result["geneval_overall"], "per_category": result["geneval"]}}))
+    typer.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
+
+
+@app.command("export-lora")
+def export_lora_cmd(
+    run: str = typer.Argument(..., help="Run id."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (diffusers' load_lora_weights reads it)."),
+    iteration: int = typer.Option(-1, "--iteration", help="Checkpoint iteration (-1: the last finished)."),
+    store: Optional[str] = typer.Option(None, "--store"),
+) -> None:
+    """Write a checkpoint's LoRA with its sampling recipe and the diffusers lines that load it."""
+    from tempflow_core.export import export_lora
+
+    cfg, lay = _run_config(run, store)
+    if iteration < 0:
+        done = [i for i in range(cfg.train.iterations) if lay.complete(i, "learner")]
+        if not done:
+            _fail(f"run {run!r} has no finished checkpoint", 1)
+        iteration = done[-1]
+    elif not lay.complete(iteration, "learner"):
+        _fail(f"run {run!r} has no finished checkpoint at iteration {iteration}", 1)
+    folder = export_lora(cfg, lay, iteration, out, cfg.model.tiny.resolution if not cfg.model.path else None)
+    typer.echo(f"wrote {folder} (iteration {iteration}): pytorch_lora_weights.safetensors, recipe.json, README.md")
+
+
+@app.command()
+def serve(
+    port: int = typer.Option(4200, help="Port of the local Prefect server on 127.0.0.1."),
+    cron: str = typer.Option("0 2 * * *", help="Schedule of the training deployment."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Default parameters of the deployments."),
+    set_: list[str] = typer.Option([], "--set", "-s"),
+) -> None:
+    """Serve the train and eval deployments from this process against a local Prefect
+    server on 127.0.0.1 (started here): open the UI, start runs from the form, retry failures."""
+    import subprocess
+    import time
+    import urllib.request
+
+    cfg = _resolve(config, set_)
+    server = None
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        api = f"http://127.0.0.1:{port}/api"
+        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                   "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    server.terminate()
+                    _fail(f"the local Prefect server on {api} did not start", 1)
+                time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = api
+    from prefect import serve as prefect_serve
+
+    from flows.evaluate import eval_flow
+    from flows.train import train_flow
+
+    params = {"config": cfg.model_dump(mode="json")}
+    typer.echo(f"serving tempflow-train/nightly ({cron}) and tempflow-eval/evaluate; UI at {api[:-4]} (Ctrl-C stops)")
+    try:
+        prefect_serve(
+            train_flow.to_deployment(name="nightly", cron=cron, parameters=params, tags=["tempflow"]),
+            eval_flow.to_deployment(name="evaluate", parameters=params, tags=["tempflow"]),
+        )
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 @app.command("show-config")
 def show_config(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),

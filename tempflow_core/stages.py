@@ -246,7 +246,13 @@ def evaluate_policy(cfg: RunConfig, s: Session, records: list[PromptRecord]) -> 
         for i in range(0, len(texts), 64)])
     meta = [r.metadata for r in recs]
     scores, _ = s.reward_fn(images, texts, meta)
-    result: dict[str, Any] = {"reward": float(scores.mean()), "n": len(texts)}
+    from .seeding import derive_seed
+
+    # the noise seed of every image: torch.Generator().manual_seed(seed) in plain diffusers
+    # draws the same starting latents, so exported LoRAs reproduce these images
+    result: dict[str, Any] = {"reward": float(scores.mean()), "n": len(texts),
+                              "samples": [{"prompt": t, "seed": derive_seed(cfg.eval.seed, "init", i),
+                                           "reward": float(r)} for t, i, r in zip(texts, ids, scores)]}
     if cfg.eval.extra_reward:
         extra, _ = build_reward(cfg.eval.extra_reward, options=cfg.reward.options)(images, texts, meta)
         result[f"extra/{cfg.eval.extra_reward}"] = float(extra.mean())

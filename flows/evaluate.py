@@ -1,0 +1,38 @@
+"""The evaluation flow: score a checkpoint (or the base model) on held-out prompts.
+
+    tempflow eval --run RUN [--iteration N]     # a checkpoint of a run
+    tempflow eval                                # the base model of the default config
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+
+from tasks.stages import eval_task, layout
+from tempflow_core import stages
+from tempflow_core.config import RunConfig
+
+
+@flow(name="tempflow-eval", validate_parameters=True)
+def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, iteration: int = -1) -> dict[str, Any]:
+    """Evaluate checkpoint `iteration` of `run_id` (-1: the last finished one); without a run,
+    evaluate the base model and return the scores."""
+    log = get_run_logger()
+    if run_id is None:
+        s = stages.get_session(config)
+        s.policy.load_lora_state_dict(s.init_lora)  # the base model: the zero-effect initial adapter
+        result, _ = stages.evaluate_policy(config, s, stages.eval_prompts(config))
+        log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
+        return result
+    lay = layout(config, run_id)
+    if iteration < 0:
+        done = [i for i in range(config.train.iterations) if lay.complete(i, "learner")]
+        if not done:
+            raise ValueError(f"run {run_id!r} has no finished checkpoint to evaluate")
+        iteration = done[-1]
+    eval_task(config, run_id, iteration)
+    result = stages.read_eval(lay, iteration)
+    log.info("run %s iteration %d: %s", run_id, iteration, {k: v for k, v in result.items() if not isinstance(v, dict)})
+    return result
