@@ -686,10 +686,14 @@ def _verified_stream(url: str, sha256: str | None, size: int | None) -> BinaryIO
 
 
 class _OpenShards:
-    """Pipeline stage: {url} -> {url, stream}, verified against the manifest (picklable)."""
+    """Pipeline stage: {url} -> {url, stream}, verified against the manifest (picklable).
 
-    def __init__(self, expected: dict[str, tuple[str, int]], verify: bool):
-        self.expected, self.verify = expected, verify
+    It holds the store so that a DataLoader worker started by spawn, which unpickles it, gets the
+    store's endpoint and credentials registered for the s3:// gopen handler.
+    """
+
+    def __init__(self, expected: dict[str, tuple[str, int]], verify: bool, store: ObjectStore):
+        self.expected, self.verify, self.store = expected, verify, store
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for item in src:
@@ -850,7 +854,7 @@ def iter_samples(
     stages: list[Any] = [wds.SimpleShardList(urls, seed=shard_seed) if urls else _no_shards]
     stages.append(wds.split_by_node if nodesplitter is _DEFAULT else nodesplitter)
     stages.append(wds.split_by_worker if workersplitter is _DEFAULT else workersplitter)
-    stages += [_OpenShards(expected, verify), _expand, _Decode(images, as_dataclass)]
+    stages += [_OpenShards(expected, verify, store), _expand, _Decode(images, as_dataclass)]
     return wds.DataPipeline(*[s for s in stages if s is not None])
 
 

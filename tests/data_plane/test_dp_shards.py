@@ -312,6 +312,15 @@ def test_dataloader_two_workers_each_sample_once(store):
         assert_tensor_identical(x_k, by_key[k].x_k, k)
 
 
+def test_dataloader_spawn_workers_get_the_store_settings(s3_store):
+    """Workers started by spawn rebuild the S3 client from the pickled pipeline: same endpoint."""
+    batch = make_branch_batch(prompts=2, steps=(0, 1), k=2, images=False)
+    write_rollouts(batch, s3_store, PREFIX, samples_per_shard=2)
+    loader = torch.utils.data.DataLoader(iter_samples(s3_store, PREFIX, images=False), batch_size=None,
+                                         num_workers=2, multiprocessing_context="spawn")
+    assert sorted(d["__key__"] for d in loader) == sorted(bp.group_id for bp in batch.branch_points)
+
+
 def test_split_by_node_each_sample_once(store, monkeypatch):
     batch = make_branch_batch(prompts=3, steps=(0, 1, 2), k=2, images=False)  # 9 samples
     write_rollouts(batch, store, PREFIX, samples_per_shard=2)  # 5 shards
