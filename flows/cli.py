@@ -221,6 +221,29 @@ def serve(
             server.wait(timeout=30)
 
 
+@app.command("pretrain")
+def pretrain_cmd(
+    out: Path = typer.Option(Path("models/tiny-shapes-sd3"), "--out", help="Model folder to write."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="PretrainConfig override, e.g. steps=3000, max_minutes=60."),
+) -> None:
+    """Pretrain the tiny SD3 base model on rendered shape scenes (a Prefect flow, tracked in MLflow)."""
+    from pydantic import ValidationError
+
+    from tasks.tracking import resolve_tracking_uri
+    from tempflow_core.config import apply_overrides
+    from tempflow_core.pretrain import PretrainConfig
+
+    try:
+        cfg = PretrainConfig.model_validate(apply_overrides({}, set_))
+    except ValidationError as e:
+        _fail("invalid pretrain config:\n" + "\n".join(f"  {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    from flows.pretrain import pretrain_flow
+
+    uri = resolve_tracking_uri(None, STATE / "runs")
+    result = pretrain_flow(config=cfg, out=str(out.resolve()), tracking_uri=uri)
+    typer.echo(json.dumps(result, indent=1))
+
+
 @app.command("show-config")
 def show_config(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
