@@ -45,6 +45,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._consecutive = 0
+        self._forced: list[str] = []
         self.stats: Counter[str] = Counter()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -94,8 +95,19 @@ class FaultProxy:
         self.stop()
 
     # -- fault decisions
+    def force(self, *modes: str) -> None:
+        """Apply these faults, in order, to the next requests they fit ("drop_mid" waits for a
+        GET), before any random draw: deterministic coverage of every fault kind."""
+        with self._lock:
+            self._forced.extend(modes)
+
     def decide(self, has_body: bool) -> str:
         with self._lock:
+            for i, mode in enumerate(self._forced):
+                if has_body or mode != "drop_mid":
+                    del self._forced[i]
+                    self.stats[mode] += 1
+                    return mode
             fail = self._rng.random() < self.fail_rate
             if self.max_consecutive is not None and self._consecutive >= self.max_consecutive:
                 fail = False

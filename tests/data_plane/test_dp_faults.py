@@ -48,6 +48,7 @@ def test_transient_faults_are_survived(s3_endpoint, fault_proxy, tmp_path, caplo
 
     assert_batches_identical(batch, read_rollouts(faulty, PREFIX))
     assert np.array_equal(read_scores(faulty, "run-f/iter-000001/rewards", "r").values["reward"], reward)
+    fault_proxy.force("500", "503", "drop", "drop_mid")  # every kind, whatever the random draws were
     assert faulty.get_bytes("big.bin") == big
     fault_proxy.fail_rate = 0.0
     assert_batches_identical(batch, read_rollouts(direct, PREFIX))  # what landed on the server is intact
