@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import safetensors.numpy
@@ -49,8 +49,6 @@ from webdataset.gopen import gopen as _wds_gopen
 from webdataset.gopen import gopen_schemes as _wds_gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .policy import PromptEmbeds
-from .rollout import BranchPoint, RolloutBatch, Trajectory
 from .storage import (
     ObjectNotFound,
     ObjectStore,
@@ -62,6 +60,11 @@ from .storage import (
     s3_store_for_url,
     validate_key,
 )
+
+if TYPE_CHECKING:  # at run time imported where needed: rollout pulls in diffusers (~2 s), which a
+    # DataLoader worker or a reward task that only streams samples does not need
+    from .policy import PromptEmbeds
+    from .rollout import BranchPoint, RolloutBatch, Trajectory
 
 log = logging.getLogger("tempflow.shards")
 
@@ -552,9 +555,10 @@ def _put_object(store: ObjectStore, prefix: str, name: str, data: bytes) -> Obje
 
 def _first_images(items: Sequence[Any]) -> Iterator[np.ndarray]:
     for item in items[:1]:
-        images = getattr(item, "images", None) if isinstance(item, BranchPoint) else getattr(item, "image", None)
+        many = hasattr(item, "child_keys")  # a BranchPoint: K images
+        images = getattr(item, "images", None) if many else getattr(item, "image", None)
         if images is not None and len(images):
-            yield images[0] if isinstance(item, BranchPoint) else images
+            yield images[0] if many else images
 
 
 def _check_unique_keys(batch: RolloutBatch) -> list[Any]:
@@ -792,6 +796,8 @@ def decode_sample(sample: Mapping[str, Any], *, images: bool = True) -> dict[str
 
 def sample_to_dataclass(d: Mapping[str, Any]) -> BranchPoint | Trajectory:
     """Decoded sample -> the BranchPoint / Trajectory it was written from (tensors bit-identical)."""
+    from .rollout import BranchPoint, Trajectory
+
     meta = d["meta"]
     try:
         if d["kind"] == "branch":
@@ -875,6 +881,8 @@ def _manifest_object(m: Manifest, name: str, store: ObjectStore, prefix: str) ->
 def read_embeds(store: StoreLike, prefix: str, manifest: Manifest | None = None,
                 verify: bool = True) -> tuple[PromptEmbeds, torch.Tensor]:
     """(PromptEmbeds, sigmas) of a rollout stage output."""
+    from .policy import PromptEmbeds
+
     store = open_store(store)
     m = manifest or require_manifest(store, prefix, kind="rollouts")
     t = safetensors.torch.load(_get_verified(store, prefix, _manifest_object(m, "embeds", store, prefix), verify))
@@ -890,6 +898,8 @@ def read_rollouts(store: StoreLike, prefix: str, *, images: bool = True, verify:
     Reads every shard in this process (no node/worker split): for the learner's sharded
     streaming use `iter_samples`.
     """
+    from .rollout import RolloutBatch
+
     store = open_store(store)
     m = require_manifest(store, prefix, kind="rollouts")
     emb, sigmas = read_embeds(store, prefix, m, verify)
