@@ -165,7 +165,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=480, help="branch points moved in the throughput runs")
     ap.add_argument("--samples-per-shard", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="medians of this many runs")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for the rollout")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for the rollout (1: on a shared box 2 threads stall under contention)")
     ap.add_argument("--no-s3", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
