@@ -39,7 +39,8 @@ from tempflow_core.shards import iter_samples, read_rollouts, write_rollouts  # 
 from tempflow_core.storage import ObjectStore, open_store  # noqa: E402
 
 
-def make_rollout(prompts: int, k: int, steps: int, seed: int) -> tuple[Callable[[], RolloutBatch], float]:
+def make_rollout(prompts: int, k: int, steps: int, seed: int,
+                 workdir: str) -> tuple[Callable[[], RolloutBatch], float]:
     """(run, build seconds): `run()` does one branched rollout of the tiny model (default
     TinyModelConfig, CPU), every step a branch step, images decoded, as a rollout stage does."""
     from tempflow_core.models import build_tiny_pipeline
@@ -48,7 +49,7 @@ def make_rollout(prompts: int, k: int, steps: int, seed: int) -> tuple[Callable[
     from tempflow_core.schedule import make_schedule
 
     t0 = time.perf_counter()
-    policy = Policy(build_tiny_pipeline(), None, device="cpu")
+    policy = Policy(build_tiny_pipeline(workdir=workdir), None, device="cpu")
     build_s = time.perf_counter() - t0
     colors, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
     texts = [f"a {colors[i % 4]} {shapes[i % 3]}" for i in range(prompts)]
@@ -171,10 +172,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    run, build_s = make_rollout(args.prompts, args.k, args.steps, seed=0)
     with contextlib.ExitStack() as stack:
-        stores: dict[str, ObjectStore] = {"local": open_store(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="tempflow-bench-")))}
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tempflow-bench-shards-"))
+        run, build_s = make_rollout(args.prompts, args.k, args.steps, seed=0, workdir=os.path.join(tmp, "tok"))
+        stores: dict[str, ObjectStore] = {"local": open_store(os.path.join(tmp, "store"))}
         if not args.no_s3:
             server, endpoint = start_moto()
             stack.callback(stop_moto, server)
