@@ -1,0 +1,75 @@
+"""`tempflow serve`: a local Prefect server + served deployments; a run started from the API
+with a changed parameter (what the UI's form does) completes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from .conftest import tiny_overrides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(tiny_model_dir, tmp_path):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="WARNING")
+    sets = sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir, iterations=1)), [])
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)] + sets, env=env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        from prefect.client.orchestration import PrefectClient
+
+        async def scenario():
+            async with PrefectClient(api) as c:
+                deadline = time.time() + 180
+                deployments = []
+                while time.time() < deadline and len(deployments) < 2:
+                    try:
+                        deployments = await c.read_deployments()
+                    except Exception:  # noqa: BLE001 - server still starting
+                        pass
+                    await asyncio.sleep(1)
+                by_name = {d.name: d for d in deployments}
+                assert set(by_name) == {"nightly", "evaluate"}
+                nightly = by_name["nightly"]
+                assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+                assert "config" in nightly.parameter_openapi_schema["properties"]
+                params = dict(nightly.parameters)
+                params["config"] = {**params["config"], "algorithm": "branch"}  # a changed field of the form
+                run = await c.create_flow_run_from_deployment(nightly.id, parameters=params)
+                while time.time() < deadline + 300:
+                    run = await c.read_flow_run(run.id)
+                    if run.state.is_final():
+                        break
+                    await asyncio.sleep(1)
+                return run
+
+        run = asyncio.run(scenario())
+        assert run.state.is_completed(), run.state
+        assert run.parameters["config"]["algorithm"] == "branch"
+        assert list((tmp_path / "store").glob("branch-*/iter-000000/learner/manifest.json"))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    try:
+        urllib.request.urlopen(f"{api}/health", timeout=2)
+        raise AssertionError("the Prefect server outlived `tempflow serve`")
+    except OSError:
+        pass
