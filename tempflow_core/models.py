@@ -131,10 +131,11 @@ def build_tiny_pipeline(cfg: TinyModelConfig | None = None, workdir: str | Path 
     if latent % cfg.patch_size:
         raise ValueError(f"latent size {latent} (resolution {cfg.resolution} / 2**{down}) must divide by patch_size {cfg.patch_size}")
     torch.manual_seed(cfg.seed)
-    tmp = tempfile.mkdtemp(prefix="tempflow-tok-") if workdir is None else str(workdir)
-    write_clip_tokenizer_files(tmp, max_length=cfg.max_tokens)
-    tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(tmp)
+    with tempfile.TemporaryDirectory(prefix="tempflow-tok-") as tmp:
+        folder = tmp if workdir is None else str(workdir)
+        write_clip_tokenizer_files(folder, max_length=cfg.max_tokens)
+        tokenizer = CLIPTokenizer.from_pretrained(folder)  # read into memory; the folder may go
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder)
 
     def text_encoder() -> CLIPTextModelWithProjection:
         return CLIPTextModelWithProjection(CLIPTextConfig(
