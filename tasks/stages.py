@@ -35,6 +35,17 @@ def gpu_slot(config: RunConfig) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str) -> Iterator:
+    """A tqdm bar on an interactive terminal (no bar in logs or CI)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, leave=False, disable=not sys.stderr.isatty()) as bar:
+        yield bar.update
+
+
 def _retry_transient(task, task_run, state) -> bool:
     """Retry only what can succeed on a second try: store/network faults, not bad configs."""
     try:
@@ -60,8 +71,8 @@ def rollout_task(config: RunConfig, run_id: str, iteration: int) -> str:
     if not lay.complete(iteration, "rollout"):
         get_run_logger().info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
                               config.rollout.group_size)
-    with gpu_slot(config):
-        return stages.rollout_stage(config, lay, iteration)
+    with gpu_slot(config), progress_bar(config.sampling.num_steps, f"iter {iteration} rollout") as update:
+        return stages.rollout_stage(config, lay, iteration, progress=update)
 
 
 @task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
@@ -71,8 +82,10 @@ def reward_task(config: RunConfig, run_id: str, iteration: int) -> str:
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
 def learner_task(config: RunConfig, run_id: str, iteration: int) -> str:
-    with gpu_slot(config):
-        return stages.learner_stage(config, layout(config, run_id), iteration)
+    units = config.rollout.prompts_per_iter * (config.sampling.num_steps if config.branching
+                                               else config.rollout.group_size * config.sampling.num_steps)
+    with gpu_slot(config), progress_bar(units * config.train.inner_epochs, f"iter {iteration} learner") as update:
+        return stages.learner_stage(config, layout(config, run_id), iteration, progress=update)
 
 
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)

@@ -51,11 +51,12 @@ def _final_adapter(cfg, run_id: str) -> dict[str, torch.Tensor]:
 
 
 def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_mlflow(
-        prefect_api, s3_server, tiny_model_dir, tmp_path, quiet_env):
+        prefect_api, s3_server, mlflow_server, tiny_model_dir, tmp_path, quiet_env):
     from flows.train import train_flow
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + [
-        "pipeline.store=s3://tempflow-test/runs", f"pipeline.s3_endpoint_url={s3_server}"])
+        "pipeline.store=s3://tempflow-test/runs", f"pipeline.s3_endpoint_url={s3_server}",
+        f"pipeline.mlflow_uri={mlflow_server}"])
     result = train_flow(config=cfg, run_id="e2e")
     assert result["run_id"] == "e2e" and result["checkpoint"].startswith("s3://tempflow-test/runs/e2e/")
 
@@ -85,12 +86,11 @@ def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_ml
         assert stage in names
     assert {"tempflow-metrics", "tempflow-summary"} <= set(keys)
 
-    # MLflow: the parent run, one child per iteration, metrics per iteration, the LoRA model
+    # MLflow, through the REST API of a tracking server on 127.0.0.1: the parent run, one
+    # child per iteration, metrics per iteration, the LoRA models and their dataset inputs
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import resolve_tracking_uri
-
-    client = MlflowClient(resolve_tracking_uri(None, tmp_path.joinpath("runs").resolve()))
+    client = MlflowClient(mlflow_server)
     parent = client.get_run(result["mlflow_run_id"])
     assert parent.data.params["algorithm"] == "tempflow"
     assert not any(SECRET in str(v) or KEY_ID in str(v) for v in parent.data.params.values())
@@ -99,8 +99,17 @@ def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_ml
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(kids) == 2
     assert all(k.inputs.dataset_inputs for k in kids)
+    assert all(k.data.metrics.get("reward/mean") is not None for k in kids)
     models = client.search_logged_models([parent.info.experiment_id])
     assert len(models) == 2
+    assert {m.tags.get("tempflow.parent_model_id") for m in models} == {"base", *[m.model_id for m in models]} - {
+        max(models, key=lambda m: int(m.tags["tempflow.iteration"])).model_id}
+    dst = tmp_path / "downloaded"
+    import mlflow.artifacts
+
+    mlflow.artifacts.download_artifacts(artifact_uri=models[0].artifact_location, dst_path=str(dst),
+                                        tracking_uri=mlflow_server)
+    assert list(dst.rglob("pytorch_lora_weights.safetensors"))
 
 
 def test_failed_stage_resumes_without_redoing_finished_stages(prefect_api, tiny_model_dir, tmp_path, quiet_env):
