@@ -244,6 +244,53 @@ def pretrain_cmd(
     typer.echo(json.dumps(result, indent=1))
 
 
+@app.command()
+def ablation(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base config of every variant."),
+    set_: list[str] = typer.Option([], "--set", "-s"),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
+    variants: str = typer.Option("flow_grpo,flow_grpo_fixed,branch,tempflow", help="Comma-separated variants."),
+    rewards: str = typer.Option("shapes", help="Comma-separated rewards (one set of figures each)."),
+    out: Path = typer.Option(Path("ablation"), "--out", help="Folder for figures, table and curves."),
+    name: str = typer.Option("abl", help="Prefix of the run ids (re-running resumes them)."),
+) -> None:
+    """Train the paper's four variants under one budget and draw Figures 1, 2, 4, 5 and Table 1."""
+    cfg = _resolve(config, set_)
+    from flows.ablation import ablation_flow
+
+    result = ablation_flow(base=cfg, variants=variants.split(","), seeds=[int(x) for x in seeds.split(",")],
+                           rewards=rewards.split(","), out=str(out), name=name)
+    for reward, r in result.items():
+        typer.echo(f"{reward}: " + ", ".join(f"{k} {v}" for k, v in r["figures"].items()))
+
+
+@app.command()
+def compare(
+    run: str = typer.Argument(..., help="Run id to plot."),
+    reference: Path = typer.Option(..., "--reference", help="curves.json of an ablation (e.g. the shipped bundle)."),
+    out: Path = typer.Option(Path("compare.png"), "--out"),
+    store: Optional[str] = typer.Option(None, "--store"),
+) -> None:
+    """Plot a run's evaluation curve over reference curves from an ablation."""
+    from tempflow_core import figures, stages
+
+    cfg, lay = _run_config(run, store)
+    points, nfe = [], 0
+    for it in range(cfg.train.iterations):
+        if not lay.complete(it, "learner"):
+            break
+        nfe += int(stages.checkpoint_metrics(lay, it).get("rollout/nfe", 0))
+        if lay.complete(it, "eval"):
+            e = stages.read_eval(lay, it)
+            points.append({"seed": cfg.train.seed, "iteration": it + 1, "nfe": nfe,
+                           "score": float(e.get("geneval_overall", e["reward"]))})
+    if not points:
+        _fail(f"run {run!r} has no evaluation yet (set eval.every)", 1)
+    ref = json.loads(reference.read_text())["curves"]
+    figures.score_curves({run: points}, "iteration", out, "eval score", reference=ref)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("show-config")
 def show_config(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
