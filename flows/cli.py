@@ -76,7 +76,18 @@ def train(
     """Train with TempFlow-GRPO (or an ablation variant)."""
     if from_stage and not resume:
         _fail("--from needs --resume RUN (the run whose stages are reused)")
+    if resume and run_id and not from_stage:
+        _fail("--run-id names a new run; with --resume RUN alone the run keeps its id (add --from STAGE to branch)")
+    if resume and in_process:
+        _fail("--in-process runs cannot be resumed; resume runs of the pipeline (without --in-process)")
     cfg = _stored_config(resume, config, set_) if resume else _resolve(config, set_)
+    if resume and not from_stage:
+        stored = _stored_config(resume, None, [])
+        if stored.digest() != cfg.digest():
+            changed = _diff(stored.model_dump(mode="json"), cfg.model_dump(mode="json"))
+            _fail(f"--resume continues run {resume!r} with its own config, but these settings differ: "
+                  f"{', '.join(changed)}; start a new run from it instead: --resume {resume} --from STAGE "
+                  "[--from-iteration N]")
     typer.echo(f"tempflow: {cfg.algorithm}, {cfg.train.iterations} iterations, reward {cfg.reward.name!r}, "
                f"model {cfg.model.path or 'tiny (random init)'}")
     if in_process:
@@ -108,6 +119,17 @@ def train(
     typer.echo(f"  Prefect UI       : PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1")
     typer.echo(f"  MLflow UI        : {result['mlflow_ui']}")
     typer.echo("  (or both at once: tempflow ui)")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _report(it: int, m: dict) -> None:

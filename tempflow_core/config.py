@@ -48,14 +48,15 @@ class ModelConfig(_Section):
     path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base). None builds a random tiny model.")
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the frozen weights; LoRA and the sampler math stay float32.")
-    max_sequence_length: int = Field(0, ge=0, le=512, description="T5 tokens (256 for SD3.5 with T5). 0 when the model has no T5: no zero padding tokens are spent.")
+    max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when the model has T5 (SD3.5), 0 without (no zero padding tokens are spent).")
+    resolution: int | None = Field(None, ge=16, description="Image side in pixels for rollouts and evaluation (512 as in the paper for SD3.5-M); unset: the model's native size.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:i]'.")
 
 
 class LoraSettings(_Section):
     rank: int = Field(32, ge=1, description="LoRA rank r.")
     alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha / r).")
-    init: Literal["gaussian", "default", "zeros"] = Field("gaussian", description="peft init_lora_weights ('zeros' = peft False).")
+    init: Literal["gaussian", "default"] = Field("gaussian", description="peft init_lora_weights: 'gaussian' (A normal, B zero) or 'default' (A Kaiming, B zero); both start equal to the base model.")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS), min_length=1)
 
 
@@ -105,6 +106,7 @@ class TrainConfig(_Section):
     minibatches: int = Field(1, ge=1, description="Optimizer steps per inner epoch: units are split into this many minibatches.")
     micro_batch: int = Field(16, ge=1, description="Training units per forward/backward (gradient accumulation fills the minibatch). What fits in memory.")
     train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained.")
+    gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
 
 

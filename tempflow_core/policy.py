@@ -30,6 +30,10 @@ class PromptEmbeds:
     def select(self, index: torch.Tensor) -> "PromptEmbeds":
         return PromptEmbeds(self.embeds[index], self.pooled[index], self.neg_embeds, self.neg_pooled)
 
+    def to(self, device: torch.device | str) -> "PromptEmbeds":
+        return PromptEmbeds(self.embeds.to(device), self.pooled.to(device), self.neg_embeds.to(device),
+                            self.neg_pooled.to(device))
+
 
 class Policy:
     """Velocity predictions with CFG, LoRA handling and decoding for one pipeline.
@@ -41,10 +45,17 @@ class Policy:
         max_sequence_length: T5 tokens (0 when the model has no T5).
     """
 
-    def __init__(self, pipe, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int = 0):
+    def __init__(self, pipe, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
+                 resolution: int | None = None, gradient_checkpointing: bool = False):
         self.pipe = pipe
         self.device = resolve_device(device)
+        if max_sequence_length is None:  # T5 tokens when the model has T5 (SD3.5), none otherwise
+            max_sequence_length = 256 if pipe.text_encoder_3 is not None else 0
+        if pipe.text_encoder_3 is not None and max_sequence_length == 0:
+            raise ValueError("model.max_sequence_length=0 but the model has a T5 encoder: T5 would get no tokens; "
+                             "use 256 (SD3.5) or leave it unset")
         self.max_sequence_length = max_sequence_length
+        self.resolution = resolution  # pixels; None: the transformer's native sample size
         pipe.to(self.device)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer):
             if module is not None:
@@ -57,13 +68,15 @@ class Policy:
         if lora is not None:
             from peft import LoraConfig
 
-            init = {"gaussian": "gaussian", "default": True, "zeros": False}[lora.init]
+            init = {"gaussian": "gaussian", "default": True}[lora.init]
             self.transformer.add_adapter(LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=init,
                 target_modules=list(lora.target_modules),
             ))
             for p in self.lora_parameters():
                 p.data = p.data.float()
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ parameters
     def lora_parameters(self) -> list[torch.nn.Parameter]:
@@ -78,8 +91,12 @@ class Policy:
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+        own = set(get_peft_model_state_dict(self.transformer))
+        missing = sorted(own - set(state))
+        if missing:  # a partial state would silently keep the previous weights of those layers
+            raise ValueError(f"LoRA state lacks {len(missing)} of this adapter's tensors, e.g. {missing[:2]}")
         result = set_peft_model_state_dict(self.transformer, {k: v.to(self.device) for k, v in state.items()})
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -165,9 +182,10 @@ class Policy:
             tt = torch.cat([t, t], 0)
         else:
             h, p, xx, tt = embeds, pooled, x, t
+        dev = self.device
         out = self.transformer(
-            hidden_states=xx.to(dtype), timestep=tt * 1000.0, encoder_hidden_states=h.to(dtype),
-            pooled_projections=p.to(dtype), return_dict=False,
+            hidden_states=xx.to(dev, dtype), timestep=tt * 1000.0, encoder_hidden_states=h.to(dev, dtype),
+            pooled_projections=p.to(dev, dtype), return_dict=False,
         )[0].float()
         self.forward_calls += 1
         self.nfe += n
@@ -192,8 +210,12 @@ class Policy:
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         cfg = self.transformer.config
+        resolution = resolution or self.resolution
         if resolution is None:
             side = cfg.sample_size
         else:
+            if resolution % (self.pipe.vae_scale_factor * cfg.patch_size):
+                raise ValueError(f"resolution {resolution} must be a multiple of "
+                                 f"{self.pipe.vae_scale_factor * cfg.patch_size} for this model")
             side = resolution // self.pipe.vae_scale_factor
         return (cfg.in_channels, side, side)

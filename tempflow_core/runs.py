@@ -36,7 +36,11 @@ def write_run(layout: RunLayout, record: dict[str, Any]) -> None:
     layout.store.put_bytes(join_key(layout.run_id, RUN_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
 
 
-def new_run_id(cfg: RunConfig) -> str:
+def new_run_id(cfg: RunConfig, flow_run_id: str | None = None) -> str:
+    """A run id; inside a Prefect flow run it derives from the flow run's id, so Prefect's
+    Retry of that flow run continues the same run instead of starting another."""
+    if flow_run_id:
+        return f"{cfg.algorithm}-{flow_run_id.replace('-', '')[:12]}"
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return f"{cfg.algorithm}-{stamp}-{cfg.digest()[:6]}"
 
@@ -71,6 +75,8 @@ def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: 
         raise RunError(f"unknown stage {from_stage!r}; stages are {', '.join(STAGES)}")
     if read_run(src) is None:
         raise RunError(f"run {src.run_id!r} not found in {src.store.uri_for('')}")
+    if read_run(dst) is not None or dst.store.list(join_key(dst.run_id)):
+        raise RunError(f"run {dst.run_id!r} already exists; a run started --from another needs a new run id")
     if from_stage != "rollout" and not src.complete(from_iteration, "rollout"):
         raise RunError(f"run {src.run_id!r} has no finished rollout at iteration {from_iteration} to start "
                        f"'{from_stage}' from")

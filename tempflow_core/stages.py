@@ -89,6 +89,11 @@ def _restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
         s.optimizer = make_optimizer(s.policy, s.cfg.train)
         if ck.optimizer is not None:
             s.optimizer.load_state_dict(ck.optimizer)
+            # load_state_dict also restores the old hyperparameters; the config decides them
+            # (a run branched with --set train.lr=... must train with the new rate)
+            t = s.cfg.train
+            for group in s.optimizer.param_groups:
+                group.update(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
         s.generator.set_state(ck.generator_state)
 
 
@@ -133,6 +138,7 @@ def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
             checkpoint_uri=layout.store.uri_for(ck_prefix), config_hash=cfg.digest(),
             producer={"stage": "rollout", "iteration": iteration, "run": layout.run_id},
             extra={"records": _records_json(records), "stream_position": s.stream.position, "iteration": iteration,
+                   "noise_level": cfg.sampling.noise_level,
                    "nfe": batch.nfe, "forward_calls": batch.forward_calls, "seconds": seconds},
         )
     return layout.store.uri_for(prefix)
@@ -167,6 +173,10 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
         rp = layout.prefix(iteration, "rollout")
         m = require_manifest(layout.store, rp, kind="rollouts")
         batch = read_rollouts(layout.store, rp, images=False)
+        if not torch.equal(batch.sigmas.to(s.schedule.sigmas.dtype), s.schedule.sigmas) or \
+                m.extra.get("noise_level", cfg.sampling.noise_level) != cfg.sampling.noise_level:
+            raise ValueError(f"rollouts at {layout.store.uri_for(rp)} were sampled on another grid (sampling.num_steps, "
+                             "shift or noise_level differ from this config); the learner would mis-index their steps")
         scores = read_scores(layout.store, layout.iteration_prefix(iteration), "reward")
         keys = batch.sample_keys()
         rewards = scores.aligned(keys, "reward")
@@ -191,8 +201,10 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
 
 
 def checkpoint_metrics(layout: RunLayout, iteration: int) -> dict[str, float]:
-    """The metrics the learner recorded in checkpoint i."""
-    return load_checkpoint(layout.store, layout.prefix(iteration, "learner")).info.get("metrics", {})
+    """The metrics the learner recorded in checkpoint i (reads state.json only)."""
+    from .checkpoint import read_state
+
+    return read_state(layout.store, layout.prefix(iteration, "learner")).get("info", {}).get("metrics", {})
 
 
 def eval_prompts(cfg: RunConfig) -> list[PromptRecord]:

@@ -62,7 +62,8 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe=None) -> Sessi
     # LoRA init draws from the global RNG: seed it here so that a built and a loaded model
     # start from the same adapter
     torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
-    policy = Policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length)
+    policy = Policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
+                    cfg.train.gradient_checkpointing)
     schedule = make_schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
     reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
     stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
@@ -162,14 +163,21 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
         progress: show tqdm bars for rollouts and learner epochs.
         pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     s = setup(cfg, out / "tokenizer", pipe)
     result = TrainResult(out_dir=out)
-    metrics_file = (out / "metrics.jsonl").open("w")
+    with (out / "metrics.jsonl").open("w") as metrics_file:
+        _loop(cfg, s, result, metrics_file, progress, on_iteration)
+    result.lora_path = s.policy.save_lora(out / "lora")
+    return result
+
+
+def _loop(cfg: RunConfig, s: Session, result: TrainResult, metrics_file, progress: bool,
+          on_iteration: Callable[[int, dict[str, float]], None] | None) -> None:
+    from tqdm.auto import tqdm
+
     for it in range(cfg.train.iterations):
         t0 = time.perf_counter()
         records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
@@ -192,6 +200,3 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
         metrics_file.flush()
         if on_iteration is not None:
             on_iteration(it, metrics)
-    metrics_file.close()
-    result.lora_path = s.policy.save_lora(out / "lora")
-    return result
