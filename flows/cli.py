@@ -82,7 +82,7 @@ def train(
         _fail("--in-process runs cannot be resumed; resume runs of the pipeline (without --in-process)")
     cfg = _stored_config(resume, config, set_) if resume else _resolve(config, set_)
     if resume and not from_stage:
-        stored = _stored_config(resume, None, [])
+        stored = _stored_config(resume, None, [o for o in set_ if o.startswith("pipeline.")])
         if stored.digest() != cfg.digest():
             changed = _diff(stored.model_dump(mode="json"), cfg.model_dump(mode="json"))
             _fail(f"--resume continues run {resume!r} with its own config, but these settings differ: "

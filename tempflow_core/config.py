@@ -189,8 +189,10 @@ class RunConfig(_Section):
         return self.algorithm == "tempflow"
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON: names a config in manifests and lineage."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        """sha256 of what the run computes: names a config in manifests and lineage. Where
+        results go (pipeline.*, output_dir) is left out, so a run can move stores or servers."""
+        data = self.model_dump(mode="json", exclude={"pipeline", "output_dir"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class ConfigError(ValueError):
