@@ -8,6 +8,7 @@ safetensors; the rest is JSON; the manifest is written last.
     {prefix}/adapter/pytorch_lora_weights.safetensors   loads with diffusers' load_lora_weights
     {prefix}/optimizer.safetensors                      AdamW moments and step counts
     {prefix}/rng.safetensors                            torch.Generator state of the shuffler
+    {prefix}/ema.safetensors                            EMA of the LoRA (when train.ema_decay > 0)
     {prefix}/state.json                                 iteration, stream position, lineage, metrics
     {prefix}/manifest.json                              kind "checkpoint", sha256 of every object
 """
@@ -38,6 +39,7 @@ class CheckpointState:
     optimizer: dict[str, Any] | None  # torch optimizer state_dict, None before the first update
     generator_state: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)  # lineage and metrics
+    ema: dict[str, torch.Tensor] | None = None  # EMA of the LoRA when train.ema_decay > 0
 
 
 def _optimizer_to_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -78,8 +80,10 @@ def save_checkpoint(store: ObjectStore, prefix: str, ck: CheckpointState, lora_m
         tensors, groups = _optimizer_to_tensors(ck.optimizer)
         put("optimizer.safetensors", safetensors.torch.save(tensors) if tensors else b"")
     put("rng.safetensors", safetensors.torch.save({"shuffle": ck.generator_state.contiguous()}))
+    if ck.ema is not None:
+        put("ema.safetensors", safetensors.torch.save({k: v.contiguous() for k, v in ck.ema.items()}))
     state = {"iteration": ck.iteration, "stream_position": ck.stream_position, "param_groups": groups,
-             "has_optimizer": ck.optimizer is not None, "info": ck.info}
+             "has_optimizer": ck.optimizer is not None, "has_ema": ck.ema is not None, "info": ck.info}
     put("state.json", json.dumps(state, indent=1, sort_keys=True, default=str).encode())
     m = Manifest(kind="checkpoint", objects=objects, extra={"iteration": ck.iteration})
     write_manifest(store, prefix, m)
@@ -106,7 +110,9 @@ def load_checkpoint(store: ObjectStore, prefix: str) -> CheckpointState:
         data = _get(store, prefix, m, "optimizer.safetensors")
         optimizer = _optimizer_from_tensors(safetensors.torch.load(data) if data else {}, state["param_groups"])
     rng = safetensors.torch.load(_get(store, prefix, m, "rng.safetensors"))["shuffle"]
-    return CheckpointState(state["iteration"], state["stream_position"], lora, optimizer, rng, state.get("info", {}))
+    ema = safetensors.torch.load(_get(store, prefix, m, "ema.safetensors")) if state.get("has_ema") else None
+    return CheckpointState(state["iteration"], state["stream_position"], lora, optimizer, rng, state.get("info", {}),
+                           ema)
 
 
 def read_state(store: ObjectStore, prefix: str) -> dict[str, Any]:

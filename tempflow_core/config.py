@@ -106,6 +106,7 @@ class TrainConfig(_Section):
     minibatches: int = Field(1, ge=1, description="Optimizer steps per inner epoch: units are split into this many minibatches.")
     micro_batch: int = Field(16, ge=1, description="Training units per forward/backward (gradient accumulation fills the minibatch). What fits in memory.")
     train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the LoRA weights, updated after every iteration (0: off); evaluation and export use the EMA when on.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import adapter_bytes
+from .checkpoint import adapter_bytes, load_checkpoint
 from .config import RunConfig
 from .stages import RunLayout
 
@@ -39,16 +39,30 @@ def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None) 
         "sampler": "FlowMatchEulerDiscreteScheduler (ODE)", "train_noise_level": s.noise_level,
         "train_num_steps": s.num_steps, "resolution": resolution, "max_sequence_length": cfg.model.max_sequence_length,
         "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)},
+        "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
         "algorithm": cfg.algorithm, "reward": cfg.reward.name, "run": run_id, "iteration": iteration,
         "config_digest": cfg.digest(),
     }
+
+
+def _lora_meta(cfg: RunConfig) -> dict[str, Any]:
+    return {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
+            "init_lora_weights": cfg.lora.init if cfg.lora.init == "gaussian" else True}
 
 
 def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Path,
                 resolution: int | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pytorch_lora_weights.safetensors").write_bytes(adapter_bytes(layout.store, layout.prefix(iteration, "learner")))
+    prefix = layout.prefix(iteration, "learner")
+    ck = load_checkpoint(layout.store, prefix)
+    if ck.ema is not None:  # the evaluated weights: the EMA, in diffusers' format
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=ck.ema, safe_serialization=True,
+                                                   transformer_lora_adapter_metadata=_lora_meta(cfg))
+    else:
+        (out / "pytorch_lora_weights.safetensors").write_bytes(adapter_bytes(layout.store, prefix))
     r = recipe(cfg, layout.run_id, iteration, resolution)
     (out / "recipe.json").write_text(json.dumps(r, indent=2))
     (out / "README.md").write_text(f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}

@@ -83,6 +83,7 @@ def _lora_metadata(s: Session) -> dict[str, Any]:
 
 def _restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
     s.policy.load_lora_state_dict(ck.lora)
+    s.ema = ck.ema
     if with_optimizer:
         from .learner import make_optimizer
 
@@ -195,6 +196,7 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
             s.generator.get_state(),
             {"config_digest": cfg.digest(), "parent_checkpoint": layout.store.uri_for(prev),
              "rollouts": layout.store.uri_for(rp), "metrics": metrics},
+            s.ema,
         )
         save_checkpoint(layout.store, prefix, state, _lora_metadata(s))
     return layout.store.uri_for(prefix)
@@ -220,7 +222,10 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
         s = get_session(cfg)
         ck = load_checkpoint(layout.store, layout.prefix(iteration, "learner"))
         _restore(s, ck, with_optimizer=False)
+        if ck.ema is not None:  # evaluate the EMA weights when EMA is on
+            s.policy.load_lora_state_dict(ck.ema)
         result, grid_png = evaluate_policy(cfg, s, eval_prompts(cfg))
+        result["weights"] = "ema" if ck.ema is not None else "raw"
         objects = {}
         for name, data in (("eval.json", json.dumps(result, indent=1, sort_keys=True).encode()),
                            ("grid.png", grid_png)):

@@ -47,6 +47,18 @@ class Session:
     stream: PromptStream
     generator: torch.Generator  # minibatch shuffling
     init_lora: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter before any update
+    ema: dict[str, torch.Tensor] | None = None  # EMA of the LoRA (train.ema_decay > 0)
+
+
+def update_ema(s: Session) -> None:
+    """ema <- d * ema + (1 - d) * lora, in float32, after each iteration's update."""
+    d = s.cfg.train.ema_decay
+    if d <= 0:
+        return
+    cur = s.policy.lora_state_dict()
+    if s.ema is None:
+        s.ema = {k: v.float().clone() for k, v in s.init_lora.items()}
+    s.ema = {k: d * s.ema[k] + (1.0 - d) * cur[k].float() for k in cur}
 
 
 def seed_everything(seed: int) -> None:
@@ -122,6 +134,7 @@ def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndar
     units = build_units(batch, adv, weights, steps)
     stats = update(s.policy, s.optimizer, units, batch.embeds, s.schedule, cfg.sampling.guidance_scale,
                    cfg.train, cfg.loss, s.generator, progress=progress)
+    update_ema(s)
     out = {f"train/{k}": v for k, v in stats.items()}
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
                 "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
@@ -171,6 +184,11 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
     with (out / "metrics.jsonl").open("w") as metrics_file:
         _loop(cfg, s, result, metrics_file, progress, on_iteration)
     result.lora_path = s.policy.save_lora(out / "lora")
+    if s.ema is not None:
+        raw = s.policy.lora_state_dict()
+        s.policy.load_lora_state_dict(s.ema)
+        s.policy.save_lora(out / "lora_ema")
+        s.policy.load_lora_state_dict(raw)
     return result
 
 

@@ -158,3 +158,21 @@ def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, 
         train_flow(config=cfg, run_id="flat")
     lay = RunLayout(open_run_store(cfg), "flat")
     assert lay.complete(2, "learner") and not lay.complete(3, "rollout")  # stopped after 3 bad iterations
+
+
+def test_ema_is_checkpointed_and_matches_in_process(prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    from flows.train import train_flow
+    from tempflow_core.checkpoint import load_checkpoint
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["train.ema_decay=0.5", "train.lr=0.05"])
+    train_flow(config=cfg, run_id="ema")
+    lay = RunLayout(open_run_store(cfg), "ema")
+    ck0, ck1 = (load_checkpoint(lay.store, lay.prefix(i, "learner")) for i in (0, 1))
+    init = load_checkpoint(lay.store, lay.prefix(-1, "learner")).lora
+    for k in ck1.lora:  # ema_1 = 0.5 ema_0 + 0.5 lora_1 with ema_0 = 0.5 init + 0.5 lora_0
+        torch.testing.assert_close(ck0.ema[k], 0.5 * init[k] + 0.5 * ck0.lora[k])
+        torch.testing.assert_close(ck1.ema[k], 0.5 * ck0.ema[k] + 0.5 * ck1.lora[k])
+    assert any(not torch.equal(ck1.ema[k], ck1.lora[k]) for k in ck1.lora)
+    ref = train_in_process(cfg, tmp_path / "inproc")
+    want = _lora(ref.lora_path.parent.parent / "lora_ema" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(ck1.ema[k], want[k]) for k in want)
