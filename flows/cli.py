@@ -43,6 +43,9 @@ def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] 
 
     if base is None:
         base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        model_path = base.get("model", {}).get("path")
+        if model_path and not Path(model_path).is_absolute():  # the shipped model, wherever the CLI runs
+            base["model"]["path"] = str(Path(__file__).resolve().parents[1] / model_path)
         base.setdefault("output_dir", str(STATE / "runs"))
         base.setdefault("pipeline", {}).setdefault("store", str(STATE / "store"))
     try:
