@@ -193,7 +193,7 @@ def export_lora_cmd(
         iteration = done[-1]
     elif not lay.complete(iteration, "learner"):
         _fail(f"run {run!r} has no finished checkpoint at iteration {iteration}", 1)
-    folder = export_lora(cfg, lay, iteration, out, cfg.model.tiny.resolution if not cfg.model.path else None)
+    folder = export_lora(cfg, lay, iteration, out)
     typer.echo(f"wrote {folder} (iteration {iteration}): pytorch_lora_weights.safetensors, recipe.json, README.md")
 
 

@@ -30,14 +30,35 @@ def model_fingerprint(path: str | None) -> str:
     return h.hexdigest()
 
 
+def effective_max_sequence_length(cfg: RunConfig) -> int:
+    """What Policy uses: the configured value, else 256 with a T5 encoder and 0 without."""
+    if cfg.model.max_sequence_length is not None:
+        return cfg.model.max_sequence_length
+    has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / "text_encoder_3").is_dir()
+    return 256 if has_t5 else 0
+
+
+def native_resolution(cfg: RunConfig) -> int:
+    """The pixels the model samples at when model.resolution is unset."""
+    if cfg.model.resolution:
+        return cfg.model.resolution
+    if not cfg.model.path:
+        return cfg.model.tiny.resolution
+    root = Path(cfg.model.path)
+    t = json.loads((root / "transformer" / "config.json").read_text())
+    v = json.loads((root / "vae" / "config.json").read_text())
+    return int(t["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
+
+
 def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None) -> dict[str, Any]:
     s = cfg.sampling
+    resolution = resolution or native_resolution(cfg)
     return {
         "base_model": cfg.model.path or f"tiny random SD3 (seed {cfg.model.tiny.seed})",
         "base_model_sha256": model_fingerprint(cfg.model.path),
         "num_inference_steps": s.eval_num_steps, "guidance_scale": s.guidance_scale, "shift": s.shift,
         "sampler": "FlowMatchEulerDiscreteScheduler (ODE)", "train_noise_level": s.noise_level,
-        "train_num_steps": s.num_steps, "resolution": resolution, "max_sequence_length": cfg.model.max_sequence_length,
+        "train_num_steps": s.num_steps, "resolution": resolution, "max_sequence_length": effective_max_sequence_length(cfg),
         "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)},
         "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
         "algorithm": cfg.algorithm, "reward": cfg.reward.name, "run": run_id, "iteration": iteration,
@@ -76,8 +97,9 @@ from diffusers import StableDiffusion3Pipeline
 
 pipe = StableDiffusion3Pipeline.from_pretrained("{r['base_model']}")
 pipe.load_lora_weights("{out.resolve()}")
-image = pipe("a red circle left of a blue square", num_inference_steps={r['num_inference_steps']},
-             guidance_scale={r['guidance_scale']}, max_sequence_length={max(r['max_sequence_length'], 0)},
+image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
+             num_inference_steps={r['num_inference_steps']},
+             guidance_scale={r['guidance_scale']}, max_sequence_length={r['max_sequence_length']},
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
