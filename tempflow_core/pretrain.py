@@ -231,7 +231,7 @@ def train_vae(vae, images: np.ndarray, cfg: PretrainConfig, log: LogFn | None = 
         opt.step()
         mses.append(float(mse.detach()))
         if log is not None and (step % 50 == 0 or step == cfg.vae_steps - 1):
-            log(step, {"phase": "vae", "vae_mse": float(mse), "vae_loss": float(loss)})
+            log(step, {"phase": "vae", "vae_mse": float(mse.detach()), "vae_loss": float(loss.detach())})
     vae.eval()
     return mses
 
