@@ -110,13 +110,16 @@ class Policy:
         folder.mkdir(parents=True, exist_ok=True)
         # the adapter config (rank, alpha, targets) travels in the safetensors metadata, so
         # plain diffusers applies the same alpha / r scale the policy trained with
-        meta = self.transformer.peft_config["default"].to_dict()
-        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
         StableDiffusion3Pipeline.save_lora_weights(
             save_directory=str(folder), transformer_lora_layers=self.lora_state_dict(), safe_serialization=True,
-            transformer_lora_adapter_metadata=meta,
+            transformer_lora_adapter_metadata=self.lora_metadata(),
         )
         return folder / "pytorch_lora_weights.safetensors"
+
+    def lora_metadata(self) -> dict:
+        """The adapter config (rank, alpha, targets), JSON-ready, as diffusers stores it with the weights."""
+        meta = self.transformer.peft_config["default"].to_dict()
+        return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
 
     def load_lora(self, folder: str | Path) -> None:
         """Load an adapter written by save_lora (safetensors only) into this policy's LoRA."""

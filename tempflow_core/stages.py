@@ -77,8 +77,7 @@ class RunLayout:
 
 
 def _lora_metadata(s: Session) -> dict[str, Any]:
-    meta = s.policy.transformer.peft_config["default"].to_dict()
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    return s.policy.lora_metadata()
 
 
 def _restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
