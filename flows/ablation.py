@@ -18,7 +18,8 @@ from prefect.cache_policies import NONE
 
 from flows.evaluate import eval_flow
 from flows.train import train_flow
-from tempflow_core import figures, stages
+from tasks.tracking_task import track_ablation
+from tempflow_core import figures, report, stages
 from tempflow_core.config import RunConfig
 
 VARIANTS = ["flow_grpo", "flow_grpo_fixed", "branch", "tempflow"]
@@ -31,14 +32,11 @@ def variant_config(base: RunConfig, algorithm: str, reward: str, seed: int) -> R
     return RunConfig.model_validate(d)
 
 
-def _score(e: dict[str, Any]) -> float:
-    return float(e.get("geneval_overall", e["reward"]))
-
-
 @task(name="collect-curves", cache_policy=NONE)
-def collect(base: RunConfig, runs: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """Per variant: eval score per (seed, iteration, cumulative NFE); per-step reward std of
-    the first iteration (the base model) of the branching runs; final per-category scores."""
+def collect(base: RunConfig, runs: dict[str, dict[str, str]], base_eval: dict[str, Any]) -> dict[str, Any]:
+    """Per variant: eval score per (seed, iteration, cumulative NFE), starting from the base
+    model; per-step reward std of the first iteration (the base model) of the branching runs;
+    the final eval of every run."""
     curves: dict[str, list[dict[str, Any]]] = {}
     std_by_step: dict[int, list[float]] = {}
     finals: dict[str, list[dict[str, Any]]] = {}
@@ -46,45 +44,21 @@ def collect(base: RunConfig, runs: dict[str, dict[str, str]]) -> dict[str, Any]:
         for seed, run_id in by_seed.items():
             cfg = variant_config(base, variant, base.reward.name, int(seed))
             lay = stages.RunLayout(stages.open_run_store(cfg), run_id)
-            nfe = 0
-            last = None
-            for it in range(cfg.train.iterations):
-                m = stages.checkpoint_metrics(lay, it)
-                nfe += int(m.get("rollout/nfe", 0))
-                if it == 0 and cfg.branching:
-                    for k, v in m.items():
-                        if k.startswith("reward_step/std_"):
-                            std_by_step.setdefault(int(k.rsplit("_", 1)[1]), []).append(float(v))
-                if lay.complete(it, "eval"):
-                    last = stages.read_eval(lay, it)
-                    curves.setdefault(variant, []).append({"seed": int(seed), "iteration": it + 1, "nfe": nfe,
-                                                           "score": _score(last)})
-            if last is not None:
-                finals.setdefault(variant, []).append(last)
+            points = report.run_curve(cfg, lay, base_eval)
+            curves.setdefault(variant, []).extend(points)
+            if cfg.branching and lay.complete(0, "learner"):
+                for k, v in stages.checkpoint_metrics(lay, 0).items():
+                    if k.startswith("reward_step/std_"):
+                        std_by_step.setdefault(int(k.rsplit("_", 1)[1]), []).append(float(v))
+            if points and points[-1]["iteration"] > 0:
+                finals.setdefault(variant, []).append(stages.read_eval(lay, points[-1]["iteration"] - 1))
     return {"curves": curves, "std_by_step": {str(k): v for k, v in sorted(std_by_step.items())}, "finals": finals}
 
 
-def _table(base_eval: dict[str, Any], finals: dict[str, list[dict[str, Any]]]) -> str:
-    """Table 1's form: overall and per category, mean over seeds (or the reward when the
-    prompts carry no GenEval metadata)."""
-    rows = {"base model": [base_eval], **finals}
-    if all("geneval" in e for es in rows.values() for e in es):
-        cats = list(base_eval["geneval"])
-        head = "| model | overall | " + " | ".join(cats) + " |\n|---|---|" + "---|" * len(cats)
-        lines = [head]
-        for name, es in rows.items():
-            overall = sum(e["geneval_overall"] for e in es) / len(es)
-            cells = [sum(e["geneval"][c] for e in es) / len(es) for c in cats]
-            lines.append(f"| {name} | {overall:.3f} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        return "\n".join(lines)
-    lines = ["| model | eval reward |", "|---|---|"]
-    for name, es in rows.items():
-        lines.append(f"| {name} | {sum(e['reward'] for e in es) / len(es):.4f} |")
-    return "\n".join(lines)
-
-
 @task(name="figures", cache_policy=NONE)
-def make_figures(base: RunConfig, data: dict[str, Any], base_eval: dict[str, Any], out: str) -> dict[str, str]:
+def make_figures(base: RunConfig, data: dict[str, Any], base_eval: dict[str, Any], out: str,
+                 runs: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Figures 1, 4, 2, 5, Table 1's form, the headline verdicts and the reproduction bundle."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     T = base.sampling.num_steps
@@ -95,16 +69,22 @@ def make_figures(base: RunConfig, data: dict[str, Any], base_eval: dict[str, Any
         made["fig4_left"] = str(figures.noise_vs_reward_std(std, T, base.sampling.shift, base.sampling.noise_level,
                                                              folder / "fig4_noise_vs_reward_std.png"))
     made["fig4_right"] = str(figures.scale_terms(T, folder / "fig4_scale_terms.png", base.sampling.noise_level))
-    label = "GenEval-style overall (held-out)" if "geneval_overall" in base_eval else "eval reward"
+    label = report.score_label(base.reward.name)
     if data["curves"]:
         made["fig2"] = str(figures.score_curves(data["curves"], "iteration", folder / "fig2_score_vs_iteration.png", label))
         made["fig5"] = str(figures.score_curves(data["curves"], "nfe", folder / "fig5_score_vs_nfe.png", label))
-    table = _table(base_eval, data["finals"])
+    head = report.headline(data["curves"])
+    table = report.category_table(base_eval, data["finals"], base.reward.name)
     (folder / "table.md").write_text(table + "\n")
-    (folder / "curves.json").write_text(json.dumps({"config": base.model_dump(mode="json"), "base_eval": base_eval,
-                                                    **data}, indent=1))
-    made["table"] = str(folder / "table.md")
-    made["curves"] = str(folder / "curves.json")
+    (folder / "summary.md").write_text(report.headline_markdown(head))
+    configs = {f"{variant}-s{seed}": variant_config(base, variant, base.reward.name, int(seed))
+               for variant, by_seed in runs.items() for seed in by_seed}
+    prompts = report.write_bundle(folder, configs)
+    (folder / "curves.json").write_text(json.dumps(
+        {"reward": base.reward.name, "score": label, "seeds": sorted({int(s) for r in runs.values() for s in r}),
+         "runs": runs, "prompts": prompts, "config": report.portable_config(base), "base_eval": base_eval,
+         "headline": head, **data}, indent=1))
+    made.update(table=str(folder / "table.md"), summary=str(folder / "summary.md"), curves=str(folder / "curves.json"))
     return made
 
 
@@ -119,8 +99,8 @@ def ablation_flow(base: RunConfig = RunConfig(), variants: list[str] = VARIANTS,
     results: dict[str, Any] = {}
     for reward in rewards:
         runs: dict[str, dict[str, str]] = {}
-        for variant in variants:
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a cut-short ablation still compares every variant
+            for variant in variants:
                 cfg = variant_config(base, variant, reward, seed)
                 run_id = f"{name}-{reward}-{variant}-s{seed}-{cfg.digest()[:6]}"
                 log.info("ablation: %s", run_id)
@@ -128,7 +108,9 @@ def ablation_flow(base: RunConfig = RunConfig(), variants: list[str] = VARIANTS,
                 runs.setdefault(variant, {})[str(seed)] = run_id
         rbase = variant_config(base, "tempflow", reward, seeds[0])
         base_eval = eval_flow(config=rbase)
-        data = collect(rbase, runs)
-        results[reward] = {"runs": runs, "figures": make_figures(rbase, data, base_eval, str(Path(out) / reward))}
+        data = collect(rbase, runs, base_eval)
+        made = make_figures(rbase, data, base_eval, str(Path(out) / reward), runs)
+        track_ablation(rbase, f"{name}-{reward}", made, json.loads(Path(made["curves"]).read_text())["headline"])
+        results[reward] = {"runs": runs, "figures": made}
     (Path(out) / "runs.json").write_text(json.dumps(results, indent=1))
     return results

@@ -20,6 +20,7 @@ import typer
 
 # Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
 STATE = Path(os.environ.get("TEMPFLOW_HOME", ".tempflow")).resolve()
+CHECKOUT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -45,13 +46,18 @@ def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] 
         base = yaml.safe_load(DEFAULT_CONFIG.read_text())
         model_path = base.get("model", {}).get("path")
         if model_path and not Path(model_path).is_absolute():  # the shipped model, wherever the CLI runs
-            base["model"]["path"] = str(Path(__file__).resolve().parents[1] / model_path)
+            base["model"]["path"] = str(CHECKOUT / model_path)
         base.setdefault("output_dir", str(STATE / "runs"))
         base.setdefault("pipeline", {}).setdefault("store", str(STATE / "store"))
     try:
-        return load_config(config, overrides, base=base)
+        cfg = load_config(config, overrides, base=base)
     except ConfigError as e:
         _fail(str(e))
+    path = cfg.model.path
+    if path and not Path(path).is_absolute() and not Path(path).exists() and (CHECKOUT / path).exists():
+        # a config from the repository (the ablation bundle) names the shipped model relative to the checkout
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(CHECKOUT / path)})})
+    return cfg
 
 
 def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
@@ -292,27 +298,40 @@ def ablation(
 @app.command()
 def compare(
     run: str = typer.Argument(..., help="Run id to plot."),
-    reference: Path = typer.Option(..., "--reference", help="curves.json of an ablation (e.g. the shipped bundle)."),
+    reference: Path = typer.Option(..., "--reference", help="curves.json of an ablation, e.g. results/ablation/shapes/curves.json."),
     out: Path = typer.Option(Path("compare.png"), "--out"),
+    x: str = typer.Option("iteration", "--x", help="'iteration' or 'nfe' (cumulative transformer forward passes)."),
     store: Optional[str] = typer.Option(None, "--store"),
 ) -> None:
-    """Plot a run's evaluation curve over reference curves from an ablation."""
-    from tempflow_core import figures, stages
+    """Plot a run's evaluation curve over the reference curves of an ablation (seed bands), and
+    print where it ends against the same variant there."""
+    from tempflow_core import figures, report
 
+    if x not in ("iteration", "nfe"):
+        _fail(f"--x must be 'iteration' or 'nfe', not {x!r}")
+    try:
+        ref = json.loads(reference.read_text())
+        ref_curves = ref["curves"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        _fail(f"--reference {reference}: not an ablation curves.json ({e})")
     cfg, lay = _run_config(run, store)
-    points, nfe = [], 0
-    for it in range(cfg.train.iterations):
-        if not lay.complete(it, "learner"):
-            break
-        nfe += int(stages.checkpoint_metrics(lay, it).get("rollout/nfe", 0))
-        if lay.complete(it, "eval"):
-            e = stages.read_eval(lay, it)
-            points.append({"seed": cfg.train.seed, "iteration": it + 1, "nfe": nfe,
-                           "score": float(e.get("geneval_overall", e["reward"]))})
-    if not points:
-        _fail(f"run {run!r} has no evaluation yet (set eval.every)", 1)
-    ref = json.loads(reference.read_text())["curves"]
-    figures.score_curves({run: points}, "iteration", out, "eval score", reference=ref)
+    if ref.get("reward", cfg.reward.name) != cfg.reward.name:
+        typer.echo(f"warning: run {run!r} trains {cfg.reward.name!r}, the reference {ref['reward']!r}", err=True)
+    mine, theirs = report.portable_config(cfg), ref.get("config", {})
+    same_eval = all(mine[k] == theirs.get(k) for k in ("model", "sampling", "eval", "prompts", "reward"))
+    base = ref.get("base_eval") if same_eval else None  # the run starts where the reference starts
+    points = [p for p in report.run_curve(cfg, lay, base) if p["iteration"] > 0 or base]
+    if not any(p["iteration"] > 0 for p in points):
+        _fail(f"run {run!r} has no evaluation yet (set eval.every, or run tempflow eval --run {run})", 1)
+    figures.score_curves({run: points}, x, out, report.score_label(cfg.reward.name), reference=ref_curves)
+    last = points[-1]
+    typer.echo(f"{run} ({cfg.algorithm}, seed {cfg.train.seed}): score {last['score']:.3f} at iteration "
+               f"{last['iteration']} ({last['nfe']} NFEs)")
+    same = [r for r in report.mean_curve(ref_curves.get(cfg.algorithm, [])) if r["iteration"] == last["iteration"]]
+    if same:
+        r = same[0]
+        typer.echo(f"reference {cfg.algorithm} at iteration {last['iteration']}: {r['mean']:.3f} ± {r['std']:.3f} "
+                   f"over {r['n']} seeds (min {r['min']:.3f}, max {r['max']:.3f})")
     typer.echo(f"wrote {out}")
 
 

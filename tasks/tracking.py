@@ -256,6 +256,7 @@ class RunTracker:
     ``base_model``: what the first checkpoint was trained from (recorded on every checkpoint).
     ``artifact_location``: for a new experiment; default for sqlite is ``<db dir>/mlartifacts/``
     (MLflow's own default is ``./mlruns`` under the *current directory*).
+    ``kind``: the tempflow.kind tag of a new run ("training"; "ablation" for an ablation's report).
     """
 
     def __init__(
@@ -270,6 +271,7 @@ class RunTracker:
         *,
         base_model: str | None = None,
         artifact_location: str | None = None,
+        kind: str = "training",
     ) -> None:
         _check_not_file_store(tracking_uri)
         if tracking_uri.startswith("sqlite:///"):
@@ -299,7 +301,7 @@ class RunTracker:
                 self.experiment_id = self._experiment_id(experiment, artifact_location)
                 run_tags = self._context_tags()
                 run_tags.update(_clean_tags(tags))
-                run_tags.update({TAG_KIND: "training", TAG_RUN_NAME: run_name})
+                run_tags.update({TAG_KIND: kind, TAG_RUN_NAME: run_name})
                 if parent_run_id:
                     run_tags[TAG_RESUMED_FROM] = parent_run_id
                 if base_model:
@@ -686,6 +688,11 @@ class RunTracker:
         with self._guard():
             for rid in (self._child(it), self.run_id):
                 self._client.log_image(rid, img, key=metric_key(key), step=it)
+
+    def log_run_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """Metrics on the parent run itself (summaries that belong to no iteration)."""
+        with self._guard():
+            self._log_metric_dict([self.run_id], metrics, step)
 
     def log_artifact(self, iteration: int | None, local_path: pathlib.Path,
                      artifact_path: str | None = None) -> None:

@@ -22,6 +22,7 @@ from tasks.tracking import RunTracker, resolve_tracking_uri
 from tempflow_core import stages
 from tempflow_core.checkpoint import ADAPTER
 from tempflow_core.config import RunConfig
+from tempflow_core.report import eval_score
 from tempflow_core.shards import manifest_key, read_rollouts, read_scores
 from tempflow_core.storage import ObjectNotFound, join_key
 
@@ -120,7 +121,7 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
     if lay.store.exists(eval_marker):  # logged before a resume
         return
     marker = _read_marker(lay, iteration)
-    score = result.get("geneval_overall", result["reward"])
+    score = eval_score(config.reward.name, result)  # what the run trains, never another objective
     best_key = join_key(run_id, "best.json")
     try:
         best = json.loads(lay.store.get_bytes(best_key))
@@ -131,3 +132,25 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         lay.store.put_bytes(best_key, json.dumps({"iteration": iteration, "score": float(np.float64(score)),
                                                   "model_id": marker["model_id"], "version": version}).encode())
     lay.store.put_bytes(eval_marker, b"{}")
+
+
+@task(name="track-ablation", cache_policy=NONE, retries=2, retry_delay_seconds=5)
+def track_ablation(config: RunConfig, name: str, files: dict[str, str], headline: dict[str, Any]) -> str:
+    """One MLflow run (tempflow.kind=ablation) per ablation and reward: the figures, table,
+    verdicts and curves as artifacts, each variant's final score as a metric."""
+    tracker = RunTracker(resolve_tracking_uri(config.pipeline.mlflow_uri, run_root(config)),
+                         config.pipeline.experiment, run_name=name, params=config.model_dump(mode="json"),
+                         tags={"tempflow.ablation": name}, kind="ablation")
+    try:
+        for path in files.values():
+            tracker.log_artifact(None, Path(path), "ablation")
+        metrics = {}
+        for variant, final in headline.get("finals", {}).items():
+            metrics[f"final/{variant}"] = final["mean"]
+            metrics[f"final_std/{variant}"] = final["std"]
+        tracker.log_run_metrics(metrics)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return tracker.run_id

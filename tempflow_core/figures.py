@@ -30,8 +30,10 @@ def reward_std_per_step(std_by_step: dict[int, list[float]], out: Path, title: s
     plt = _plt()
     steps = sorted(std_by_step)
     mean = [float(np.mean(std_by_step[k])) for k in steps]
+    err = [float(np.std(std_by_step[k])) for k in steps]  # across runs (seeds x branching variants)
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(steps, mean, color="#4878a8")
+    ax.bar(steps, mean, yerr=err if max(len(std_by_step[k]) for k in steps) > 1 else None, capsize=3,
+           color="#4878a8")
     ax.set_xlabel("branch step k (0 = noisiest)")
     ax.set_ylabel("reward std within a group")
     ax.set_title(title or "Reward std per branch step (base model)")
@@ -105,6 +107,9 @@ def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, yla
                 label=f"{name} (reference)")
     ax.set_xlabel("iterations" if x == "iteration" else "transformer NFEs (cumulative)")
     ax.set_ylabel(ylabel)
+    n = max((len({p["seed"] for p in pts}) for pts in curves.values()), default=1)
+    if n > 1:
+        ax.set_title(f"mean over {n} seeds; band: min to max", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
