@@ -284,13 +284,21 @@ def ablation(
     rewards: str = typer.Option("shapes", help="Comma-separated rewards (one set of figures each)."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for figures, table and curves."),
     name: str = typer.Option("abl", help="Prefix of the run ids (re-running resumes them)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: redraw figures, table and bundle from finished runs."),
 ) -> None:
     """Train the paper's four variants under one budget and draw Figures 1, 2, 4, 5 and Table 1."""
     cfg = _resolve(config, set_)
     from flows.ablation import ablation_flow
 
-    result = ablation_flow(base=cfg, variants=variants.split(","), seeds=[int(x) for x in seeds.split(",")],
-                           rewards=rewards.split(","), out=str(out), name=name)
+    try:
+        seed_list = [int(x) for x in seeds.split(",")]
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, not {seeds!r}")
+    try:
+        result = ablation_flow(base=cfg, variants=variants.split(","), seeds=seed_list, rewards=rewards.split(","),
+                               out=str(out), name=name, report_only=report_only)
+    except ValueError as e:
+        _fail(str(e), 1)
     for reward, r in result.items():
         typer.echo(f"{reward}: " + ", ".join(f"{k} {v}" for k, v in r["figures"].items()))
 

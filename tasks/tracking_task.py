@@ -106,6 +106,9 @@ def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: Run
 def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
     """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
     lay = stages.RunLayout(stages.open_run_store(config), run_id)
+    eval_marker = join_key(lay.iteration_prefix(iteration), "mlflow-eval.json")
+    if lay.store.exists(eval_marker):  # logged before a resume: never twice
+        return
     scores = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
     scores.update({f"geneval/{k}": float(v) for k, v in result.get("geneval", {}).items()})
     table = None
@@ -117,9 +120,6 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         grid = Path(tmp) / "eval_grid.png"
         grid.write_bytes(lay.store.get_bytes(join_key(lay.prefix(iteration, "eval"), "grid.png")))
         tracker.log_eval(iteration, scores, table, grid)
-    eval_marker = join_key(lay.iteration_prefix(iteration), "mlflow-eval.json")
-    if lay.store.exists(eval_marker):  # logged before a resume
-        return
     marker = _read_marker(lay, iteration)
     score = eval_score(config.reward.name, result)  # what the run trains, never another objective
     best_key = join_key(run_id, "best.json")

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tempflow_core.config import load_config
 
 from .conftest import tiny_overrides
@@ -53,6 +55,14 @@ def test_ablation_smoke_writes_figures_table_bundle_and_mlflow_report(prefect_ap
     assert set(reports[0].data.metrics) >= {f"final/{v}" for v in VARIANTS}
     logged = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(reports[0].info.run_id, "ablation")}
     assert {"fig2_score_vs_iteration.png", "table.md", "summary.md", "curves.json"} <= logged
+
+    # redrawing from the finished runs trains nothing and gives the same curves; a missing run is named
+    before = json.loads((folder / "curves.json").read_text())
+    ablation_flow(base=base, variants=VARIANTS, seeds=[0], rewards=["brightness"], out=str(out), report_only=True)
+    assert json.loads((folder / "curves.json").read_text())["curves"] == before["curves"]
+    with pytest.raises(ValueError, match="abl-brightness-flow_grpo-s1-.* has not finished"):
+        ablation_flow(base=base, variants=VARIANTS, seeds=[1], rewards=["brightness"], out=str(out), report_only=True)
+    assert not list((tmp_path / "store").glob("abl-brightness-*-s1-*"))
 
     # a user's run plotted over the reference curves
     run = curves["runs"]["tempflow"]["0"]
