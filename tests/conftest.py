@@ -16,6 +16,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
+def moto_s3():
+    """The session's moto S3 endpoint URL (tests/moto_s3.py)."""
+    from moto_s3 import moto_server
+
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny StableDiffusion3Pipeline written with save_pretrained (built once)."""
     from tempflow_core.models import build_tiny_pipeline, save_pipeline

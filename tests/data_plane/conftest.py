@@ -3,7 +3,6 @@ the same store fixture over a local folder and over S3, and a fault-injecting pr
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Iterator
@@ -14,32 +13,14 @@ sys.path.insert(0, os.path.dirname(__file__))  # dp_helpers, dp_fault_proxy
 
 from dp_fault_proxy import FaultProxy  # noqa: E402
 
-from dp_helpers import TEST_KEY_ID, TEST_SECRET, new_bucket  # noqa: E402
+from dp_helpers import new_bucket  # noqa: E402
 
 from tempflow_core.storage import ObjectStore, S3Store, open_store  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server in this process, bound to 127.0.0.1 on a free port; dummy credentials
-    in the environment for the whole session (moto needs some; none are real)."""
-    from moto.server import ThreadedMotoServer
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", TEST_KEY_ID)
-    mp.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        mp.delenv(var, raising=False)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-        mp.undo()
+def s3_endpoint(moto_s3: str) -> str:
+    return moto_s3
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ import torch
 from tempflow_core.policy import PromptEmbeds
 from tempflow_core.rollout import BranchPoint, RolloutBatch, Trajectory
 
-TEST_KEY_ID = "AKIDTEMPFLOWENV0001"  # dummy credentials the S3 fixture puts in the environment
-TEST_SECRET = "env-secret-tempflow-do-not-log-1234"
+from moto_s3 import KEY_ID as TEST_KEY_ID, SECRET as TEST_SECRET  # noqa: E402,F401  (the S3 fixture's env credentials)
 
 
 def new_bucket() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Iterator
 
@@ -10,7 +9,7 @@ import pytest
 
 from .mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
-KEY_ID, SECRET = "AKIATEMPFLOWPIPELINE", "pipeline-secret-never-logged"
+from moto_s3 import KEY_ID, SECRET  # noqa: E402,F401  (the session's dummy S3 credentials)
 
 
 @pytest.fixture(scope="session")
@@ -24,29 +23,12 @@ def prefect_api() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """moto's S3 server bound to 127.0.0.1; dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
+def s3_server(moto_s3: str) -> str:
+    """The session's moto S3 server with the pipeline tests' bucket."""
+    import boto3
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-    mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        mp.delenv(var, raising=False)
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        import boto3
-
-        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="tempflow-test")
-        yield url
-    finally:
-        server.stop()
-        mp.undo()
+    boto3.client("s3", endpoint_url=moto_s3).create_bucket(Bucket="tempflow-test")
+    return moto_s3
 
 
 def tiny_overrides(tmp_path, model_dir, iterations: int = 2) -> list[str]:
