@@ -93,7 +93,7 @@ def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, yla
     """Figures 2 / 5: eval score against `x` ('iteration' or 'nfe') per variant; the band
     spans the seeds (min to max), the line is their mean. Reference curves are dashed."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, points in sorted(curves.items()):
         xs = sorted({p[x] for p in points})
         ys = [[p["score"] for p in points if p[x] == v] for v in xs]
@@ -110,7 +110,7 @@ def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, yla
     n = max((len({p["seed"] for p in pts}) for pts in curves.values()), default=1)
     if n > 1:
         ax.set_title(f"mean over {n} seeds; band: min to max", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the curves
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

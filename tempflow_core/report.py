@@ -92,7 +92,8 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The paper's claims on these curves (issue 6's goal), as numbers and verdicts:
     tempflow reaches flow_grpo_fixed's final score in at most half the iterations and ends
     above it; flow_grpo_fixed ends above flow_grpo. Final = last evaluation, mean over seeds;
-    'clear' means the gap exceeds the larger of the two seed standard deviations."""
+    'clear' means the gap exceeds the larger of the two seed standard deviations (None with
+    a single seed, where there is no spread to judge by)."""
     finals: dict[str, dict[str, Any]] = {}
     for variant, points in curves.items():
         rows = mean_curve(points)
@@ -110,7 +111,8 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             return None
         d = finals[a]["mean"] - finals[b]["mean"]
         wins = sum(finals[a]["per_seed"].get(s, -np.inf) > v for s, v in finals[b]["per_seed"].items())
-        return {"diff": d, "holds": d > 0, "clear": d > max(finals[a]["std"], finals[b]["std"]),
+        several = min(len(finals[a]["per_seed"]), len(finals[b]["per_seed"])) > 1
+        return {"diff": d, "holds": d > 0, "clear": d > max(finals[a]["std"], finals[b]["std"]) if several else None,
                 "seeds_won": f"{wins}/{len(finals[b]['per_seed'])}"}
 
     if "tempflow" in finals and "flow_grpo_fixed" in finals:
@@ -153,8 +155,9 @@ def headline_markdown(h: dict[str, Any]) -> str:
                       ("tempflow_above_branch", "tempflow ends above branch")):
         g = h.get(key)
         if g:
-            clear = "beyond" if g["clear"] else "within"
-            lines.append(f"- {text}: {yn(g['holds'])} (difference {g['diff']:+.3f}, {clear} the seed spread; "
+            spread = ("one seed: no spread to compare with" if g["clear"] is None
+                      else ("beyond" if g["clear"] else "within") + " the seed spread")
+            lines.append(f"- {text}: {yn(g['holds'])} (difference {g['diff']:+.3f}, {spread}; "
                          f"seeds won {g['seeds_won']}).")
     return "\n".join(lines) + "\n"
 

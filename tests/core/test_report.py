@@ -92,3 +92,10 @@ def test_portable_config_names_the_shipped_model_relative_to_the_checkout():
     assert report.portable_config(cfg)["model"]["path"] == "models/tiny-shapes-sd3"
     assert report.portable_config(RunConfig.model_validate({"model": {"path": "/elsewhere/m"}}))["model"]["path"] \
         == "/elsewhere/m"
+
+
+def test_a_single_seed_claims_no_spread():
+    curves = {v: _curve({0: [0.3, b]}) for v, b in (("flow_grpo", 0.2), ("flow_grpo_fixed", 0.25), ("tempflow", 0.4))}
+    h = report.headline(curves)
+    assert h["tempflow_above_fixed"]["holds"] and h["tempflow_above_fixed"]["clear"] is None
+    assert "one seed: no spread to compare with" in report.headline_markdown(h)
