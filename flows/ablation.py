@@ -83,12 +83,12 @@ def make_figures(base: RunConfig, data: dict[str, Any], base_eval: dict[str, Any
         extra = "\n## Judged by the held-out shapes reward (partial credit)\n\n" + \
             report.headline_markdown(head["by_eval_reward"])
     table = report.category_table(base_eval, data["finals"], base.reward.name)
-    (folder / "table.md").write_text(table + "\n")
-    (folder / "summary.md").write_text(f"## Judged by {label}\n\n" + report.headline_markdown(head) + extra)
+    report.write_text(folder / "table.md", table + "\n")
+    report.write_text(folder / "summary.md", f"## Judged by {label}\n\n" + report.headline_markdown(head) + extra)
     configs = {f"{variant}-s{seed}": variant_config(base, variant, base.reward.name, int(seed))
                for variant, by_seed in runs.items() for seed in by_seed}
     prompts = report.write_bundle(folder, configs)
-    (folder / "curves.json").write_text(json.dumps(
+    report.write_text(folder / "curves.json", json.dumps(
         {"reward": base.reward.name, "score": label, "seeds": sorted({int(s) for r in runs.values() for s in r}),
          "runs": runs, "prompts": prompts, "config": report.portable_config(base), "base_eval": base_eval,
          "headline": head, **data}, indent=1))
@@ -130,5 +130,7 @@ def ablation_flow(base: RunConfig = RunConfig(), variants: list[str] = VARIANTS,
         made = make_figures(rbase, data, base_eval, str(Path(out) / reward), runs)
         track_ablation(rbase, f"{name}-{reward}", made, json.loads(Path(made["curves"]).read_text())["headline"])
         results[reward] = {"runs": runs, "figures": made}
-    (Path(out) / "runs.json").write_text(json.dumps(results, indent=1))
+    index = Path(out) / "runs.json"  # one index over every reward this folder holds
+    merged = {**(json.loads(index.read_text()) if index.exists() else {}), **results}
+    report.write_text(index, json.dumps(merged, indent=1))
     return results

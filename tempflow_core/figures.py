@@ -25,6 +25,16 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    """Write the PNG under a temporary name and rename it: a reader never sees half a figure."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
 def reward_std_per_step(std_by_step: dict[int, list[float]], out: Path, title: str = "") -> Path:
     """Figure 1 (left): within-group reward std when the SDE acts at one step only."""
     plt = _plt()
@@ -38,9 +48,7 @@ def reward_std_per_step(std_by_step: dict[int, list[float]], out: Path, title: s
     ax.set_ylabel("reward std within a group")
     ax.set_title(title or "Reward std per branch step (base model)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def noise_vs_reward_std(std_by_step: dict[int, list[float]], num_steps: int, shift: float, noise_level: float,
@@ -61,9 +69,7 @@ def noise_vs_reward_std(std_by_step: dict[int, list[float]], num_steps: int, shi
         r = np.corrcoef(scale[steps], [np.mean(std_by_step[k]) for k in steps])[0, 1]
         ax.set_title(f"Noise level vs reward std (Pearson r = {r:.2f})")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def scale_terms(num_steps: int, out: Path, noise_level: float = 0.7) -> Path:
@@ -83,9 +89,7 @@ def scale_terms(num_steps: int, out: Path, noise_level: float = 0.7) -> Path:
     axes[0].set_ylabel("share of the gradient scale")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, ylabel: str,
@@ -112,6 +116,4 @@ def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, yla
         ax.set_title(f"mean over {n} seeds; band: min to max", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the curves
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

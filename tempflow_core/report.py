@@ -22,6 +22,14 @@ SHAPES_REWARDS = ("shapes", "shapes_strict")
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
+def write_text(path: Path, text: str) -> Path:
+    """Atomic text write (temporary name, then rename): a re-drawn report is never half old."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def eval_score(reward_name: str, result: dict[str, Any]) -> float:
     """What a run is judged by: GenEval's strict overall when it trains a shapes reward (the
     paper's headline metric), otherwise the mean held-out value of the reward it trains, never
@@ -205,13 +213,13 @@ def write_bundle(folder: Path, configs: dict[str, RunConfig]) -> dict[str, str]:
         text = (f"# Run {name} of the ablation; train it again from the checkout root with\n"
                 f"#   tempflow train --config <this file> --run-id my-{name}\n"
                 + yaml.safe_dump(portable_config(cfg), sort_keys=False))
-        (folder / "configs" / f"{name}.yaml").write_text(text)
+        write_text(folder / "configs" / f"{name}.yaml", text)
         sources.update(s for s in (cfg.prompts.source, cfg.prompts.test_source, cfg.eval.prompts) if s)
     written = {}
     for source in sorted(sources):
         name = source.split(":", 1)[-1].rsplit("/", 1)[-1].removesuffix(".jsonl").removesuffix(".txt")
         path = folder / "prompts" / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({**r.metadata, "id": r.id, "prompt": r.text}, sort_keys=True) + "\n"
-                                for r in load_prompts(source)))
+        write_text(path, "".join(json.dumps({**r.metadata, "id": r.id, "prompt": r.text}, sort_keys=True) + "\n"
+                                 for r in load_prompts(source)))
         written[source] = str(path)
     return written
