@@ -74,3 +74,19 @@ def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny
     final = tmp_path / "store" / "killed" / "iter-000002" / "learner" / "adapter" / "pytorch_lora_weights.safetensors"
     got, want = st.load_file(str(final)), st.load_file(str(ref.lora_path))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_a_config_from_the_repository_names_the_shipped_model_relative_to_the_checkout(tmp_path):
+    import json
+
+    checkout = Path(__file__).resolve().parents[2]
+    cfg = tmp_path / "bundle.yaml"
+    cfg.write_text("algorithm: branch\nmodel:\n  path: models/tiny-shapes-sd3\n")
+    out = subprocess.run(CLI + ["show-config", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                         env=_env(tmp_path, None), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert json.loads(out.stdout)["model"]["path"] == str(checkout / "models" / "tiny-shapes-sd3")
+    (tmp_path / "models" / "tiny-shapes-sd3").mkdir(parents=True)  # a folder of that name in the cwd wins
+    out = subprocess.run(CLI + ["show-config", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                         env=_env(tmp_path, None), cwd=tmp_path)
+    assert json.loads(out.stdout)["model"]["path"] == "models/tiny-shapes-sd3"
