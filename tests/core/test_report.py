@@ -99,3 +99,16 @@ def test_a_single_seed_claims_no_spread():
     h = report.headline(curves)
     assert h["tempflow_above_fixed"]["holds"] and h["tempflow_above_fixed"]["clear"] is None
     assert "one seed: no spread to compare with" in report.headline_markdown(h)
+
+
+def test_reaching_a_target_below_the_base_model_is_no_claim():
+    # every variant loses score: flow_grpo_fixed ends below where all curves start
+    curves = {"flow_grpo_fixed": _curve({0: [0.4, 0.35, 0.3], 1: [0.4, 0.33, 0.31]}),
+              "tempflow": _curve({0: [0.4, 0.32, 0.2], 1: [0.4, 0.36, 0.22]})}
+    h = report.headline(curves)
+    r = h["tempflow_reaches_fixed_final"]
+    assert h["base"] == pytest.approx(0.4) and r["vacuous"] and not r["holds"]
+    assert h["finals"]["tempflow"]["vs_base"] == pytest.approx(0.21 - 0.4)
+    # a clear loss is 'beyond the seed spread' too
+    assert not h["tempflow_above_fixed"]["holds"] and h["tempflow_above_fixed"]["clear"]
+    assert "not measurable here" in report.headline_markdown(h)
