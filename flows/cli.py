@@ -328,7 +328,7 @@ def compare(
     mine, theirs = report.portable_config(cfg), ref.get("config", {})
     same_eval = all(mine[k] == theirs.get(k) for k in ("model", "sampling", "eval", "prompts", "reward"))
     base = ref.get("base_eval") if same_eval else None  # the run starts where the reference starts
-    points = [p for p in report.run_curve(cfg, lay, base) if p["iteration"] > 0 or base]
+    points = report.run_curve(cfg, lay, base)
     if not any(p["iteration"] > 0 for p in points):
         _fail(f"run {run!r} has no evaluation yet (set eval.every, or run tempflow eval --run {run})", 1)
     figures.score_curves({run: points}, x, out, report.score_label(cfg.reward.name), reference=ref_curves)
