@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TempFlow-GRPO for flow-matching text-to-image models.")
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -236,15 +237,21 @@ def serve(
         os.environ["PREFECT_API_URL"] = api
     from prefect import serve as prefect_serve
 
+    from flows.ablation import ablation_flow
     from flows.evaluate import eval_flow
     from flows.train import train_flow
 
     params = {"config": cfg.model_dump(mode="json")}
-    typer.echo(f"serving tempflow-train/nightly ({cron}) and tempflow-eval/evaluate; UI at {api[:-4]} (Ctrl-C stops)")
+    ablation_base = _resolve(ABLATION_CONFIG, [])  # the shipped ablation's settings (README "Results")
+    typer.echo(f"serving tempflow-train/nightly ({cron}), tempflow-eval/evaluate and tempflow-ablation/paper-ablation; "
+               f"UI at {api[:-4]} (Ctrl-C stops)")
     try:
         prefect_serve(
             train_flow.to_deployment(name="nightly", cron=cron, parameters=params, tags=["tempflow"]),
             eval_flow.to_deployment(name="evaluate", parameters=params, tags=["tempflow"]),
+            ablation_flow.to_deployment(name="paper-ablation", tags=["tempflow", "ablation"],
+                                        parameters={"base": ablation_base.model_dump(mode="json"),
+                                                    "out": str(CHECKOUT / "results" / "ablation")}),
         )
     finally:
         if server is not None:

@@ -15,18 +15,30 @@ def test_deployment_file_loads_and_entrypoints_import():
 
     spec = yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert names == {"nightly", "evaluate"}
+    assert names == {"nightly", "evaluate", "paper-ablation"}
+    flows = set()
     for d in spec["deployments"]:
         path, _, name = d["entrypoint"].partition(":")
         flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + name)
+        flows.add(flow.name)
         params = flow.validate_parameters(d["parameters"])  # the deployment's parameters fit the form
-        assert params["config"].pipeline.gpu_limit == "tempflow-gpu"
+        assert params.get("config", params.get("base")).pipeline.gpu_limit == "tempflow-gpu"
         assert d["work_pool"]["name"] == "tempflow-process"
-        for sch in d["schedules"]:
+        for sch in d.get("schedules", []):
             from prefect.client.schemas.schedules import CronSchedule
 
             CronSchedule(cron=sch["cron"], timezone=sch["timezone"])
-    assert flow.name in ("tempflow-train", "tempflow-eval")
+    assert flows == {"tempflow-train", "tempflow-eval", "tempflow-ablation"}
+    # the ablation deployment runs what the shipped bundle was made with
+    from flows.ablation import ablation_flow
+    from tempflow_core.config import load_config
+
+    deployed = ablation_flow.validate_parameters(
+        next(d for d in spec["deployments"] if d["name"] == "paper-ablation")["parameters"])["base"]
+    shipped = load_config(ROOT / "flows" / "configs" / "ablation.yaml",
+                          base=yaml.safe_load((ROOT / "flows" / "configs" / "default.yaml").read_text()))
+    for section in ("model", "sampling", "rollout", "lora", "train", "loss", "eval", "reward", "prompts"):
+        assert getattr(deployed, section) == getattr(shipped, section), section
 
 
 def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, tiny_model_dir, tmp_path, quiet_env):

@@ -36,14 +36,14 @@ def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(
             async with PrefectClient(api) as c:
                 deadline = time.time() + 180
                 deployments = []
-                while time.time() < deadline and len(deployments) < 2:
+                while time.time() < deadline and len(deployments) < 3:
                     try:
                         deployments = await c.read_deployments()
                     except Exception:  # noqa: BLE001 - server still starting
                         pass
                     await asyncio.sleep(1)
                 by_name = {d.name: d for d in deployments}
-                assert set(by_name) == {"nightly", "evaluate"}
+                assert set(by_name) == {"nightly", "evaluate", "paper-ablation"}
                 nightly = by_name["nightly"]
                 assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
                 assert "config" in nightly.parameter_openapi_schema["properties"]
