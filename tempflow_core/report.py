@@ -168,7 +168,7 @@ def headline_markdown(h: dict[str, Any]) -> str:
         if r.get("vacuous"):
             lines.append(f"- tempflow reaching flow_grpo_fixed's final score ({r['target']:.3f}) in at most half the "
                          f"iterations: not measurable here, flow_grpo_fixed ended at or below the base model "
-                         f"({base:.3f}), so any curve starting there 'reaches' it ({when}).")
+                         f"({base:.3f}), so any curve starting there 'reaches' it; tempflow did {when}.")
         else:
             lines.append(f"- tempflow reaches flow_grpo_fixed's final score ({r['target']:.3f}) {when}: "
                          f"'in at most half the iterations' {yn(r['holds'])}.")
