@@ -112,3 +112,12 @@ def test_reaching_a_target_below_the_base_model_is_no_claim():
     # a clear loss is 'beyond the seed spread' too
     assert not h["tempflow_above_fixed"]["holds"] and h["tempflow_above_fixed"]["clear"]
     assert "not measurable here" in report.headline_markdown(h)
+
+
+def test_a_target_within_the_seed_spread_of_the_base_is_no_claim_either():
+    curves = {"flow_grpo_fixed": _curve({0: [0.4, 0.42], 1: [0.4, 0.40], 2: [0.4, 0.39]}),  # +0.003 ± 0.015
+              "tempflow": _curve({0: [0.4, 0.41], 1: [0.4, 0.41], 2: [0.4, 0.41]})}
+    assert report.headline(curves)["tempflow_reaches_fixed_final"]["vacuous"]
+    curves["flow_grpo_fixed"] = _curve({0: [0.4, 0.46], 1: [0.4, 0.45], 2: [0.4, 0.47]})
+    r = report.headline(curves)["tempflow_reaches_fixed_final"]
+    assert not r["vacuous"] and r["iteration"] is None and not r["holds"]
