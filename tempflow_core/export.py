@@ -13,6 +13,7 @@ from typing import Any
 
 from .checkpoint import adapter_bytes, load_checkpoint
 from .config import RunConfig
+from .policy import T5_TOKENS
 from .stages import RunLayout
 
 
@@ -35,7 +36,7 @@ def effective_max_sequence_length(cfg: RunConfig) -> int:
     if cfg.model.max_sequence_length is not None:
         return cfg.model.max_sequence_length
     has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / "text_encoder_3").is_dir()
-    return 256 if has_t5 else 0
+    return T5_TOKENS if has_t5 else 0
 
 
 def native_resolution(cfg: RunConfig) -> int:

@@ -17,6 +17,8 @@ import torch
 from .config import LoraSettings
 from .models import resolve_device
 
+T5_TOKENS = 256  # T5 tokens of SD3.5 prompts when model.max_sequence_length is unset
+
 
 @dataclass
 class PromptEmbeds:
@@ -50,7 +52,7 @@ class Policy:
         self.pipe = pipe
         self.device = resolve_device(device)
         if max_sequence_length is None:  # T5 tokens when the model has T5 (SD3.5), none otherwise
-            max_sequence_length = 256 if pipe.text_encoder_3 is not None else 0
+            max_sequence_length = T5_TOKENS if pipe.text_encoder_3 is not None else 0
         if pipe.text_encoder_3 is not None and max_sequence_length == 0:
             raise ValueError("model.max_sequence_length=0 but the model has a T5 encoder: T5 would get no tokens; "
                              "use 256 (SD3.5) or leave it unset")

@@ -76,10 +76,6 @@ class RunLayout:
         return read_manifest(self.store, self.prefix(iteration, stage)) is not None
 
 
-def _lora_metadata(s: Session) -> dict[str, Any]:
-    return s.policy.lora_metadata()
-
-
 def _restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
     s.policy.load_lora_state_dict(ck.lora)
     s.ema = ck.ema
@@ -107,7 +103,7 @@ def init_stage(cfg: RunConfig, layout: RunLayout) -> str:
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
         init = CheckpointState(-1, 0, s.init_lora, None, gen.get_state(),
                                {"config_digest": cfg.digest(), "base_model": cfg.model.path or "tiny-random"})
-        save_checkpoint(layout.store, prefix, init, _lora_metadata(s))
+        save_checkpoint(layout.store, prefix, init, s.policy.lora_metadata())
     return layout.store.uri_for(prefix)
 
 
@@ -197,7 +193,7 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
              "rollouts": layout.store.uri_for(rp), "metrics": metrics},
             s.ema,
         )
-        save_checkpoint(layout.store, prefix, state, _lora_metadata(s))
+        save_checkpoint(layout.store, prefix, state, s.policy.lora_metadata())
     return layout.store.uri_for(prefix)
 
 
