@@ -1,4 +1,4 @@
-"""The ablation flow: the paper's four variants from one base model, same prompts, seeds and
+"""The ablation flow: the paper's five variants from one base model, same prompts, seeds and
 iterations, on one or more rewards; then the figures and the per-category table.
 
     tempflow ablation --seeds 0,1,2 --rewards shapes,jpeg_compressibility --out ablation
@@ -22,7 +22,7 @@ from tasks.tracking_task import track_ablation
 from tempflow_core import figures, report, stages
 from tempflow_core.config import RunConfig
 
-VARIANTS = ["flow_grpo", "flow_grpo_fixed", "branch", "tempflow"]
+VARIANTS = ["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
 
 def variant_config(base: RunConfig, algorithm: str, reward: str, seed: int) -> RunConfig:

@@ -287,13 +287,13 @@ def ablation(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base config of every variant."),
     set_: list[str] = typer.Option([], "--set", "-s"),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    variants: str = typer.Option("flow_grpo,flow_grpo_fixed,branch,tempflow", help="Comma-separated variants."),
+    variants: str = typer.Option("flow_grpo,flow_grpo_fixed,reweight,branch,tempflow", help="Comma-separated variants."),
     rewards: str = typer.Option("shapes", help="Comma-separated rewards (one set of figures each)."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for figures, table and curves."),
     name: str = typer.Option("abl", help="Prefix of the run ids (re-running resumes them)."),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: redraw figures, table and bundle from finished runs."),
 ) -> None:
-    """Train the paper's four variants under one budget and draw Figures 1, 2, 4, 5 and Table 1."""
+    """Train the paper's five variants under one budget and draw Figures 1, 2, 4, 5 and Table 1."""
     cfg = _resolve(config, set_)
     from flows.ablation import ablation_flow
 

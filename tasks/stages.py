@@ -82,14 +82,13 @@ def reward_task(config: RunConfig, run_id: str, iteration: int) -> str:
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
 def learner_task(config: RunConfig, run_id: str, iteration: int) -> str:
-    from tempflow_core.rollout import select_branch_steps
+    from tempflow_core.steps import select_steps, step_pool
 
     T, B = config.sampling.num_steps, config.rollout.prompts_per_iter
     if config.branching:  # one unit per branch point
-        units = B * len(select_branch_steps(config.rollout.branch_steps, T, config.train.seed, iteration))
+        units = B * len(select_steps(config.rollout.branch_steps, T, config.train.seed, iteration))
     else:  # one unit per trained step of each trajectory
-        steps = T if config.train.train_steps == "all" else len(config.train.train_steps)
-        units = B * config.rollout.group_size * steps
+        units = B * config.rollout.group_size * len(step_pool(config.train.train_steps, T))
     with gpu_slot(config), progress_bar(units * config.train.inner_epochs, f"iter {iteration} learner") as update:
         return stages.learner_stage(config, layout(config, run_id), iteration, progress=update)
 

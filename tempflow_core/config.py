@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Algorithm = Literal["flow_grpo", "flow_grpo_fixed", "branch", "tempflow"]
+Algorithm = Literal["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
 DEFAULT_LORA_TARGETS = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -71,7 +71,7 @@ class SamplingConfig(_Section):
 class RolloutConfig(_Section):
     prompts_per_iter: int = Field(4, ge=1, description="Prompts per iteration (global).")
     group_size: int = Field(6, ge=2, description="K children per branch point (branching) or G trajectories per prompt (plain).")
-    branch_steps: Literal["all"] | list[int] | int = Field("all", description="'all' steps, a fixed list of step indices, or an int m: m steps drawn per iteration.")
+    branch_steps: Literal["all"] | list[int] | int = Field("all", description="Branch points: 'all' = steps 0..T-2 (the last, nearly noise-free step is left out, as in the reference code), a fixed list of step indices (may name T-1), or an int m: m of 0..T-2 drawn per iteration.")
     max_batch: int = Field(64, ge=1, description="Max samples per transformer forward (CFG doubles it internally).")
 
     @field_validator("branch_steps")
@@ -91,7 +91,7 @@ class LossConfig(_Section):
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the per-step likelihood ratio (Flow-GRPO uses 1e-4).")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to [-max, max].")
     beta: float = Field(0.004, ge=0, description="KL weight (paper: 0.004 GenEval, 0.001 PickScore).")
-    weight_norm: Literal["mean1", "constant"] = Field("mean1", description="Noise-aware weight normalisation: mean 1 over trained steps (paper), or constant * s_k sqrt(dt_k) (authors' code).")
+    weight_norm: Literal["mean1", "constant"] = Field("mean1", description="Noise-aware weight normalisation: mean 1 over the configured trainable steps (paper), or constant * s_k sqrt(dt_k) (authors' code).")
     weight_constant: float = Field(2.25, gt=0, description="Multiplier for weight_norm='constant'.")
 
 
@@ -105,7 +105,7 @@ class TrainConfig(_Section):
     inner_epochs: int = Field(1, ge=1, description="Passes over one iteration's rollouts.")
     minibatches: int = Field(1, ge=1, description="Optimizer steps per inner epoch: units are split into this many minibatches.")
     micro_batch: int = Field(16, ge=1, description="Training units per forward/backward (gradient accumulation fills the minibatch). What fits in memory.")
-    train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained.")
+    train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained; 'all' = 0..T-2 (as Flow-GRPO's int(0.99 T)), a list may name T-1.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the LoRA weights, updated after every iteration (0: off); evaluation and export use the EMA when on.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
@@ -150,7 +150,7 @@ class PipelineConfig(_Section):
 class RunConfig(_Section):
     """A whole run. Sections group settings by the stage that reads them."""
 
-    algorithm: Algorithm = Field("tempflow", description="flow_grpo (global std), flow_grpo_fixed (group std), branch (branching only), tempflow (branching + noise-aware weights).")
+    algorithm: Algorithm = Field("tempflow", description="flow_grpo (global std), flow_grpo_fixed (group std), reweight (plain rollouts + noise-aware weights), branch (branching only), tempflow (branching + noise-aware weights).")
     model: ModelConfig = ModelConfig()
     lora: LoraSettings = LoraSettings()
     sampling: SamplingConfig = SamplingConfig()
@@ -170,13 +170,19 @@ class RunConfig(_Section):
         if isinstance(self.rollout.branch_steps, list) and max(self.rollout.branch_steps) >= T:
             raise ValueError(f"rollout.branch_steps {self.rollout.branch_steps} must be < sampling.num_steps ({T})")
         if isinstance(self.rollout.branch_steps, int) and not isinstance(self.rollout.branch_steps, bool) \
-                and self.rollout.branch_steps > T:
-            raise ValueError(f"rollout.branch_steps ({self.rollout.branch_steps}) cannot exceed sampling.num_steps ({T})")
+                and self.rollout.branch_steps > T - 1:
+            raise ValueError(f"rollout.branch_steps ({self.rollout.branch_steps}) cannot exceed the {T - 1} trainable "
+                             f"steps 0..T-2 of sampling.num_steps ({T})")
+        for name, spec in (("rollout.branch_steps", self.rollout.branch_steps), ("train.train_steps", self.train.train_steps)):
+            if spec == "all" or (isinstance(spec, int) and not isinstance(spec, bool)):
+                if T < 2:
+                    raise ValueError(f"{name}={spec!r} trains steps 0..T-2, none at sampling.num_steps=1: "
+                                     f"use sampling.num_steps >= 2 or an explicit list such as [0]")
         if isinstance(self.train.train_steps, list) and (not self.train.train_steps or max(self.train.train_steps) >= T):
             raise ValueError(f"train.train_steps {self.train.train_steps} must be non-empty indices < sampling.num_steps ({T})")
         return self
 
-    # Derived settings of the four paper variants (one field selects them).
+    # Derived settings of the paper's ablation variants (one field selects them).
     @property
     def branching(self) -> bool:
         return self.algorithm in ("branch", "tempflow")
@@ -187,7 +193,7 @@ class RunConfig(_Section):
 
     @property
     def noise_aware(self) -> bool:
-        return self.algorithm == "tempflow"
+        return self.algorithm in ("reweight", "tempflow")
 
     def digest(self) -> str:
         """sha256 of what the run computes: names a config in manifests and lineage. Where

@@ -79,9 +79,10 @@ def scale_terms(num_steps: int, out: Path, noise_level: float = 0.7) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
     for ax, shift in zip(axes, (1.0, 3.0)):
         s = make_schedule(num_steps, shift, noise_level)
-        raw = s.scale_term().numpy()[1:]
-        rew = (s.step_weights() * s.scale_term()).numpy()[1:]
-        x = np.arange(1, num_steps)
+        # steps 1..T-2: step 0's scale term is 0 (t = 1) and the last step is not trained
+        raw = s.scale_term().numpy()[1:-1]
+        rew = (s.step_weights() * s.scale_term()[:-1]).numpy()[1:]
+        x = np.arange(1, num_steps - 1)
         ax.plot(x, raw / raw.sum(), "o-", label="w/o reweighting")
         ax.plot(x, rew / rew.sum(), "s-", label="noise-aware reweighting")
         ax.set_title(f"shift {shift:g}")

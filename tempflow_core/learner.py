@@ -22,6 +22,7 @@ from .policy import Policy, PromptEmbeds
 from .rollout import RolloutBatch
 from .schedule import Schedule
 from .sde import gaussian_kl, gaussian_log_prob, sde_mean_std
+from .steps import StepSpec, step_pool
 
 
 @dataclass
@@ -50,12 +51,12 @@ class TrainUnits:
                             ("x", "x_next", "old_log_prob", "advantages", "step", "prompt_index", "weight")))
 
 
-def trained_steps(batch: RolloutBatch, train_steps: str | list[int]) -> list[int]:
-    """The schedule steps this batch trains: its branch steps, or the configured plain steps."""
+def trained_steps(batch: RolloutBatch, train_steps: StepSpec) -> list[int]:
+    """The schedule steps this batch trains: its branch steps, or the configured plain steps
+    ('all' = 0..T-2, see steps.py)."""
     if batch.kind == "branch":
         return sorted({bp.step for bp in batch.branch_points})
-    T = batch.sigmas.numel() - 1
-    return list(range(T)) if train_steps == "all" else sorted(train_steps)
+    return step_pool(train_steps, batch.sigmas.numel() - 1)
 
 
 def build_units(
@@ -78,7 +79,7 @@ def build_units(
             prompt_index=torch.tensor([bp.prompt_index for bp in bps]),
             weight=torch.tensor([step_weight[bp.step] for bp in bps], dtype=torch.float32),
         )
-    steps = train_steps if train_steps is not None else list(range(batch.sigmas.numel() - 1))
+    steps = train_steps if train_steps is not None else step_pool("all", batch.sigmas.numel() - 1)
     trajs = batch.trajectories
     s = torch.tensor(steps)
     states = torch.stack([tr.states for tr in trajs]).float()  # [S, T+1, C, H, W]

@@ -143,6 +143,7 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         out["tempflow_above_fixed"] = gap("tempflow", "flow_grpo_fixed")
     out["fixed_above_flow_grpo"] = gap("flow_grpo_fixed", "flow_grpo")
     out["branch_above_fixed"] = gap("branch", "flow_grpo_fixed")
+    out["reweight_above_fixed"] = gap("reweight", "flow_grpo_fixed")
     out["tempflow_above_branch"] = gap("tempflow", "branch")
     return out
 
@@ -178,6 +179,7 @@ def headline_markdown(h: dict[str, Any]) -> str:
     for key, text in (("tempflow_above_fixed", "tempflow ends above flow_grpo_fixed"),
                       ("fixed_above_flow_grpo", "flow_grpo_fixed ends above flow_grpo"),
                       ("branch_above_fixed", "branch ends above flow_grpo_fixed"),
+                      ("reweight_above_fixed", "reweight ends above flow_grpo_fixed"),
                       ("tempflow_above_branch", "tempflow ends above branch")):
         g = h.get(key)
         if g:

@@ -327,16 +327,6 @@ def decode_rollout_images(policy: Policy, batch: RolloutBatch) -> None:
             tr.image = im
 
 
-def select_branch_steps(spec: str | int | list[int], num_steps: int, seed: int, iteration: int) -> list[int]:
-    """Resolve RolloutConfig.branch_steps: 'all', a fixed list, or m steps drawn this iteration."""
-    if spec == "all":
-        return list(range(num_steps))
-    if isinstance(spec, list):
-        return sorted(spec)
-    g = torch.Generator().manual_seed(derive_seed(seed, "branch-steps", iteration))
-    return sorted(torch.randperm(num_steps, generator=g)[: int(spec)].tolist())
-
-
 @torch.no_grad()
 def sample_images(policy: Policy, prompts: list[str], prompt_ids: list[str], schedule: Schedule,
                   guidance_scale: float, seed: int, max_batch: int = 64) -> np.ndarray:

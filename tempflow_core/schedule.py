@@ -64,9 +64,10 @@ class Schedule:
         """Noise-aware weights w_k = Norm(s_k sqrt(|dt_k|)) for the trained steps (paper eq. 8).
 
         Args:
-            steps: step indices being trained (default all T). With "mean1" the weights are
-                normalised so that their mean over exactly these steps is 1, which keeps the
-                loss scale comparable to unweighted Flow-GRPO (paper section 5).
+            steps: the trainable set (default 0..T-2, every step but the last). With "mean1"
+                the weights are normalised so that their mean over exactly these steps is 1,
+                which keeps the loss scale comparable to unweighted Flow-GRPO (paper
+                section 5): pass the configured set, not the steps one iteration drew.
             norm: "mean1" (the paper's text) or "constant" (the authors' SD3 code, which
                 multiplies the step's noise scale by a fixed constant instead).
             constant: the fixed multiplier of the "constant" normalisation.
@@ -75,7 +76,7 @@ class Schedule:
             [len(steps)] float64 weights, in the order of `steps`.
         """
         scale = self.step_std()
-        idx = torch.arange(self.num_steps) if steps is None else torch.as_tensor(steps, dtype=torch.long)
+        idx = torch.arange(max(self.num_steps - 1, 1)) if steps is None else torch.as_tensor(steps, dtype=torch.long)
         w = scale[idx]
         if norm == "mean1":
             return w / w.mean()

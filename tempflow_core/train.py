@@ -30,9 +30,10 @@ from .models import load_model
 from .policy import Policy
 from .prompts import PromptRecord, PromptStream, load_prompts
 from .rewards import RewardFn, build_reward
-from .rollout import RolloutBatch, branched_rollout, plain_rollout, select_branch_steps
+from .rollout import RolloutBatch, branched_rollout, plain_rollout
 from .schedule import Schedule, make_schedule
 from .seeding import derive_seed
+from .steps import noise_aware_weights, select_steps, step_pool
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
     seed = derive_seed(cfg.train.seed, "rollout", iteration)
     prompts, ids = [r.text for r in records], batch_prompt_ids(records)
     if cfg.branching:
-        steps = select_branch_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
+        steps = select_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
                                 cfg.sampling.guidance_scale, seed, cfg.rollout.max_batch, progress=progress)
     return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.sampling.guidance_scale,
@@ -111,11 +112,15 @@ def score_rollout(reward_fn: RewardFn, batch: RolloutBatch, records: list[Prompt
 
 
 def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> dict[int, float]:
-    """Noise-aware weights for tempflow (mean 1 over the trained steps), 1 otherwise."""
+    """Noise-aware weights of `steps` for tempflow and reweight, 1 otherwise. The mean-1
+    normalisation runs over the configured trainable set, so a step's weight never depends
+    on which other steps this iteration drew."""
     if not cfg.noise_aware:
         return {k: 1.0 for k in steps}
-    w = schedule.step_weights(steps, cfg.loss.weight_norm, cfg.loss.weight_constant)
-    return {k: float(x) for k, x in zip(steps, w)}
+    spec = cfg.rollout.branch_steps if cfg.branching else cfg.train.train_steps
+    w = noise_aware_weights(schedule, step_pool(spec, schedule.num_steps), cfg.loss.weight_norm,
+                            cfg.loss.weight_constant)
+    return {k: w[k] for k in steps}
 
 
 def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray,

@@ -32,10 +32,10 @@ def test_config_file_and_overrides(tmp_path):
 
 
 def test_variants():
-    v = {a: RunConfig(algorithm=a) for a in ("flow_grpo", "flow_grpo_fixed", "branch", "tempflow")}
-    assert [v[a].branching for a in v] == [False, False, True, True]
-    assert [v[a].std_mode for a in v] == ["global", "group", "group", "group"]
-    assert [v[a].noise_aware for a in v] == [False, False, False, True]
+    v = {a: RunConfig(algorithm=a) for a in ("flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow")}
+    assert [v[a].branching for a in v] == [False, False, False, True, True]
+    assert [v[a].std_mode for a in v] == ["global", "group", "group", "group", "group"]
+    assert [v[a].noise_aware for a in v] == [False, False, True, False, True]
     assert v["tempflow"].digest() != v["branch"].digest()
 
 

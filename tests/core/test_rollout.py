@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tempflow_core.policy import Policy
-from tempflow_core.rollout import branched_rollout, branched_rollout_loop, plain_rollout, select_branch_steps
+from tempflow_core.rollout import branched_rollout, branched_rollout_loop, plain_rollout
 from tempflow_core.schedule import make_schedule
 from tempflow_core.sde import sde_log_prob
 
@@ -92,12 +92,3 @@ def test_plain_rollout_trajectories(policy):
     assert np.isfinite(tr.log_probs.numpy()).all()
     again = plain_rollout(policy, PROMPTS[:2], IDS[:2], s, 3, 4.5, seed=1)
     assert torch.equal(again.trajectories[4].states, b.trajectories[4].states)
-
-
-def test_select_branch_steps():
-    assert select_branch_steps("all", 5, 0, 0) == [0, 1, 2, 3, 4]
-    assert select_branch_steps([3, 1], 5, 0, 0) == [1, 3]
-    a = select_branch_steps(2, 10, 0, 0)
-    assert len(a) == 2 and a == select_branch_steps(2, 10, 0, 0)
-    draws = {tuple(select_branch_steps(2, 10, 0, it)) for it in range(20)}
-    assert len(draws) > 5  # a fresh draw per iteration

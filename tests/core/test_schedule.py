@@ -55,9 +55,9 @@ def test_noise_level_uses_sigma_max_at_t1_and_scale_is_s_sqrt_dt():
 
 def test_weights_mean_one_over_trained_steps_and_larger_early_with_shift3():
     s = make_schedule(10, shift=3.0)
-    w = s.step_weights()
-    assert abs(float(w.mean()) - 1.0) < 1e-12
-    assert w[0] > 1.0 and w[1] > w[5] > w[8] > w[9]
+    w = s.step_weights()  # default: the trainable steps 0..T-2
+    assert w.shape == (9,) and abs(float(w.mean()) - 1.0) < 1e-12
+    assert w[0] > 1.0 and w[1] > w[5] > w[8]
     sub = s.step_weights([2, 5, 7])
     assert abs(float(sub.mean()) - 1.0) < 1e-12
     torch.testing.assert_close(sub / sub[0], s.step_std()[[2, 5, 7]] / s.step_std()[2])
@@ -71,7 +71,7 @@ def test_reweighted_scale_term_is_proportional_to_dt():
     for shift in (1.0, 3.0):
         s = make_schedule(12, shift=shift)
         dt = (s.sigmas[:-1] - s.sigmas[1:])[1:]
-        prod = (s.step_weights() * s.scale_term())[1:]
+        prod = (s.step_weights(list(range(12))) * s.scale_term())[1:]
         ratio = prod / dt
         torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-9, atol=0)
         if shift == 1.0:  # uniform dt (all but the final jump from sigma_min to 0): equal shares
