@@ -11,7 +11,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 
 from tasks.stages import eval_task, layout
-from tempflow_core import stages
+from tempflow_core import evaluation, stages
 from tempflow_core.config import RunConfig
 
 
@@ -23,7 +23,7 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
     if run_id is None:
         s = stages.get_session(config)
         s.policy.load_lora_state_dict(s.init_lora)  # the base model: the zero-effect initial adapter
-        result, _ = stages.evaluate_policy(config, s, stages.eval_prompts(config))
+        result, _ = evaluation.evaluate_policy(config, s.policy, s.reward_fn, evaluation.eval_prompts(config))
         log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
         return result
     from tempflow_core.runs import read_run

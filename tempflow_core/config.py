@@ -127,6 +127,7 @@ class EvalConfig(_Section):
     prompts: str | None = Field(None, description="Held-out prompt source (default: prompts.test_source, else prompts.source).")
     max_prompts: int = Field(0, ge=0, description="Use at most this many eval prompts (0: all).")
     images_per_prompt: int = Field(1, ge=1, description="ODE samples per eval prompt (different seeds).")
+    images_per_category: int = Field(0, ge=0, description="At least this many images per category (GenEval tag): a category of n prompts gets ceil(N / n) seeds per prompt (0: images_per_prompt for every prompt).")
     extra_reward: str | None = Field(None, description="A reward the learner is NOT trained on, scored at evaluation to spot reward hacking.")
     seed: int = Field(1234, description="Seed of the evaluation noise (fixed across iterations and runs).")
 

@@ -95,17 +95,24 @@ def scale_terms(num_steps: int, out: Path, noise_level: float = 0.7) -> Path:
 
 def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, ylabel: str,
                  reference: dict[str, list[dict[str, Any]]] | None = None) -> Path:
-    """Figures 2 / 5: eval score against `x` ('iteration' or 'nfe') per variant; the band
-    spans the seeds (min to max), the line is their mean. Reference curves are dashed."""
+    """Figures 2 / 5: eval score against `x` ('iteration' or 'nfe') per variant; the line is
+    the mean over seeds, the dark band its evaluation standard error (mean ± se, when the
+    points carry one), the light band spans the seeds (min to max). Reference curves are dashed."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    with_se = False
     for name, points in sorted(curves.items()):
         xs = sorted({p[x] for p in points})
-        ys = [[p["score"] for p in points if p[x] == v] for v in xs]
+        at = [[p for p in points if p[x] == v] for v in xs]
+        ys = [[p["score"] for p in a] for a in at]
         mean = [float(np.mean(y)) for y in ys]
         line, = ax.plot(xs, mean, "o-", label=name)
+        if all("se" in p for a in at for p in a):
+            se = [float(np.sqrt(sum(p["se"] ** 2 for p in a)) / len(a)) for a in at]
+            ax.fill_between(xs, np.subtract(mean, se), np.add(mean, se), color=line.get_color(), alpha=0.3)
+            with_se = True
         if any(len(y) > 1 for y in ys):
-            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.1)
     for name, points in sorted((reference or {}).items()):
         xs = sorted({p[x] for p in points})
         ys = [[p["score"] for p in points if p[x] == v] for v in xs]
@@ -114,8 +121,9 @@ def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, yla
     ax.set_xlabel("iterations" if x == "iteration" else "transformer NFEs (cumulative)")
     ax.set_ylabel(ylabel)
     n = max((len({p["seed"] for p in pts}) for pts in curves.values()), default=1)
-    if n > 1:
-        ax.set_title(f"mean over {n} seeds; band: min to max", fontsize=9)
+    bands = (["dark band: ± eval standard error"] if with_se else []) + (["light band: seeds min to max"] if n > 1 else [])
+    if n > 1 or bands:
+        ax.set_title("; ".join([f"mean over {n} seeds"] + bands), fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the curves
     fig.tight_layout()
     return _save(plt, fig, out)

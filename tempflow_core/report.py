@@ -45,9 +45,18 @@ def score_label(reward_name: str) -> str:
     return f"eval {reward_name} (held-out)"
 
 
+def eval_se(reward_name: str, result: dict[str, Any]) -> float | None:
+    """The standard error of eval_score under the evaluation protocol (None: not recorded)."""
+    key = "geneval_overall_se" if reward_name in SHAPES_REWARDS and "geneval_overall" in result else "reward_se"
+    return None if result.get(key) is None else float(result[key])
+
+
 def _point(reward_name: str, result: dict[str, Any], seed: int, iteration: int, nfe: int) -> dict[str, Any]:
     p = {"seed": seed, "iteration": iteration, "nfe": nfe, "score": eval_score(reward_name, result),
          "reward": float(result["reward"])}
+    for key, value in (("se", eval_se(reward_name, result)), ("reward_se", result.get("reward_se"))):
+        if value is not None:
+            p[key] = float(value)
     if "geneval_overall" in result:
         p["geneval_overall"] = float(result["geneval_overall"])
     return p
@@ -73,18 +82,29 @@ def run_curve(cfg: RunConfig, layout: stages.RunLayout, base_eval: dict[str, Any
 def rescore(curves: dict[str, list[dict[str, Any]]], key: str) -> dict[str, list[dict[str, Any]]]:
     """The same curves judged by another recorded value (e.g. 'reward', the dense partial
     credit, which is steadier than GenEval's per-category mean on a small test split)."""
-    return {v: [{**p, "score": p[key]} for p in pts if key in p] for v, pts in curves.items()}
+    def moved(p: dict[str, Any]) -> dict[str, Any]:
+        q = {k: v for k, v in p.items() if k != "se"}
+        if f"{key}_se" in p:
+            q["se"] = p[f"{key}_se"]
+        return {**q, "score": p[key]}
+
+    return {v: [moved(p) for p in pts if key in p] for v, pts in curves.items()}
 
 
 def mean_curve(points: list[dict[str, Any]], x: str = "iteration") -> list[dict[str, float]]:
-    """Mean and spread over seeds at each x (only x values every seed reached)."""
+    """Mean and spread over seeds at each x (only x values every seed reached); "se" is the
+    evaluation protocol's standard error of that mean, sqrt(sum of the seeds' se^2) / n."""
     seeds = {p["seed"] for p in points}
     out = []
     for v in sorted({p[x] for p in points}):
-        ys = [p["score"] for p in points if p[x] == v]
+        at = [p for p in points if p[x] == v]
+        ys = [p["score"] for p in at]
         if len(ys) == len(seeds):
-            out.append({x: v, "mean": float(np.mean(ys)), "std": float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0,
-                        "min": float(min(ys)), "max": float(max(ys)), "n": len(ys)})
+            row = {x: v, "mean": float(np.mean(ys)), "std": float(np.std(ys, ddof=1)) if len(ys) > 1 else 0.0,
+                   "min": float(min(ys)), "max": float(max(ys)), "n": len(ys)}
+            if all("se" in p for p in at):
+                row["se"] = float(np.sqrt(sum(p["se"] ** 2 for p in at)) / len(at))
+            out.append(row)
     return out
 
 
@@ -105,8 +125,9 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     a claim when the target lies above the base model (iteration 0) by more than
     flow_grpo_fixed's seed std: otherwise every curve starts at it, 'reaching' it is vacuous
     and the verdict says so."""
-    base_scores = [p["score"] for pts in curves.values() for p in pts if p["iteration"] == 0]
-    base = float(np.mean(base_scores)) if base_scores else None
+    base_points = [p for pts in curves.values() for p in pts if p["iteration"] == 0]
+    base = float(np.mean([p["score"] for p in base_points])) if base_points else None
+    base_se = base_points[0].get("se") if base_points else None
     finals: dict[str, dict[str, Any]] = {}
     for variant, points in curves.items():
         rows = mean_curve(points)
@@ -115,10 +136,11 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         last = rows[-1]
         per_seed = sorted((p["seed"], p["score"]) for p in points if p["iteration"] == last["iteration"])
         finals[variant] = {"iteration": last["iteration"], "mean": last["mean"], "std": last["std"],
+                           "se": last.get("se"),
                            "per_seed": {str(s): v for s, v in per_seed},
                            "vs_base": None if base is None else last["mean"] - base,
                            "best_mean": max(r["mean"] for r in rows if r["iteration"] > 0) if len(rows) > 1 else None}
-    out: dict[str, Any] = {"base": base, "finals": finals}
+    out: dict[str, Any] = {"base": base, "base_se": base_se, "finals": finals}
 
     def gap(a: str, b: str) -> dict[str, Any] | None:
         if a not in finals or b not in finals:
@@ -153,16 +175,19 @@ def headline_markdown(h: dict[str, Any]) -> str:
     def yn(ok: bool | None) -> str:
         return "holds" if ok else "does not hold"
 
+    def se(x: float | None) -> str:
+        return "" if x is None else f"{x:.3f}"
+
     base = h.get("base")
-    lines = ["| variant | final score (mean ± std over seeds) | change from the base model | per seed "
-             "| best seed-mean along the curve |", "|---|---|---|---|---|"]
+    lines = ["| variant | final score (mean ± std over seeds) | eval standard error | change from the base model "
+             "| per seed | best seed-mean along the curve |", "|---|---|---|---|---|---|"]
     if base is not None:
-        lines.append(f"| base model | {base:.3f} | | | |")
+        lines.append(f"| base model | {base:.3f} | {se(h.get('base_se'))} | | | |")
     for v, f in h["finals"].items():
         seeds = ", ".join(f"{s}: {x:.3f}" for s, x in f["per_seed"].items())
         best = "" if f["best_mean"] is None else f"{f['best_mean']:.3f}"
         change = "" if f.get("vs_base") is None else f"{f['vs_base']:+.3f}"
-        lines.append(f"| {v} | {f['mean']:.3f} ± {f['std']:.3f} | {change} | {seeds} | {best} |")
+        lines.append(f"| {v} | {f['mean']:.3f} ± {f['std']:.3f} | {se(f.get('se'))} | {change} | {seeds} | {best} |")
     lines.append("")
     r = h.get("tempflow_reaches_fixed_final")
     if r:
@@ -200,9 +225,12 @@ def category_table(base_eval: dict[str, Any], finals: dict[str, list[dict[str, A
         head = ["model", *first, "overall", *cats]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, es in rows.items():
-            cells = [np.mean([e["reward"] for e in es]), np.mean([e["geneval_overall"] for e in es])]
-            cells += [np.mean([e["geneval"][c] for e in es]) for c in cats]
-            lines.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+            cells = [f"{np.mean([e['reward'] for e in es]):.3f}", f"{np.mean([e['geneval_overall'] for e in es]):.3f}"]
+            if all("geneval_overall_se" in e for e in es):  # the protocol's standard error of the seed mean
+                err = np.sqrt(sum(e["geneval_overall_se"] ** 2 for e in es)) / len(es)
+                cells[1] += f" ± {err:.3f}"
+            cells += [f"{np.mean([e['geneval'][c] for e in es]):.3f}" for c in cats]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
     lines = ["| model | eval reward |", "|---|---|"]
     for name, es in rows.items():

@@ -16,18 +16,17 @@ its inputs, so a run killed anywhere and resumed ends with the same LoRA, byte f
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from .config import RunConfig
-from .prompts import PromptRecord, load_prompts
+from .evaluation import eval_prompts, evaluate_policy
+from .prompts import PromptRecord
 from .shards import (
     Manifest, ObjectInfo, read_manifest, read_rollouts, read_scores, require_manifest, scores_complete,
     write_manifest, write_rollouts, write_scores,
@@ -204,12 +203,6 @@ def checkpoint_metrics(layout: RunLayout, iteration: int) -> dict[str, float]:
     return read_state(layout.store, layout.prefix(iteration, "learner")).get("info", {}).get("metrics", {})
 
 
-def eval_prompts(cfg: RunConfig) -> list[PromptRecord]:
-    source = cfg.eval.prompts or cfg.prompts.test_source or cfg.prompts.source
-    records = load_prompts(source)
-    return records[: cfg.eval.max_prompts] if cfg.eval.max_prompts else records
-
-
 def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
     """ODE samples of checkpoint i on held-out prompts: reward, per-category scores, a grid."""
     prefix = layout.prefix(iteration, "eval")
@@ -219,7 +212,7 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
         _restore(s, ck, with_optimizer=False)
         if ck.ema is not None:  # evaluate the EMA weights when EMA is on
             s.policy.load_lora_state_dict(ck.ema)
-        result, grid_png = evaluate_policy(cfg, s, eval_prompts(cfg))
+        result, grid_png = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
         result["weights"] = "ema" if ck.ema is not None else "raw"
         objects = {}
         for name, data in (("eval.json", json.dumps(result, indent=1, sort_keys=True).encode()),
@@ -237,46 +230,3 @@ def read_eval(layout: RunLayout, iteration: int) -> dict[str, Any]:
     prefix = layout.prefix(iteration, "eval")
     require_manifest(layout.store, prefix, kind="eval")
     return json.loads(layout.store.get_bytes(join_key(prefix, "eval.json")))
-
-
-def evaluate_policy(cfg: RunConfig, s: Session, records: list[PromptRecord]) -> tuple[dict[str, Any], bytes]:
-    """Deterministic evaluation: fixed seeds, ODE sampling with CFG."""
-    from .rewards import build_reward
-    from .rollout import sample_images
-    from .schedule import make_schedule
-
-    sched = make_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
-    texts, ids, recs = [], [], []
-    for j in range(cfg.eval.images_per_prompt):
-        for r in records:
-            texts.append(r.text)
-            ids.append(f"{r.id}_s{j}")
-            recs.append(r)
-    images = np.concatenate([
-        sample_images(s.policy, texts[i:i + 64], ids[i:i + 64], sched, cfg.sampling.guidance_scale,
-                      cfg.eval.seed, cfg.rollout.max_batch)
-        for i in range(0, len(texts), 64)])
-    meta = [r.metadata for r in recs]
-    scores, _ = s.reward_fn(images, texts, meta)
-    from .seeding import derive_seed
-
-    # the noise seed of every image: torch.Generator().manual_seed(seed) in plain diffusers
-    # draws the same starting latents, so exported LoRAs reproduce these images
-    result: dict[str, Any] = {"reward": float(scores.mean()), "n": len(texts),
-                              "samples": [{"prompt": t, "seed": derive_seed(cfg.eval.seed, "init", i),
-                                           "reward": float(r)} for t, i, r in zip(texts, ids, scores)]}
-    if cfg.eval.extra_reward:
-        extra, _ = build_reward(cfg.eval.extra_reward, options=cfg.reward.options)(images, texts, meta)
-        result[f"extra/{cfg.eval.extra_reward}"] = float(extra.mean())
-    if all("include" in m for m in meta):
-        from .shapes import evaluate
-
-        geneval = evaluate(images, recs)
-        result["geneval_overall"] = float(geneval["overall"])
-        result["geneval"] = {k: float(v) for k, v in geneval["per_category"].items()}
-    from .shapes import image_grid
-
-    buf = io.BytesIO()
-    n = min(len(images), 32)
-    image_grid(images[:n], ncols=8).save(buf, format="PNG")
-    return result, buf.getvalue()

@@ -31,7 +31,7 @@ def evaluate(images: np.ndarray, records: Sequence[Any]) -> dict[str, Any]:
         {"overall": mean over the tags present of their strict accuracy,
          "per_category": {tag: strict accuracy}, "counts": {tag: images},
          "partial_overall": same mean of partial scores, "partial_per_category": {tag: ...},
-         "n": images}
+         "n": images, "overall_se" and "per_category_se": standard errors (see standard_error)}
     Raises:
         ValueError: when lengths differ, a record has no tag, or there are no images.
     """
@@ -46,7 +46,10 @@ def evaluate(images: np.ndarray, records: Sequence[Any]) -> dict[str, Any]:
     order = [t for t in TAGS if t in set(tags)] + sorted(set(tags) - set(TAGS))
     per = {t: float(strict[tags == t].mean()) for t in order}
     per_partial = {t: float(partial[tags == t].mean()) for t in order}
+    per_se = {t: standard_error(strict[tags == t]) for t in order}
     return {
+        "overall_se": float(np.sqrt(sum(se**2 for se in per_se.values())) / len(per_se)),
+        "per_category_se": per_se,
         "overall": float(np.mean(list(per.values()))),
         "per_category": per,
         "counts": {t: int((tags == t).sum()) for t in order},
@@ -54,6 +57,15 @@ def evaluate(images: np.ndarray, records: Sequence[Any]) -> dict[str, Any]:
         "partial_per_category": per_partial,
         "n": int(len(images)),
     }
+
+
+def standard_error(scores: np.ndarray) -> float:
+    """Standard error of a mean of per-image scores: sample std (ddof 1) / sqrt(n); 0 for
+    fewer than two images. Images of one prompt differ only by their seed, so across prompts
+    this counts the prompts' spread too: it errs on the wide side for a fixed prompt set.
+    The overall score's error is sqrt(sum of squared category errors) / categories."""
+    x = np.asarray(scores, dtype=np.float64)
+    return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]], digits: int = 2) -> str:

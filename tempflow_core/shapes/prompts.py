@@ -26,6 +26,9 @@ from .world import COLORS, COUNT_WORDS, COUNTS, RELATIONS, SHAPES, TAGS, plural
 DATA_DIR = Path(__file__).parent / "data"
 SPLITS: tuple[str, ...] = ("train", "test")
 TEST_FRACTION = 0.25
+# Categories the world holds too few prompts of to hold enough out (3, 6 and 12 prompts):
+# the evaluation set takes all of them and more seeds per prompt instead.
+EVAL_ALL_PROMPTS: tuple[str, ...] = ("single_object", "two_object", "colors")
 
 
 def _record(tag: str, prompt: str, include: list[dict[str, Any]], exclude: list[dict[str, Any]] | None = None
@@ -119,15 +122,20 @@ def _load_split_cached(split: str) -> tuple[str, ...]:
 
 
 def load_split(split: str) -> list[dict[str, Any]]:
-    """The metadata records of a split ("train", "test" or "all"), fresh copies each call.
+    """The metadata records of a split, fresh copies each call: "train", "test", "all", or
+    "eval" (the evaluation set: the test prompts of every category, and all prompts of the
+    categories in EVAL_ALL_PROMPTS, whose test split is too small to score).
 
     Raises:
         ValueError: for an unknown split name.
     """
     if split == "all":
         return load_split("train") + load_split("test")
+    if split == "eval":
+        return [r for r in load_split("all") if r["tag"] in EVAL_ALL_PROMPTS] + \
+            [r for r in load_split("test") if r["tag"] not in EVAL_ALL_PROMPTS]
     if split not in SPLITS:
-        raise ValueError(f"unknown shapes split {split!r}; expected one of {', '.join(SPLITS + ('all',))}")
+        raise ValueError(f"unknown shapes split {split!r}; expected one of {', '.join(SPLITS + ('all', 'eval'))}")
     return [json.loads(ln) for ln in _load_split_cached(split)]
 
 
@@ -150,13 +158,13 @@ def record_for_prompt(prompt: str) -> dict[str, Any]:
 
 
 def builtin_prompt_sets() -> dict[str, Callable[[], list]]:
-    """Loaders for tempflow_core.prompts: "shapes_train" and "shapes_test" -> list[PromptRecord]."""
+    """Loaders for tempflow_core.prompts: "shapes_train", "shapes_test", "shapes_eval" -> list[PromptRecord]."""
     from ..prompts import PromptRecord
 
     def loader(split: str) -> Callable[[], list]:
         return lambda: [PromptRecord(r["id"], r["prompt"], r) for r in load_split(split)]
 
-    return {f"shapes_{s}": loader(s) for s in SPLITS}
+    return {f"shapes_{s}": loader(s) for s in SPLITS + ("eval",)}
 
 
 if __name__ == "__main__":

@@ -71,18 +71,18 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
                    height=32, width=32, max_sequence_length=0, generator=torch.Generator().manual_seed(s["seed"]),
                    output_type="np").images[0]
         got.append((img * 255).round().astype(np.uint8))
-    from tempflow_core import stages
+    from tempflow_core import evaluation, stages
 
     s_ = stages.get_session(cfg)
     from tempflow_core.checkpoint import load_checkpoint
 
     s_.policy.load_lora_state_dict(load_checkpoint(lay.store, lay.prefix(0, "learner")).lora)
-    result, _ = stages.evaluate_policy(cfg, s_, stages.eval_prompts(cfg)[:3])
+    result, _ = evaluation.evaluate_policy(cfg, s_.policy, s_.reward_fn, evaluation.eval_prompts(cfg)[:3])
     from tempflow_core.rollout import sample_images
     from tempflow_core.schedule import make_schedule
 
     ours = sample_images(s_.policy, [x["prompt"] for x in ev["samples"][:3]],
-                         [f"{r.id}_s0" for r in stages.eval_prompts(cfg)[:3]],
+                         [f"{r.id}_s0" for r in evaluation.eval_prompts(cfg)[:3]],
                          make_schedule(4, cfg.sampling.shift), cfg.sampling.guidance_scale, cfg.eval.seed)
     diff = np.abs(np.stack(got).astype(int) - ours.astype(int))
     assert diff.max() <= 2, diff.max()  # float rounding only
