@@ -24,7 +24,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from tempflow_core.models import build_tiny_pipeline
-    from tempflow_core.pretrain import SHIPPED_MODEL, PretrainConfig, _to_pixels, evaluate_pipeline, flow_loss
+    from tempflow_core.pretrain import SHIPPED_MODEL, PretrainConfig, evaluate_pipeline, flow_loss, to_pixels
 
     cfg = PretrainConfig()
     pipe = build_tiny_pipeline(SHIPPED_MODEL)
@@ -32,7 +32,7 @@ def main() -> None:
     # VAE train step on 32x32 crops and on 64x64, batch 32
     opt = torch.optim.AdamW(pipe.vae.parameters(), lr=1e-3)
     for side in (32, 64):
-        x = _to_pixels(np.random.default_rng(0).integers(0, 255, (32, side, side, 3), dtype=np.uint8))
+        x = to_pixels(np.random.default_rng(0).integers(0, 255, (32, side, side, 3), dtype=np.uint8))
         ts = []
         for _ in range(a.iters):
             t = time.perf_counter()
@@ -44,7 +44,7 @@ def main() -> None:
             ts.append(time.perf_counter() - t)
         out[f"vae_train_{side}px_img_s"] = round(32 / np.median(ts[2:]), 1)
     with torch.no_grad():
-        x = _to_pixels(np.zeros((256, 64, 64, 3), np.uint8))
+        x = to_pixels(np.zeros((256, 64, 64, 3), np.uint8))
         t = time.perf_counter()
         pipe.vae.encode(x)
         out["encode_img_s"] = round(256 / (time.perf_counter() - t), 1)

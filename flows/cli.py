@@ -262,23 +262,40 @@ def serve(
 @app.command("pretrain")
 def pretrain_cmd(
     out: Path = typer.Option(Path("models/tiny-shapes-sd3"), "--out", help="Model folder to write."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of data, initialisation, batches, t and noise (default 0)."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Wall-clock budget of the whole run (default: none)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Rendered scenes (default 50000)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Max transformer steps (default 6000)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Transformer steps between evaluations (default 300)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Keep/reuse the VAE and latents here."),
+    threads: int = typer.Option(2, "--threads", help="Torch threads (bit-identical reruns need the same count)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars or phase lines on stderr."),
     set_: list[str] = typer.Option([], "--set", "-s", help="PretrainConfig override, e.g. steps=3000, max_minutes=60."),
 ) -> None:
-    """Pretrain the tiny SD3 base model on rendered shape scenes (a Prefect flow, tracked in MLflow)."""
+    """Pretrain the tiny SD3 base model on rendered shape scenes (a Prefect flow, tracked in MLflow).
+
+    The options are shorthands for --set overrides (seed, max_minutes, images, steps,
+    eval_every, cache_dir) and win over them. On shared cores set OMP_WAIT_POLICY=PASSIVE."""
+    import torch
     from pydantic import ValidationError
 
-    from tasks.tracking import resolve_tracking_uri
-    from tempflow_core.config import apply_overrides
+    from tempflow_core.config import ConfigError, apply_overrides
     from tempflow_core.pretrain import PretrainConfig
 
+    options = {"seed": seed, "max_minutes": minutes, "images": images, "steps": steps, "eval_every": eval_every,
+               "cache_dir": str(cache_dir) if cache_dir is not None else None}
     try:
-        cfg = PretrainConfig.model_validate(apply_overrides({}, set_))
+        data = apply_overrides({}, set_)
+        data.update({k: v for k, v in options.items() if v is not None})
+        cfg = PretrainConfig.model_validate(data)
+    except ConfigError as e:
+        _fail(str(e))
     except ValidationError as e:
         _fail("invalid pretrain config:\n" + "\n".join(f"  {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
     from flows.pretrain import pretrain_flow
 
-    uri = resolve_tracking_uri(None, STATE / "runs")
-    result = pretrain_flow(config=cfg, out=str(out.resolve()), tracking_uri=uri)
+    torch.set_num_threads(threads)
+    result = pretrain_flow(config=cfg, out=str(out.resolve()), run_root=str(STATE / "runs"), progress=not quiet)
     typer.echo(json.dumps(result, indent=1))
 
 

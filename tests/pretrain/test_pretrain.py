@@ -49,7 +49,7 @@ def test_tiny_run_writes_a_loadable_pipeline_that_samples(tiny_run):
 
     out = tiny_run.out_dir
     assert tiny_run.steps == 20 and len(tiny_run.losses) == 20
-    for name in ("model_index.json", "MODEL_CARD.md", "README.md", "curve.json", "samples.png"):
+    for name in ("model_index.json", "curve.json", "samples.png"):  # MODEL_CARD.md, README.md: test_pretrain_flow.py
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.bin")) and 0 < tiny_run.size_mb < 25
     vae_cfg = json.loads((out / "vae" / "config.json").read_text())
@@ -57,7 +57,6 @@ def test_tiny_run_writes_a_loadable_pipeline_that_samples(tiny_run):
     assert vae_cfg["shift_factor"] == pytest.approx(tiny_run.vae["shift_factor"])
     curve = json.loads((out / "curve.json").read_text())["curve"]
     assert [p["step"] for p in curve] == [0, 10, 20]
-    assert "| Model | Overall |" in (out / "MODEL_CARD.md").read_text()
 
     pipe = load_pipeline(out)  # offline (HF_HUB_OFFLINE=1 in conftest)
     imgs = sample_images(Policy(pipe, None, "cpu"), ["a red circle", "two blue squares"], ["a", "b"],
