@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from tempflow_core.redaction import (
@@ -119,3 +121,14 @@ def test_scrub_mapping():
     assert producer["aws_secret_access_key"] == "secretleak"  # the input is not modified
     assert secret_key_paths(producer, "producer") == ["producer.aws_secret_access_key", "producer.nested.hf_token"]
 
+
+def test_manifest_keeps_max_tokens_and_drops_secrets(caplog):
+    """The manifest scrubber follows the same rules (it used to blank every key holding 'token')."""
+    from tempflow_core.shards.manifest import provenance
+
+    caplog.set_level(logging.WARNING, logger="tempflow.shards")
+    prod, ckpt, cfg = provenance({"max_tokens": 77, "session_token": "abcd", "config_hash": "c1"},
+                                 "s3://AKID:SECRET@b/ckpt", None)
+    assert prod == {"max_tokens": 77, "session_token": "***", "config_hash": "c1"}
+    assert (ckpt, cfg) == ("s3://***@b/ckpt", "c1")
+    assert "producer.session_token" in caplog.text and "abcd" not in caplog.text

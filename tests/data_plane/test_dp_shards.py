@@ -33,7 +33,9 @@ from tempflow_core.shards import (
     write_manifest,
     write_rollouts,
     write_scores,
+    writing,
 )
+from tempflow_core.shards.png import encode_png
 
 PREFIX = "run-a/iter-000003/rollouts"
 PRODUCER = {"checkpoint_uri": "s3://ckpts/run-a/iter-000002/adapter", "config_hash": "cfg123", "iteration": 3}
@@ -94,12 +96,12 @@ def test_png_encoder_is_lossless(shape):
 
     img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
     for level in (0, 1, 9):
-        with Image.open(io.BytesIO(shards._png(img, "test", level))) as im:
+        with Image.open(io.BytesIO(encode_png(img, "test", level))) as im:
             im.load()
             assert im.format == "PNG"
             assert np.array_equal(np.asarray(im), img[..., 0] if shape[-1:] == (1,) else img)
     with pytest.raises(SchemaError, match="uint8"):
-        shards._png(img.astype(np.float32), "test image", 1)
+        encode_png(img.astype(np.float32), "test image", 1)
 
 
 def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path):
@@ -172,11 +174,11 @@ def test_interrupted_encode_leaves_no_manifest(store, monkeypatch):
             raise RuntimeError("rollout worker died")
         return real(bp, **kw)
 
-    monkeypatch.setattr(shards, "encode_branch_point", failing)
+    monkeypatch.setattr(writing, "encode_branch_point", failing)
     with pytest.raises(RuntimeError, match="worker died"):
         write_rollouts(make_branch_batch(), store, PREFIX, samples_per_shard=1)
     assert not stage_complete(store, PREFIX)
-    monkeypatch.setattr(shards, "encode_branch_point", real)
+    monkeypatch.setattr(writing, "encode_branch_point", real)
     batch = make_branch_batch()
     write_rollouts(batch, store, PREFIX, samples_per_shard=1)  # the redo completes the stage
     assert_batches_identical(batch, read_rollouts(store, PREFIX))

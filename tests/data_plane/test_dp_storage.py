@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import replace
 
 import pytest
 
@@ -107,7 +108,8 @@ def test_local_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_s3_multipart_upload(s3_store, tmp_path):
-    s3_store.multipart_threshold = s3_store.multipart_chunksize = 5 << 20
+    s3_store = S3Store(s3_store.bucket, s3_store.prefix, replace(s3_store.settings, multipart_threshold=5 << 20,
+                                                                 multipart_chunksize=5 << 20))
     data = os.urandom(11 << 20)
     path = tmp_path / "big.bin"
     path.write_bytes(data)

@@ -1,0 +1,180 @@
+"""Writing a rollout stage: samples into tar shards on the store, side objects, manifest last.
+
+Shards are written to a local temp folder and each finished one is uploaded by a small thread
+pool while the next is being encoded. If anything fails, no manifest is written and the stage
+stays absent (its shards, if any, are not a stage).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ..storage import ObjectStore, StoreLike, join_key, open_store, validate_key
+from .errors import SchemaError
+from .manifest import (
+    Manifest, ShardInfo, now, prepare_prefix, provenance, put_listed_object, scrub_metadata, write_manifest,
+)
+from .png import auto_png_level
+from .samples import encode_branch_point, encode_embeds, encode_trajectory
+from .schema import EMBEDS_NAME, PROMPTS_NAME, SCHEMA_VERSION, json_bytes
+from .tar import ShardFile
+
+if TYPE_CHECKING:
+    from ..rollout import RolloutBatch
+
+log = logging.getLogger("tempflow.shards")
+
+
+def write_shards(
+    samples: Iterable[dict[str, Any]],
+    store: StoreLike,
+    prefix: str,
+    *,
+    samples_per_shard: int = 32,
+    max_shard_bytes: int | None = None,
+    tmp_dir: str | None = None,
+    upload_workers: int = 2,
+) -> list[ShardInfo]:
+    """Write encoded samples as tar shards to a local temp folder and upload each finished shard.
+
+    Why not ShardWriter: it opens (and posts) a shard before the first sample, so a writer with
+    nothing to write still uploads an empty shard (webdataset #376). Here a shard is opened by
+    its first sample, so no empty shard exists. The bytes are those webdataset.TarWriter writes
+    (see `tar.py`). Uploads run in a small thread pool while the next shard is being encoded;
+    all are awaited (or the error raised) before this returns. Writes no manifest.
+    """
+    store = open_store(store)
+    with tempfile.TemporaryDirectory(prefix="tempflow-shards-", dir=tmp_dir) as folder, \
+            cf.ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="shard-upload") as pool:
+        return _write_shards(samples, store, prefix, folder, pool, samples_per_shard, max_shard_bytes)
+
+
+def _upload(store: ObjectStore, key: str, path: str) -> None:
+    try:
+        store.put_file(key, path)
+    finally:
+        os.unlink(path)
+
+
+def _write_shards(samples: Iterable[dict[str, Any]], store: ObjectStore, prefix: str, folder: str,
+                  pool: cf.Executor, samples_per_shard: int, max_shard_bytes: int | None) -> list[ShardInfo]:
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    validate_key(prefix, what="stage prefix")
+    infos: list[ShardInfo] = []
+    futures: list[cf.Future[None]] = []
+    shard: ShardFile | None = None
+    try:
+        for sample in samples:
+            if shard is None:
+                shard = ShardFile(len(infos), folder)
+            shard.write(sample)
+            if len(shard.keys) >= samples_per_shard or (max_shard_bytes and shard.payload >= max_shard_bytes):
+                infos.append(shard.close())
+                futures.append(pool.submit(_upload, store, join_key(prefix, shard.name), shard.path))
+                shard = None
+        if shard is not None:
+            infos.append(shard.close())
+            futures.append(pool.submit(_upload, store, join_key(prefix, shard.name), shard.path))
+            shard = None
+        for fut in futures:
+            fut.result()
+    except BaseException:
+        if shard is not None:
+            shard.abort()
+        for fut in futures:
+            fut.cancel()
+        raise
+    return infos
+
+
+def _first_images(items: Sequence[Any]) -> Iterator[np.ndarray]:
+    for item in items[:1]:
+        many = hasattr(item, "child_keys")  # a BranchPoint: K images
+        images = getattr(item, "images", None) if many else getattr(item, "image", None)
+        if images is not None and len(images):
+            yield images[0] if many else images
+
+
+def _check_unique_keys(batch: RolloutBatch) -> list[Any]:
+    """The batch's samples (branch points or trajectories), refused if their keys repeat."""
+    if batch.kind == "branch":
+        items: list[Any] = list(batch.branch_points)
+        keys = [bp.group_id for bp in items]
+    elif batch.kind == "plain":
+        items = list(batch.trajectories)
+        keys = [tr.key for tr in items]
+    else:
+        raise SchemaError(f"RolloutBatch.kind must be 'branch' or 'plain', got {batch.kind!r}")
+    dup = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+    if dup:
+        raise SchemaError(f"RolloutBatch has duplicate sample keys {dup[:5]}; keys must be unique")
+    if len(batch.prompts) != len(batch.prompt_ids):
+        raise SchemaError("RolloutBatch.prompts and prompt_ids differ in length")
+    return items
+
+
+def write_rollouts(
+    batch: RolloutBatch,
+    store: StoreLike,
+    prefix: str,
+    *,
+    samples_per_shard: int = 32,
+    max_shard_bytes: int | None = None,
+    producer: Mapping[str, Any] | None = None,
+    checkpoint_uri: str | None = None,
+    config_hash: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    images: bool = True,
+    png_level: int | None = None,
+    overwrite: bool = False,
+    tmp_dir: str | None = None,
+    upload_workers: int = 2,
+) -> Manifest:
+    """Write a rollout stage's output under `prefix` and publish its manifest last.
+
+    Args:
+        samples_per_shard: max webdataset samples (branch points / trajectories) per shard. Keep
+            the shard count >= learner ranks x DataLoader workers, or some readers get nothing.
+        producer: provenance, e.g. {"checkpoint_uri", "config_hash", "iteration", "run"};
+            secret-like fields are blanked and URIs redacted.
+        png_level: zlib level of the PNGs (0-9); None picks 1 or 0 from the first image
+            (see auto_png_level).
+        overwrite: replace a complete output (its manifest is removed first); else StageExists.
+
+    Returns the manifest. If anything fails, no manifest is written and the stage stays absent.
+    """
+    store = open_store(store)
+    prefix = validate_key(prefix, what="stage prefix")
+    items = _check_unique_keys(batch)
+    prod, ckpt, cfg = provenance(producer, checkpoint_uri, config_hash)
+    prepare_prefix(store, prefix, overwrite)
+    encode: Callable[..., dict[str, Any]] = encode_branch_point if batch.kind == "branch" else encode_trajectory
+    if png_level is None:
+        first = next((im for im in _first_images(items)), None)
+        png_level = auto_png_level(first) if first is not None else 1
+    samples = (encode(item, images=images, png_level=png_level) for item in items)
+    prompts = {"schema_version": SCHEMA_VERSION, "kind": batch.kind, "prompts": list(batch.prompts),
+               "prompt_ids": list(batch.prompt_ids), "forward_calls": int(batch.forward_calls), "nfe": int(batch.nfe)}
+    side = {"embeds": (EMBEDS_NAME, encode_embeds(batch)),
+            "prompts": (PROMPTS_NAME, json_bytes(prompts, "RolloutBatch.prompts"))}
+    with tempfile.TemporaryDirectory(prefix="tempflow-shards-", dir=tmp_dir) as folder, \
+            cf.ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="shard-upload") as pool:
+        pending = {k: pool.submit(put_listed_object, store, prefix, name, data) for k, (name, data) in side.items()}
+        shards = _write_shards(samples, store, prefix, folder, pool, samples_per_shard, max_shard_bytes)
+        objects = {k: fut.result() for k, fut in pending.items()}
+    manifest = Manifest(
+        kind="rollouts", rollout_kind=batch.kind, num_samples=len(items), num_keys=len(batch.sample_keys()),
+        shards=shards, objects=objects, checkpoint_uri=ckpt, config_hash=cfg, producer=prod,
+        extra=scrub_metadata(dict(extra or {}), "extra"), created_at=now(),
+    )
+    uri = write_manifest(store, prefix, manifest)
+    log.info("wrote %d samples (%d keys) in %d shards, %d bytes, to %s", manifest.num_samples, manifest.num_keys,
+             len(shards), sum(s.bytes for s in shards), uri)
+    return manifest
