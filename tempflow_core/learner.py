@@ -132,13 +132,12 @@ def evaluate_units(
     else:
         kl = torch.zeros(mean.shape[0], device=dev)
     if shared:
-        # [N, K, C, H, W] against [N, 1, C, H, W]: broadcast the one mean over the K children
-        lp = -((u.x_next - mean[:, None]) ** 2) / (2.0 * std[:, None] ** 2) - torch.log(std[:, None]) \
-            - 0.5 * float(np.log(2.0 * np.pi))
-        log_prob = lp.mean(dim=(2, 3, 4)).reshape(-1)
+        # x_next [N, K, C, H, W] against mean [N, 1, C, H, W], std [N, 1, 1, 1, 1]: the one mean
+        # broadcasts over the K children
+        log_prob = gaussian_log_prob(u.x_next, mean[:, None], std[:, None], batch_dims=2).reshape(-1)  # [N*K]
         kl = kl.repeat_interleave(K)
     else:
-        log_prob = gaussian_log_prob(u.x_next.flatten(0, 1), mean, std)
+        log_prob = gaussian_log_prob(u.x_next.flatten(0, 1), mean, std)  # [N*K]
     return grpo_terms(
         log_prob=log_prob, old_log_prob=u.old_log_prob.reshape(-1), advantages=u.advantages.reshape(-1),
         weights=u.weight.repeat_interleave(K), kl=kl, clip_range=loss_cfg.clip_range, beta=loss_cfg.beta,

@@ -9,6 +9,9 @@ step branches, the floor for this estimator.
 
 `branched_rollout_loop` is the structure of the paper's public code (a separate inner loop
 finishes each branch step's children). It is kept as the reference for tests and benchmarks.
+
+Shapes: B prompts, K children per branch point (= group_size), G trajectories per prompt
+(plain), T denoising steps, C, H, W one latent.
 """
 
 from __future__ import annotations
@@ -126,6 +129,77 @@ def child_seeds(seed: int, prompt_id: str, step: int, k: int) -> list[int]:
     return [derive_seed(seed, "child", prompt_id, step, j) for j in range(k)]
 
 
+# ----------------------------------------------------------------------------- shared pieces
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every rollout reads before its first step (plain Python floats for the grid)."""
+
+    emb: PromptEmbeds  # the B prompts' embeddings (+ the negative prompt for CFG)
+    shape: tuple[int, int, int]  # (C, H, W) of one latent
+    device: torch.device
+    sig: list[float]  # [T+1] t_0 = 1 .. t_T = 0
+    sde_sigma: list[float]  # [T] s_i of the SDE step from t_i
+    calls0: int  # policy counters at the start, to report this rollout's share
+    nfe0: int
+
+    @property
+    def T(self) -> int:
+        return len(self.sig) - 1
+
+
+def _begin(policy: Policy, prompts: list[str], schedule: Schedule) -> _Setup:
+    emb = policy.encode_prompts(prompts)
+    return _Setup(emb, policy.latent_shape(), policy.device, schedule.sigmas.tolist(), schedule.sde_sigma().tolist(),
+                  policy.forward_calls, policy.nfe)
+
+
+def _finish(policy: Policy, su: _Setup, kind: Literal["branch", "plain"], prompts: list[str], prompt_ids: list[str],
+            schedule: Schedule, decode: bool, branch_points: list[BranchPoint] | None = None,
+            trajectories: list[Trajectory] | None = None) -> RolloutBatch:
+    """The batch with this rollout's forward counts, its images decoded when asked."""
+    batch = RolloutBatch(kind, list(prompts), list(prompt_ids), su.emb, schedule.sigmas.clone(),
+                         branch_points=branch_points or [], trajectories=trajectories or [],
+                         forward_calls=policy.forward_calls - su.calls0, nfe=policy.nfe - su.nfe0)
+    if decode:
+        decode_rollout_images(policy, batch)
+    return batch
+
+
+def _branch_steps(branch_steps: list[int], T: int) -> list[int]:
+    steps = sorted(set(int(k) for k in branch_steps))
+    if not steps or steps[-1] >= T or steps[0] < 0:
+        raise ValueError(f"branch steps {branch_steps} must lie in [0, {T})")
+    return steps
+
+
+def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, prompt_id: str, step: int,
+           group_size: int, seed: int) -> BranchPoint:
+    """The K children of one (prompt, step k): one SDE step each from the backbone state
+    x_k [C, H, W] with its velocity v_k [C, H, W], each child with its own seeded noise.
+    The group's `final_latents` start as the children's states; the caller finishes them."""
+    K, t, t_next = group_size, su.sig[step], su.sig[step + 1]
+    seeds = child_seeds(seed, prompt_id, step, K)
+    noise = torch.stack([seeded_normal(s, su.shape, su.device) for s in seeds])  # [K, C, H, W]
+    out = sde_step(x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step], noise)
+    return BranchPoint(prompt_index=prompt_index, prompt_id=prompt_id, step=step, sigma=t, sigma_next=t_next,
+                       x_k=x_k.clone(), x_next=out.next_sample.clone(), log_prob=out.log_prob.float(),
+                       seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample)
+
+
+def _ode_from(policy: Policy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, start: int, guidance_scale: float,
+              max_batch: int) -> torch.Tensor:
+    """Finish states x [N, C, H, W] (at t_start) with ODE steps start..T-1; rows [N] pick prompts."""
+    for j in range(start, su.T):
+        v = _chunked_velocity(policy, x, su.sig[j], rows, su.emb, guidance_scale, max_batch)
+        x = ode_step(x, v, su.sig[j], su.sig[j + 1])
+    return x
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
 @torch.no_grad()
 def branched_rollout(
     policy: Policy,
@@ -141,36 +215,27 @@ def branched_rollout(
     progress: Callable[[int], None] | None = None,
 ) -> RolloutBatch:
     """Wavefront branched rollouts for B prompts; see the module docstring."""
-    device = policy.device
-    emb = policy.encode_prompts(prompts)
-    shape = policy.latent_shape()
-    T = schedule.num_steps
-    sig = schedule.sigmas.tolist()
-    sde_sigma = schedule.sde_sigma().tolist()
-    steps = sorted(set(int(k) for k in branch_steps))
-    if not steps or steps[-1] >= T or steps[0] < 0:
-        raise ValueError(f"branch steps {branch_steps} must lie in [0, {T})")
+    su = _begin(policy, prompts, schedule)
+    sig, B = su.sig, len(prompts)
+    steps = _branch_steps(branch_steps, su.T)
     last_branch = steps[-1]
-    B = len(prompts)
-    calls0, nfe0 = policy.forward_calls, policy.nfe
-
-    backbone = initial_noise(seed, prompt_ids, shape, device)  # [B, C, H, W]
+    backbone = initial_noise(seed, prompt_ids, su.shape, su.device)  # [B, C, H, W]
     groups: list[BranchPoint] = []
     live: list[torch.Tensor] = []  # per group: [K, C, H, W] child states
 
-    for i in range(T):
+    for i in range(su.T):
         # 1. gather the wavefront: backbones still needed + every live child
         parts, rows = [], []
         if i <= last_branch:
             parts.append(backbone)
-            rows.append(torch.arange(B, device=device))
+            rows.append(torch.arange(B, device=su.device))
         for g, xs in zip(groups, live):
             parts.append(xs)
-            rows.append(torch.full((xs.shape[0],), g.prompt_index, device=device))
+            rows.append(torch.full((xs.shape[0],), g.prompt_index, device=su.device))
         if not parts:
             break
-        x_all = torch.cat(parts, 0)
-        v_all = _chunked_velocity(policy, x_all, sig[i], torch.cat(rows), emb, guidance_scale, max_batch)
+        v_all = _chunked_velocity(policy, torch.cat(parts, 0), sig[i], torch.cat(rows), su.emb, guidance_scale,
+                                  max_batch)
         # 2. children take ODE steps
         offset = B if i <= last_branch else 0
         for gi, xs in enumerate(live):
@@ -182,27 +247,15 @@ def branched_rollout(
             v_b = v_all[:B]
             if i in steps:
                 for p in range(B):
-                    seeds = child_seeds(seed, prompt_ids[p], i, group_size)
-                    noise = torch.stack([seeded_normal(s, shape, device) for s in seeds])
-                    out = sde_step(backbone[p].expand(group_size, *shape), v_b[p].expand(group_size, *shape),
-                                   sig[i], sig[i + 1], sde_sigma[i], noise)
-                    groups.append(BranchPoint(
-                        prompt_index=p, prompt_id=prompt_ids[p], step=i, sigma=sig[i], sigma_next=sig[i + 1],
-                        x_k=backbone[p].clone(), x_next=out.next_sample.clone(), log_prob=out.log_prob.float(),
-                        seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample,
-                    ))
-                    live.append(out.next_sample)
+                    groups.append(_spawn(su, backbone[p], v_b[p], p, prompt_ids[p], i, group_size, seed))
+                    live.append(groups[-1].final_latents)
             backbone = ode_step(backbone, v_b, sig[i], sig[i + 1])
         if progress is not None:
             progress(1)
 
     for g, xs in zip(groups, live):
         g.final_latents = xs
-    batch = RolloutBatch("branch", list(prompts), list(prompt_ids), emb, schedule.sigmas.clone(), branch_points=groups,
-                         forward_calls=policy.forward_calls - calls0, nfe=policy.nfe - nfe0)
-    if decode:
-        decode_rollout_images(policy, batch)
-    return batch
+    return _finish(policy, su, "branch", prompts, prompt_ids, schedule, decode, branch_points=groups)
 
 
 @torch.no_grad()
@@ -221,46 +274,25 @@ def branched_rollout_loop(
     """Reference structure of the paper's public code: at each branch step the children
     leave the backbone with its velocity, then an inner loop of their own finishes them.
     Same seeds as `branched_rollout`, so both return the same children."""
-    device = policy.device
-    emb = policy.encode_prompts(prompts)
-    shape = policy.latent_shape()
-    T = schedule.num_steps
-    sig = schedule.sigmas.tolist()
-    sde_sigma = schedule.sde_sigma().tolist()
-    steps = sorted(set(int(k) for k in branch_steps))
-    B = len(prompts)
-    calls0, nfe0 = policy.forward_calls, policy.nfe
-    backbone = initial_noise(seed, prompt_ids, shape, device)
+    su = _begin(policy, prompts, schedule)
+    sig, B, K = su.sig, len(prompts), group_size
+    steps = _branch_steps(branch_steps, su.T)
+    backbone = initial_noise(seed, prompt_ids, su.shape, su.device)  # [B, C, H, W]
     groups: list[BranchPoint] = []
-    all_rows = torch.arange(B, device=device)
+    all_rows = torch.arange(B, device=su.device)
     for i in range(steps[-1] + 1):
-        v_b = _chunked_velocity(policy, backbone, sig[i], all_rows, emb, guidance_scale, max_batch)
+        v_b = _chunked_velocity(policy, backbone, sig[i], all_rows, su.emb, guidance_scale, max_batch)
         if i in steps:
-            new, xs_all, rows = [], [], []
-            for p in range(B):
-                seeds = child_seeds(seed, prompt_ids[p], i, group_size)
-                noise = torch.stack([seeded_normal(s, shape, device) for s in seeds])
-                out = sde_step(backbone[p].expand(group_size, *shape), v_b[p].expand(group_size, *shape),
-                               sig[i], sig[i + 1], sde_sigma[i], noise)
-                new.append(BranchPoint(p, prompt_ids[p], i, sig[i], sig[i + 1], backbone[p].clone(),
-                                       out.next_sample.clone(), out.log_prob.float(),
-                                       torch.tensor(seeds, dtype=torch.int64), out.next_sample))
-                xs_all.append(out.next_sample)
-                rows.append(torch.full((group_size,), p, device=device))
-            xs, r = torch.cat(xs_all, 0), torch.cat(rows)
-            for j in range(i + 1, T):  # the inner loop that finishes this branch step's children
-                v = _chunked_velocity(policy, xs, sig[j], r, emb, guidance_scale, max_batch)
-                xs = ode_step(xs, v, sig[j], sig[j + 1])
+            new = [_spawn(su, backbone[p], v_b[p], p, prompt_ids[p], i, K, seed) for p in range(B)]
+            xs = torch.cat([g.final_latents for g in new], 0)  # [B*K, C, H, W]
+            rows = torch.cat([torch.full((K,), p, device=su.device) for p in range(B)])
+            xs = _ode_from(policy, su, xs, rows, i + 1, guidance_scale, max_batch)  # this step's own inner loop
             for p, g in enumerate(new):
-                g.final_latents = xs[p * group_size:(p + 1) * group_size]
+                g.final_latents = xs[p * K:(p + 1) * K]
             groups.extend(new)
         backbone = ode_step(backbone, v_b, sig[i], sig[i + 1])
     groups.sort(key=lambda g: (g.step, g.prompt_index))
-    batch = RolloutBatch("branch", list(prompts), list(prompt_ids), emb, schedule.sigmas.clone(), branch_points=groups,
-                         forward_calls=policy.forward_calls - calls0, nfe=policy.nfe - nfe0)
-    if decode:
-        decode_rollout_images(policy, batch)
-    return batch
+    return _finish(policy, su, "branch", prompts, prompt_ids, schedule, decode, branch_points=groups)
 
 
 @torch.no_grad()
@@ -277,24 +309,18 @@ def plain_rollout(
     progress: Callable[[int], None] | None = None,
 ) -> RolloutBatch:
     """Flow-GRPO rollouts: G full SDE trajectories per prompt, all stepped together."""
-    device = policy.device
-    emb = policy.encode_prompts(prompts)
-    shape = policy.latent_shape()
-    T = schedule.num_steps
-    sig = schedule.sigmas.tolist()
-    sde_sigma = schedule.sde_sigma().tolist()
-    B, G = len(prompts), group_size
-    calls0, nfe0 = policy.forward_calls, policy.nfe
-    members = [(p, j) for p in range(B) for j in range(G)]
+    su = _begin(policy, prompts, schedule)
+    sig, shape = su.sig, su.shape
+    members = [(p, j) for p in range(len(prompts)) for j in range(group_size)]
     seeds = [derive_seed(seed, "traj", prompt_ids[p], j) for p, j in members]
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-    rows = torch.tensor([p for p, _ in members], device=device)
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(su.device)  # [B*G, C, H, W]
+    rows = torch.tensor([p for p, _ in members], device=su.device)
     states, logps = [x], []
-    for i in range(T):
-        v = _chunked_velocity(policy, x, sig[i], rows, emb, guidance_scale, max_batch)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-        out = sde_step(x, v, sig[i], sig[i + 1], sde_sigma[i], noise)
+    for i in range(su.T):
+        v = _chunked_velocity(policy, x, sig[i], rows, su.emb, guidance_scale, max_batch)
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(su.device)
+        out = sde_step(x, v, sig[i], sig[i + 1], su.sde_sigma[i], noise)
         x = out.next_sample
         states.append(x)
         logps.append(out.log_prob.float())
@@ -303,11 +329,7 @@ def plain_rollout(
     st = torch.stack(states, 1)  # [B*G, T+1, C, H, W]
     lp = torch.stack(logps, 1)  # [B*G, T]
     trajs = [Trajectory(p, prompt_ids[p], j, seeds[n], st[n].clone(), lp[n].clone()) for n, (p, j) in enumerate(members)]
-    batch = RolloutBatch("plain", list(prompts), list(prompt_ids), emb, schedule.sigmas.clone(), trajectories=trajs,
-                         forward_calls=policy.forward_calls - calls0, nfe=policy.nfe - nfe0)
-    if decode:
-        decode_rollout_images(policy, batch)
-    return batch
+    return _finish(policy, su, "plain", prompts, prompt_ids, schedule, decode, trajectories=trajs)
 
 
 def decode_rollout_images(policy: Policy, batch: RolloutBatch) -> None:
@@ -331,11 +353,7 @@ def decode_rollout_images(policy: Policy, batch: RolloutBatch) -> None:
 def sample_images(policy: Policy, prompts: list[str], prompt_ids: list[str], schedule: Schedule,
                   guidance_scale: float, seed: int, max_batch: int = 64) -> np.ndarray:
     """Deterministic ODE samples (evaluation): [B, H', W', 3] uint8."""
-    emb = policy.encode_prompts(prompts)
-    x = initial_noise(seed, prompt_ids, policy.latent_shape(), policy.device)
-    rows = torch.arange(len(prompts), device=policy.device)
-    sig = schedule.sigmas.tolist()
-    for i in range(schedule.num_steps):
-        v = _chunked_velocity(policy, x, sig[i], rows, emb, guidance_scale, max_batch)
-        x = ode_step(x, v, sig[i], sig[i + 1])
-    return policy.decode(x)
+    su = _begin(policy, prompts, schedule)
+    x = initial_noise(seed, prompt_ids, su.shape, su.device)  # [B, C, H, W]
+    rows = torch.arange(len(prompts), device=su.device)
+    return policy.decode(_ode_from(policy, su, x, rows, 0, guidance_scale, max_batch))

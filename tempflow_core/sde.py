@@ -69,11 +69,18 @@ def sde_mean_std(
     return mean, std
 
 
-def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Log-density of N(mean, std^2 I) at value, averaged over the non-batch dimensions: [N]."""
+def gaussian_log_prob(value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_dims: int = 1) -> torch.Tensor:
+    """Log-density of N(mean, std^2 I) at value, averaged over all but the leading `batch_dims`
+    dimensions.
+
+    The three tensors broadcast against each other. The usual case is one mean per sample:
+    value [N, C, H, W], mean [N, C, H, W], std [N, 1, 1, 1] -> [N]. The learner scores K
+    children against one mean per unit with batch_dims=2: value [N, K, C, H, W], mean
+    [N, 1, C, H, W], std [N, 1, 1, 1, 1] -> [N, K].
+    """
     value = _compute(value)
-    lp = -((value - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return lp.mean(dim=tuple(range(1, lp.ndim)))
+    lp = -((value - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI  # [*batch, C, H, W]
+    return lp.mean(dim=tuple(range(batch_dims, lp.ndim)))
 
 
 def sde_step(
