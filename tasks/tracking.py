@@ -31,6 +31,9 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from tempflow_core.redaction import is_secret_key
+from tempflow_core.redaction import redact_uris as redact
+
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "tempflow-lora"
@@ -73,33 +76,8 @@ class TrackingUnavailable(RuntimeError):
 # secrets and values
 # ---------------------------------------------------------------------------------------
 
-# Words of a key (split on separators and camelCase) that mark a credential.
-_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "pwd", "credential",
-                 "credentials", "token", "apikey", "accesskey", "privatekey", "authorization"}
-_SECRET_PAIRS = {("access", "key"), ("key", "id"), ("private", "key"), ("api", "key"),
-                 ("secret", "key"), ("client", "secret")}
-# Unambiguous even inside a run-together word (e.g. "awssecretaccesskey").
-_SECRET_SUBSTRINGS = ("secret", "password", "passwd", "credential", "accesskey", "apikey",
-                      "privatekey", "keyid")
-_URL_PASSWORD = re.compile(r"(?P<pre>[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<pw>[^@/\s]+)@")
-
-
-def is_secret_key(key: str) -> bool:
-    """True for keys that look like credentials: ``storage.aws_secret_access_key``,
-    ``hf_token``, ``AccessKeyId``, ``db.password``; not ``tokenizer`` or ``max_tokens``."""
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", str(key))
-    words = [w for w in re.split(r"[^a-z0-9]+", spaced.lower()) if w]
-    if any(w in _SECRET_WORDS or w.endswith("token") for w in words):
-        return True
-    if any(pair in _SECRET_PAIRS for pair in zip(words, words[1:])):
-        return True
-    return any(s in w for w in words for s in _SECRET_SUBSTRINGS)
-
-
-def redact(text: str) -> str:
-    """Mask the password part of any ``scheme://user:password@host`` in ``text``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m.group('pre')}:***@", str(text))
-
+# Secrets follow the project's one set of rules (tempflow_core/redaction.py): keys that name a
+# credential are dropped (is_secret_key), credentials inside values are masked (redact).
 
 # MLflow accepts alphanumerics, '_', '-', '.', ' ', '/' and ':' in param, tag and metric keys.
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
