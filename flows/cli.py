@@ -384,7 +384,7 @@ def ui(
     """Start the Prefect and MLflow UIs on the local state (127.0.0.1) until Ctrl-C."""
     import subprocess
 
-    from tasks.tracking import resolve_tracking_uri
+    from flows.tracking import resolve_tracking_uri
 
     cfg = _resolve(None, [])
     bindir = Path(sys.executable).parent

@@ -1,18 +1,21 @@
-"""tasks/tracking.py against real MLflow 3: a local sqlite store and a real `mlflow server`
+"""flows/tracking/ against real MLflow 3: a local sqlite store and a real `mlflow server`
 on 127.0.0.1 (read back through the REST client). No mocks."""
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import pathlib
 import pickle
+import socketserver
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.tracking import (
+from flows.tracking import (
     RunTracker,
     TrackingUnavailable,
     flatten_params,
@@ -20,7 +23,7 @@ from tasks.tracking import (
     resolve_tracking_uri,
 )
 
-from .mlflow_server import free_port, mlflow_server  # noqa: F401  (session fixture)
+from .mlflow_server import mlflow_server  # noqa: F401  (session fixture)
 
 SECRET = "SUPERSECRET-abc123"
 PARAMS = {
@@ -190,11 +193,14 @@ def no_env_uri(monkeypatch, tmp_path):
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch, no_env_uri):
-    assert resolve_tracking_uri(None, tmp_path / "r") == f"sqlite:///{(tmp_path / 'r').resolve()}/mlflow.db"
+    monkeypatch.chdir("/")  # a cwd whose absolute form is known: relative paths resolve against it
+    assert resolve_tracking_uri(None, pathlib.Path("r")) == "sqlite:////r/mlflow.db"
+    assert resolve_tracking_uri(None, pathlib.Path("/x/r")) == "sqlite:////x/r/mlflow.db"
+    assert resolve_tracking_uri("sqlite:///rel.db", tmp_path) == "sqlite:////rel.db"
+    assert resolve_tracking_uri("sqlite:///rel.db?timeout=5", tmp_path) == "sqlite:////rel.db?timeout=5"
+    assert resolve_tracking_uri("sqlite:////x/y.db", tmp_path) == "sqlite:////x/y.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
-    assert resolve_tracking_uri("sqlite:////x/y.db", tmp_path) == "sqlite:////x/y.db"
-    assert resolve_tracking_uri("sqlite:///rel.db", tmp_path) == f"sqlite:///{(tmp_path / 'cwd').resolve()}/rel.db"
     for bad in ("file:///tmp/mlruns", "./mlruns"):
         with pytest.raises(ValueError, match="file store"):
             resolve_tracking_uri(bad, tmp_path)
@@ -278,7 +284,60 @@ def test_tracking_server_rest_readback(mlflow_server, tmp_path, no_env_uri):  # 
     assert mlflow_server in tracker.ui_command()
 
 
-def test_unreachable_server_fails_fast(no_env_uri):
-    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+@pytest.fixture
+def local_server():
+    """Start a real server on 127.0.0.1 with a given handler; yields (start(handler) -> url)."""
+    servers = []
+
+    def start(handler: type) -> str:
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_error_fails_fast(local_server, no_env_uri):
+    """A server that answers 500: three health probes, then TrackingUnavailable and no MLflow
+    call at all (MLflow's REST client would retry a 500 with backoff for minutes)."""
+    seen: list[str] = []
+
+    class Error500(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(f"GET {self.path}")
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):
+            seen.append(f"POST {self.path}")
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    uri = local_server(Error500)
+    with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.") + r".*HTTP Error 500"):
+        RunTracker(uri, "tempflow-test", "train-test", {"a": 1})
+    assert seen == ["GET /health"] * 3
+
+
+def test_dropped_connections_fail_fast(local_server, no_env_uri):
+    """A server that accepts and closes every connection: three attempts, then TrackingUnavailable."""
+    accepted: list[int] = []
+
+    class Drop(socketserver.BaseRequestHandler):
+        def handle(self):
+            accepted.append(1)  # before the close the client sees
+
+    uri = local_server(Drop)
     with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.")):
         RunTracker(uri, "tempflow-test", "train-test", {"a": 1})
+    assert len(accepted) == 3

@@ -1,0 +1,28 @@
+"""MLflow tracking of every flow: one parent run per training, pretraining or ablation run, a
+child run per iteration, LoRA checkpoints as MLflow 3 LoggedModels chained back to the base
+model, and the prompt set and rollout shards recorded as dataset inputs.
+
+An adapter over ``MlflowClient``, not a Prefect task (tasks/tracking_task.py holds those):
+
+    uri.py       the tracking URI (resolved once, never a file store) and the connection
+    runs.py      RunTracker: parent and iteration runs, params, metrics, eval tables, artifacts
+    models.py    checkpoints as LoggedModels, lineage, registry versions and aliases, downloads
+    datasets.py  dataset inputs (prompts, rollout shards)
+    values.py    tag names, MLflow's limits, params/tags/metric keys cleaned to fit them
+
+The package imports without a server; only ``RunTracker(...)`` talks to the tracking backend.
+Secrets never reach MLflow: config keys that look like credentials are dropped from params
+and tags, and credentials in URLs are masked wherever a URI is written (params, tags,
+dataset sources, error messages), by the rules of tempflow_core/redaction.py.
+"""
+
+from __future__ import annotations
+
+from .runs import RunTracker
+from .uri import TrackingUnavailable, resolve_tracking_uri
+from .values import MODEL_NAME, flatten_params, is_secret_key, metric_key, redact
+
+__all__ = [
+    "MODEL_NAME", "RunTracker", "TrackingUnavailable", "flatten_params", "is_secret_key", "metric_key", "redact",
+    "resolve_tracking_uri",
+]

@@ -1,0 +1,122 @@
+"""Where tracking goes: the tracking URI (configured > $MLFLOW_TRACKING_URI > sqlite in the run
+folder, made absolute once), and the connection to it (an HTTP server is probed first, so a
+wrong URI fails in seconds, not after MLflow's own minutes of retries)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from .values import redact
+
+# Health probe of an HTTP tracking server: attempts x (timeout + pause) stays well under 20 s.
+_PROBE_ATTEMPTS = 3
+_PROBE_TIMEOUT_S = 3.0
+_PROBE_PAUSE_S = 1.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking backend cannot be reached (the message names the tracking URI)."""
+
+
+def absolute_sqlite(uri: str) -> str:
+    """``sqlite:///rel.db`` depends on the cwd of whichever worker opens it: make it absolute."""
+    rest = uri[len("sqlite:///"):]
+    if not rest or rest.startswith("/") or rest.startswith(":memory:"):
+        return uri
+    path, sep, query = rest.partition("?")
+    return f"sqlite:///{pathlib.Path(path).resolve()}{sep}{query}"
+
+
+def check_not_file_store(uri: str) -> None:
+    """ValueError for a file store (a path or file: URI), which MLflow 3.17 no longer serves."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("", "file") or re.match(r"^[A-Za-z]:[\\/]", uri):
+        raise ValueError(
+            f"tracking URI {redact(uri)!r} is an MLflow file store, which MLflow 3.17 no longer "
+            "serves (maintenance mode); use sqlite:///<abs path>/mlflow.db or http://host:port"
+        )
+
+
+def resolve_tracking_uri(configured: str | None, run_root: pathlib.Path) -> str:
+    """configured > $MLFLOW_TRACKING_URI > ``sqlite:///<abs run_root>/mlflow.db``.
+
+    Never a file: store (ValueError); a relative sqlite path is made absolute."""
+    uri = (configured or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        root = pathlib.Path(run_root).expanduser().resolve()
+        return f"sqlite:///{root / 'mlflow.db'}"
+    check_not_file_store(uri)
+    if uri.startswith("sqlite:///"):
+        uri = absolute_sqlite(uri)
+    return uri
+
+
+def sqlite_path(uri: str) -> pathlib.Path | None:
+    """The database file of a sqlite URI (None for other URIs and in-memory databases)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].partition("?")[0]
+    return None if path.startswith(":memory:") or not path else pathlib.Path(path)
+
+
+def probe_http(uri: str) -> None:
+    """GET <uri>/health up to _PROBE_ATTEMPTS times; TrackingUnavailable unless one answers 200."""
+    url = uri.rstrip("/") + "/health"
+    last: BaseException | None = None
+    for attempt in range(_PROBE_ATTEMPTS):
+        try:
+            with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as resp:  # noqa: S310
+                if resp.status == 200:
+                    return
+                last = RuntimeError(f"HTTP {resp.status}")
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last = e
+        if attempt + 1 < _PROBE_ATTEMPTS:
+            time.sleep(_PROBE_PAUSE_S)
+    raise TrackingUnavailable(
+        f"MLflow tracking server at {redact(uri)} is unreachable ({url}: {last}); start it, fix "
+        "the tracking URI (config tracking.uri / $MLFLOW_TRACKING_URI), or leave both unset for "
+        "a local sqlite store"
+    )
+
+
+def connect(uri: str):
+    """An MlflowClient (tracking and registry) on uri: an HTTP server must answer its health
+    probe; a sqlite database gets its folder. TrackingUnavailable otherwise."""
+    from mlflow import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        probe_http(uri)
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingUnavailable(f"cannot create the directory of {uri}: {e}") from e
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except Exception as e:  # noqa: BLE001 - store construction (sqlite open, migrations)
+        raise TrackingUnavailable(f"MLflow tracking backend {redact(uri)} failed: {e}") from e
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """True when e (or an exception in its chain) says the backend is unreachable."""
+    import requests
+
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                              ConnectionError)):
+            return True
+        msg = str(chain)
+        if any(m in msg for m in ("Max retries exceeded", "Connection refused",
+                                  "unable to open database file")):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
