@@ -30,6 +30,8 @@ def main() -> None:
 
     from flows.train import train_flow
     from tempflow_core import stages
+    from tempflow_core.layout import RunLayout
+    from tempflow_core.session import setup
     from tempflow_core.config import load_config
     from tempflow_core.train import train_in_process
 
@@ -41,7 +43,7 @@ def main() -> None:
     def cfg(n: int):
         return load_config(overrides=base + [f"train.iterations={n}"])
 
-    stages.get_session(cfg(1))  # load the model once, outside every timing
+    setup(cfg(1))  # load the model once (warm file caches), outside every timing
     results: dict[str, dict[int, float]] = {"in-process": {}, "pipeline": {}}
     breakdown = {}
     with prefect_test_harness(server_startup_timeout=120):
@@ -55,7 +57,7 @@ def main() -> None:
             results["pipeline"][n] = time.perf_counter() - t0
             breakdown[n] = out
     per = {k: (v[args.iterations] - v[1]) / (args.iterations - 1) for k, v in results.items()}
-    lay = stages.RunLayout(stages.open_run_store(cfg(args.iterations)), f"bench-{args.iterations}")
+    lay = RunLayout.open(cfg(args.iterations), f"bench-{args.iterations}")
     m = stages.checkpoint_metrics(lay, args.iterations - 1)
     print(f"per-iteration wall time (marginal over {args.iterations - 1} extra iterations; eval only at the end):")
     print(f"  in-process (train_in_process): {per['in-process']:.2f} s")

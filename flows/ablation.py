@@ -21,6 +21,7 @@ from flows.train import train_flow
 from tasks.tracking_task import track_ablation
 from tempflow_core import figures, report, stages
 from tempflow_core.config import RunConfig
+from tempflow_core.layout import RunLayout
 
 VARIANTS = ["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
@@ -43,7 +44,7 @@ def collect(base: RunConfig, runs: dict[str, dict[str, str]], base_eval: dict[st
     for variant, by_seed in runs.items():
         for seed, run_id in by_seed.items():
             cfg = variant_config(base, variant, base.reward.name, int(seed))
-            lay = stages.RunLayout(stages.open_run_store(cfg), run_id)
+            lay = RunLayout.open(cfg, run_id)
             points = report.run_curve(cfg, lay, base_eval)
             curves.setdefault(variant, []).extend(points)
             if cfg.branching and lay.complete(0, "learner"):
@@ -116,8 +117,7 @@ def ablation_flow(base: RunConfig = RunConfig(), variants: list[str] = VARIANTS,
                 cfg = variant_config(base, variant, reward, seed)
                 run_id = f"{name}-{reward}-{variant}-s{seed}-{cfg.digest()[:6]}"
                 if report_only:
-                    if not stages.RunLayout(stages.open_run_store(cfg), run_id).complete(
-                            cfg.train.iterations - 1, "learner"):
+                    if not RunLayout.open(cfg, run_id).complete(cfg.train.iterations - 1, "learner"):
                         raise ValueError(f"report_only: run {run_id} has not finished in {cfg.pipeline.store}; "
                                          "run the ablation without report_only to train it")
                 else:

@@ -63,11 +63,11 @@ def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] 
 
 def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
     """The config a run was made with (from its run.json), with any new overrides."""
+    from tempflow_core.layout import RunLayout
     from tempflow_core.runs import read_run
-    from tempflow_core.stages import RunLayout, open_run_store
 
     probe = _resolve(config, [o for o in overrides if o.startswith("pipeline.")])
-    record = read_run(RunLayout(open_run_store(probe), run))
+    record = read_run(RunLayout.open(probe, run))
     if record is None:
         _fail(f"run {run!r} not found in store {probe.pipeline.store} (set pipeline.store to where it ran)")
     return _resolve(config, overrides, base=record["config"])
@@ -150,16 +150,16 @@ def _report(it: int, m: dict) -> None:
 
 def _run_config(run: str, store: Optional[str]):
     from tempflow_core.config import RunConfig
+    from tempflow_core.layout import RunLayout
     from tempflow_core.runs import read_run
-    from tempflow_core.stages import RunLayout, open_run_store
 
     probe = _resolve(None, [f"pipeline.store={store}"] if store else [])
-    lay = RunLayout(open_run_store(probe), run)
+    lay = RunLayout.open(probe, run)
     record = read_run(lay)
     if record is None:
         _fail(f"run {run!r} not found in store {probe.pipeline.store} (pass --store)")
     cfg = RunConfig.model_validate(record["config"])
-    return cfg, RunLayout(open_run_store(cfg), run)
+    return cfg, RunLayout.open(cfg, run)
 
 
 @app.command("eval")
@@ -194,10 +194,10 @@ def export_lora_cmd(
 
     cfg, lay = _run_config(run, store)
     if iteration < 0:
-        done = [i for i in range(cfg.train.iterations) if lay.complete(i, "learner")]
-        if not done:
+        last = lay.last_finished(cfg.train.iterations)
+        if last is None:
             _fail(f"run {run!r} has no finished checkpoint", 1)
-        iteration = done[-1]
+        iteration = last
     elif not lay.complete(iteration, "learner"):
         _fail(f"run {run!r} has no finished checkpoint at iteration {iteration}", 1)
     folder = export_lora(cfg, lay, iteration, out)

@@ -10,9 +10,11 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from tasks.stages import eval_task, layout
+from tasks.stages import eval_task
 from tempflow_core import evaluation, stages
 from tempflow_core.config import RunConfig
+from tempflow_core.layout import RunLayout
+from tempflow_core.session import SessionCache
 
 
 @flow(name="tempflow-eval", validate_parameters=True)
@@ -20,25 +22,26 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
     """Evaluate checkpoint `iteration` of `run_id` (-1: the last finished one); without a run,
     evaluate the base model and return the scores."""
     log = get_run_logger()
+    sessions = SessionCache()  # this flow run's model
     if run_id is None:
-        s = stages.get_session(config)
+        s = sessions.get(config)
         s.policy.load_lora_state_dict(s.init_lora)  # the base model: the zero-effect initial adapter
         result, _ = evaluation.evaluate_policy(config, s.policy, s.reward_fn, evaluation.eval_prompts(config))
         log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
         return result
     from tempflow_core.runs import read_run
 
-    record = read_run(layout(config, run_id))
+    record = read_run(RunLayout.open(config, run_id))
     if record is None:
         raise ValueError(f"run {run_id!r} not found in {config.pipeline.store}")
     config = RunConfig.model_validate(record["config"])  # the run's own model, LoRA and eval settings
-    lay = layout(config, run_id)
+    lay = RunLayout.open(config, run_id)
     if iteration < 0:
-        done = [i for i in range(config.train.iterations) if lay.complete(i, "learner")]
-        if not done:
+        last = lay.last_finished(config.train.iterations)
+        if last is None:
             raise ValueError(f"run {run_id!r} has no finished checkpoint to evaluate")
-        iteration = done[-1]
-    eval_task(config, run_id, iteration)
+        iteration = last
+    eval_task(config, run_id, iteration, sessions)
     result = stages.read_eval(lay, iteration)
     log.info("run %s iteration %d: %s", run_id, iteration, {k: v for k, v in result.items() if not isinstance(v, dict)})
     return result

@@ -4,7 +4,8 @@
     prefect flow-run retry <run>           # or the UI's Retry: finished stages are skipped
 
 Stages talk only through URIs on the object store (see tempflow_core.stages); this flow
-wires them, tracks the run in MLflow and stops a run whose reward has gone degenerate.
+wires them, tracks the run in MLflow and stops a run whose reward has gone degenerate. The
+flow owns the model: one SessionCache per flow run, shared by its tasks, dropped at the end.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any, Literal, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.stages import eval_task, init_task, layout, learner_task, reward_task, rollout_task
+from tasks.stages import eval_task, init_task, learner_task, reward_task, rollout_task
 from tasks.tracking_task import track_eval, track_iteration, tracker_for
 from tempflow_core import stages
 from tempflow_core.config import RunConfig
+from tempflow_core.layout import RunLayout
 from tempflow_core.prompts import load_prompts
-from tempflow_core.storage import join_key
 from tempflow_core.runs import branch_run, new_run_id, open_run, write_run
+from tempflow_core.session import SessionCache
+from tempflow_core.storage import join_key
 
 
 class DegenerateRewardError(RuntimeError):
@@ -67,14 +70,14 @@ def train_flow(
     from prefect.runtime import flow_run
 
     run_id = run_id or new_run_id(config, flow_run.get_id())
-    lay = layout(config, run_id)
+    lay = RunLayout.open(config, run_id)
     origin = None
     if resume_from and not from_stage:
         raise ValueError("resume_from needs from_stage (rollout, reward, learner or eval); to continue a run, pass "
                          "its run_id instead")
     if resume_from and from_stage:
         origin = {"run": resume_from, "stage": from_stage, "iteration": from_iteration}
-        n = branch_run(layout(config, resume_from), lay, from_stage, from_iteration)
+        n = branch_run(RunLayout.open(config, resume_from), lay, from_stage, from_iteration)
         log.info("run %s starts from %s at iteration %d stage %s (%d objects reused)", run_id, resume_from,
                  from_iteration, from_stage, n)
     record = open_run(config, lay, origin)
@@ -93,12 +96,13 @@ def train_flow(
     history: list[dict[str, float]] = []
     evals: dict[int, dict[str, Any]] = {}
     status = "FAILED"
+    sessions = SessionCache()  # this flow run's model, shared by its stage tasks
     try:
-        init_task(config, run_id)
+        init_task(config, run_id, sessions)
         for it in range(config.train.iterations):
-            rollout_task(config, run_id, it)
-            reward_task(config, run_id, it)
-            learner_task(config, run_id, it)
+            rollout_task(config, run_id, it, sessions)
+            reward_task(config, run_id, it, sessions)
+            learner_task(config, run_id, it, sessions)
             metrics = stages.checkpoint_metrics(lay, it)
             history.append(metrics)
             track_iteration(config, run_id, it, tracker)
@@ -106,11 +110,12 @@ def train_flow(
                      metrics["reward/std"], metrics["train/loss"], metrics["train/clip_frac"])
             guard_check(config, history)
             if eval_due(config, it):
-                eval_task(config, run_id, it)
+                eval_task(config, run_id, it, sessions)
                 evals[it] = stages.read_eval(lay, it)
                 track_eval(config, run_id, it, tracker, evals[it])
         status = "FINISHED"
     finally:
+        sessions.clear()
         tracker.finish(status)
         _artifacts(config, run_id, lay, history, evals, tracker)
     final = lay.uri(config.train.iterations - 1, "learner")
@@ -118,7 +123,7 @@ def train_flow(
             "mlflow_ui": tracker.ui_command(), "store": lay.store.uri_for(run_id), "evals": evals}
 
 
-def _artifacts(cfg: RunConfig, run_id: str, lay: stages.RunLayout, history: list[dict[str, float]],
+def _artifacts(cfg: RunConfig, run_id: str, lay: RunLayout, history: list[dict[str, float]],
                evals: dict[int, dict[str, Any]], tracker) -> None:
     """Prefect artifacts: a per-iteration metrics table and a summary linking MLflow."""
     if not history:

@@ -1,7 +1,8 @@
 """Prefect tasks for the pipeline stages: thin wrappers over tempflow_core.stages.
 
-Each task takes the run config and a run id, calls one core stage, and returns the URI of
-what it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
+Each task takes the run config, a run id and the flow's `SessionCache` (the flow owns the
+model; tasks of one flow run share it), calls one core stage, and returns the URI of what
+it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
 `tempflow train --resume`) never redo finished work. The rollout and learner stages hold a
 slot of the GPU concurrency limit; I/O-bound stages retry with a delay on transient faults.
 """
@@ -16,10 +17,9 @@ from prefect.cache_policies import NONE
 
 from tempflow_core import stages
 from tempflow_core.config import RunConfig
+from tempflow_core.layout import RunLayout
+from tempflow_core.session import SessionCache
 from tempflow_core.storage import StoreError
-
-def layout(config: RunConfig, run_id: str) -> stages.RunLayout:
-    return stages.RunLayout(stages.open_run_store(config), run_id)
 
 
 @contextlib.contextmanager
@@ -61,27 +61,27 @@ _common = dict(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_
 
 
 @task(name="init", task_run_name="init", **_common)
-def init_task(config: RunConfig, run_id: str) -> str:
-    return stages.init_stage(config, layout(config, run_id))
+def init_task(config: RunConfig, run_id: str, sessions: SessionCache) -> str:
+    return stages.init_stage(config, RunLayout.open(config, run_id), sessions)
 
 
 @task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
-def rollout_task(config: RunConfig, run_id: str, iteration: int) -> str:
-    lay = layout(config, run_id)
+def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
+    lay = RunLayout.open(config, run_id)
     if not lay.complete(iteration, "rollout"):
         get_run_logger().info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
                               config.rollout.group_size)
     with gpu_slot(config), progress_bar(config.sampling.num_steps, f"iter {iteration} rollout") as update:
-        return stages.rollout_stage(config, lay, iteration, progress=update)
+        return stages.rollout_stage(config, lay, iteration, sessions, progress=update)
 
 
 @task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
-def reward_task(config: RunConfig, run_id: str, iteration: int) -> str:
-    return stages.reward_stage(config, layout(config, run_id), iteration)
+def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
+    return stages.reward_stage(config, RunLayout.open(config, run_id), iteration, sessions)
 
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
-def learner_task(config: RunConfig, run_id: str, iteration: int) -> str:
+def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
     from tempflow_core.steps import select_steps, step_pool
 
     T, B = config.sampling.num_steps, config.rollout.prompts_per_iter
@@ -90,10 +90,10 @@ def learner_task(config: RunConfig, run_id: str, iteration: int) -> str:
     else:  # one unit per trained step of each trajectory
         units = B * config.rollout.group_size * len(step_pool(config.train.train_steps, T))
     with gpu_slot(config), progress_bar(units * config.train.inner_epochs, f"iter {iteration} learner") as update:
-        return stages.learner_stage(config, layout(config, run_id), iteration, progress=update)
+        return stages.learner_stage(config, RunLayout.open(config, run_id), iteration, sessions, progress=update)
 
 
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)
-def eval_task(config: RunConfig, run_id: str, iteration: int) -> str:
+def eval_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
     with gpu_slot(config):
-        return stages.eval_stage(config, layout(config, run_id), iteration)
+        return stages.eval_stage(config, RunLayout.open(config, run_id), iteration, sessions)

@@ -22,6 +22,7 @@ from flows.tracking import RunTracker, resolve_tracking_uri
 from tempflow_core import stages
 from tempflow_core.checkpoint import ADAPTER
 from tempflow_core.config import RunConfig
+from tempflow_core.layout import RunLayout
 from tempflow_core.report import eval_score
 from tempflow_core.shards import manifest_key, read_rollouts, read_scores
 from tempflow_core.storage import ObjectNotFound, join_key
@@ -33,7 +34,7 @@ def run_root(config: RunConfig) -> Path:
     return root
 
 
-def tracker_for(config: RunConfig, lay: stages.RunLayout, record: dict[str, Any]) -> RunTracker:
+def tracker_for(config: RunConfig, lay: RunLayout, record: dict[str, Any]) -> RunTracker:
     origin = record.get("resumed_from") or {}
     return RunTracker(
         resolve_tracking_uri(config.pipeline.mlflow_uri, run_root(config)), config.pipeline.experiment,
@@ -44,18 +45,18 @@ def tracker_for(config: RunConfig, lay: stages.RunLayout, record: dict[str, Any]
     )
 
 
-def _marker_key(lay: stages.RunLayout, iteration: int) -> str:
+def _marker_key(lay: RunLayout, iteration: int) -> str:
     return join_key(lay.iteration_prefix(iteration), "mlflow.json")
 
 
-def _read_marker(lay: stages.RunLayout, iteration: int) -> dict[str, Any] | None:
+def _read_marker(lay: RunLayout, iteration: int) -> dict[str, Any] | None:
     try:
         return json.loads(lay.store.get_bytes(_marker_key(lay, iteration)))
     except ObjectNotFound:
         return None
 
 
-def group_grid_png(lay: stages.RunLayout, iteration: int, max_groups: int = 4) -> bytes:
+def group_grid_png(lay: RunLayout, iteration: int, max_groups: int = 4) -> bytes:
     """The K children of a few branch points (or one prompt's G samples), labelled with rewards."""
     from tempflow_core.shapes import image_grid
 
@@ -76,7 +77,7 @@ def group_grid_png(lay: stages.RunLayout, iteration: int, max_groups: int = 4) -
       retry_delay_seconds=5)
 def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker) -> str:
     """Metrics, the rollout shard set as a dataset input, the checkpoint as a logged model."""
-    lay = stages.RunLayout(stages.open_run_store(config), run_id)
+    lay = RunLayout.open(config, run_id)
     done = _read_marker(lay, iteration)
     if done is not None:
         return done["model_id"]
@@ -105,7 +106,7 @@ def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: Run
 @task(name="track-eval", task_run_name="track-eval-{iteration}", cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
     """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
-    lay = stages.RunLayout(stages.open_run_store(config), run_id)
+    lay = RunLayout.open(config, run_id)
     eval_marker = join_key(lay.iteration_prefix(iteration), "mlflow-eval.json")
     if lay.store.exists(eval_marker):  # logged before a resume: never twice
         return

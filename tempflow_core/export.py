@@ -14,7 +14,7 @@ from typing import Any
 from .checkpoint import adapter_bytes, load_checkpoint
 from .config import RunConfig
 from .policy import T5_TOKENS
-from .stages import RunLayout
+from .layout import RunLayout
 
 
 def model_fingerprint(path: str | None) -> str:

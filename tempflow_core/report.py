@@ -16,6 +16,7 @@ import yaml
 
 from . import stages
 from .config import RunConfig
+from .layout import RunLayout
 from .prompts import load_prompts
 
 SHAPES_REWARDS = ("shapes", "shapes_strict")
@@ -62,7 +63,7 @@ def _point(reward_name: str, result: dict[str, Any], seed: int, iteration: int, 
     return p
 
 
-def run_curve(cfg: RunConfig, layout: stages.RunLayout, base_eval: dict[str, Any] | None = None
+def run_curve(cfg: RunConfig, layout: RunLayout, base_eval: dict[str, Any] | None = None
               ) -> list[dict[str, Any]]:
     """Eval points of one run in order: (iteration, cumulative transformer NFEs, score).
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .config import RunConfig
 from .shards import MANIFEST_NAME
-from .stages import STAGES, RunLayout
+from .layout import STAGES, RunLayout
 from .storage import ObjectNotFound, join_key
 
 RUN_FILE = "run.json"

@@ -12,93 +12,49 @@ Each stage reads its inputs from, and writes its output to, a deterministic pref
 A stage whose manifest exists is not recomputed: that is what makes a retried or resumed
 run continue where it stopped. Every stage is a deterministic function of the config and
 its inputs, so a run killed anywhere and resumed ends with the same LoRA, byte for byte.
+
+The stages that need the model take a `SessionCache` (session.py) from their caller, which
+owns the model's lifetime; each restores the state it needs from the previous checkpoint,
+so its result does not depend on what the session did before. Prefixes: layout.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig
 from .evaluation import eval_prompts, evaluate_policy
+from .layout import RunLayout
 from .prompts import PromptRecord
+from .seeding import derive_seed
+from .session import Session, SessionCache, restore
 from .shards import (
-    Manifest, ObjectInfo, read_manifest, read_rollouts, read_scores, require_manifest, scores_complete,
-    write_manifest, write_rollouts, write_scores,
+    Manifest, ObjectInfo, read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
 )
-from .storage import ObjectStore, join_key, open_store
-from .train import Session, reward_metrics, run_rollout, run_update_with_advantages, score_rollout, setup
-
-STAGES = ("rollout", "reward", "learner", "eval")
-
-_SESSIONS: dict[str, Session] = {}
+from .storage import join_key
+from .train import reward_metrics, run_rollout, run_update_with_advantages, score_rollout
 
 
-def get_session(cfg: RunConfig) -> Session:
-    """One loaded model per config in this process (stages of a run share it)."""
-    key = cfg.digest()
-    if key not in _SESSIONS:
-        _SESSIONS.clear()  # one model at a time: a new config replaces the old one
-        _SESSIONS[key] = setup(cfg)
-    return _SESSIONS[key]
+def _at_checkpoint(sessions: SessionCache, cfg: RunConfig, layout: RunLayout, iteration: int,
+                   with_optimizer: bool) -> tuple[Session, CheckpointState]:
+    """The session of `cfg` in the state of checkpoint `iteration` (-1: the initial adapter)."""
+    s = sessions.get(cfg)
+    ck = load_checkpoint(layout.store, layout.prefix(iteration, "learner"))
+    restore(s, ck, with_optimizer)
+    return s, ck
 
 
-def open_run_store(cfg: RunConfig) -> ObjectStore:
-    opts = {"endpoint_url": cfg.pipeline.s3_endpoint_url} if cfg.pipeline.s3_endpoint_url else {}
-    return open_store(cfg.pipeline.store, **opts)
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    store: ObjectStore
-    run_id: str
-
-    def iteration_prefix(self, iteration: int) -> str:
-        return join_key(self.run_id, f"iter-{iteration:06d}")
-
-    def prefix(self, iteration: int, stage: str) -> str:
-        if stage == "learner" and iteration < 0:
-            return join_key(self.run_id, "init", "learner")
-        return join_key(self.iteration_prefix(iteration), stage)
-
-    def uri(self, iteration: int, stage: str) -> str:
-        return self.store.uri_for(self.prefix(iteration, stage))
-
-    def complete(self, iteration: int, stage: str) -> bool:
-        if stage == "reward":
-            return scores_complete(self.store, self.iteration_prefix(iteration), "reward")
-        return read_manifest(self.store, self.prefix(iteration, stage)) is not None
-
-
-def _restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
-    s.policy.load_lora_state_dict(ck.lora)
-    s.ema = ck.ema
-    if with_optimizer:
-        from .learner import make_optimizer
-
-        s.optimizer = make_optimizer(s.policy, s.cfg.train)
-        if ck.optimizer is not None:
-            s.optimizer.load_state_dict(ck.optimizer)
-            # load_state_dict also restores the old hyperparameters; the config decides them
-            # (a run branched with --set train.lr=... must train with the new rate)
-            t = s.cfg.train
-            for group in s.optimizer.param_groups:
-                group.update(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-        s.generator.set_state(ck.generator_state)
-
-
-def init_stage(cfg: RunConfig, layout: RunLayout) -> str:
+def init_stage(cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
     """Write the initial adapter (the seeded LoRA init) as checkpoint -1, once per run."""
     prefix = layout.prefix(-1, "learner")
     if not layout.complete(-1, "learner"):
-        s = get_session(cfg)
-        from .seeding import derive_seed
-
+        s = sessions.get(cfg)
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
         init = CheckpointState(-1, 0, s.init_lora, None, gen.get_state(),
                                {"config_digest": cfg.digest(), "base_model": cfg.model.path or "tiny-random"})
@@ -114,15 +70,13 @@ def _records_from(m: Manifest) -> list[PromptRecord]:
     return [PromptRecord(r["id"], r["text"], r.get("metadata", {})) for r in m.extra["records"]]
 
 
-def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
+def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                   progress: Callable[[int], None] | None = None) -> str:
     """Sample iteration i's rollouts with checkpoint i-1 and write them as shards."""
     prefix = layout.prefix(iteration, "rollout")
     if not layout.complete(iteration, "rollout"):
-        s = get_session(cfg)
+        s, ck = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=False)
         ck_prefix = layout.prefix(iteration - 1, "learner")
-        ck = load_checkpoint(layout.store, ck_prefix)
-        _restore(s, ck, with_optimizer=False)
         s.stream.position = ck.stream_position
         t0 = time.perf_counter()
         records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
@@ -139,11 +93,11 @@ def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
     return layout.store.uri_for(prefix)
 
 
-def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
+def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
     """Score the stored rollouts; the shards are never rewritten."""
     base = layout.iteration_prefix(iteration)
     if not layout.complete(iteration, "reward"):
-        s = get_session(cfg)
+        s = sessions.get(cfg)
         rp = layout.prefix(iteration, "rollout")
         m = require_manifest(layout.store, rp, kind="rollouts")
         batch = read_rollouts(layout.store, rp, images=True)
@@ -156,15 +110,13 @@ def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
     return layout.store.uri_for(join_key(base, "reward"))
 
 
-def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
+def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                   progress: Callable[[int], None] | None = None) -> str:
     """Advantages and one GRPO update from checkpoint i-1; writes checkpoint i (manifest last)."""
     prefix = layout.prefix(iteration, "learner")
     if not layout.complete(iteration, "learner"):
-        s = get_session(cfg)
+        s, _ = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=True)
         prev = layout.prefix(iteration - 1, "learner")
-        ck = load_checkpoint(layout.store, prev)
-        _restore(s, ck, with_optimizer=True)
         rp = layout.prefix(iteration, "rollout")
         m = require_manifest(layout.store, rp, kind="rollouts")
         batch = read_rollouts(layout.store, rp, images=False)
@@ -198,18 +150,14 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int,
 
 def checkpoint_metrics(layout: RunLayout, iteration: int) -> dict[str, float]:
     """The metrics the learner recorded in checkpoint i (reads state.json only)."""
-    from .checkpoint import read_state
-
     return read_state(layout.store, layout.prefix(iteration, "learner")).get("info", {}).get("metrics", {})
 
 
-def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
+def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
     """ODE samples of checkpoint i on held-out prompts: reward, per-category scores, a grid."""
     prefix = layout.prefix(iteration, "eval")
     if not layout.complete(iteration, "eval"):
-        s = get_session(cfg)
-        ck = load_checkpoint(layout.store, layout.prefix(iteration, "learner"))
-        _restore(s, ck, with_optimizer=False)
+        s, ck = _at_checkpoint(sessions, cfg, layout, iteration, with_optimizer=False)
         if ck.ema is not None:  # evaluate the EMA weights when EMA is on
             s.policy.load_lora_state_dict(ck.ema)
         result, grid_png = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
@@ -217,8 +165,6 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int) -> str:
         objects = {}
         for name, data in (("eval.json", json.dumps(result, indent=1, sort_keys=True).encode()),
                            ("grid.png", grid_png)):
-            import hashlib
-
             layout.store.put_bytes(join_key(prefix, name), data)
             objects[name] = ObjectInfo(name, hashlib.sha256(data).hexdigest(), len(data))
         write_manifest(layout.store, prefix, Manifest(kind="eval", objects=objects, config_hash=cfg.digest(),

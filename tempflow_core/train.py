@@ -1,7 +1,9 @@
 """`train_in_process`: the whole TempFlow-GRPO loop without orchestration.
 
 It is what the tests drive, and the baseline the Prefect pipeline's overhead is measured
-against. The stage functions below are the same ones the pipeline's tasks call:
+against. It owns one `Session` (session.py) for the whole run. The step functions below
+(run_rollout, score_rollout, run_update, reward_metrics) are the same ones the pipeline's
+stages call (stages.py), on a session they get from their caller:
 
     setup -> for each iteration:
         1. rollout   (no grad): branched (branch/tempflow) or plain SDE (flow_grpo*)
@@ -14,75 +16,23 @@ against. The stage functions below are the same ones the pipeline's tasks call:
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-import torch
 
 from .advantages import compute_advantages
 from .config import RunConfig
-from .learner import build_units, make_optimizer, trained_steps, update
-from .models import load_model
-from .policy import Policy
-from .prompts import PromptRecord, PromptStream, load_prompts
-from .rewards import RewardFn, build_reward
+from .learner import build_units, trained_steps, update
+from .prompts import PromptRecord
+from .rewards import RewardFn
 from .rollout import RolloutBatch, branched_rollout, plain_rollout
-from .schedule import Schedule, make_schedule
+from .schedule import Schedule
 from .seeding import derive_seed
+from .session import Session, setup, update_ema
 from .steps import noise_aware_weights, select_steps, step_pool
-
-
-@dataclass
-class Session:
-    """Everything that lives across iterations of one run."""
-
-    cfg: RunConfig
-    policy: Policy
-    schedule: Schedule
-    optimizer: torch.optim.Optimizer
-    reward_fn: RewardFn
-    stream: PromptStream
-    generator: torch.Generator  # minibatch shuffling
-    init_lora: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter before any update
-    ema: dict[str, torch.Tensor] | None = None  # EMA of the LoRA (train.ema_decay > 0)
-
-
-def update_ema(s: Session) -> None:
-    """ema <- d * ema + (1 - d) * lora, in float32, after each iteration's update."""
-    d = s.cfg.train.ema_decay
-    if d <= 0:
-        return
-    cur = s.policy.lora_state_dict()
-    if s.ema is None:
-        s.ema = {k: v.float().clone() for k, v in s.init_lora.items()}
-    s.ema = {k: d * s.ema[k] + (1.0 - d) * cur[k].float() for k in cur}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe=None) -> Session:
-    """Load the model, attach the LoRA, build reward, prompts, schedule and optimizer."""
-    seed_everything(cfg.train.seed)
-    pipe = pipe if pipe is not None else load_model(cfg.model, workdir)
-    # LoRA init draws from the global RNG: seed it here so that a built and a loaded model
-    # start from the same adapter
-    torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
-    policy = Policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
-                    cfg.train.gradient_checkpointing)
-    schedule = make_schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
-    reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
-    stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
-    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
-    return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen,
-                   policy.lora_state_dict())
 
 
 def batch_prompt_ids(records: list[PromptRecord]) -> list[str]:

@@ -8,7 +8,8 @@ from tempflow_core.learner import build_units, trained_steps
 from tempflow_core.prompts import PromptRecord
 from tempflow_core.schedule import make_schedule
 from tempflow_core.steps import noise_aware_weights, select_steps, step_pool
-from tempflow_core.train import run_rollout, setup, step_weights_for
+from tempflow_core.session import setup
+from tempflow_core.train import run_rollout, step_weights_for
 
 
 def _grid(T: int, shift: float = 3.0, n: int = 1000) -> np.ndarray:

@@ -50,13 +50,14 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
     from tempflow_core.config import load_config
     from tempflow_core.export import export_lora
     from tempflow_core.models import load_pipeline
-    from tempflow_core.stages import RunLayout, open_run_store, read_eval
+    from tempflow_core.layout import RunLayout
+    from tempflow_core.stages import read_eval
 
     from .conftest import tiny_overrides
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1) + ["train.lr=0.05"])
     train_flow(config=cfg, run_id="exp")
-    lay = RunLayout(open_run_store(cfg), "exp")
+    lay = RunLayout.open(cfg, "exp")
     out = export_lora(cfg, lay, 0, tmp_path / "export", resolution=32)
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["num_inference_steps"] == 4 and recipe["guidance_scale"] == cfg.sampling.guidance_scale
@@ -71,9 +72,10 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
                    height=32, width=32, max_sequence_length=0, generator=torch.Generator().manual_seed(s["seed"]),
                    output_type="np").images[0]
         got.append((img * 255).round().astype(np.uint8))
-    from tempflow_core import evaluation, stages
+    from tempflow_core import evaluation
+    from tempflow_core.session import setup
 
-    s_ = stages.get_session(cfg)
+    s_ = setup(cfg)
     from tempflow_core.checkpoint import load_checkpoint
 
     s_.policy.load_lora_state_dict(load_checkpoint(lay.store, lay.prefix(0, "learner")).lora)

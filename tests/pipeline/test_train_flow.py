@@ -10,7 +10,7 @@ import torch
 
 from tempflow_core.config import load_config
 from tempflow_core.rewards import register
-from tempflow_core.stages import RunLayout, open_run_store
+from tempflow_core.layout import RunLayout
 from tempflow_core.train import train_in_process
 
 from .conftest import KEY_ID, SECRET, tiny_overrides
@@ -46,7 +46,7 @@ def _lora(path_or_bytes) -> dict[str, torch.Tensor]:
 def _final_adapter(cfg, run_id: str) -> dict[str, torch.Tensor]:
     from tempflow_core.checkpoint import adapter_bytes
 
-    lay = RunLayout(open_run_store(cfg), run_id)
+    lay = RunLayout.open(cfg, run_id)
     return _lora(adapter_bytes(lay.store, lay.prefix(cfg.train.iterations - 1, "learner")))
 
 
@@ -116,7 +116,7 @@ def test_failed_stage_resumes_without_redoing_finished_stages(prefect_api, tiny_
     from flows.train import train_flow
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["reward.name=test_flaky_brightness"])
-    lay = RunLayout(open_run_store(cfg), "flaky")
+    lay = RunLayout.open(cfg, "flaky")
     FAIL["on"] = True
     with pytest.raises(Exception, match="reward server down"):
         train_flow(config=cfg, run_id="flaky")
@@ -139,7 +139,7 @@ def test_rerun_from_reward_reuses_rollouts_with_another_reward(prefect_api, tiny
     cfg2 = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1)
                        + ["reward.name=jpeg_compressibility"])
     train_flow(config=cfg2, run_id="rescored", resume_from="base", from_stage="reward")
-    lay = RunLayout(open_run_store(cfg), "base")
+    lay = RunLayout.open(cfg, "base")
     shard = "iter-000000/rollout/manifest.json"
     assert lay.store.get_bytes(f"rescored/{shard}") == lay.store.get_bytes(f"base/{shard}")
     r1 = json.loads(lay.store.get_bytes("base/iter-000000/reward/manifest.json"))
@@ -156,7 +156,7 @@ def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, 
                       + ["reward.name=test_constant", "guard.max_bad_iterations=2"])
     with pytest.raises(DegenerateRewardError, match="test_constant"):
         train_flow(config=cfg, run_id="flat")
-    lay = RunLayout(open_run_store(cfg), "flat")
+    lay = RunLayout.open(cfg, "flat")
     assert lay.complete(2, "learner") and not lay.complete(3, "rollout")  # stopped after 3 bad iterations
 
 
@@ -166,7 +166,7 @@ def test_ema_is_checkpointed_and_matches_in_process(prefect_api, tiny_model_dir,
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["train.ema_decay=0.5", "train.lr=0.05"])
     train_flow(config=cfg, run_id="ema")
-    lay = RunLayout(open_run_store(cfg), "ema")
+    lay = RunLayout.open(cfg, "ema")
     ck0, ck1 = (load_checkpoint(lay.store, lay.prefix(i, "learner")) for i in (0, 1))
     init = load_checkpoint(lay.store, lay.prefix(-1, "learner")).lora
     for k in ck1.lora:  # ema_1 = 0.5 ema_0 + 0.5 lora_1 with ema_0 = 0.5 init + 0.5 lora_0
