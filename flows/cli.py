@@ -108,6 +108,7 @@ def train(
         typer.echo(f"done: metrics {out / 'metrics.jsonl'}, LoRA {result.lora_path}")
         return
     from flows.train import train_flow
+    from tempflow_core.runs import RunError
 
     try:
         if resume and not from_stage:
@@ -115,6 +116,9 @@ def train(
         else:
             result = train_flow(config=cfg, run_id=run_id, resume_from=resume, from_stage=from_stage,
                                 from_iteration=from_iteration)
+    except RunError as e:  # a run id or branch request the store cannot honour; the core names no flags
+        _fail(f"{e}\n  a new run from a stage of run RUN: tempflow train --resume RUN --from STAGE "
+              "[--from-iteration N] [--run-id NEW]", 1)
     except Exception as e:  # noqa: BLE001 - the flow logged the traceback; say what failed and how to go on
         typer.echo(f"error: the run failed: {type(e).__name__}: {e}", err=True)
         typer.echo("resume it with `tempflow train --resume <run id>` (the run id is in the log above), or retry the "

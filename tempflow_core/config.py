@@ -1,7 +1,7 @@
 """Typed, validated configuration of a TempFlow-GRPO run.
 
 Every field carries its unit and scope in its description; the Prefect UI renders these
-models as the run form, and the CLI's `--set section.field=value` writes into them. Sizes are
+models as the run form, and `section.field=value` overrides (`apply_overrides`) write into them. Sizes are
 global per iteration, never per device: the engine cuts work into micro-batches itself, so
 group size, prompts per iteration and what fits in memory are independent settings.
 """
@@ -138,14 +138,25 @@ class GuardConfig(_Section):
 
 
 class PipelineConfig(_Section):
+    """Where a run's results go and how it is run; none of it changes what a run computes
+    (RunConfig.digest leaves the section out).
+
+    The core reads `store`, `s3_endpoint_url` and `samples_per_shard`. The other fields are
+    settings of the orchestration layer (flows/, tasks/: tracking and scheduling): they live
+    here so that one config file and one run form hold a whole run, and the core passes them
+    through without interpreting them.
+    """
+
+    # read by the core (stages, layout)
     store: str = Field(".tempflow/store", description="Object store for stage outputs: a local folder, file:///abs/path or s3://bucket/prefix (credentials from the boto3 chain, never from here).")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); AWS_ENDPOINT_URL_S3 works too.")
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in the run folder).")
-    experiment: str = Field("tempflow", description="MLflow experiment name.")
-    registered_model: str = Field("tempflow-lora", description="MLflow registered model for LoRA checkpoints.")
     samples_per_shard: int = Field(32, ge=1, description="Rollout samples (branch points or trajectories) per webdataset shard.")
-    grid_every: int = Field(1, ge=0, description="Log per-group image grids every N iterations (0: never).")
-    gpu_limit: str | None = Field(None, description="Prefect global concurrency limit held around rollout, learner and eval (e.g. 'tempflow-gpu'); None: no limit.")
+    # read by the orchestration only (flows/, tasks/); opaque to the core
+    mlflow_uri: str | None = Field(None, description="Orchestration: tracking server URI the flows log to (default: MLFLOW_TRACKING_URI, else sqlite in the run folder).")
+    experiment: str = Field("tempflow", description="Orchestration: experiment name runs are tracked under.")
+    registered_model: str = Field("tempflow-lora", description="Orchestration: registered model name for LoRA checkpoints.")
+    grid_every: int = Field(1, ge=0, description="Orchestration: log per-group image grids every N iterations (0: never).")
+    gpu_limit: str | None = Field(None, description="Orchestration: name of a concurrency limit the flows hold around rollout, learner and eval (e.g. 'tempflow-gpu'); None: no limit.")
 
 
 class RunConfig(_Section):
@@ -216,7 +227,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 
 def _parse_value(raw: str) -> Any:
-    """Parse a --set value as YAML (numbers, lists, bools), falling back to the raw string."""
+    """Parse an override's value as YAML (numbers, lists, bools), falling back to the raw string."""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:

@@ -55,7 +55,7 @@ def open_run(cfg: RunConfig, layout: RunLayout, resumed_from: dict[str, Any] | N
         write_run(layout, record)
     elif record["config_digest"] != cfg.digest():
         raise RunError(f"run {layout.run_id!r} was made with a different config (digest {record['config_digest'][:8]} "
-                       f"!= {cfg.digest()[:8]}); to change settings, start a new run from it with --from STAGE")
+                       f"!= {cfg.digest()[:8]}); to change settings, branch a new run from one of its stages (branch_run)")
     return record
 
 
@@ -76,7 +76,7 @@ def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: 
     if read_run(src) is None:
         raise RunError(f"run {src.run_id!r} not found in {src.store.uri_for('')}")
     if read_run(dst) is not None or dst.store.list(join_key(dst.run_id)):
-        raise RunError(f"run {dst.run_id!r} already exists; a run started --from another needs a new run id")
+        raise RunError(f"run {dst.run_id!r} already exists; a run branched from another needs a new run id")
     if from_stage != "rollout" and not src.complete(from_iteration, "rollout"):
         raise RunError(f"run {src.run_id!r} has no finished rollout at iteration {from_iteration} to start "
                        f"'{from_stage}' from")
