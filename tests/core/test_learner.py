@@ -17,9 +17,9 @@ PROMPTS, IDS = ["a red circle", "two blue squares"], ["p0", "p1"]
 def policy(tiny_pipe):
     pol = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
     with torch.no_grad():  # move off the zero-init LoRA so that gradients reach A and B
-        for n, p in pol.transformer.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(hash(n) % 1000))
+        for i, (n, p) in enumerate(pol.transformer.named_parameters()):
+            if "lora_B" in n:  # a seed per parameter that is the same in every process
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
     return pol
 
 

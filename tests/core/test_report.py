@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import yaml
 
@@ -27,12 +26,16 @@ def test_eval_score_uses_geneval_only_for_the_shapes_rewards():
     assert report.eval_score("shapes", {"reward": 0.3}) == 0.3
 
 
-def test_mean_curve_matches_numpy_and_skips_points_not_every_seed_reached():
+def test_mean_curve_is_the_seed_mean_and_sample_std_and_skips_points_not_every_seed_reached():
     pts = _curve({0: [0.1, 0.3, 0.5], 1: [0.1, 0.2, 0.7], 2: [0.1, 0.4]})
     rows = report.mean_curve(pts)
     assert [r["iteration"] for r in rows] == [0, 4]  # seed 2 stopped before iteration 8
-    assert rows[1]["mean"] == pytest.approx(np.mean([0.3, 0.2, 0.4]))
-    assert rows[1]["std"] == pytest.approx(np.std([0.3, 0.2, 0.4], ddof=1))
+    # iteration 4: scores 0.3, 0.2, 0.4 -> mean 0.9 / 3 = 0.3; deviations 0, -0.1, +0.1,
+    # squares sum to 0.02; the sample std (n - 1 = 2) is sqrt(0.02 / 2) = 0.1
+    assert rows[1]["mean"] == pytest.approx(0.3)
+    assert rows[1]["std"] == pytest.approx(0.1)
+    # iteration 0: every seed starts at 0.1, so no spread
+    assert rows[0]["mean"] == pytest.approx(0.1) and rows[0]["std"] == pytest.approx(0.0, abs=1e-12)
     assert (rows[1]["min"], rows[1]["max"], rows[1]["n"]) == (0.2, 0.4, 3)
 
 
