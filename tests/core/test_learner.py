@@ -15,6 +15,7 @@ PROMPTS, IDS = ["a red circle", "two blue squares"], ["p0", "p1"]
 
 @pytest.fixture
 def policy(tiny_pipe):
+    torch.manual_seed(0)  # the gaussian LoRA init draws from the global RNG: the same A in every process
     pol = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
     with torch.no_grad():  # move off the zero-init LoRA so that gradients reach A and B
         for i, (n, p) in enumerate(pol.transformer.named_parameters()):
