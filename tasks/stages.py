@@ -19,7 +19,7 @@ from tempflow_core import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
 from tempflow_core.session import SessionCache
-from tempflow_core.storage import StoreError
+from tempflow_core.storage.retry import is_retryable_failure
 
 
 @contextlib.contextmanager
@@ -46,18 +46,19 @@ def progress_bar(total: int, desc: str) -> Iterator:
         yield bar.update
 
 
-def _retry_transient(task, task_run, state) -> bool:
-    """Retry only what can succeed on a second try: store/network faults, not bad configs."""
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only what can succeed on a second try (tempflow_core.storage.retry.is_retryable_failure:
+    the store gave up on a transient fault, 5xx, throttling, timeouts, dropped connections);
+    a bad key, a schema or integrity error, a missing object or a config error fails at once."""
     try:
         state.result()
-    except (StoreError, ConnectionError, TimeoutError, OSError):
-        return True
-    except Exception:  # noqa: BLE001 - anything else is a real failure
-        return False
+    except Exception as e:  # noqa: BLE001 - classified
+        return is_retryable_failure(e)
     return False
 
 
-_common = dict(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_transient)
+STAGE_TASK_OPTIONS = dict(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_transient)
+_common = STAGE_TASK_OPTIONS
 
 
 @task(name="init", task_run_name="init", **_common)

@@ -87,6 +87,17 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_retryable_failure(exc: BaseException) -> bool:
+    """Whether a failed pipeline task may succeed when run again: the store gave up on a
+    transient fault (`StoreUnavailable`), or the fault itself is transient (`is_transient`:
+    5xx, throttling, timeouts, dropped connections). Everything else (a bad key, a schema or
+    integrity error, a missing object, a config error) fails the same way every time.
+    """
+    from .errors import StoreUnavailable
+
+    return isinstance(exc, StoreUnavailable) or is_transient(exc)
+
+
 def describe(exc: BaseException) -> str:
     """'TypeName: message' of an exception (before redaction)."""
     return f"{type(exc).__name__}: {exc}"
