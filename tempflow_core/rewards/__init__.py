@@ -9,31 +9,11 @@ itself, instead of silently training on NaN or zeros of the wrong shape.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import numpy as np
 
-
-class RewardFn(Protocol):
-    def __call__(self, images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
-
-
-class RewardError(RuntimeError):
-    """A reward returned something unusable; the message names the reward."""
-
-
-_REGISTRY: dict[str, Callable[..., RewardFn]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., RewardFn]], Callable[..., RewardFn]]:
-    """Register a reward factory under `name` (factories import heavy models lazily)."""
-
-    def deco(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+from .registry import _REGISTRY, RewardError, RewardFn, register  # noqa: F401  (the package's API)
 
 
 def available() -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import register
+from .registry import register
 
 # ----------------------------------------------------------------------------- shapes
 
