@@ -1,0 +1,85 @@
+"""Short in-process training runs with held-out evaluation: the budget sweep of issue 10.
+
+Each `--run NAME:override,override,...` trains the config with those overrides (no Prefect,
+no MLflow: `tempflow_core.train` and `tempflow_core.evaluation` directly) and evaluates the
+base model and every `--eval-every` iterations under the config's evaluation protocol.
+Prints the curve with standard errors and appends one JSON line per run to `--out`.
+
+    python benchmarks/sweep.py --iterations 24 --eval-every 6 \\
+        --run fixed-lr3e-4:algorithm=flow_grpo_fixed,train.lr=3e-4 \\
+        --run tempflow-lr3e-4:algorithm=tempflow,train.lr=3e-4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tempflow_core.config import load_config
+from tempflow_core.evaluation import eval_prompts, evaluate_policy
+from tempflow_core.report import eval_score, eval_se
+from tempflow_core.session import setup
+from tempflow_core.train import run_rollout, run_update, score_rollout
+
+
+def evaluate(s, cfg) -> dict[str, float]:
+    lora = s.policy.lora_state_dict()
+    if s.ema is not None:  # evaluate the EMA weights when EMA is on, as the pipeline does
+        s.policy.load_lora_state_dict(s.ema)
+    result, _ = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
+    s.policy.load_lora_state_dict(lora)
+    return {"score": eval_score(cfg.reward.name, result), "se": eval_se(cfg.reward.name, result),
+            "reward": result["reward"], "reward_se": result["reward_se"]}
+
+
+def run(name: str, cfg, eval_every: int, log) -> dict:
+    s = setup(cfg)
+    curve = [{"iteration": 0, **evaluate(s, cfg)}]
+    log(f"{name}: it 0 score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}")
+    t0 = time.perf_counter()
+    for it in range(cfg.train.iterations):
+        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
+        batch = run_rollout(s, records, it)
+        rewards, _ = score_rollout(s.reward_fn, batch, records)
+        m = run_update(s, batch, rewards)
+        line = (f"{name}: it {it + 1} train reward {rewards.mean():.3f} ratio [{m['train/ratio_min']:.3f}, "
+                f"{m['train/ratio_max']:.3f}] clip {m['train/clip_frac']:.3f} kl {m['train/kl']:.2e} "
+                f"|g| {m['train/grad_norm']:.2e}")
+        if (it + 1) % eval_every == 0 or it + 1 == cfg.train.iterations:
+            curve.append({"iteration": it + 1, "train_reward": float(rewards.mean()), **evaluate(s, cfg)})
+            line += f" | eval score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}"
+        log(line)
+    return {"name": name, "curve": curve, "minutes": (time.perf_counter() - t0) / 60,
+            "config": cfg.model_dump(mode="json")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="flows/configs/ablation.yaml")
+    ap.add_argument("--base", default="flows/configs/default.yaml", help="config the --config file is layered over")
+    ap.add_argument("--run", action="append", required=True, help="NAME:override,override,...")
+    ap.add_argument("--set", action="append", default=[], help="override for every run")
+    ap.add_argument("--iterations", type=int, default=24)
+    ap.add_argument("--eval-every", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="sweep.jsonl")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import yaml
+
+    base = yaml.safe_load(Path(args.base).read_text()) if args.base else None
+    for spec in args.run:
+        name, _, sets = spec.partition(":")
+        overrides = [*args.set, f"train.iterations={args.iterations}", *[x for x in sets.split(",") if x]]
+        cfg = load_config(args.config, overrides, base=base)
+        result = run(name, cfg, args.eval_every, lambda msg: print(msg, flush=True))
+        with open(args.out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
