@@ -25,6 +25,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from .canonical import canonical_safetensors
 from .shards import Manifest, ObjectInfo, ShardIntegrityError, require_manifest, write_manifest
 from .storage import ObjectStore, join_key
 
@@ -61,8 +62,10 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict[
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(store: ObjectStore, prefix: str, ck: CheckpointState, lora_metadata: dict[str, Any]) -> Manifest:
-    """Write every object, then the manifest (so a killed write leaves no checkpoint)."""
+def save_checkpoint(store: ObjectStore, prefix: str, ck: CheckpointState, lora_metadata: dict[str, Any],
+                    producer: dict[str, Any] | None = None) -> Manifest:
+    """Write every object, then the manifest (so a killed write leaves no checkpoint).
+    `producer`: provenance for the manifest (the stage and the digests of its inputs)."""
     from diffusers import StableDiffusion3Pipeline
 
     objects: dict[str, ObjectInfo] = {}
@@ -74,7 +77,7 @@ def save_checkpoint(store: ObjectStore, prefix: str, ck: CheckpointState, lora_m
     with tempfile.TemporaryDirectory() as tmp:
         StableDiffusion3Pipeline.save_lora_weights(tmp, transformer_lora_layers=ck.lora, safe_serialization=True,
                                                    transformer_lora_adapter_metadata=lora_metadata)
-        put(ADAPTER, (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes())
+        put(ADAPTER, canonical_safetensors((Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()))
     groups: list[dict[str, Any]] = []
     if ck.optimizer is not None:
         tensors, groups = _optimizer_to_tensors(ck.optimizer)
@@ -85,7 +88,7 @@ def save_checkpoint(store: ObjectStore, prefix: str, ck: CheckpointState, lora_m
     state = {"iteration": ck.iteration, "stream_position": ck.stream_position, "param_groups": groups,
              "has_optimizer": ck.optimizer is not None, "has_ema": ck.ema is not None, "info": ck.info}
     put("state.json", json.dumps(state, indent=1, sort_keys=True, default=str).encode())
-    m = Manifest(kind="checkpoint", objects=objects, extra={"iteration": ck.iteration})
+    m = Manifest(kind="checkpoint", objects=objects, producer=dict(producer or {}), extra={"iteration": ck.iteration})
     write_manifest(store, prefix, m)
     return m
 

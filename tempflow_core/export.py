@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .canonical import canonicalize_file
 from .checkpoint import adapter_bytes, load_checkpoint
 from .config import RunConfig
 from .policy import T5_TOKENS
@@ -83,10 +84,11 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
 
         StableDiffusion3Pipeline.save_lora_weights(str(out), transformer_lora_layers=ck.ema, safe_serialization=True,
                                                    transformer_lora_adapter_metadata=_lora_meta(cfg))
+        canonicalize_file(out / "pytorch_lora_weights.safetensors")  # same tensors, same bytes
     else:
         (out / "pytorch_lora_weights.safetensors").write_bytes(adapter_bytes(layout.store, prefix))
     r = recipe(cfg, layout.run_id, iteration, resolution)
-    (out / "recipe.json").write_text(json.dumps(r, indent=2))
+    (out / "recipe.json").write_text(json.dumps(r, indent=2, sort_keys=True))
     (out / "README.md").write_text(f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
 
 Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`

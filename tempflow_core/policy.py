@@ -108,6 +108,8 @@ class Policy:
         """Write pytorch_lora_weights.safetensors that StableDiffusion3Pipeline.load_lora_weights accepts."""
         from diffusers import StableDiffusion3Pipeline
 
+        from .canonical import canonicalize_file
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         # the adapter config (rank, alpha, targets) travels in the safetensors metadata, so
@@ -116,7 +118,7 @@ class Policy:
             save_directory=str(folder), transformer_lora_layers=self.lora_state_dict(), safe_serialization=True,
             transformer_lora_adapter_metadata=self.lora_metadata(),
         )
-        return folder / "pytorch_lora_weights.safetensors"
+        return canonicalize_file(folder / "pytorch_lora_weights.safetensors")  # same tensors, same bytes
 
     def lora_metadata(self) -> dict:
         """The adapter config (rank, alpha, targets), JSON-ready, as diffusers stores it with the weights."""

@@ -12,6 +12,10 @@ Each stage reads its inputs from, and writes its output to, a deterministic pref
 A stage whose manifest exists is not recomputed: that is what makes a retried or resumed
 run continue where it stopped. Every stage is a deterministic function of the config and
 its inputs, so a run killed anywhere and resumed ends with the same LoRA, byte for byte.
+A finished output is used only when its objects match its manifest and its recorded inputs
+are still the ones on the store; a damaged or stale one is moved aside and recomputed, and
+a stage whose input turns out damaged while it reads it heals that input and tries again
+(healing.py).
 
 The stages that need the model take a `SessionCache` (session.py) from their caller, which
 owns the model's lifetime; each restores the state it needs from the previous checkpoint,
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Any, Callable
 
 import torch
 
 from .checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
+from . import healing
 from .config import RunConfig
 from .evaluation import eval_prompts, evaluate_policy
 from .layout import RunLayout
@@ -35,10 +41,42 @@ from .prompts import PromptRecord
 from .seeding import derive_seed
 from .session import Session, SessionCache, restore
 from .shards import (
-    Manifest, ObjectInfo, read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
+    Manifest, ObjectInfo, SchemaError, ShardIntegrityError, StageNotFound, read_rollouts, read_scores,
+    require_manifest, write_manifest, write_rollouts, write_scores,
 )
 from .storage import join_key
 from .train import reward_metrics, run_rollout, run_update_with_advantages, score_rollout
+
+log = logging.getLogger("tempflow.stages")
+
+# an input that is absent, corrupt or unreadable while a stage reads it: heal it and retry once
+_DAMAGED_INPUT = (ShardIntegrityError, StageNotFound, SchemaError)
+
+
+def _ensure(layout: RunLayout, iteration: int, stage: str, inputs: Callable[[], dict[str, str | None]],
+            compute: Callable[[], None], upstream: Callable[[], None]) -> None:
+    """Use the finished output at (iteration, stage) if it is intact and made from the current
+    inputs; otherwise (re)compute it. An input found damaged while computing is healed by
+    `upstream` (which checks, and if need be recomputes, every input) and the stage retried once."""
+    found = healing.check(layout, iteration, stage, inputs())
+    if found is True:
+        return
+    try:
+        compute()
+    except _DAMAGED_INPUT as exc:
+        log.warning("%s: an input is damaged (%s); healing the inputs and retrying", layout.uri(iteration, stage), exc)
+        upstream()
+        compute()
+    if isinstance(found, healing.Quarantined):
+        healing.compare(layout, iteration, stage, found)
+
+
+def _checkpoint(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> None:
+    """Make sure checkpoint `iteration` (-1: the initial adapter) is there and intact."""
+    if iteration < 0:
+        init_stage(cfg, layout, sessions)
+    else:
+        learner_stage(cfg, layout, iteration, sessions)
 
 
 def _at_checkpoint(sessions: SessionCache, cfg: RunConfig, layout: RunLayout, iteration: int,
@@ -53,12 +91,15 @@ def _at_checkpoint(sessions: SessionCache, cfg: RunConfig, layout: RunLayout, it
 def init_stage(cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
     """Write the initial adapter (the seeded LoRA init) as checkpoint -1, once per run."""
     prefix = layout.prefix(-1, "learner")
-    if not layout.complete(-1, "learner"):
+
+    def compute() -> None:
         s = sessions.get(cfg)
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
         init = CheckpointState(-1, 0, s.init_lora, None, gen.get_state(),
                                {"config_digest": cfg.digest(), "base_model": cfg.model.path or "tiny-random"})
-        save_checkpoint(layout.store, prefix, init, s.policy.lora_metadata())
+        save_checkpoint(layout.store, prefix, init, s.policy.lora_metadata(), producer={"stage": "init", "inputs": {}})
+
+    _ensure(layout, -1, "learner", dict, compute, lambda: None)
     return layout.store.uri_for(prefix)
 
 
@@ -74,7 +115,11 @@ def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
                   progress: Callable[[int], None] | None = None) -> str:
     """Sample iteration i's rollouts with checkpoint i-1 and write them as shards."""
     prefix = layout.prefix(iteration, "rollout")
-    if not layout.complete(iteration, "rollout"):
+
+    def inputs() -> dict[str, str | None]:
+        return {"checkpoint": healing.stage_digest(layout, iteration - 1, "learner")}
+
+    def compute() -> None:
         s, ck = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=False)
         ck_prefix = layout.prefix(iteration - 1, "learner")
         s.stream.position = ck.stream_position
@@ -85,18 +130,25 @@ def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
         write_rollouts(
             batch, layout.store, prefix, samples_per_shard=cfg.pipeline.samples_per_shard,
             checkpoint_uri=layout.store.uri_for(ck_prefix), config_hash=cfg.digest(),
-            producer={"stage": "rollout", "iteration": iteration, "run": layout.run_id},
+            producer={"stage": "rollout", "iteration": iteration, "run": layout.run_id, "inputs": inputs()},
             extra={"records": _records_json(records), "stream_position": s.stream.position, "iteration": iteration,
                    "noise_level": cfg.sampling.noise_level,
                    "nfe": batch.nfe, "forward_calls": batch.forward_calls, "seconds": seconds},
         )
+
+    _ensure(layout, iteration, "rollout", inputs, compute,
+            lambda: _checkpoint(cfg, layout, iteration - 1, sessions))
     return layout.store.uri_for(prefix)
 
 
 def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
     """Score the stored rollouts; the shards are never rewritten."""
     base = layout.iteration_prefix(iteration)
-    if not layout.complete(iteration, "reward"):
+
+    def inputs() -> dict[str, str | None]:
+        return {"rollout": healing.stage_digest(layout, iteration, "rollout")}
+
+    def compute() -> None:
         s = sessions.get(cfg)
         rp = layout.prefix(iteration, "rollout")
         m = require_manifest(layout.store, rp, kind="rollouts")
@@ -105,8 +157,10 @@ def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
         rewards, details = score_rollout(s.reward_fn, batch, records)
         write_scores(layout.store, base, "reward", batch.sample_keys(), {"reward": rewards, **details},
                      meta={"reward": cfg.reward.name, "weights": cfg.reward.weights},
-                     producer={"stage": "reward", "iteration": iteration, "run": layout.run_id},
+                     producer={"stage": "reward", "iteration": iteration, "run": layout.run_id, "inputs": inputs()},
                      config_hash=cfg.digest())
+
+    _ensure(layout, iteration, "reward", inputs, compute, lambda: rollout_stage(cfg, layout, iteration, sessions))
     return layout.store.uri_for(join_key(base, "reward"))
 
 
@@ -114,7 +168,13 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
                   progress: Callable[[int], None] | None = None) -> str:
     """Advantages and one GRPO update from checkpoint i-1; writes checkpoint i (manifest last)."""
     prefix = layout.prefix(iteration, "learner")
-    if not layout.complete(iteration, "learner"):
+
+    def inputs() -> dict[str, str | None]:
+        return {"checkpoint": healing.stage_digest(layout, iteration - 1, "learner"),
+                "rollout": healing.stage_digest(layout, iteration, "rollout"),
+                "reward": healing.stage_digest(layout, iteration, "reward")}
+
+    def compute() -> None:
         s, _ = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=True)
         prev = layout.prefix(iteration - 1, "learner")
         rp = layout.prefix(iteration, "rollout")
@@ -144,7 +204,15 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
              "rollouts": layout.store.uri_for(rp), "metrics": metrics},
             s.ema,
         )
-        save_checkpoint(layout.store, prefix, state, s.policy.lora_metadata())
+        save_checkpoint(layout.store, prefix, state, s.policy.lora_metadata(),
+                        producer={"stage": "learner", "iteration": iteration, "inputs": inputs()})
+
+    def upstream() -> None:
+        _checkpoint(cfg, layout, iteration - 1, sessions)
+        rollout_stage(cfg, layout, iteration, sessions)
+        reward_stage(cfg, layout, iteration, sessions)
+
+    _ensure(layout, iteration, "learner", inputs, compute, upstream)
     return layout.store.uri_for(prefix)
 
 
@@ -156,7 +224,11 @@ def checkpoint_metrics(layout: RunLayout, iteration: int) -> dict[str, float]:
 def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
     """ODE samples of checkpoint i on held-out prompts: reward, per-category scores, a grid."""
     prefix = layout.prefix(iteration, "eval")
-    if not layout.complete(iteration, "eval"):
+
+    def inputs() -> dict[str, str | None]:
+        return {"checkpoint": healing.stage_digest(layout, iteration, "learner")}
+
+    def compute() -> None:
         s, ck = _at_checkpoint(sessions, cfg, layout, iteration, with_optimizer=False)
         if ck.ema is not None:  # evaluate the EMA weights when EMA is on
             s.policy.load_lora_state_dict(ck.ema)
@@ -168,7 +240,10 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Sess
             layout.store.put_bytes(join_key(prefix, name), data)
             objects[name] = ObjectInfo(name, hashlib.sha256(data).hexdigest(), len(data))
         write_manifest(layout.store, prefix, Manifest(kind="eval", objects=objects, config_hash=cfg.digest(),
+                                                      producer={"stage": "eval", "inputs": inputs()},
                                                       extra={"iteration": iteration}))
+
+    _ensure(layout, iteration, "eval", inputs, compute, lambda: learner_stage(cfg, layout, iteration, sessions))
     return layout.store.uri_for(prefix)
 
 

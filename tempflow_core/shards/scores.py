@@ -14,6 +14,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
+from ..canonical import canonical_safetensors
 from ..storage import StoreLike, join_key, open_store, validate_key
 from .errors import SchemaError
 from .manifest import (
@@ -115,8 +116,8 @@ def write_scores(
     arrays = _check_arrays(name, keys, values)
     prod, ckpt, cfg = provenance(producer, checkpoint_uri, config_hash)
     prepare_prefix(store, sp, overwrite)
-    data = safetensors.numpy.save(arrays, metadata={"schema_version": str(SCHEMA_VERSION),
-                                                    "keys": json.dumps(keys)})
+    data = canonical_safetensors(safetensors.numpy.save(arrays, metadata={"schema_version": str(SCHEMA_VERSION),
+                                                                          "keys": json.dumps(keys)}))
     info = put_listed_object(store, sp, SCORES_NAME, data)
     manifest = Manifest(
         kind="scores", num_keys=len(keys), objects={"scores": info}, checkpoint_uri=ckpt, config_hash=cfg,

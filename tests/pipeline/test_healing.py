@@ -1,0 +1,114 @@
+"""Corrupt stage outputs heal: a killed run whose stored objects were damaged resumes, moves
+the damaged output aside, recomputes it to the same bytes and ends with the same LoRA."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from tempflow_core.config import load_config
+from tempflow_core.layout import RunLayout
+
+from .conftest import tiny_overrides
+
+ADAPTER = "adapter/pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_api, tiny_model_dir, tmp_path_factory):
+    """One uninterrupted run of 2 iterations: (config, layout); every case copies it."""
+    from flows.train import train_flow
+
+    tmp = tmp_path_factory.mktemp("heal")
+    cfg = load_config(overrides=tiny_overrides(tmp, tiny_model_dir))
+    train_flow(config=cfg, run_id="whole")
+    return cfg, RunLayout.open(cfg, "whole")
+
+
+def _killed_copy(lay: RunLayout, run_id: str) -> RunLayout:
+    """A copy of the finished run as a SIGKILL during iteration 1's learner leaves it: no
+    checkpoint 1 (its manifest was never written), no evaluation."""
+    dst = RunLayout(lay.store, run_id)
+    for key in lay.store.list("whole"):
+        rel = key[len("whole/"):]
+        if rel.startswith(("iter-000001/learner/", "iter-000001/eval/")) and rel.endswith("manifest.json"):
+            continue
+        data = lay.store.get_bytes(key)
+        if rel == "run.json":
+            record = json.loads(data)
+            record.update(run_id=run_id, mlflow_run_id=None)
+            data = json.dumps(record).encode()
+        lay.store.put_bytes(f"{run_id}/{rel}", data)
+    return dst
+
+
+# what each case damages: (stage prefix in the run, object) and how
+CASES = {
+    "shard": ("iter-000001/rollout", "shard-000000.tar"),
+    "score": ("iter-000001/reward", "scores.safetensors"),
+    "embeds": ("iter-000001/rollout", "embeds.safetensors"),
+    "checkpoint": ("iter-000000/learner", ADAPTER),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_a_corrupt_object_is_quarantined_recomputed_to_the_same_bytes_and_the_run_ends_identical(
+        finished, kind, quiet_env):
+    from flows.train import train_flow
+
+    cfg, whole = finished
+    run = f"heal-{kind}"
+    lay = _killed_copy(whole, run)
+    stage, name = CASES[kind]
+    key = f"{run}/{stage}/{name}"
+    original = lay.store.get_bytes(key)
+    if kind == "checkpoint":  # flip one byte inside the tensor data: same size, other sha256
+        damaged = original[:-100] + bytes([original[-100] ^ 0xFF]) + original[-99:]
+    else:  # truncate by 1 KiB
+        damaged = original[:-1024]
+    lay.store.put_bytes(key, damaged)
+    manifest_before = {s: lay.store.get_bytes(f"{run}/{s}/manifest.json")
+                       for s in ("iter-000001/rollout", "iter-000001/reward")}
+
+    train_flow(config=cfg, run_id=run)  # the resume
+
+    # the final checkpoint's adapter file equals the uninterrupted run's, byte for byte
+    final = f"iter-000001/learner/{ADAPTER}"
+    assert lay.store.get_bytes(f"{run}/{final}") == whole.store.get_bytes(f"whole/{final}")
+    # the damaged output lies in quarantine, as it was, with the reason; the live one is whole again
+    q = f"{run}/quarantine/{stage}/01"
+    assert lay.store.get_bytes(f"{q}/{name}") == damaged
+    record = json.loads(lay.store.get_bytes(f"{q}/heal.json"))
+    assert record["reason"].startswith(f"{lay.store.uri_for(key)} is corrupt: sha256 ")
+    assert record["reproduced"] is True and record["differs"] == []
+    assert hashlib.sha256(lay.store.get_bytes(key)).hexdigest() == hashlib.sha256(original).hexdigest()
+    assert len(lay.store.list(f"{run}/quarantine")) == len(lay.store.list(f"{q}"))  # nothing else moved
+    # a recomputed output with the same bytes does not invalidate what was computed from it
+    for s, before in manifest_before.items():
+        if s != stage:
+            assert lay.store.get_bytes(f"{run}/{s}/manifest.json") == before
+
+
+def test_an_output_whose_input_changed_is_recomputed(finished, quiet_env):
+    """The reward of iteration 1 records the digest of the rollout it scored; when that no
+    longer matches (the rollout was replaced), the reward is moved aside and recomputed."""
+    from flows.train import train_flow
+
+    cfg, whole = finished
+    run = "heal-stale"
+    lay = _killed_copy(whole, run)
+    key = f"{run}/iter-000001/reward/manifest.json"
+    m = json.loads(lay.store.get_bytes(key))
+    m["producer"]["inputs"]["rollout"] = "0" * 64  # scored some other rollout
+    lay.store.put_bytes(key, json.dumps(m).encode())
+
+    train_flow(config=cfg, run_id=run)
+
+    record = json.loads(lay.store.get_bytes(f"{run}/quarantine/iter-000001/reward/01/heal.json"))
+    assert "input 'rollout' changed" in record["reason"] and record["reproduced"] is None
+    final = f"iter-000001/learner/{ADAPTER}"
+    assert lay.store.get_bytes(f"{run}/{final}") == whole.store.get_bytes(f"whole/{final}")
+    assert lay.store.get_bytes(f"{run}/iter-000001/reward/scores.safetensors") == \
+        whole.store.get_bytes("whole/iter-000001/reward/scores.safetensors")
