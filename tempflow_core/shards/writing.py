@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tempflow.shards")
 
+SHARD_TMP = "tempflow-shards-"  # local folders of shards being written: tempflow-shards-{pid}-{random}
+
+
+def shard_tmp_prefix() -> str:
+    """The name prefix of this process's shard temp folders: the pid tells a later run whether
+    the writer is gone (runlock.clean_after_kill removes the folders of dead writers)."""
+    return f"{SHARD_TMP}{os.getpid()}-"
+
 
 def write_shards(
     samples: Iterable[dict[str, Any]],
@@ -50,7 +58,7 @@ def write_shards(
     all are awaited (or the error raised) before this returns. Writes no manifest.
     """
     store = open_store(store)
-    with tempfile.TemporaryDirectory(prefix="tempflow-shards-", dir=tmp_dir) as folder, \
+    with tempfile.TemporaryDirectory(prefix=shard_tmp_prefix(), dir=tmp_dir) as folder, \
             cf.ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="shard-upload") as pool:
         return _write_shards(samples, store, prefix, folder, pool, samples_per_shard, max_shard_bytes)
 
@@ -164,7 +172,7 @@ def write_rollouts(
                "prompt_ids": list(batch.prompt_ids), "forward_calls": int(batch.forward_calls), "nfe": int(batch.nfe)}
     side = {"embeds": (EMBEDS_NAME, encode_embeds(batch)),
             "prompts": (PROMPTS_NAME, json_bytes(prompts, "RolloutBatch.prompts"))}
-    with tempfile.TemporaryDirectory(prefix="tempflow-shards-", dir=tmp_dir) as folder, \
+    with tempfile.TemporaryDirectory(prefix=shard_tmp_prefix(), dir=tmp_dir) as folder, \
             cf.ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="shard-upload") as pool:
         pending = {k: pool.submit(put_listed_object, store, prefix, name, data) for k, (name, data) in side.items()}
         shards = _write_shards(samples, store, prefix, folder, pool, samples_per_shard, max_shard_bytes)

@@ -32,6 +32,15 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def put_file(self, key: str, path: str | os.PathLike[str]) -> None: ...
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create `key` only if no object is there (atomically); False when one was. Locks use it."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional put")
+
+    def clean_temporary(self, prefix: str) -> int:
+        """Remove what killed writers left under the folder `prefix` (temp files, unfinished
+        uploads); only call it when no writer is active there. Returns how many were removed."""
+        return 0
+
     @abc.abstractmethod
     def open_read(self, key: str) -> BinaryIO:
         """A streaming reader (close it, or use it as a context manager)."""

@@ -63,6 +63,35 @@ class LocalStore(ObjectStore):
             tmp.unlink(missing_ok=True)
             raise
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write a temp file, then hard-link it to the key: link() fails if the key exists, and
+        a reader never sees a partly written object."""
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, dest)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def clean_temporary(self, prefix: str) -> int:
+        """Delete the hidden temp files (".name.tmp-...") of writes a killed process left."""
+        base = self._path(prefix, what="prefix", allow_empty=True)
+        n = 0
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and _TMP_MARK in name:
+                    Path(dirpath, name).unlink(missing_ok=True)
+                    n += 1
+        return n
+
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         try:

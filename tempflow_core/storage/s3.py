@@ -208,6 +208,40 @@ class S3Store(ObjectStore):
         self.call("put", uri, lambda: self.client.upload_file(
             os.fspath(path), self.bucket, full, Config=self._transfer_config()))
 
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *): S3 answers 412 when the key exists."""
+        import botocore.exceptions as bex
+
+        full, uri = self.full_key(key), self.uri_for(key)
+
+        def run() -> bool:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                return True
+            except bex.ClientError as exc:
+                code, status = client_error_code(exc)
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+
+        return self.call("conditional put", uri, run)
+
+    def clean_temporary(self, prefix: str) -> int:
+        """Abort the multipart uploads a killed writer left unfinished under `prefix`."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        folder = root + folder_prefix(prefix)
+
+        def run() -> int:
+            n = 0
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=folder)
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+            return n
+
+        return self.call("abort uploads", self.uri_for(folder_prefix(prefix).rstrip("/")), run)
+
     def open_read(self, key: str) -> BinaryIO:
         raw = S3ObjectReader(self, self.full_key(key), self.uri_for(key))
         return io.BufferedReader(raw, buffer_size=1 << 20)  # type: ignore[return-value]
