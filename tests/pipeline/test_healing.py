@@ -112,3 +112,24 @@ def test_an_output_whose_input_changed_is_recomputed(finished, quiet_env):
     assert lay.store.get_bytes(f"{run}/{final}") == whole.store.get_bytes(f"whole/{final}")
     assert lay.store.get_bytes(f"{run}/iter-000001/reward/scores.safetensors") == \
         whole.store.get_bytes("whole/iter-000001/reward/scores.safetensors")
+
+
+def test_an_input_found_corrupt_while_a_stage_reads_it_is_healed_and_the_stage_retried(finished):
+    """No resume check in front: the learner itself hits the damaged shard, heals its inputs
+    (the rollout is moved aside and resampled) and computes the same checkpoint."""
+    from tempflow_core import stages
+    from tempflow_core.session import SessionCache
+
+    cfg, whole = finished
+    lay = _killed_copy(whole, "heal-inside")
+    key = "heal-inside/iter-000001/rollout/shard-000000.tar"
+    lay.store.put_bytes(key, lay.store.get_bytes(key)[:-1024])
+    sessions = SessionCache()
+    try:
+        stages.learner_stage(cfg, lay, 1, sessions)
+    finally:
+        sessions.clear()
+    final = f"iter-000001/learner/{ADAPTER}"
+    assert lay.store.get_bytes(f"heal-inside/{final}") == whole.store.get_bytes(f"whole/{final}")
+    record = json.loads(lay.store.get_bytes("heal-inside/quarantine/iter-000001/rollout/01/heal.json"))
+    assert record["reproduced"] is True and "is corrupt" in record["reason"]
