@@ -74,6 +74,17 @@ def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny
     final = tmp_path / "store" / "killed" / "iter-000002" / "learner" / "adapter" / "pytorch_lora_weights.safetensors"
     got, want = st.load_file(str(final)), st.load_file(str(ref.lora_path))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # and the files: the exported adapter of the resumed run (written by other processes) has
+    # the uninterrupted run's bytes, metadata included
+    out = subprocess.run(CLI + ["export-lora", "killed", "--out", str(tmp_path / "lora"), "--store",
+                                str(tmp_path / "store")], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    exported = (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert exported == final.read_bytes() == ref.lora_path.read_bytes()
+    assert exported[8:60] == b'{"__metadata__":{"format":"pt","lora_adapter_metadata"'  # sorted, whatever the process
+    recipe = (tmp_path / "lora" / "recipe.json").read_text()
+    assert recipe == json.dumps(json.loads(recipe), indent=2, sort_keys=True)
 
 
 def test_a_config_from_the_repository_names_the_shipped_model_relative_to_the_checkout(tmp_path):
