@@ -82,7 +82,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny
     assert out.returncode == 0, out.stderr[-2000:]
     exported = (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
     assert exported == final.read_bytes() == ref.lora_path.read_bytes()
-    assert exported[8:60] == b'{"__metadata__":{"format":"pt","lora_adapter_metadata"'  # sorted, whatever the process
+    assert exported[8:].startswith(b'{"__metadata__":{"format":"pt","lora_adapter_metadata":')  # sorted in any process
     recipe = (tmp_path / "lora" / "recipe.json").read_text()
     assert recipe == json.dumps(json.loads(recipe), indent=2, sort_keys=True)
 
