@@ -21,11 +21,17 @@ import typer
 # Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
 STATE = Path(os.environ.get("TEMPFLOW_HOME", ".tempflow")).resolve()
 CHECKOUT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
-Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _local_state() -> None:
+    """Point Prefect at the local state (PREFECT_HOME under TEMPFLOW_HOME) and create it. Called
+    by each command only once its input passed the pre-flight check, before Prefect is
+    imported: a rejected command leaves nothing behind."""
+    os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TempFlow-GRPO for flow-matching text-to-image models.")
 
@@ -36,6 +42,23 @@ ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def _preflight(cfg) -> None:
+    """tempflow_core.preflight on a resolved config, and the HTTP tracking server's health: exit 2
+    with a one-line message naming the field and the fix."""
+    from tempflow_core.preflight import PreflightError, preflight
+
+    from flows.tracking.uri import TrackingUnavailable, probe_configured
+
+    try:
+        preflight(cfg)
+    except PreflightError as e:
+        _fail(str(e))
+    try:
+        probe_configured(cfg.pipeline.mlflow_uri)
+    except TrackingUnavailable as e:
+        _fail(f"pipeline.mlflow_uri: {e}")
 
 
 def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] = None):
@@ -66,7 +89,13 @@ def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
     from tempflow_core.layout import RunLayout
     from tempflow_core.runs import read_run
 
+    from tempflow_core.preflight import PreflightError, check_store_access
+
     probe = _resolve(config, [o for o in overrides if o.startswith("pipeline.")])
+    try:
+        check_store_access(probe)  # reading run.json is the first thing that touches the store
+    except PreflightError as e:
+        _fail(str(e))
     record = read_run(RunLayout.open(probe, run))
     if record is None:
         _fail(f"run {run!r} not found in store {probe.pipeline.store} (set pipeline.store to where it ran)")
@@ -98,6 +127,7 @@ def train(
             _fail(f"--resume continues run {resume!r} with its own config, but these settings differ: "
                   f"{', '.join(changed)}; start a new run from it instead: --resume {resume} --from STAGE "
                   "[--from-iteration N]")
+    _preflight(cfg)
     typer.echo(f"tempflow: {cfg.algorithm}, {cfg.train.iterations} iterations, reward {cfg.reward.name!r}, "
                f"model {cfg.model.path or 'tiny (random init)'}")
     if in_process:
@@ -107,7 +137,12 @@ def train(
         result = train_in_process(cfg, out, progress=sys.stderr.isatty(), on_iteration=_report)
         typer.echo(f"done: metrics {out / 'metrics.jsonl'}, LoRA {result.lora_path}")
         return
-    from flows.train import train_flow
+    _local_state()
+    from flows.train import DegenerateRewardError, tracking_credentials_to_env, train_flow
+
+    cfg = tracking_credentials_to_env(cfg)  # never into the flow parameters Prefect stores
+    from tempflow_core.preflight import PreflightError
+    from tempflow_core.rewards import RewardError
     from tempflow_core.runs import RunError
 
     try:
@@ -119,10 +154,18 @@ def train(
     except RunError as e:  # a run id or branch request the store cannot honour; the core names no flags
         _fail(f"{e}\n  a new run from a stage of run RUN: tempflow train --resume RUN --from STAGE "
               "[--from-iteration N] [--run-id NEW]", 1)
+    except PreflightError as e:  # the flow's own check (the CLI's passed: an input changed meanwhile)
+        _fail(str(e))
     except Exception as e:  # noqa: BLE001 - the flow logged the traceback; say what failed and how to go on
-        typer.echo(f"error: the run failed: {type(e).__name__}: {e}", err=True)
-        typer.echo("resume it with `tempflow train --resume <run id>` (the run id is in the log above), or retry the "
-                   "flow run from the Prefect UI", err=True)
+        from tempflow_core.redaction import redact_text
+
+        typer.echo(f"error: the run failed: {type(e).__name__}: {redact_text(str(e))}", err=True)
+        if isinstance(e, (DegenerateRewardError, RewardError)):
+            typer.echo("resuming repeats this failure: change the reward setup and start a new run (or branch one: "
+                       "tempflow train --resume RUN --from reward --set reward....)", err=True)
+        else:
+            typer.echo("resume it with `tempflow train --resume <run id>` (the run id is in the log above), or retry "
+                       "the flow run from the Prefect UI", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"\nrun {result['run_id']} finished")
     typer.echo(f"  final checkpoint : {result['checkpoint']}")
@@ -175,9 +218,11 @@ def eval_cmd(
     set_: list[str] = typer.Option([], "--set", "-s"),
 ) -> None:
     """Score a checkpoint on the held-out prompts (per-category table for GenEval-style prompts)."""
+    cfg = _run_config(run, store)[0] if run else _resolve(config, set_)
+    _preflight(cfg)
+    _local_state()
     from flows.evaluate import eval_flow
 
-    cfg = _run_config(run, store)[0] if run else _resolve(config, set_)
     result = eval_flow(config=cfg, run_id=run, iteration=iteration)
     if "geneval" in result:
         from tempflow_core.shapes import format_table
@@ -216,12 +261,24 @@ def serve(
     set_: list[str] = typer.Option([], "--set", "-s"),
 ) -> None:
     """Serve the train and eval deployments from this process against a local Prefect
-    server on 127.0.0.1 (started here): open the UI, start runs from the form, retry failures."""
+    server on 127.0.0.1 (started here): open the UI, start runs from the form, retry failures.
+
+    Access: anyone who reaches the API can start runs. Set PREFECT_SERVER_API_AUTH_STRING
+    ('user:password') to make the server started here require HTTP basic auth (this process
+    then uses the same string as its client's PREFECT_API_AUTH_STRING; other clients set
+    PREFECT_API_AUTH_STRING). Runs from the deployments read local files only under
+    $TEMPFLOW_READ_ROOTS (default: the checkout, $TEMPFLOW_DATA_DIR or ~/tempflow-data, and
+    the files named in serve's own config)."""
     import subprocess
     import time
     import urllib.request
 
     cfg = _resolve(config, set_)
+    _preflight(cfg)
+    _local_state()
+    _serve_read_roots(cfg)
+    if os.environ.get("PREFECT_SERVER_API_AUTH_STRING") and not os.environ.get("PREFECT_API_AUTH_STRING"):
+        os.environ["PREFECT_API_AUTH_STRING"] = os.environ["PREFECT_SERVER_API_AUTH_STRING"]  # client of our server
     server = None
     api = os.environ.get("PREFECT_API_URL")
     if not api:
@@ -263,6 +320,19 @@ def serve(
             server.wait(timeout=30)
 
 
+def _serve_read_roots(cfg) -> None:
+    """Runs started from the served deployments read local files only under the read roots
+    (tempflow_core.preflight.read_roots: $TEMPFLOW_READ_ROOTS, else the checkout and a data
+    folder); the files the operator named in serve's own config join them."""
+    from tempflow_core.preflight import READ_ROOTS_ENV, read_roots
+
+    if os.environ.get(READ_ROOTS_ENV):
+        return
+    named = [cfg.model.path, cfg.prompts.source, cfg.prompts.test_source, cfg.eval.prompts]
+    extra = [str(Path(p).resolve()) for p in named if p and not p.startswith("builtin:") and Path(p).exists()]
+    os.environ[READ_ROOTS_ENV] = os.pathsep.join([str(r) for r in read_roots()] + extra)
+
+
 @app.command("pretrain")
 def pretrain_cmd(
     out: Path = typer.Option(Path("models/tiny-shapes-sd3"), "--out", help="Model folder to write."),
@@ -296,6 +366,7 @@ def pretrain_cmd(
         _fail(str(e))
     except ValidationError as e:
         _fail("invalid pretrain config:\n" + "\n".join(f"  {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    _local_state()
     from flows.pretrain import pretrain_flow
 
     torch.set_num_threads(threads)
@@ -316,6 +387,7 @@ def ablation(
 ) -> None:
     """Train the paper's five variants under one budget and draw Figures 1, 2, 4, 5 and Table 1."""
     cfg = _resolve(config, set_)
+    _local_state()
     from flows.ablation import ablation_flow
 
     try:
@@ -391,6 +463,7 @@ def ui(
     from flows.tracking import resolve_tracking_uri
 
     cfg = _resolve(None, [])
+    _local_state()
     bindir = Path(sys.executable).parent
     uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
     procs = [

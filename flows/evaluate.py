@@ -21,7 +21,13 @@ from tempflow_core.session import SessionCache
 def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, iteration: int = -1) -> dict[str, Any]:
     """Evaluate checkpoint `iteration` of `run_id` (-1: the last finished one); without a run,
     evaluate the base model and return the scores."""
+    from prefect.runtime import deployment
+
+    from tempflow_core.preflight import preflight, read_roots
+
     log = get_run_logger()
+    roots = read_roots() if deployment.id else None  # a deployment run reads local files under these only
+    preflight(config, roots=roots)
     sessions = SessionCache()  # this flow run's model
     if run_id is None:
         s = sessions.get(config)
@@ -35,6 +41,7 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
     if record is None:
         raise ValueError(f"run {run_id!r} not found in {config.pipeline.store}")
     config = RunConfig.model_validate(record["config"])  # the run's own model, LoRA and eval settings
+    preflight(config, roots=roots, check_store=False)
     lay = RunLayout.open(config, run_id)
     if iteration < 0:
         last = lay.last_finished(config.train.iterations)

@@ -22,6 +22,7 @@ from tasks.tracking_task import track_eval, track_iteration, tracker_for
 from tempflow_core import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
+from tempflow_core.preflight import preflight, read_roots
 from tempflow_core.prompts import load_prompts
 from tempflow_core.runs import branch_run, new_run_id, open_run, write_run
 from tempflow_core.session import SessionCache
@@ -51,6 +52,31 @@ def guard_check(cfg: RunConfig, history: list[dict[str, float]]) -> None:
             f"(guard.max_bad_iterations={g.max_bad_iterations})")
 
 
+def preflight_check(config: RunConfig) -> None:
+    """tempflow_core.preflight before any stage, so a run started from the Prefect UI or API fails
+    on a bad input the way the CLI does. A run started from a deployment reads local files only
+    under the configured roots (preflight.read_roots: the checkout and a data folder by default)."""
+    from prefect.runtime import deployment
+
+    from flows.tracking.uri import probe_configured
+
+    roots = read_roots() if deployment.id else None
+    preflight(config, roots=roots)
+    probe_configured(config.pipeline.mlflow_uri)  # TrackingUnavailable before the run record is written
+
+
+def tracking_credentials_to_env(config: RunConfig) -> RunConfig:
+    """The config without credentials in pipeline.mlflow_uri: they move to MLflow's own
+    MLFLOW_TRACKING_USERNAME/PASSWORD of this process (flows.tracking.uri.credentials_to_env),
+    so run.json, MLflow params and the parameters of flow runs started by the CLI hold none."""
+    from flows.tracking.uri import credentials_to_env
+
+    plain = credentials_to_env(config.pipeline.mlflow_uri)
+    if plain == config.pipeline.mlflow_uri:
+        return config
+    return config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"mlflow_uri": plain})})
+
+
 def eval_due(cfg: RunConfig, iteration: int) -> bool:
     last = iteration == cfg.train.iterations - 1
     return last or (cfg.eval.every > 0 and (iteration + 1) % cfg.eval.every == 0)
@@ -69,6 +95,8 @@ def train_flow(
     log = get_run_logger()
     from prefect.runtime import flow_run
 
+    config = tracking_credentials_to_env(config)  # a run started from the UI/API may carry them
+    preflight_check(config)
     run_id = run_id or new_run_id(config, flow_run.get_id())
     lay = RunLayout.open(config, run_id)
     origin = None

@@ -103,6 +103,19 @@ def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: Run
     return model_id
 
 
+def score_key(config: RunConfig) -> str:
+    """What a held-out score measures, so that only comparable checkpoints compete for the
+    alias 'best': the experiment, the base model, the objective and the evaluation protocol."""
+    from tempflow_core.preflight import eval_prompt_source
+
+    what = {"experiment": config.pipeline.experiment, "model": config.model.path, "resolution": config.model.resolution,
+            "reward": config.reward.name, "weights": config.reward.weights, "eval_prompts": eval_prompt_source(config)[1],
+            "eval": config.eval.model_dump(mode="json", exclude={"every", "extra_reward"}),
+            "eval_num_steps": config.sampling.eval_num_steps, "guidance_scale": config.sampling.guidance_scale}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{config.pipeline.experiment}/{config.reward.name}/{digest}"
+
+
 @task(name="track-eval", task_run_name="track-eval-{iteration}", cache_policy=NONE, retries=2, retry_delay_seconds=5)
 def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
     """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
@@ -128,10 +141,13 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         best = json.loads(lay.store.get_bytes(best_key))
     except ObjectNotFound:
         best = None
-    if marker is not None and (best is None or score > best["score"]):
-        version = tracker.register(marker["model_id"], config.pipeline.registered_model, alias="best")
+    if marker is not None and (best is None or score > best["score"]):  # this run's best: a new version
+        version = tracker.register(marker["model_id"], config.pipeline.registered_model)
+        # the alias moves only when this checkpoint beats the alias's holder on the same score
+        promoted = tracker.promote(config.pipeline.registered_model, "best", version, score, score_key(config))
         lay.store.put_bytes(best_key, json.dumps({"iteration": iteration, "score": float(np.float64(score)),
-                                                  "model_id": marker["model_id"], "version": version}).encode())
+                                                  "model_id": marker["model_id"], "version": version,
+                                                  "alias_best": promoted}).encode())
     lay.store.put_bytes(eval_marker, b"{}")
 
 

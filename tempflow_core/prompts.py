@@ -47,8 +47,11 @@ def load_prompts(source: str) -> list[PromptRecord]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{source}:{n + 1}: not valid JSON: {e}") from None
-            if "prompt" not in rec:
-                raise ValueError(f"{source}:{n + 1}: record has no 'prompt' field")
+            if not isinstance(rec, dict):
+                raise ValueError(f"{source}:{n + 1}: record is a JSON {type(rec).__name__}, not an object "
+                                 "with a 'prompt' field")
+            if not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{source}:{n + 1}: record has no 'prompt' string")
             out.append(PromptRecord(str(rec.get("id", f"{len(out):06d}")).replace(".", "_"), rec["prompt"], rec))
         return out
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
 MASK = "***"
 _UNPARSEABLE = "<unparseable uri>"
@@ -124,6 +124,22 @@ def redact_uri(uri: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return uri
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(the URI without its user info, user, password), user info percent-decoded; a URI
+    without user info comes back unchanged with (None, None).
+
+    >>> split_credentials("http://ml:p%40ss@host:5000/x")
+    ('http://host:5000/x', 'ml', 'p@ss')
+    """
+    parts = urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return uri, None, None
+    user, colon, password = userinfo.partition(":")
+    plain = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return plain, unquote(user) if user else None, unquote(password) if colon else None
 
 
 def redact_uris(text: str) -> str:

@@ -159,3 +159,33 @@ def register(client, model_id: str, registered_name: str, alias: str | None, tra
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
     return version
+
+
+TAG_SCORE = "tempflow.eval_score"  # on a model version: the held-out score it was promoted with
+TAG_SCORE_KEY = "tempflow.eval_score_key"  # what that score measures (objective, eval protocol, experiment)
+
+
+def promote_if_better(client, registered_name: str, alias: str, version: str, score: float, score_key: str) -> bool:
+    """Point ``alias`` at ``version`` only when its held-out ``score`` beats the alias's current
+    holder on the same ``score_key`` (or nothing holds the alias). Returns whether it moved.
+
+    The score and its key are tagged on the version, so the next run compares against the
+    holder without reading its run. A holder scored on another key (another objective, eval
+    protocol or experiment) is not comparable: the alias stays where it is."""
+    from mlflow.exceptions import MlflowException
+
+    client.set_model_version_tag(registered_name, version, TAG_SCORE, repr(float(score)))
+    client.set_model_version_tag(registered_name, version, TAG_SCORE_KEY, score_key)
+    try:
+        holder = client.get_model_version_by_alias(registered_name, alias)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
+        holder = None
+    if holder is not None and str(holder.version) != str(version):
+        if holder.tags.get(TAG_SCORE_KEY) != score_key:
+            return False
+        if not float(score) > float(holder.tags.get(TAG_SCORE, "-inf")):
+            return False
+    client.set_registered_model_alias(registered_name, alias, version)
+    return True

@@ -319,6 +319,12 @@ class RunTracker:
         with self._guard():
             return models.register(self._client, model_id, registered_name, alias, self.run_id)
 
+    def promote(self, registered_name: str, alias: str, version: str, score: float, score_key: str) -> bool:
+        """Move ``alias`` to ``version`` if its score beats the holder's on ``score_key``
+        (models.promote_if_better); returns whether it moved."""
+        with self._guard():
+            return models.promote_if_better(self._client, registered_name, alias, version, score, score_key)
+
     def log_eval(self, iteration: int, scores: dict[str, float], table_markdown: str | None = None,
                  grid_png: pathlib.Path | None = None) -> None:
         """``eval/<name>`` metrics (child + parent), the table as markdown and MLflow table,

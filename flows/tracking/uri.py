@@ -12,6 +12,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from tempflow_core.redaction import split_credentials
+
 from .values import redact
 
 # Health probe of an HTTP tracking server: attempts x (timeout + pause) stays well under 20 s.
@@ -65,13 +67,46 @@ def sqlite_path(uri: str) -> pathlib.Path | None:
     return None if path.startswith(":memory:") or not path else pathlib.Path(path)
 
 
+def _auth_headers(uri: str) -> tuple[str, dict[str, str]]:
+    """(uri without user:password@, the Authorization header for the probe): the URI's user
+    info, else MLflow's own MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.
+    urllib would take user info for part of the host name."""
+    import base64
+
+    plain, user, password = split_credentials(uri)
+    if user is None:
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        return plain, {"Authorization": f"Basic {token}"}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return plain, {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    return plain, {}
+
+
+def credentials_to_env(uri: str | None) -> str | None:
+    """The tracking URI without its user info; the user and password go to MLflow's own
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process, so the config that
+    Prefect stores as flow parameters, run.json and MLflow params never hold them."""
+    if not uri:
+        return uri
+    plain, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password or ""
+    return plain
+
+
 def probe_http(uri: str) -> None:
-    """GET <uri>/health up to _PROBE_ATTEMPTS times; TrackingUnavailable unless one answers 200."""
-    url = uri.rstrip("/") + "/health"
+    """GET <uri>/health up to _PROBE_ATTEMPTS times; TrackingUnavailable unless one answers 200.
+    The message names the URI with its credentials masked."""
+    plain, headers = _auth_headers(uri.rstrip("/"))
+    url = plain + "/health"
     last: BaseException | None = None
     for attempt in range(_PROBE_ATTEMPTS):
         try:
-            with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as resp:  # noqa: S310
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S) as resp:  # noqa: S310
                 if resp.status == 200:
                     return
                 last = RuntimeError(f"HTTP {resp.status}")
@@ -80,10 +115,18 @@ def probe_http(uri: str) -> None:
         if attempt + 1 < _PROBE_ATTEMPTS:
             time.sleep(_PROBE_PAUSE_S)
     raise TrackingUnavailable(
-        f"MLflow tracking server at {redact(uri)} is unreachable ({url}: {last}); start it, fix "
-        "the tracking URI (config tracking.uri / $MLFLOW_TRACKING_URI), or leave both unset for "
+        f"MLflow tracking server at {redact(uri)} is unreachable ({redact(str(last))}); start it, fix "
+        "the tracking URI (pipeline.mlflow_uri / $MLFLOW_TRACKING_URI), or leave both unset for "
         "a local sqlite store"
     )
+
+
+def probe_configured(configured: str | None) -> None:
+    """Probe the HTTP tracking server a run will use (configured, else $MLFLOW_TRACKING_URI)
+    before the run writes anything; sqlite needs no probe. TrackingUnavailable naming it."""
+    uri = (configured or "").strip() or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri.startswith(("http://", "https://")):
+        probe_http(uri)
 
 
 def connect(uri: str):

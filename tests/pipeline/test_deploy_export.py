@@ -39,6 +39,20 @@ def test_deployment_file_loads_and_entrypoints_import():
                           base=yaml.safe_load((ROOT / "flows" / "configs" / "default.yaml").read_text()))
     for section in ("model", "sampling", "rollout", "lora", "train", "loss", "eval", "reward", "prompts"):
         assert getattr(deployed, section) == getattr(shipped, section), section
+    # nightly and evaluate start from the embedded default of `tempflow train`, not RunConfig()'s
+    # random tiny model on the brightness reward; only where results go and the GPU limit differ
+    from flows.evaluate import eval_flow
+    from flows.train import train_flow
+    from tempflow_core.config import RunConfig
+
+    default = load_config(ROOT / "flows" / "configs" / "default.yaml")
+    for name, flow in (("nightly", train_flow), ("evaluate", eval_flow)):
+        cfg = flow.validate_parameters(next(d for d in spec["deployments"] if d["name"] == name)["parameters"])["config"]
+        assert cfg.model_dump(exclude={"pipeline"}) == default.model_dump(exclude={"pipeline"}), name
+        assert (cfg.model.path, cfg.reward.name, cfg.prompts.source) == ("models/tiny-shapes-sd3", "shapes",
+                                                                         "builtin:shapes_train"), name
+        assert cfg.digest() != RunConfig().digest()
+        assert (ROOT / cfg.model.path / "model_index.json").is_file()  # relative to the checkout (the pull step)
 
 
 def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, tiny_model_dir, tmp_path, quiet_env):

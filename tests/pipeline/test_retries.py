@@ -61,9 +61,9 @@ def test_a_transient_error_is_retried(prefect_api, tmp_path, kind):
     assert _attempts(kind, tmp_path / "attempts.txt") == 3  # 1 + retries=2
 
 
-def test_a_stage_task_on_a_missing_rollout_runs_once(prefect_api, tiny_model_dir, tmp_path, quiet_env):
-    """The real reward task, on a run whose rollout was never written: StageNotFound, one
-    attempt on the Prefect server (it used to be tried three times)."""
+def test_a_stage_task_with_an_invalid_key_runs_once(prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    """The real reward task on a run id that is no valid store key (InvalidKey, a StoreError):
+    one attempt on the Prefect server (it used to be tried three times)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -74,7 +74,7 @@ def test_a_stage_task_on_a_missing_rollout_runs_once(prefect_api, tiny_model_dir
         from prefect.runtime import flow_run
 
         try:
-            reward_task(cfg, "never-rolled-out", 0, SessionCache())
+            reward_task(cfg, "runs/../escape", 0, SessionCache())
         except Exception:  # noqa: BLE001 - the flow's own id is what the test needs
             pass
         return flow_run.get_id()
