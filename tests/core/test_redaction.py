@@ -132,3 +132,12 @@ def test_manifest_keeps_max_tokens_and_drops_secrets(caplog):
     assert prod == {"max_tokens": 77, "session_token": "***", "config_hash": "c1"}
     assert (ckpt, cfg) == ("s3://***@b/ckpt", "c1")
     assert "producer.session_token" in caplog.text and "abcd" not in caplog.text
+
+
+def test_split_credentials_takes_the_user_info_out_of_a_uri():
+    from tempflow_core.redaction import split_credentials
+
+    assert split_credentials("http://ml:p%40ss+w@host:5000/x?a=1") == ("http://host:5000/x?a=1", "ml", "p@ss+w")
+    assert split_credentials("https://tok@h/") == ("https://h/", "tok", None)
+    assert split_credentials("http://host:5000") == ("http://host:5000", None, None)
+    assert split_credentials("sqlite:////abs/mlflow.db") == ("sqlite:////abs/mlflow.db", None, None)
