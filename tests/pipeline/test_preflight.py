@@ -18,7 +18,8 @@ import pytest
 from tempflow_core.config import RunConfig, load_config
 from tempflow_core.preflight import PROMPT_ID, PreflightError, check_prompts, preflight
 
-CLI = [sys.executable, "-m", "flows.cli", "train"]
+_SCRIPT = Path(sys.executable).parent / "tempflow"  # the console script a user runs
+CLI = [str(_SCRIPT), "train"] if _SCRIPT.is_file() else [sys.executable, "-m", "flows.cli", "train"]
 CHECKOUT = Path(__file__).resolve().parents[2]
 SHIPPED = CHECKOUT / "models" / "tiny-shapes-sd3"
 SECRET = "hunter2-preflight-secret"
