@@ -115,9 +115,9 @@ def probe_http(uri: str) -> None:
         if attempt + 1 < _PROBE_ATTEMPTS:
             time.sleep(_PROBE_PAUSE_S)
     raise TrackingUnavailable(
-        f"MLflow tracking server at {redact(uri)} is unreachable ({redact(str(last))}); start it, fix "
-        "the tracking URI (pipeline.mlflow_uri / $MLFLOW_TRACKING_URI), or leave both unset for "
-        "a local sqlite store"
+        f"MLflow tracking server at {redact(uri)} is unreachable ({redact(str(last))}); fix: start it, "
+        "correct the tracking URI (pipeline.mlflow_uri / $MLFLOW_TRACKING_URI), or leave both unset "
+        "for a local sqlite store"
     )
 
 

@@ -97,7 +97,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(s3_server, tmp_path,
     assert out.returncode == 2, out.stderr[-2000:]
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith(f"error: {field}: "), lines[0]
-    assert "fix" in lines[0].split(f"{field}: ", 1)[1], lines[0]
+    assert "; fix: " in lines[0].split(f"{field}: ", 1)[1], lines[0]
     assert "Traceback" not in out.stderr and "--resume" not in out.stderr
     assert SECRET not in out.stderr + out.stdout
     assert not home.exists(), sorted(_tree(home))
