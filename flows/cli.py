@@ -143,14 +143,19 @@ def train(
     cfg = tracking_credentials_to_env(cfg)  # never into the flow parameters Prefect stores
     from tempflow_core.preflight import PreflightError
     from tempflow_core.rewards import RewardError
+    from flows.local_api import local_api
+    from tempflow_core.runlock import RunLocked
     from tempflow_core.runs import RunError
 
     try:
-        if resume and not from_stage:
-            result = train_flow(config=cfg, run_id=resume)
-        else:
-            result = train_flow(config=cfg, run_id=run_id, resume_from=resume, from_stage=from_stage,
-                                from_iteration=from_iteration)
+        with local_api():  # Prefect's temporary server, ended with this process even by kill -9
+            if resume and not from_stage:
+                result = train_flow(config=cfg, run_id=resume)
+            else:
+                result = train_flow(config=cfg, run_id=run_id, resume_from=resume, from_stage=from_stage,
+                                    from_iteration=from_iteration)
+    except RunLocked as e:  # another live process writes this run
+        _fail(str(e), 1)
     except RunError as e:  # a run id or branch request the store cannot honour; the core names no flags
         _fail(f"{e}\n  a new run from a stage of run RUN: tempflow train --resume RUN --from STAGE "
               "[--from-iteration N] [--run-id NEW]", 1)

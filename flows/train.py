@@ -24,6 +24,7 @@ from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
 from tempflow_core.preflight import preflight, read_roots
 from tempflow_core.prompts import load_prompts
+from tempflow_core.runlock import run_lock
 from tempflow_core.runs import branch_run, new_run_id, open_run, write_run
 from tempflow_core.session import SessionCache
 from tempflow_core.storage import join_key
@@ -92,20 +93,28 @@ def train_flow(
 ) -> dict[str, Any]:
     """Train one run. `run_id` of an existing run resumes it; `resume_from` + `from_stage`
     starts a new run that reuses everything of `resume_from` upstream of that stage."""
-    log = get_run_logger()
     from prefect.runtime import flow_run
 
     config = tracking_credentials_to_env(config)  # a run started from the UI/API may carry them
     preflight_check(config)
     run_id = run_id or new_run_id(config, flow_run.get_id())
     lay = RunLayout.open(config, run_id)
+    with run_lock(lay):  # one writer per run; clears what a killed writer left (runlock.py)
+        return _train_run(config, lay, resume_from, from_stage, from_iteration)
+
+
+def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], from_stage: Optional[str],
+               from_iteration: int) -> dict[str, Any]:
+    """The body of train_flow, holding the run's lock."""
+    log = get_run_logger()
+    run_id = lay.run_id
     origin = None
     if resume_from and not from_stage:
         raise ValueError("resume_from needs from_stage (rollout, reward, learner or eval); to continue a run, pass "
                          "its run_id instead")
     if resume_from and from_stage:
         origin = {"run": resume_from, "stage": from_stage, "iteration": from_iteration}
-        n = branch_run(RunLayout.open(config, resume_from), lay, from_stage, from_iteration)
+        n = branch_run(RunLayout.open(config, resume_from), lay, from_stage, from_iteration, config)
         log.info("run %s starts from %s at iteration %d stage %s (%d objects reused)", run_id, resume_from,
                  from_iteration, from_stage, n)
     record = open_run(config, lay, origin)

@@ -1,9 +1,13 @@
 """Run records on the store: what a run is, where it came from, and branching a new run.
 
-`{run}/run.json` holds the config, the MLflow parent run id and, for a run that re-runs a
-finished one from a named stage, the run and stage it came from. Branching copies every
-finished stage upstream of (iteration, stage) into the new run, manifests last, so the new
-run reuses them (e.g. re-score stored rollouts with another reward without sampling again).
+`{run}/run.json` holds the config, the MLflow parent run id, the sha256 of every file the
+config points at (fingerprints.py; a resume whose files changed is refused) and, for a run
+that re-runs a finished one from a named stage, the run and stage it came from. Branching
+copies every finished stage upstream of (iteration, stage) into the new run, manifests last,
+so the new run reuses them (e.g. re-score stored rollouts with another reward without
+sampling again), unless a changed setting invalidates them (invalidation.py). A branch is
+idempotent: its run.json is written before the copy, so a repeated branch with the same
+source, stage and config (Prefect's Retry, a branch killed during the copy) continues it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 from typing import Any
 
 from .config import RunConfig
+from .fingerprints import changed_inputs, fingerprints
+from .invalidation import plan_branch
 from .shards import MANIFEST_NAME
 from .layout import STAGES, RunLayout
 from .storage import ObjectNotFound, join_key
@@ -45,17 +51,28 @@ def new_run_id(cfg: RunConfig, flow_run_id: str | None = None) -> str:
     return f"{cfg.algorithm}-{stamp}-{cfg.digest()[:6]}"
 
 
+def _new_record(cfg: RunConfig, layout: RunLayout, resumed_from: dict[str, Any] | None) -> dict[str, Any]:
+    return {"run_id": layout.run_id, "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "resumed_from": resumed_from, "mlflow_run_id": None, "inputs": fingerprints(cfg)}
+
+
 def open_run(cfg: RunConfig, layout: RunLayout, resumed_from: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Create run.json, or check that an existing run was made with this config."""
+    """Create run.json, or check that an existing run was made with this config and that the
+    files it points at (model, prompts, reward models) are still those it started with."""
     record = read_run(layout)
     if record is None:
-        record = {"run_id": layout.run_id, "config": cfg.model_dump(mode="json"), "config_digest": cfg.digest(),
-                  "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  "resumed_from": resumed_from, "mlflow_run_id": None}
+        record = _new_record(cfg, layout, resumed_from)
         write_run(layout, record)
-    elif record["config_digest"] != cfg.digest():
+        return record
+    if record["config_digest"] != cfg.digest():
         raise RunError(f"run {layout.run_id!r} was made with a different config (digest {record['config_digest'][:8]} "
                        f"!= {cfg.digest()[:8]}); to change settings, branch a new run from one of its stages (branch_run)")
+    changed = changed_inputs(record["inputs"], fingerprints(cfg)) if "inputs" in record else []
+    if changed:
+        raise RunError(f"run {layout.run_id!r} cannot continue: files its config points at changed since it started: "
+                       + "; ".join(changed[:5]) + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else "")
+                       + "; restore them, or start a new run")
     return record
 
 
@@ -69,22 +86,47 @@ def _copy_prefix(src: RunLayout, dst: RunLayout, prefix_src: str, prefix_dst: st
     return n
 
 
-def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: int) -> int:
-    """Copy everything of `src` upstream of (from_iteration, from_stage) into `dst`."""
+_NOT_RUN_DATA = ("lock.json",)  # a run's own lock (runlock.py) is no sign that the run exists
+
+
+def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: int, cfg: RunConfig) -> int:
+    """Start run `dst` with config `cfg` from everything of `src` upstream of (from_iteration,
+    from_stage) that `cfg`'s changed settings leave valid; returns the objects copied.
+
+    Repeating a branch with the same source, stage, iteration and config continues it (the
+    copy is redone, manifests last); a `dst` that exists for anything else is refused."""
     if from_stage not in STAGES:
         raise RunError(f"unknown stage {from_stage!r}; stages are {', '.join(STAGES)}")
-    if read_run(src) is None:
+    source = read_run(src)
+    if source is None:
         raise RunError(f"run {src.run_id!r} not found in {src.store.uri_for('')}")
-    if read_run(dst) is not None or dst.store.list(join_key(dst.run_id)):
-        raise RunError(f"run {dst.run_id!r} already exists; a run branched from another needs a new run id")
+    origin = {"run": src.run_id, "stage": from_stage, "iteration": from_iteration}
+    existing = read_run(dst)
+    if existing is not None:
+        if existing.get("resumed_from") != origin or existing.get("config_digest") != cfg.digest():
+            was = existing.get("resumed_from")
+            raise RunError(f"run {dst.run_id!r} already exists ({'branched from ' + json.dumps(was) if was else 'not a branch'}"
+                           f", config digest {str(existing.get('config_digest'))[:8]}); this branch ({json.dumps(origin)}, "
+                           f"config digest {cfg.digest()[:8]}) needs a new run id")
+        if existing.get("branch_copied"):
+            return 0
+    elif [k for k in dst.store.list(join_key(dst.run_id)) if k[len(dst.run_id) + 1:] not in _NOT_RUN_DATA]:
+        raise RunError(f"run {dst.run_id!r} already holds objects but no run record; a branch needs a new run id")
+    plan = plan_branch(source["config"], cfg.model_dump(mode="json"), from_stage, from_iteration)
+    if plan.refusal:
+        raise RunError(plan.refusal)
     if from_stage != "rollout" and not src.complete(from_iteration, "rollout"):
         raise RunError(f"run {src.run_id!r} has no finished rollout at iteration {from_iteration} to start "
                        f"'{from_stage}' from")
-    copied = _copy_prefix(src, dst, join_key(src.run_id, "init"), join_key(dst.run_id, "init"))
+    record = existing or _new_record(cfg, dst, origin)
+    write_run(dst, record)  # first: a branch killed during the copy is continued by the same branch
+    copied = _copy_prefix(src, dst, join_key(src.run_id, "init"), join_key(dst.run_id, "init")) if plan.copy_init else 0
     for it in range(from_iteration + 1):
         base_s, base_d = src.iteration_prefix(it), dst.iteration_prefix(it)
         for stage in ("rollout", "reward", "advantages", "learner", "eval"):
-            if it == from_iteration and _ORDER[stage] >= _ORDER[from_stage]:
+            if (it == from_iteration and _ORDER[stage] >= _ORDER[from_stage]) or (stage == "eval" and not plan.copy_eval):
                 continue
             copied += _copy_prefix(src, dst, join_key(base_s, stage), join_key(base_d, stage))
+    record["branch_copied"] = True
+    write_run(dst, record)
     return copied

@@ -147,6 +147,40 @@ def test_rerun_from_reward_reuses_rollouts_with_another_reward(prefect_api, tiny
     assert r1["objects"] != r2["objects"]  # re-scored
     assert read_run(RunLayout(lay.store, "rescored"))["resumed_from"] == {"run": "base", "stage": "reward",
                                                                           "iteration": 0}
+    # the same branch again (Prefect's Retry of that flow run) continues the run; nothing is redone
+    final = lay.store.get_bytes("rescored/iter-000000/learner/manifest.json")
+    train_flow(config=cfg2, run_id="rescored", resume_from="base", from_stage="reward")
+    assert lay.store.get_bytes("rescored/iter-000000/learner/manifest.json") == final
+    # a branch whose changed setting reaches a reused output is refused, and writes nothing
+    from tempflow_core.runs import RunError
+
+    cfg7 = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1)
+                       + ["sampling.guidance_scale=7"])
+    with pytest.raises(RunError, match="would reuse rollout outputs .*sampling.guidance_scale"):
+        train_flow(config=cfg7, run_id="cfg7", resume_from="base", from_stage="learner")
+    assert lay.store.list("cfg7") == []
+
+
+def test_a_run_held_by_a_live_process_is_refused_before_any_work(prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    import socket
+    import subprocess
+    import sys
+
+    from flows.train import train_flow
+    from tempflow_core.runlock import RunLocked
+
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1))
+    lay = RunLayout.open(cfg, "busy")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lay.store.put_bytes("busy/lock.json", json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                          "token": "x", "since": "now"}).encode())
+        with pytest.raises(RunLocked, match=f"run 'busy' is being written by pid {other.pid}"):
+            train_flow(config=cfg, run_id="busy")
+        assert lay.store.list("busy") == ["busy/lock.json"]
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, tmp_path, quiet_env):
