@@ -61,11 +61,11 @@ def load_prompts(source: str) -> list[PromptRecord]:
 def _builtin_loaders():
     loaders = {name: (lambda items=items: [PromptRecord(f"{i:06d}", t) for i, t in enumerate(items)])
                for name, items in BUILTIN.items()}
-    try:  # the shapes benchmark registers its train/test splits when present
-        from .shapes.prompts import builtin_prompt_sets
-        loaders.update(builtin_prompt_sets())
-    except ImportError:
-        pass
+    from .shapes.prompts import BUILTIN_SPLITS, load_split
+
+    for split in BUILTIN_SPLITS:  # the shapes benchmark's splits: builtin:shapes_train, _test, _eval
+        loaders[f"shapes_{split}"] = lambda split=split: [PromptRecord(r["id"], r["prompt"], r)
+                                                          for r in load_split(split)]
     return loaders
 
 

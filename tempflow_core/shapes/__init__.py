@@ -12,13 +12,13 @@ from .detect import Detection, detect
 from .evaluate import evaluate, format_table
 from .geometry import relative_position
 from .grid import image_grid
-from .prompts import builtin_prompt_sets, generate_records, load_split, record_for_prompt, split_records, write_prompt_files
+from .prompts import BUILTIN_SPLITS, generate_records, load_split, record_for_prompt, split_records, write_prompt_files
 from .render import SceneObject, generate_dataset, render_batch, render_scene
 from .score import ImageScore, score_images, score_objects
 from .world import COLORS, RELATIONS, SHAPES, TAGS
 
 __all__ = [
-    "COLORS", "RELATIONS", "SHAPES", "TAGS", "Detection", "ImageScore", "SceneObject", "builtin_prompt_sets",
+    "COLORS", "RELATIONS", "SHAPES", "TAGS", "Detection", "ImageScore", "SceneObject", "BUILTIN_SPLITS",
     "detect", "evaluate", "format_table", "generate_dataset", "generate_records", "image_grid", "load_split",
     "record_for_prompt", "relative_position", "render_batch", "render_scene", "score_images", "score_objects",
     "split_records", "write_prompt_files",

@@ -19,12 +19,13 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .world import COLORS, COUNT_WORDS, COUNTS, RELATIONS, SHAPES, TAGS, plural
 
 DATA_DIR = Path(__file__).parent / "data"
 SPLITS: tuple[str, ...] = ("train", "test")
+BUILTIN_SPLITS: tuple[str, ...] = SPLITS + ("eval",)  # served as builtin:shapes_<split> by tempflow_core.prompts
 TEST_FRACTION = 0.25
 # Categories the world holds too few prompts of to hold enough out (3, 6 and 12 prompts):
 # the evaluation set takes all of them and more seeds per prompt instead.
@@ -155,16 +156,6 @@ def record_for_prompt(prompt: str) -> dict[str, Any]:
     if found is None:
         raise KeyError(f"prompt {prompt!r} is not in the shapes grammar and came without GenEval metadata")
     return json.loads(found)
-
-
-def builtin_prompt_sets() -> dict[str, Callable[[], list]]:
-    """Loaders for tempflow_core.prompts: "shapes_train", "shapes_test", "shapes_eval" -> list[PromptRecord]."""
-    from ..prompts import PromptRecord
-
-    def loader(split: str) -> Callable[[], list]:
-        return lambda: [PromptRecord(r["id"], r["prompt"], r) for r in load_split(split)]
-
-    return {f"shapes_{s}": loader(s) for s in SPLITS + ("eval",)}
 
 
 if __name__ == "__main__":
