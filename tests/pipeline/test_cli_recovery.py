@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from .conftest import tiny_overrides
 
@@ -43,3 +45,40 @@ def test_the_temporary_prefect_server_ends_with_a_killed_cli(tiny_model_dir, tmp
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
             cli.wait(timeout=30)
+
+
+_REFERENCE: dict[str, bytes] = {}  # config digest -> final adapter bytes of the in-process run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["reward", "learner", "eval"])  # rollout: test_cli.py, in the default run
+def test_sigkill_in_each_stage_then_resume_gives_the_uninterrupted_adapter_bytes(prefect_api, tiny_model_dir,
+                                                                                 tmp_path, stage):
+    from tempflow_core.config import RunConfig
+    from tempflow_core.train import train_in_process
+
+    env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING",
+           "PREFECT_API_URL": prefect_api}
+    args = ["train", "--run-id", "k"] + sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir)), [])
+    proc = subprocess.Popen(CLI + args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    target = tmp_path / "store" / "k" / "iter-000001" / stage
+    try:
+        deadline = time.time() + 400
+        while not target.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # inside iteration 1's `stage`
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    out = subprocess.run(CLI + ["train", "--resume", "k", "--set", f"pipeline.store={tmp_path / 'store'}"],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = RunConfig.model_validate(json.loads((tmp_path / "store" / "k" / "run.json").read_text())["config"])
+    if cfg.digest() not in _REFERENCE:
+        _REFERENCE[cfg.digest()] = train_in_process(cfg, tmp_path / "reference").lora_path.read_bytes()
+    final = tmp_path / "store" / "k" / "iter-000001" / "learner" / "adapter" / "pytorch_lora_weights.safetensors"
+    assert final.read_bytes() == _REFERENCE[cfg.digest()]
