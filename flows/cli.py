@@ -228,7 +228,10 @@ def eval_cmd(
     _local_state()
     from flows.evaluate import eval_flow
 
-    result = eval_flow(config=cfg, run_id=run, iteration=iteration)
+    from flows.local_api import local_api
+
+    with local_api():  # a temporary Prefect server that ends with this process
+        result = eval_flow(config=cfg, run_id=run, iteration=iteration)
     if "geneval" in result:
         from tempflow_core.shapes import format_table
 
@@ -375,7 +378,10 @@ def pretrain_cmd(
     from flows.pretrain import pretrain_flow
 
     torch.set_num_threads(threads)
-    result = pretrain_flow(config=cfg, out=str(out.resolve()), run_root=str(STATE / "runs"), progress=not quiet)
+    from flows.local_api import local_api
+
+    with local_api():  # a temporary Prefect server that ends with this process
+        result = pretrain_flow(config=cfg, out=str(out.resolve()), run_root=str(STATE / "runs"), progress=not quiet)
     typer.echo(json.dumps(result, indent=1))
 
 
@@ -399,9 +405,12 @@ def ablation(
         seed_list = [int(x) for x in seeds.split(",")]
     except ValueError:
         _fail(f"--seeds must be comma-separated integers, not {seeds!r}")
+    from flows.local_api import local_api
+
     try:
-        result = ablation_flow(base=cfg, variants=variants.split(","), seeds=seed_list, rewards=rewards.split(","),
-                               out=str(out), name=name, report_only=report_only)
+        with local_api():  # a temporary Prefect server that ends with this process
+            result = ablation_flow(base=cfg, variants=variants.split(","), seeds=seed_list, rewards=rewards.split(","),
+                                   out=str(out), name=name, report_only=report_only)
     except ValueError as e:
         _fail(str(e), 1)
     for reward, r in result.items():
