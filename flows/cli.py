@@ -141,6 +141,7 @@ def train(
     from flows.train import DegenerateRewardError, tracking_credentials_to_env, train_flow
 
     cfg = tracking_credentials_to_env(cfg)  # never into the flow parameters Prefect stores
+    from tempflow_core import report
     from tempflow_core.preflight import PreflightError
     from tempflow_core.rewards import RewardError
     from flows.local_api import local_api
@@ -175,8 +176,7 @@ def train(
     typer.echo(f"\nrun {result['run_id']} finished")
     typer.echo(f"  final checkpoint : {result['checkpoint']}")
     for it, e in sorted(result["evals"].items()):
-        extra = f", GenEval-style overall {e['geneval_overall']:.3f}" if "geneval_overall" in e else ""
-        typer.echo(f"  eval (iter {it})   : reward {e['reward']:.4f}{extra}")
+        typer.echo(f"  eval (iter {it})   : {report.eval_summary(e)}")
     typer.echo(f"  export the LoRA  : tempflow export-lora {result['run_id']} --out lora-{result['run_id']}")
     typer.echo(f"  Prefect UI       : PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1")
     typer.echo(f"  MLflow UI        : {result['mlflow_ui']}")

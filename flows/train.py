@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.stages import eval_task, init_task, learner_task, reward_task, rollout_task
 from tasks.tracking_task import track_eval, track_iteration, tracker_for
-from tempflow_core import stages
+from tempflow_core import report, stages
 from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
 from tempflow_core.preflight import preflight, read_roots
@@ -173,6 +173,5 @@ def _artifacts(cfg: RunConfig, run_id: str, lay: RunLayout, history: list[dict[s
              f"- store: `{lay.store.uri_for(run_id)}`", f"- MLflow run: `{tracker.run_id}` ({tracker.ui_command()})",
              f"- iterations finished: {len(history)} / {cfg.train.iterations}"]
     for it, e in sorted(evals.items()):
-        lines.append(f"- eval after iteration {it}: reward {e['reward']:.4f}"
-                     + (f", GenEval-style overall {e['geneval_overall']:.3f}" if "geneval_overall" in e else ""))
+        lines.append(f"- eval after iteration {it}: {report.eval_summary(e)}")
     create_markdown_artifact(markdown="\n".join(lines), key="tempflow-summary", description="run summary")

@@ -40,6 +40,17 @@ def eval_score(reward_name: str, result: dict[str, Any]) -> float:
     return float(result["reward"])
 
 
+def eval_summary(result: dict[str, Any]) -> str:
+    """One line of an eval result: the reward and GenEval-style overall, each with its
+    standard error when recorded, e.g. 'reward 0.3739 ± 0.0210, GenEval-style overall 0.296 ± 0.020'."""
+    def pm(key: str, digits: int) -> str:
+        se = result.get(f"{key}_se")
+        return f"{result[key]:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+    return f"reward {pm('reward', 4)}" + (f", GenEval-style overall {pm('geneval_overall', 3)}"
+                                          if "geneval_overall" in result else "")
+
+
 def score_label(reward_name: str) -> str:
     if reward_name in SHAPES_REWARDS:
         return "GenEval-style overall (held-out)"

@@ -75,3 +75,11 @@ def test_policy_evaluation_scores_every_category_with_its_error(tiny_pipe):
     assert result["reward_se"] == pytest.approx(rewards.std(ddof=1) / math.sqrt(rewards.size))
     assert set(result["geneval_se"]) == set(counts) and result["geneval_overall_se"] >= 0
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_summary_line():
+    from tempflow_core.report import eval_summary
+
+    assert eval_summary({"reward": 0.37391, "reward_se": 0.021, "geneval_overall": 0.296, "geneval_overall_se": 0.02}) \
+        == "reward 0.3739 ± 0.0210, GenEval-style overall 0.296 ± 0.020"
+    assert eval_summary({"reward": 0.5}) == "reward 0.5000"  # results written before standard errors existed
