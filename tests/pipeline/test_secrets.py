@@ -37,6 +37,7 @@ def test_planted_secrets_are_found_nowhere(prefect_api, mlflow_server, s3_server
     env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_api,
            "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_HOME", None)  # CI sets one; the run's Prefect state must land under TEMPFLOW_HOME to be searched
     out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "secrets"]
                          + sum((["--set", s] for s in sets), []), capture_output=True, text=True, timeout=600,
                          env=env, cwd=tmp_path)
