@@ -3,7 +3,7 @@
 `preflight(cfg)` reads what a run reads and writes nothing: the model folder (model_index.json
 and the component folders it names), every prompt source (each record parsed, each id usable
 as a sample key), the reward and the eval reward (registered names, options the factory
-takes, model folders that exist), the eval prompts, the tracking settings the orchestration
+takes, model folders that exist, reward servers that answer), the eval prompts, the tracking settings the orchestration
 will use, and the object store (a local folder that can be created; an S3 bucket that
 answers a HEAD with the credentials of boto3's chain, with short timeouts). The first
 problem raises `PreflightError`, whose one-line message names the field (or file, or URI),
@@ -191,18 +191,18 @@ def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[s
                                  "set reward.weights, e.g. {shapes: 1.0, jpeg_compressibility: 0.1}")
         used = list(weights)
         for part in used:
-            if part not in known:
+            if not rewards.is_known(part):
                 raise PreflightError(f"reward.weights.{part}", f"no reward named {part!r}", f"use one of: {', '.join(known)}")
-    elif name not in known:
+    elif not rewards.is_known(name):
         raise PreflightError(field, f"no reward named {name!r}", f"use one of: {names}")
     else:
         used = [name]
     for opt_name in options:
-        if opt_name not in known:
+        if not rewards.is_known(opt_name):
             raise PreflightError(f"reward.options.{opt_name}", f"no reward named {opt_name!r}",
                                  f"key reward.options by a reward name: {', '.join(known)}")
     for reward in used:
-        factory = rewards._REGISTRY[reward]
+        factory = rewards.factory(reward)
         opts = options.get(reward, {})
         params = inspect.signature(factory).parameters
         for key in opts:
@@ -221,6 +221,23 @@ def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[s
                 if not path.is_dir():
                     raise PreflightError(f"reward.options.{reward}.{key}", f"folder {value!r} does not exist",
                                          "point it at a local model folder (models are never downloaded)")
+        if factory is rewards.factory("remote"):
+            _check_reward_server(reward, opts)
+
+
+def _check_reward_server(reward: str, opts: dict[str, Any]) -> None:
+    """A remote reward's url is set and its server answers GET /health (reward.options.<name>.url)."""
+    from .rewards.remote import RemoteRewardError, RemoteRewardUnavailable, remote
+
+    field = f"reward.options.{reward}.url"
+    if not opts.get("url"):
+        raise PreflightError(field, f"reward {reward!r} needs the reward server's address",
+                             f"set {field}=http://HOST:PORT (start a server: tempflow reward-server --reward NAME)")
+    try:
+        remote(**opts)
+    except (RemoteRewardUnavailable, RemoteRewardError, ValueError) as e:
+        raise PreflightError(field, str(e), "start the server (tempflow reward-server --reward NAME --port PORT) "
+                                            "or fix the url") from None
 
 
 # -- tracking settings (read by the orchestration; checked here so a run fails before work) -----

@@ -38,6 +38,7 @@ from .config import RunConfig
 from .evaluation import eval_prompts, evaluate_policy
 from .layout import RunLayout
 from .prompts import PromptRecord
+from .rewards import reward_servers
 from .seeding import derive_seed
 from .session import Session, SessionCache, restore
 from .shards import (
@@ -155,8 +156,12 @@ def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
         batch = read_rollouts(layout.store, rp, images=True)
         records = _records_from(m)
         rewards, details = score_rollout(s.reward_fn, batch, records)
+        meta: dict[str, Any] = {"reward": cfg.reward.name, "weights": cfg.reward.weights}
+        servers = reward_servers(s.reward_fn)  # remote parts: the server's url, reward name and version
+        if servers:
+            meta["servers"] = servers
         write_scores(layout.store, base, "reward", batch.sample_keys(), {"reward": rewards, **details},
-                     meta={"reward": cfg.reward.name, "weights": cfg.reward.weights},
+                     meta=meta,
                      producer={"stage": "reward", "iteration": iteration, "run": layout.run_id, "inputs": inputs()},
                      config_hash=cfg.digest())
 

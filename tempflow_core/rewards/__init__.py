@@ -5,11 +5,16 @@ dicts (the prompt's record, e.g. GenEval-style requirements). scores are float32
 details maps names to float32 [N] arrays (per-reward parts, per-category checks).
 `build_reward` validates every call's output so that a broken reward fails loudly, naming
 itself, instead of silently training on NaN or zeros of the wrong shape.
+
+A name `BASE:LABEL` builds the registered reward BASE with the options under
+`options['BASE:LABEL']`: the same reward twice with different options, e.g. two reward servers
+(`remote:ocr`, `remote:pick`) in one `weighted` reward. A reward served by another process
+(`remote`) reports which server scored it; `reward_servers` collects that for the manifest.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -21,8 +26,37 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def factory(name: str) -> Callable[..., RewardFn]:
+    """The factory of a registered reward, or of BASE for a labelled name `BASE:LABEL`.
+
+    Raises:
+        KeyError: naming the unknown reward and the available ones.
+    """
+    _load_builtin()
+    base, sep, label = name.partition(":")
+    if name in _REGISTRY or (sep and label and base in _REGISTRY):
+        return _REGISTRY[name] if name in _REGISTRY else _REGISTRY[base]
+    raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY) + ['weighted'])}")
+
+
+def is_known(name: str) -> bool:
+    """Whether `name` is a registered reward or a labelled one (`remote:ocr`)."""
+    try:
+        factory(name)
+    except KeyError:
+        return False
+    return True
+
+
+def reward_servers(fn: RewardFn) -> dict[str, dict[str, Any]]:
+    """What served each remote part of a built reward: {part name: {url, reward, version,
+    protocol}}, from the latest call; {} for a reward computed in this process."""
+    servers = getattr(fn, "servers", None)
+    return dict(servers()) if callable(servers) else {}
+
+
 def _load_builtin() -> None:
-    from . import basic  # noqa: F401  (registers brightness and friends)
+    from . import basic, remote  # noqa: F401  (register brightness, remote)
     try:  # optional reward modules register themselves when present
         from . import extra  # noqa: F401
     except ImportError:
@@ -44,6 +78,10 @@ def checked(name: str, fn: RewardFn) -> RewardFn:
         return scores.astype(np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in (details or {}).items()}
 
     call.__name__ = f"reward_{name}"
+    if callable(getattr(fn, "servers", None)):  # already keyed by part (weighted)
+        setattr(call, "servers", getattr(fn, "servers"))
+    elif callable(getattr(fn, "provenance", None)):  # one remote reward
+        setattr(call, "servers", lambda: {name: getattr(fn, "provenance")()})
     return call
 
 
@@ -71,7 +109,6 @@ def build_reward(name: str, weights: dict[str, float] | None = None,
                 details.update({f"{n}/{k}": v for k, v in d.items()})
             return total, details
 
+        setattr(weighted, "servers", lambda: {k: v for fn in parts.values() for k, v in reward_servers(fn).items()})
         return checked("weighted", weighted)
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY) + ['weighted'])}")
-    return checked(name, _REGISTRY[name](**options.get(name, {})))
+    return checked(name, factory(name)(**options.get(name, {})))

@@ -1,0 +1,294 @@
+"""The reward service: any registered reward served over HTTP, in the project's own protocol.
+
+    tempflow reward-server --reward shapes --port 8701
+    tempflow train --set reward.name=remote --set reward.options.remote.url=http://127.0.0.1:8701
+
+Protocol version 1. Bodies are UTF-8 JSON (no pickle anywhere); images travel as base64 PNG.
+
+    GET  /health -> {"protocol": 1, "reward": "shapes", "version": "0.1.0+3f2a9c1d0b7e"}
+    POST /score  <- {"protocol": 1, "batch_id": "c1-b0", "prompts": [N str], "metadata": [N objects],
+                     "images": [N base64 PNG, RGB, all of one size]}
+                 -> {"protocol": 1, "batch_id": "c1-b0", "reward": ..., "version": ...,
+                     "scores": [N finite numbers], "details": {name: [N numbers, null = NaN]}, "seconds": s}
+    an error     -> {"error": "message"} with 400 (malformed request), 404, 413 (body too large),
+                    422 (the reward rejected its input: retrying cannot help) or 500 (the reward failed).
+
+`version` is the package version plus a digest of the reward factory's source file and its
+options, so the manifest of a reward stage scored remotely says which code scored it.
+The client is `remote.py` (reward `remote`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import inspect
+import io
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .registry import RewardError
+
+PROTOCOL = 1
+MAX_BODY_BYTES = 512 * 1024 * 1024  # a request larger than this is refused with 413
+log = logging.getLogger("tempflow.rewards.service")
+
+
+class ProtocolError(ValueError):
+    """A request or response that does not follow the protocol; the message says what is wrong."""
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def encode_png(image: np.ndarray) -> str:
+    """uint8 [H, W, 3] -> base64 PNG (compress level 1: the bytes cross a local link, CPU is scarcer)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png(data: str) -> np.ndarray:
+    """base64 PNG -> uint8 [H, W, 3]; ProtocolError when it is not one."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.format != "PNG":
+                raise ProtocolError(f"image is {img.format}, not PNG")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError, TypeError) as e:
+        raise ProtocolError(f"an image is not base64 PNG ({e})") from None
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    batch_id: str
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+    images: np.ndarray  # uint8 [N, H, W, 3]
+
+
+@dataclass(frozen=True)
+class ScoreResponse:
+    batch_id: str
+    reward: str
+    version: str
+    scores: np.ndarray  # float32 [N]
+    details: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [N], NaN allowed
+    seconds: float = 0.0
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _load(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{what} is not JSON ({e}): {body[:80]!r}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} is JSON {type(obj).__name__}, not an object")
+    if obj.get("protocol") != PROTOCOL:
+        raise ProtocolError(f"{what} speaks protocol {obj.get('protocol')!r}, this side {PROTOCOL}")
+    return obj
+
+
+def encode_request(req: ScoreRequest) -> bytes:
+    try:
+        return _json({"protocol": PROTOCOL, "batch_id": req.batch_id, "prompts": list(req.prompts),
+                      "metadata": list(req.metadata), "images": [encode_png(im) for im in req.images]})
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"the prompts' metadata cannot be sent as JSON ({e})") from None
+
+
+def decode_request(body: bytes) -> ScoreRequest:
+    obj = _load(body, "request")
+    prompts, metadata, images = obj.get("prompts"), obj.get("metadata"), obj.get("images")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ProtocolError("request.prompts must be a list of strings")
+    if not isinstance(metadata, list) or not all(isinstance(m, dict) for m in metadata):
+        raise ProtocolError("request.metadata must be a list of objects")
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise ProtocolError("request.images must be a list of base64 PNG strings")
+    if not len(prompts) == len(metadata) == len(images):
+        raise ProtocolError(f"request has {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
+    arrays = [decode_png(i) for i in images]
+    if len({a.shape for a in arrays}) > 1:
+        raise ProtocolError(f"images of one request must share a size, got {sorted({a.shape for a in arrays})}")
+    stacked = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+    return ScoreRequest(str(obj.get("batch_id", "")), prompts, metadata, stacked)
+
+
+def _numbers(values: Any, n: int, what: str, nan_ok: bool) -> np.ndarray:
+    if not isinstance(values, list) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, list) else type(values).__name__
+        raise ProtocolError(f"{what}: expected a list of {n} numbers, got {got}")
+    out = np.empty(n, dtype=np.float32)
+    for i, v in enumerate(values):
+        if v is None and nan_ok:
+            out[i] = np.nan
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[i] = v
+        else:
+            raise ProtocolError(f"{what}[{i}] is {v!r}, not a finite number")
+    return out
+
+
+def encode_response(resp: ScoreResponse) -> bytes:
+    def nums(a: np.ndarray) -> list[float | None]:
+        return [float(x) if math.isfinite(x) else None for x in np.asarray(a, dtype=np.float32).tolist()]
+
+    return _json({"protocol": PROTOCOL, "batch_id": resp.batch_id, "reward": resp.reward, "version": resp.version,
+                  "scores": nums(resp.scores), "details": {k: nums(v) for k, v in resp.details.items()},
+                  "seconds": resp.seconds})
+
+
+def decode_response(body: bytes, n: int) -> ScoreResponse:
+    """A /score answer for `n` images; ProtocolError when it is malformed or has another count."""
+    obj = _load(body, "response")
+    details = obj.get("details", {})
+    if not isinstance(details, dict):
+        raise ProtocolError("response.details must be an object")
+    for key in ("reward", "version", "batch_id"):
+        if not isinstance(obj.get(key), str):
+            raise ProtocolError(f"response.{key} must be a string")
+    return ScoreResponse(obj["batch_id"], obj["reward"], obj["version"], _numbers(obj.get("scores"), n, "scores", False),
+                         {str(k): _numbers(v, n, f"details.{k}", True) for k, v in details.items()},
+                         float(obj.get("seconds", 0.0)))
+
+
+def decode_health(body: bytes) -> tuple[str, str]:
+    """(reward name, version) of a /health answer."""
+    obj = _load(body, "health answer")
+    if not isinstance(obj.get("reward"), str) or not isinstance(obj.get("version"), str):
+        raise ProtocolError("health answer lacks the reward's name and version")
+    return obj["reward"], obj["version"]
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def reward_version(name: str, options: dict[str, Any]) -> str:
+    """'<package version>+<12 hex>': the digest covers the factory's source file and its options."""
+    from .. import __version__
+    from . import factory
+
+    h = hashlib.sha256(name.encode())
+    src = inspect.getsourcefile(factory(name))
+    if src:
+        h.update(Path(src).read_bytes())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+class RewardServer:
+    """A registered reward behind /health and /score on a ThreadingHTTPServer.
+
+    Requests are decoded in parallel; the reward itself runs one batch at a time (a model on
+    one GPU is not reentrant), so concurrent clients queue.
+    """
+
+    def __init__(self, reward: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 0):
+        from . import build_reward
+
+        if reward == "weighted":
+            raise ValueError("serve the parts of a weighted reward and combine them on the client (reward 'weighted' "
+                             "over remote rewards)")
+        self.name = reward
+        self.options = dict(options or {})
+        self.fn = build_reward(reward, options={reward: self.options})
+        self.version = reward_version(reward, self.options)
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
+        self.httpd.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def health(self) -> dict[str, Any]:
+        return {"protocol": PROTOCOL, "reward": self.name, "version": self.version}
+
+    def score(self, req: ScoreRequest) -> ScoreResponse:
+        t0 = time.perf_counter()
+        with self._lock:
+            scores, details = self.fn(req.images, req.prompts, req.metadata)
+        return ScoreResponse(req.batch_id, self.name, self.version, scores, details, time.perf_counter() - t0)
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever()
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # headers and body leave in two writes: without NODELAY, Nagle's algorithm holds the
+                # body until the client's delayed ACK (~40 ms a request)
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                log.debug("%s " + format, self.address_string(), *args)
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, status: int, message: str) -> None:
+                self._send(status, json.dumps({"error": message}).encode())
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.rstrip("/") == "/health":
+                    self._send(200, _json(server.health()))
+                else:
+                    self._error(404, f"no such path {self.path!r}: GET /health, POST /score")
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.path.rstrip("/") != "/score":
+                    self._error(404, f"no such path {self.path!r}: GET /health, POST /score")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    self.close_connection = True
+                    self._error(413, f"request of {length} bytes is over {MAX_BODY_BYTES}: send smaller batches")
+                    return
+                try:
+                    req = decode_request(self.rfile.read(length))
+                except ProtocolError as e:
+                    self._error(400, str(e))
+                    return
+                try:
+                    resp = server.score(req)
+                except (RewardError, ValueError, KeyError) as e:  # the input is unusable: the same every time
+                    self._error(422, f"reward {server.name!r}: {type(e).__name__}: {e}")
+                    return
+                except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+                    log.exception("reward %r failed on batch %s", server.name, req.batch_id)
+                    self._error(500, f"reward {server.name!r} failed: {type(e).__name__}: {e}")
+                    return
+                self._send(200, encode_response(resp))
+
+        return Handler
