@@ -56,7 +56,7 @@ def reward_servers(fn: RewardFn) -> dict[str, dict[str, Any]]:
 
 
 def _load_builtin() -> None:
-    from . import basic, remote  # noqa: F401  (register brightness, remote)
+    from . import basic, ocr, remote  # noqa: F401  (register brightness, ocr, remote)
     try:  # optional reward modules register themselves when present
         from . import extra  # noqa: F401
     except ImportError:
