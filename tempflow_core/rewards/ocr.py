@@ -37,7 +37,7 @@ def target_text(prompt: str, metadata: dict[str, Any] | None = None) -> str:
     'Hello World'
     """
     if metadata and isinstance(metadata.get("text"), str) and metadata["text"]:
-        return metadata["text"]
+        return str(metadata["text"])
     m = _QUOTED.search(prompt)
     if m is None:
         raise ValueError(f"reward 'ocr': prompt {prompt!r} has no text in double quotes (nor metadata['text']): "

@@ -116,10 +116,11 @@ class RemoteReward:
                                          method="POST" if body is not None else "GET")
             try:
                 with urllib.request.urlopen(req, timeout=timeout) as resp:
-                    return resp.read()
+                    data: bytes = resp.read()
+                    return data
             except Exception as e:  # noqa: BLE001 - classified below
                 if not is_transient(e):
-                    if isinstance(e, (urllib.error.URLError, http.client.HTTPException, OSError)):
+                    if isinstance(e, (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)):
                         raise self._fail(RemoteRewardError, f"{what} failed: {_reason(e)}") from None
                     raise
                 if attempt == self.policy.retries:

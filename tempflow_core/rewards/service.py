@@ -93,6 +93,10 @@ def _json(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode("utf-8")
+
+
 def _load(body: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(body.decode("utf-8"))
@@ -217,7 +221,7 @@ class RewardServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host.decode() if isinstance(host, bytes) else host}:{port}"
 
     def health(self) -> dict[str, Any]:
         return {"protocol": PROTOCOL, "reward": self.name, "version": self.version}
@@ -257,38 +261,33 @@ class RewardServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _error(self, status: int, message: str) -> None:
-                self._send(status, json.dumps({"error": message}).encode())
-
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.rstrip("/") == "/health":
-                    self._send(200, _json(server.health()))
-                else:
-                    self._error(404, f"no such path {self.path!r}: GET /health, POST /score")
+                ok = self.path.rstrip("/") == "/health"
+                self._send(200 if ok else 404, _json(server.health()) if ok else _error(f"no such path {self.path!r}"))
 
             def do_POST(self) -> None:  # noqa: N802
+                self._send(*self._score())
+
+            def _score(self) -> tuple[int, bytes]:
                 if self.path.rstrip("/") != "/score":
-                    self._error(404, f"no such path {self.path!r}: GET /health, POST /score")
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    self.close_connection = True
-                    self._error(413, f"request of {length} bytes is over {MAX_BODY_BYTES}: send smaller batches")
-                    return
+                    return 404, _error(f"no such path {self.path!r}: GET /health, POST /score")
+                length = self.headers.get("Content-Length", "")
+                if not length.isdigit():
+                    self.close_connection = True  # where the body ends is unknown
+                    return 400, _error("POST /score needs a Content-Length header")
+                if int(length) > MAX_BODY_BYTES:
+                    self.close_connection = True  # the body was not read
+                    return 413, _error(f"request of {length} bytes is over {MAX_BODY_BYTES}: send smaller batches")
                 try:
-                    req = decode_request(self.rfile.read(length))
+                    req = decode_request(self.rfile.read(int(length)))
                 except ProtocolError as e:
-                    self._error(400, str(e))
-                    return
+                    return 400, _error(str(e))
                 try:
-                    resp = server.score(req)
+                    return 200, encode_response(server.score(req))
                 except (RewardError, ValueError, KeyError) as e:  # the input is unusable: the same every time
-                    self._error(422, f"reward {server.name!r}: {type(e).__name__}: {e}")
-                    return
+                    return 422, _error(f"reward {server.name!r}: {type(e).__name__}: {e}")
                 except Exception as e:  # noqa: BLE001 - reported to the client, logged here
                     log.exception("reward %r failed on batch %s", server.name, req.batch_id)
-                    self._error(500, f"reward {server.name!r} failed: {type(e).__name__}: {e}")
-                    return
-                self._send(200, encode_response(resp))
+                    return 500, _error(f"reward {server.name!r} failed: {type(e).__name__}: {e}")
 
         return Handler

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
@@ -29,7 +30,7 @@ from tempflow_core.preflight import PreflightError, check_reward
 from tempflow_core.prompts import load_prompts
 from tempflow_core.rewards import build_reward, reward_servers
 from tempflow_core.rewards.remote import RemoteRewardError, RemoteRewardUnavailable
-from tempflow_core.rewards.service import ScoreResponse, decode_request, encode_response
+from tempflow_core.rewards.service import ScoreResponse, decode_request, encode_png, encode_response
 from tempflow_core.rollout import RolloutBatch, Trajectory
 from tempflow_core.shapes import render_batch
 from tempflow_core.shards import read_manifest, read_scores, write_rollouts
@@ -84,6 +85,28 @@ def test_several_servers_combine_through_weighted(shapes_url, shapes_batch):
     servers = reward_servers(w)
     assert {k: v["reward"] for k, v in servers.items()} == {"remote:shapes": "shapes", "remote:bright": "brightness"}
     assert servers["remote:bright"]["url"] == bright_url
+
+
+def test_the_server_refuses_malformed_requests(shapes_url):
+    def post(path: str, body: bytes) -> tuple[int, str]:
+        req = urllib.request.Request(shapes_url + path, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]
+
+    assert post("/score", b"not json") == (400, "request is not JSON (Expecting value: line 1 column 1 (char 0)): "
+                                                "b'not json'")
+    status, error = post("/score", json.dumps({"protocol": 2}).encode())
+    assert status == 400 and "protocol 2" in error
+    status, error = post("/score", json.dumps({"protocol": 1, "prompts": ["a"], "metadata": [{}],
+                                               "images": ["bm90IGEgcG5n"]}).encode())
+    assert status == 400 and "not base64 PNG" in error
+    status, error = post("/score", json.dumps({"protocol": 1, "prompts": ["a purple star"], "metadata": [{}],
+                                               "images": [encode_png(np.zeros((8, 8, 3), np.uint8))]}).encode())
+    assert status == 422 and "reward 'shapes': KeyError" in error  # no such shapes prompt: not retried
+    assert post("/nope", b"{}")[0] == 404
 
 
 class _Stub:  # the SessionCache of reward_stage: only the reward is used
