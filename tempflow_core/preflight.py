@@ -236,8 +236,7 @@ def _check_reward_server(reward: str, opts: dict[str, Any]) -> None:
     try:
         remote(**opts)
     except (RemoteRewardUnavailable, RemoteRewardError, ValueError) as e:
-        raise PreflightError(field, str(e), "start the server (tempflow reward-server --reward NAME --port PORT) "
-                                            "or fix the url") from None
+        raise PreflightError(field, str(e), "start the server or correct the url") from None
 
 
 # -- tracking settings (read by the orchestration; checked here so a run fails before work) -----
