@@ -264,6 +264,13 @@ def test_scored_batches_are_not_sent_again_after_a_failure():
     assert np.array_equal(scores, BRIGHT) and srv.requests == 4
 
 
+def test_the_stage_retry_takes_only_transient_failures():
+    from tempflow_core.storage.retry import is_retryable_failure  # the reward task's retry_condition_fn
+
+    assert is_retryable_failure(RemoteRewardUnavailable("reward server http://h:1: refused"))
+    assert not is_retryable_failure(RemoteRewardError("reward server http://h:1: bad answer"))
+
+
 def test_a_slow_server_times_out_naming_it():
     with FakeServer(["slow"]) as srv:
         fn = remote(srv.url, timeout=0.3, retries=1)
