@@ -75,7 +75,11 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
     out = export_lora(cfg, lay, 0, tmp_path / "export", resolution=32)
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["num_inference_steps"] == 4 and recipe["guidance_scale"] == cfg.sampling.guidance_scale
-    assert "load_lora_weights" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(snippet, str(out / "README.md"), "exec"), scope)  # the exported README's snippet runs as written
+    assert scope["image"].size == (recipe["resolution"], recipe["resolution"])
 
     ev = read_eval(lay, 0)
     pipe = load_pipeline(tiny_model_dir)
