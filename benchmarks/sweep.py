@@ -33,7 +33,8 @@ def evaluate(s, cfg) -> dict[str, float]:
     result, _ = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
     s.policy.load_lora_state_dict(lora)
     return {"score": eval_score(cfg.reward.name, result), "se": eval_se(cfg.reward.name, result),
-            "reward": result["reward"], "reward_se": result["reward_se"]}
+            "reward": result["reward"], "reward_se": result["reward_se"],
+            "categories": result.get("geneval", {})}
 
 
 def run(name: str, cfg, eval_every: int, log) -> dict:
