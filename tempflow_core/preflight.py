@@ -144,12 +144,13 @@ def eval_prompt_source(cfg: RunConfig) -> tuple[str, str]:
 def check_prompts(source: str, field: str, roots: list[Path] | None = None) -> int:
     """Every record of a prompt source parses, has a non-empty text and an id that is a valid,
     unique sample key. Returns the number of prompts."""
-    from .prompts import load_prompts
+    from .prompts import load_prompts, split_source
 
     fix = (f"set {field} to builtin:<name>, a .txt file (one prompt a line) or a .jsonl file of objects "
-           "with a 'prompt' string and an optional 'id' of letters, digits, '_' and '-'")
+           "with a 'prompt' string and an optional 'id' of letters, digits, '_' and '-'; "
+           "a source may end in ?tags=CATEGORY,... to keep only those categories")
     if not source.startswith("builtin:"):
-        _check_under_roots(Path(source).expanduser(), field, roots)
+        _check_under_roots(Path(split_source(source)[0]).expanduser(), field, roots)
     try:
         records = load_prompts(source)
     except FileNotFoundError as e:

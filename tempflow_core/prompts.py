@@ -1,8 +1,13 @@
-"""Prompt sets: built-in lists, text files and GenEval-style JSONL with metadata."""
+"""Prompt sets: built-in lists, text files and GenEval-style JSONL with metadata.
+
+A source may end in `?tags=a,b`: only the records whose metadata `tag` (the GenEval category)
+is one of those, in the source's order, e.g. `builtin:shapes_train?tags=single_object,colors`.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,36 @@ class PromptRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+_TAG_FILTER = re.compile(r"\?tags=([A-Za-z0-9_,-]+)$")
+
+
+def split_source(source: str) -> tuple[str, tuple[str, ...]]:
+    """'SOURCE?tags=a,b' -> ('SOURCE', ('a', 'b')); a source without a filter -> (source, ())."""
+    m = _TAG_FILTER.search(source)
+    if m is None:
+        return source, ()
+    return source[:m.start()], tuple(t for t in m.group(1).split(",") if t)
+
+
 def load_prompts(source: str) -> list[PromptRecord]:
-    """Resolve a PromptsConfig source.
+    """Resolve a PromptsConfig source, with its `?tags=` filter if it has one.
 
     Raises:
-        FileNotFoundError / ValueError: naming the source.
+        FileNotFoundError / ValueError: naming the source (and a tag no record has).
     """
+    base, tags = split_source(source)
+    records = _load(base)
+    if not tags:
+        return records
+    present = sorted({str(r.metadata.get("tag")) for r in records if r.metadata.get("tag") is not None})
+    for tag in tags:
+        if tag not in present:
+            raise ValueError(f"prompt source {source!r}: no record has tag {tag!r} "
+                             f"(tags present: {', '.join(present) or 'none'})")
+    return [r for r in records if r.metadata.get("tag") in tags]
+
+
+def _load(source: str) -> list[PromptRecord]:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         loader = _builtin_loaders().get(name)

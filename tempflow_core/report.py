@@ -17,7 +17,7 @@ import yaml
 from . import stages
 from .config import RunConfig
 from .layout import RunLayout
-from .prompts import load_prompts
+from .prompts import load_prompts, split_source
 
 SHAPES_REWARDS = ("shapes", "shapes_strict")
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -277,7 +277,9 @@ def write_bundle(folder: Path, configs: dict[str, RunConfig]) -> dict[str, str]:
         sources.update(s for s in (cfg.prompts.source, cfg.prompts.test_source, cfg.eval.prompts) if s)
     written = {}
     for source in sorted(sources):
-        name = source.split(":", 1)[-1].rsplit("/", 1)[-1].removesuffix(".jsonl").removesuffix(".txt")
+        base, tags = split_source(source)
+        name = base.split(":", 1)[-1].rsplit("/", 1)[-1].removesuffix(".jsonl").removesuffix(".txt")
+        name += "".join(f"_{t}" for t in tags)
         path = folder / "prompts" / f"{name}.jsonl"
         write_text(path, "".join(json.dumps({**r.metadata, "id": r.id, "prompt": r.text}, sort_keys=True) + "\n"
                                  for r in load_prompts(source)))

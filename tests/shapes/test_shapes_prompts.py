@@ -92,3 +92,23 @@ def test_record_for_prompt_inverts_the_grammar():
     else:
         raise AssertionError("unknown prompt accepted")
     assert json.loads(json.dumps(rec)) == rec
+
+
+def test_tag_filter_keeps_exactly_the_named_categories_in_order(tmp_path):
+    import pytest
+
+    from tempflow_core.preflight import PreflightError, check_prompts
+
+    wanted = {"single_object", "two_object", "colors"}
+    full = load_prompts("builtin:shapes_train")
+    small = load_prompts("builtin:shapes_train?tags=single_object,two_object,colors")
+    assert small == [r for r in full if r.metadata["tag"] in wanted]  # same records, same order
+    assert {r.metadata["tag"] for r in small} == wanted and 0 < len(small) < len(full)
+    path = DATA_DIR / "train.jsonl"  # the file route filters alike
+    assert load_prompts(f"{path}?tags=colors") == [r for r in full if r.metadata["tag"] == "colors"]
+    with pytest.raises(ValueError, match="no record has tag 'colour'.*tags present: color_attr, colors"):
+        load_prompts("builtin:shapes_train?tags=colors,colour")
+    with pytest.raises(PreflightError) as e:  # refused before any work, naming the field
+        check_prompts("builtin:shapes_train?tags=countng", "prompts.source")
+    assert "prompts.source" in str(e.value) and "countng" in str(e.value)
+    assert check_prompts(f"{path}?tags=counting", "prompts.source", roots=[DATA_DIR]) == 27
