@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import RunConfig
+from .prompts import split_source
 
 
 _NOT_LOADED = (".md",)  # documentation beside the weights (a model card): editing it changes no result
@@ -45,7 +46,7 @@ def input_paths(cfg: RunConfig) -> list[Path]:
     paths = [Path(cfg.model.path)] if cfg.model.path else []
     for src in (cfg.prompts.source, cfg.prompts.test_source, cfg.eval.prompts):
         if src and not src.startswith("builtin:"):
-            paths.append(Path(src))
+            paths.append(Path(split_source(src)[0]))  # the file a `?tags=` filter reads
     paths += list(_option_paths(cfg.reward.options))
     return paths
 

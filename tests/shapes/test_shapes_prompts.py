@@ -112,3 +112,12 @@ def test_tag_filter_keeps_exactly_the_named_categories_in_order(tmp_path):
         check_prompts("builtin:shapes_train?tags=countng", "prompts.source")
     assert "prompts.source" in str(e.value) and "countng" in str(e.value)
     assert check_prompts(f"{path}?tags=counting", "prompts.source", roots=[DATA_DIR]) == 27
+
+
+def test_a_filtered_file_source_fingerprints_the_file_it_reads():
+    from tempflow_core.config import load_config
+    from tempflow_core.fingerprints import input_paths
+
+    path = DATA_DIR / "train.jsonl"
+    cfg = load_config(None, [f"prompts.source={path}?tags=colors", "model.path="])
+    assert input_paths(cfg) == [path]
