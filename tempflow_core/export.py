@@ -14,6 +14,7 @@ from typing import Any
 from .canonical import canonicalize_file
 from .checkpoint import adapter_bytes, load_checkpoint
 from .config import RunConfig
+from .models import absent_components
 from .policy import T5_TOKENS
 from .layout import RunLayout
 
@@ -89,6 +90,7 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
         (out / "pytorch_lora_weights.safetensors").write_bytes(adapter_bytes(layout.store, prefix))
     r = recipe(cfg, layout.run_id, iteration, resolution)
     (out / "recipe.json").write_text(json.dumps(r, indent=2, sort_keys=True))
+    none_kwargs = "".join(f", {k}=None" for k in absent_components(cfg.model.path)) if cfg.model.path else ""
     (out / "README.md").write_text(f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
 
 Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`
@@ -98,7 +100,7 @@ Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['ba
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-pipe = StableDiffusion3Pipeline.from_pretrained("{r['base_model']}")
+pipe = StableDiffusion3Pipeline.from_pretrained("{r['base_model']}"{none_kwargs})
 pipe.load_lora_weights("{out.resolve()}")
 image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
              num_inference_steps={r['num_inference_steps']},

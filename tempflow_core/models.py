@@ -202,9 +202,16 @@ def load_pipeline(path: str | Path, dtype: str = "float32"):
     if not (p / "model_index.json").is_file():
         raise FileNotFoundError(f"model folder {str(p)!r} has no model_index.json (not a saved diffusers pipeline)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return StableDiffusion3Pipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True,
+                                                    **absent_components(p))
+
+
+def absent_components(path: str | Path) -> dict[str, None]:
+    """The optional components a pipeline folder saved as null (T5 of a CLIP-only model):
+    `from_pretrained` must be told they are None."""
+    p = Path(path)
     index = json.loads((p / "model_index.json").read_text())
-    missing = {k: None for k in ("text_encoder_3", "tokenizer_3") if not (p / k).is_dir() and index.get(k, [None])[0] is None}
-    return StableDiffusion3Pipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True, **missing)
+    return {k: None for k in ("text_encoder_3", "tokenizer_3") if not (p / k).is_dir() and index.get(k, [None])[0] is None}
 
 
 def load_model(cfg: ModelConfig, workdir: str | Path | None = None):
