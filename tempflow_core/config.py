@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .families import ModelFamily, detect_family, family_defaults
+
 Algorithm = Literal["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
 DEFAULT_LORA_TARGETS = [
@@ -29,26 +31,27 @@ class _Section(BaseModel):
 
 
 class TinyModelConfig(_Section):
-    """Sizes of the tiny StableDiffusion3Pipeline built when no model path is given."""
+    """Sizes of the tiny pipeline (StableDiffusion3Pipeline or FluxPipeline) built when no model path is given."""
 
+    family: ModelFamily = Field("sd3", description="Which tiny pipeline: 'sd3' (SD3 transformer, two CLIP encoders) or 'flux' (FLUX transformer with guidance embedding, CLIP + T5); a model.path folder names its own family in model_index.json.")
     resolution: int = Field(32, ge=16, le=512, description="Image side in pixels.")
     vae_channels: list[int] = Field([8, 16, 16], min_length=1, description="AutoencoderKL block widths; the latent is resolution / 2**(len-1) pixels wide.")
     latent_channels: int = Field(4, ge=1)
-    layers: int = Field(2, ge=1, description="SD3 transformer blocks.")
+    layers: int = Field(2, ge=1, description="Transformer blocks (FLUX: this many double-stream and this many single-stream blocks).")
     heads: int = Field(2, ge=1)
     head_dim: int = Field(16, ge=4)
     patch_size: int = Field(2, ge=1)
-    text_width: int = Field(32, ge=8, description="Hidden width of each tiny CLIP text encoder.")
+    text_width: int = Field(32, ge=8, description="Hidden width of each tiny text encoder (CLIP, and FLUX's T5).")
     text_layers: int = Field(1, ge=1)
-    max_tokens: int = Field(16, ge=4, description="Tokenizer max length (CLIP position embeddings).")
+    max_tokens: int = Field(16, ge=4, description="Tokenizer max length (CLIP position embeddings; FLUX: also the T5 tokens).")
     seed: int = Field(0, description="Seed of the random initialisation.")
 
 
 class ModelConfig(_Section):
-    path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base). None builds a random tiny model.")
+    path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base) or a FluxPipeline (FLUX.1-dev); model_index.json names the family. None builds a random tiny model of model.tiny.family.")
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the frozen weights; LoRA and the sampler math stay float32.")
-    max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when the model has T5 (SD3.5), 0 without (no zero padding tokens are spent).")
+    max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when an SD3 model has T5 (SD3.5), 0 without (no zero padding tokens are spent); FLUX: 512 (FLUX.1-dev), capped by the T5 tokenizer's model_max_length.")
     resolution: int | None = Field(None, ge=16, description="Image side in pixels for rollouts and evaluation (512 as in the paper for SD3.5-M); unset: the model's native size.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:i]'.")
 
@@ -62,9 +65,9 @@ class LoraSettings(_Section):
 
 class SamplingConfig(_Section):
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps T of rollouts.")
-    guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale (1 = no CFG).")
-    shift: float = Field(3.0, gt=0, description="Flow shift of the timestep grid (3.0 for SD3).")
-    noise_level: float = Field(0.7, gt=0, description="a in s_t = a sqrt(t/(1-t)); 0.7 for SD3.5-M, 0.9 for FLUX.")
+    guidance_scale: float = Field(4.5, ge=1.0, description="SD3: CFG scale (1 = no CFG; 4.5 in the paper). FLUX: the guidance value fed to the guidance-distilled transformer (3.5 for FLUX.1-dev); no CFG pair, one call per step.")
+    shift: float | None = Field(None, gt=0, description="Flow shift of the timestep grid; unset: the family's (SD3: 3.0; FLUX: resolution-dependent, diffusers' calculate_shift over the scheduler config's base/max shift and the image's token count). Set on FLUX: a fixed shift exp(mu) on FLUX's grid.")
+    noise_level: float | None = Field(None, gt=0, description="a in s_t = a sqrt(t/(1-t)); unset: the family's (0.7 for SD3, as for SD3.5-M in the paper; 0.9 for FLUX).")
     eval_num_steps: int = Field(20, ge=1, description="ODE steps for evaluation images.")
 
 
@@ -207,10 +210,34 @@ class RunConfig(_Section):
     def noise_aware(self) -> bool:
         return self.algorithm in ("reweight", "tempflow")
 
+    def family(self) -> ModelFamily:
+        """The model family: model.tiny.family without a path, else the folder's model_index.json.
+
+        Raises:
+            FileNotFoundError, ValueError: the folder has no model_index.json, or an unsupported pipeline.
+        """
+        return detect_family(self.model.path) if self.model.path else self.model.tiny.family
+
     def digest(self) -> str:
         """sha256 of what the run computes: names a config in manifests and lineage. Where
-        results go (pipeline.*, output_dir) is left out, so a run can move stores or servers."""
+        results go (pipeline.*, output_dir) is left out, so a run can move stores or servers.
+
+        An unset sampling.shift / noise_level digests as the family's default (so an unset and an
+        explicit default are one run, and SD3 configs keep the digests they had before families
+        existed); model.tiny.family is left out while it is 'sd3'. A model folder that cannot be
+        read counts as SD3, the only family before FLUX."""
         data = self.model_dump(mode="json", exclude={"pipeline", "output_dir"})
+        try:
+            family = self.family()
+        except (OSError, ValueError):
+            family = "sd3"
+        defaults, sampling = family_defaults(family), data["sampling"]
+        if sampling["noise_level"] is None:
+            sampling["noise_level"] = defaults.noise_level
+        if sampling["shift"] is None and defaults.shift is not None:
+            sampling["shift"] = defaults.shift
+        if data["model"]["tiny"]["family"] == "sd3":
+            del data["model"]["tiny"]["family"]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -2,7 +2,7 @@
 
 The protocol is fixed per run and shared by every checkpoint and the base model: the same
 prompts, the same seeds (image j of prompt p starts from the noise of `{p.id}_s{j}`), ODE
-sampling with the run's CFG. With `eval.images_per_category = N` every category (the
+sampling with the run's CFG (FLUX: its guidance value). With `eval.images_per_category = N` every category (the
 GenEval `tag` of a record, one category for records without) gets at least N images: a
 category of n prompts draws ceil(N / n) seeds per prompt, so a category of three prompts is
 scored on as many images as one of thirty. Scores come with their standard errors, so a
@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
-from .policy import Policy
+from .policy_base import FlowPolicy
 from .prompts import PromptRecord, load_prompts
 from .rewards import RewardFn, build_reward
 from .rollout import sample_images
-from .schedule import make_schedule
 from .seeding import derive_seed
 from .shapes.evaluate import standard_error
 
@@ -53,7 +52,7 @@ def eval_samples(records: list[PromptRecord], counts: list[int]) -> list[tuple[P
     return [(r, f"{r.id}_s{j}") for j in range(max(counts, default=0)) for r, n in zip(records, counts) if j < n]
 
 
-def evaluate_policy(cfg: RunConfig, policy: Policy, reward_fn: RewardFn, records: list[PromptRecord]
+def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, records: list[PromptRecord]
                     ) -> tuple[dict[str, Any], bytes]:
     """Score `policy` on `records` under the run's protocol.
 
@@ -63,7 +62,7 @@ def evaluate_policy(cfg: RunConfig, policy: Policy, reward_fn: RewardFn, records
         the extra reward when configured, and for shapes records the GenEval-style overall
         score with its standard error and the per-category scores, errors and image counts.
     """
-    sched = make_schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    sched = policy.schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
     samples = eval_samples(records, images_per_prompt(records, cfg.eval.images_per_prompt,
                                                       cfg.eval.images_per_category))
     texts, ids = [r.text for r, _ in samples], [i for _, i in samples]

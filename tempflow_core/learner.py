@@ -18,7 +18,7 @@ import torch
 
 from .config import LossConfig, TrainConfig
 from .objective import grpo_terms
-from .policy import Policy, PromptEmbeds
+from .policy_base import FlowPolicy, PromptEmbeds
 from .rollout import RolloutBatch
 from .schedule import Schedule
 from .sde import gaussian_kl, gaussian_log_prob, sde_mean_std
@@ -97,7 +97,7 @@ def build_units(
 
 
 def evaluate_units(
-    policy: Policy,
+    policy: FlowPolicy,
     units: TrainUnits,
     emb: PromptEmbeds,
     schedule: Schedule,
@@ -144,13 +144,13 @@ def evaluate_units(
     )
 
 
-def make_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(policy: FlowPolicy, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(policy.lora_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
 def update(
-    policy: Policy,
+    policy: FlowPolicy,
     optimizer: torch.optim.Optimizer,
     units: TrainUnits,
     emb: PromptEmbeds,

@@ -1,9 +1,10 @@
-"""The tiny StableDiffusion3Pipeline and the one loader for every SD3-family model folder.
+"""The tiny StableDiffusion3Pipeline and the one loader for every model folder (SD3 and FLUX families).
 
 The tiny model is a real diffusers pipeline (SD3 transformer, AutoencoderKL, two CLIP text
 encoders with projection, no T5) built from configs, with a word-level CLIP BPE tokenizer
 whose vocab and merges files the project writes itself. It goes through save_pretrained /
 from_pretrained like SD3.5-M does, so tests exercise the same loading code users run.
+The tiny FluxPipeline is built in tiny_flux.py.
 """
 
 from __future__ import annotations
@@ -191,17 +192,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32"):
-    """Load any SD3-family pipeline folder offline (tiny model or SD3.5-M).
+    """Load a pipeline folder offline: StableDiffusion3Pipeline (tiny or SD3.5-M) or FluxPipeline
+    (tiny or FLUX.1-dev), as model_index.json `_class_name` says.
 
     Raises:
         FileNotFoundError: naming the folder when it or its model_index.json is missing.
+        ValueError: one line naming model_index.json and the supported classes, for any other pipeline.
     """
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from .families import detect_family
 
     p = Path(path)
-    if not (p / "model_index.json").is_file():
-        raise FileNotFoundError(f"model folder {str(p)!r} has no model_index.json (not a saved diffusers pipeline)")
+    family = detect_family(p)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if family == "flux":
+        return FluxPipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True)
     return StableDiffusion3Pipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True,
                                                     **absent_components(p))
 
@@ -215,8 +221,13 @@ def absent_components(path: str | Path) -> dict[str, None]:
 
 
 def load_model(cfg: ModelConfig, workdir: str | Path | None = None):
-    """The pipeline a run uses: the folder in cfg.path, or a fresh tiny model."""
+    """The pipeline a run uses: the folder in cfg.path, or a fresh tiny model of cfg.tiny.family."""
     if cfg.path:
         return load_pipeline(cfg.path, cfg.dtype)
-    pipe = build_tiny_pipeline(cfg.tiny, workdir)
+    if cfg.tiny.family == "flux":
+        from .tiny_flux import build_tiny_flux_pipeline
+
+        pipe = build_tiny_flux_pipeline(cfg.tiny, workdir)
+    else:
+        pipe = build_tiny_pipeline(cfg.tiny, workdir)
     return pipe if cfg.dtype == "float32" else pipe.to(_DTYPES[cfg.dtype])

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from .policy import Policy, PromptEmbeds
+from .policy_base import FlowPolicy, PromptEmbeds
 from .schedule import Schedule
 from .sde import ode_step, sde_step
 from .seeding import derive_seed, seeded_normal
@@ -110,7 +110,7 @@ class RolloutBatch:
         return [tr.prompt_index for tr in self.trajectories]
 
 
-def _chunked_velocity(policy: Policy, x: torch.Tensor, t: float, rows: torch.Tensor, emb: PromptEmbeds,
+def _chunked_velocity(policy: FlowPolicy, x: torch.Tensor, t: float, rows: torch.Tensor, emb: PromptEmbeds,
                       guidance: float, max_batch: int) -> torch.Tensor:
     """Velocity for every row of x (all at time t), prompts picked by `rows`, in chunks."""
     out = []
@@ -149,13 +149,13 @@ class _Setup:
         return len(self.sig) - 1
 
 
-def _begin(policy: Policy, prompts: list[str], schedule: Schedule) -> _Setup:
+def _begin(policy: FlowPolicy, prompts: list[str], schedule: Schedule) -> _Setup:
     emb = policy.encode_prompts(prompts)
     return _Setup(emb, policy.latent_shape(), policy.device, schedule.sigmas.tolist(), schedule.sde_sigma().tolist(),
                   policy.forward_calls, policy.nfe)
 
 
-def _finish(policy: Policy, su: _Setup, kind: Literal["branch", "plain"], prompts: list[str], prompt_ids: list[str],
+def _finish(policy: FlowPolicy, su: _Setup, kind: Literal["branch", "plain"], prompts: list[str], prompt_ids: list[str],
             schedule: Schedule, decode: bool, branch_points: list[BranchPoint] | None = None,
             trajectories: list[Trajectory] | None = None) -> RolloutBatch:
     """The batch with this rollout's forward counts, its images decoded when asked."""
@@ -188,7 +188,7 @@ def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, 
                        seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample)
 
 
-def _ode_from(policy: Policy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, start: int, guidance_scale: float,
+def _ode_from(policy: FlowPolicy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, start: int, guidance_scale: float,
               max_batch: int) -> torch.Tensor:
     """Finish states x [N, C, H, W] (at t_start) with ODE steps start..T-1; rows [N] pick prompts."""
     for j in range(start, su.T):
@@ -202,7 +202,7 @@ def _ode_from(policy: Policy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, s
 
 @torch.no_grad()
 def branched_rollout(
-    policy: Policy,
+    policy: FlowPolicy,
     prompts: list[str],
     prompt_ids: list[str],
     schedule: Schedule,
@@ -260,7 +260,7 @@ def branched_rollout(
 
 @torch.no_grad()
 def branched_rollout_loop(
-    policy: Policy,
+    policy: FlowPolicy,
     prompts: list[str],
     prompt_ids: list[str],
     schedule: Schedule,
@@ -297,7 +297,7 @@ def branched_rollout_loop(
 
 @torch.no_grad()
 def plain_rollout(
-    policy: Policy,
+    policy: FlowPolicy,
     prompts: list[str],
     prompt_ids: list[str],
     schedule: Schedule,
@@ -332,7 +332,7 @@ def plain_rollout(
     return _finish(policy, su, "plain", prompts, prompt_ids, schedule, decode, trajectories=trajs)
 
 
-def decode_rollout_images(policy: Policy, batch: RolloutBatch) -> None:
+def decode_rollout_images(policy: FlowPolicy, batch: RolloutBatch) -> None:
     """Decode final latents into uint8 images, in place."""
     if batch.kind == "branch":
         if not batch.branch_points:
@@ -350,7 +350,7 @@ def decode_rollout_images(policy: Policy, batch: RolloutBatch) -> None:
 
 
 @torch.no_grad()
-def sample_images(policy: Policy, prompts: list[str], prompt_ids: list[str], schedule: Schedule,
+def sample_images(policy: FlowPolicy, prompts: list[str], prompt_ids: list[str], schedule: Schedule,
                   guidance_scale: float, seed: int, max_batch: int = 64) -> np.ndarray:
     """Deterministic ODE samples (evaluation): [B, H', W', 3] uint8."""
     su = _begin(policy, prompts, schedule)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -92,15 +93,31 @@ class Schedule:
 
 def make_schedule(
     num_steps: int,
-    shift: float = 3.0,
-    noise_level: float = 0.7,
+    shift: float | None = 3.0,
+    noise_level: float | None = 0.7,
     num_train_timesteps: int = 1000,
+    mu: float | None = None,
 ) -> Schedule:
-    """Build the grid with diffusers' own scheduler (SD3 uses shift 3.0, no dynamic shifting)."""
+    """Build the grid with diffusers' own scheduler.
+
+    Args:
+        shift: SD3's static shift (3.0); None: 3.0, the SD3 default, for callers that pass an
+            unset config field (a FLUX run passes `mu`, see `Policy.schedule`).
+        noise_level: the `a` of s_t; None: 0.7, the SD3 default.
+        mu: FLUX's time shift: the grid FluxPipeline samples on, sigmas linspace(1, 1/T, T)
+            shifted by exp(mu) (diffusers' `use_dynamic_shifting`); `shift` is then unused.
+            FluxPipeline computes mu with `calculate_shift` from the image's token count.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
-    scheduler.set_timesteps(num_steps)
+    shift = 3.0 if shift is None else shift
+    noise_level = 0.7 if noise_level is None else noise_level
+    if mu is None:  # SD3: static shift, the pipeline's default timesteps
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+        scheduler.set_timesteps(num_steps)
+    else:  # FLUX: the sigmas FluxPipeline.__call__ passes, shifted by exp(mu)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, use_dynamic_shifting=True)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=float(mu))
     sigmas = scheduler.sigmas.to(torch.float64).clone()
     timesteps = scheduler.timesteps.to(torch.float32).clone()
     return Schedule(sigmas=sigmas, timesteps=timesteps, noise_level=float(noise_level))

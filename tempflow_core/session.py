@@ -1,6 +1,6 @@
 """The session of a run: everything that lives across its iterations, owned by one caller.
 
-A `Session` holds the loaded model with its LoRA (`Policy`), the schedule, the optimizer,
+A `Session` holds the loaded model with its LoRA (a `FlowPolicy`: SD3 or FLUX), the schedule, the optimizer,
 the reward, the prompt stream, the minibatch-shuffle RNG and the EMA of the LoRA. Both
 drivers are built from it:
 
@@ -27,10 +27,11 @@ from .checkpoint import CheckpointState
 from .config import RunConfig
 from .learner import make_optimizer
 from .models import load_model
-from .policy import Policy
+from .policy import make_policy
+from .policy_base import FlowPolicy
 from .prompts import PromptStream, load_prompts
 from .rewards import RewardFn, build_reward
-from .schedule import Schedule, make_schedule
+from .schedule import Schedule
 from .seeding import derive_seed
 
 
@@ -39,7 +40,7 @@ class Session:
     """Everything that lives across iterations of one run."""
 
     cfg: RunConfig
-    policy: Policy
+    policy: FlowPolicy  # SD3 or FLUX: the family of the model folder (or of model.tiny.family)
     schedule: Schedule
     optimizer: torch.optim.Optimizer
     reward_fn: RewardFn
@@ -67,9 +68,11 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
     # LoRA init draws from the global RNG: seed it here so that a built and a loaded model
     # start from the same adapter
     torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
-    policy = Policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
-                    cfg.train.gradient_checkpointing)
-    schedule = make_schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    policy = make_policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
+                         cfg.train.gradient_checkpointing)
+    # the family's grid: unset shift / noise level take its defaults (SD3 3.0 / 0.7; FLUX
+    # resolution-dependent / 0.9)
+    schedule = policy.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
     reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
     stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
