@@ -231,3 +231,53 @@ def load_model(cfg: ModelConfig, workdir: str | Path | None = None):
     else:
         pipe = build_tiny_pipeline(cfg.tiny, workdir)
     return pipe if cfg.dtype == "float32" else pipe.to(_DTYPES[cfg.dtype])
+
+
+def load_pipeline_meta(path: str | Path):
+    """A pipeline folder's real module classes built from its configs on the meta device: shapes,
+    module names and parameter counts of SD3.5-M or FLUX.1-dev without reading (or having) weights.
+
+    Every component config.json / scheduler_config.json is read; models are instantiated under
+    torch.device('meta') (no memory). Tokenizers are offline stand-ins (the project's word-level
+    CLIP BPE and T5 Unigram) carrying the folder's `model_max_length`, so token counts are the
+    real ones while vocabularies are not. Not for sampling: the weights are meta tensors.
+    """
+    import diffusers
+    import transformers
+
+    from .families import detect_family, family_defaults
+    from .tiny_flux import build_t5_tokenizer
+
+    p = Path(path)
+    family = detect_family(p)
+    index = json.loads((p / "model_index.json").read_text())
+    parts: dict[str, object] = {}
+    for name, spec in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, list) or spec[0] is None:  # saved as absent (image_encoder of FLUX)
+            parts[name] = None
+            continue
+        lib, cls_name = spec
+        sub = p / name
+        if "tokenizer" in name.lower():
+            conf = json.loads((sub / "tokenizer_config.json").read_text())
+            length = int(conf.get("model_max_length", 77))
+            if "T5" in cls_name:
+                parts[name] = build_t5_tokenizer(TINY_VOCAB_WORDS, length)
+            else:
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="tempflow-tok-") as tmp:
+                    write_clip_tokenizer_files(tmp, max_length=length)
+                    parts[name] = transformers.CLIPTokenizer.from_pretrained(tmp)
+        elif lib == "diffusers":
+            cls = getattr(diffusers, cls_name)
+            with torch.device("meta"):
+                parts[name] = cls.from_config(cls.load_config(str(sub)))
+        else:
+            config = transformers.AutoConfig.from_pretrained(str(sub), local_files_only=True)
+            with torch.device("meta"):
+                parts[name] = getattr(transformers, cls_name)(config)
+    pipeline = getattr(diffusers, family_defaults(family).pipeline_class)
+    return pipeline(**parts)

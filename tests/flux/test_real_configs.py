@@ -1,0 +1,65 @@
+"""flows/configs/models/*.yaml against the real SD3.5-M and FLUX.1-dev configs (no weights).
+
+The model folders in tests/flux/fixtures hold only model_index.json and the components'
+configs, as the Hub repositories ship them; the real module classes are built on the meta
+device, so shapes, LoRA targets and token counts are checked without allocating a weight.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tempflow_core.config import load_config
+from tempflow_core.export import effective_max_sequence_length, native_resolution
+from tempflow_core.models import load_pipeline_meta
+from tempflow_core.policy import make_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# config file, fixture folder, family, T5 tokens, LoRA-wrapped modules, transformer parameters
+CASES = [
+    # SD3.5-M: 24 joint blocks x 8 targets, less the last block's to_add_out (context_pre_only);
+    # the dual-attention blocks' attn2 is not a target (as in Flow-GRPO)
+    ("sd35m.yaml", "sd35m", "sd3", 256, 24 * 8 - 1, 2_243_171_520),
+    # FLUX.1-dev: 19 double-stream blocks x 8 targets + 38 single-stream blocks x to_q/k/v
+    ("flux1-dev.yaml", "flux1-dev", "flux", 512, 19 * 8 + 38 * 3, 11_901_408_320),
+]
+
+
+@pytest.mark.parametrize("name,folder,family,t5,n_targets,n_params", CASES)
+def test_model_config_against_real_model_folder(name, folder, family, t5, n_targets, n_params):
+    cfg = load_config(ROOT / "flows" / "configs" / "models" / name, [f"model.path={FIXTURES / folder}"])
+    assert cfg.family() == family and cfg.model.resolution == 512 and cfg.lora.rank == 32 and cfg.lora.alpha == 64
+    assert cfg.sampling.num_steps == 10 and cfg.sampling.eval_num_steps == 40 and cfg.rollout.group_size == 6
+    pipe = load_pipeline_meta(cfg.model.path)
+    assert all(p.is_meta for p in pipe.transformer.parameters())
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == n_params
+
+    pol = make_policy(pipe, cfg.lora, "meta", cfg.model.max_sequence_length, cfg.model.resolution)
+    assert pol.family == family
+    # latents: 512 px / 8 = 64, 16 channels; FLUX packs them into (64 / 2)^2 = 1024 tokens of 64
+    assert pol.latent_shape() == (16, 64, 64)
+    if family == "flux":
+        assert pipe.transformer.config.in_channels == 4 * 16 and pipe.transformer.config.guidance_embeds
+    # LoRA targets: every configured suffix names real modules, and exactly the expected ones are wrapped
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")}
+    assert len(wrapped) == n_targets
+    for target in cfg.lora.target_modules:
+        assert any(w.endswith("." + target) for w in wrapped), target
+    assert all(w.split(".")[0] in ("transformer_blocks", "single_transformer_blocks") for w in wrapped)
+    # token counts: T5 512 (FLUX.1-dev) or 256 (SD3.5), CLIP 77
+    assert pol.max_sequence_length == t5 == effective_max_sequence_length(cfg)
+    assert pipe.tokenizer_max_length == 77 and pipe.text_encoder.config.max_position_embeddings == 77
+    assert native_resolution(cfg.model_copy(update={"model": cfg.model.model_copy(update={"resolution": None})})) == 1024
+    # the grid of the family: FLUX's mu for 1024 tokens is 0.5 + 0.65 * 768 / 3840 = 0.63
+    s = pol.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    assert s.noise_level == (0.9 if family == "flux" else 0.7)
+    if family == "flux":  # sigmas linspace(1, 1/T, T) shifted by exp(mu): t_1 = e^mu 0.9 / (e^mu 0.9 + 0.1)
+        e = torch.exp(torch.tensor(0.63, dtype=torch.float64))
+        assert abs(float(s.sigmas[1]) - float(e * 0.9 / (e * 0.9 + 0.1))) < 1e-6
+    else:  # SD3's static shift 3.0, exactly the grid runs had before families
+        from tempflow_core.schedule import make_schedule
+
+        assert torch.equal(s.sigmas, make_schedule(10, 3.0, 0.7).sigmas)
