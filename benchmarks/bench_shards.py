@@ -34,6 +34,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from flows import children  # noqa: E402
+
 from tempflow_core.rollout import RolloutBatch  # noqa: E402
 from tempflow_core.shards import iter_samples, read_rollouts, write_rollouts  # noqa: E402
 from tempflow_core.storage import ObjectStore, open_store  # noqa: E402
@@ -134,8 +136,8 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = children.spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -150,12 +152,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def stop_moto(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    children.stop(proc, timeout=10)
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ from typing import Optional
 
 import typer
 
+from flows import children
+
 # Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
 STATE = Path(os.environ.get("TEMPFLOW_HOME", ".tempflow")).resolve()
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -292,8 +294,8 @@ def serve(
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         api = f"http://127.0.0.1:{port}/api"
-        server = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                   "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)
+        server = children.spawn([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+                                 "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)
         deadline = time.time() + 120
         while True:
             try:
@@ -301,7 +303,7 @@ def serve(
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    server.terminate()
+                    children.stop(server)
                     _fail(f"the local Prefect server on {api} did not start", 1)
                 time.sleep(0.5)
         os.environ["PREFECT_API_URL"] = api
@@ -325,8 +327,7 @@ def serve(
         )
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(timeout=30)
+            children.stop(server)
 
 
 def _serve_read_roots(cfg) -> None:
@@ -487,9 +488,7 @@ def reward_server(
     from tempflow_core.rewards.service import RewardServer
 
     if parent_pid is not None:
-        from flows.local_api import _end_with_parent
-
-        _end_with_parent(parent_pid)
+        children.end_with_parent(parent_pid)
     try:
         opts = apply_overrides({}, option)
         check_reward(reward, {}, {reward: opts} if opts else {}, "--reward")
@@ -527,10 +526,10 @@ def ui(
     _local_state()
     bindir = Path(sys.executable).parent
     uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
-    procs = [
-        subprocess.Popen([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]),
-        subprocess.Popen([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-                          "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+    procs = [  # each under a watchdog: a kill -9 of this CLI takes the servers and their workers down too
+        children.spawn([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]),
+        children.spawn([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                        "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
     ]
     typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)")
     try:
@@ -542,7 +541,7 @@ def ui(
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(timeout=30)
+            children.stop(p)
 
 
 if __name__ == "__main__":

@@ -7,24 +7,22 @@ UI off, on 127.0.0.1) itself, through this module run as the child's main:
 
     python -m flows.local_api PARENT_PID [uvicorn args...]
 
-The child asks the kernel for SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, Linux)
-and, on every platform, watches its parent pid from a thread and exits when it changes.
+The child ends with its parent (`flows.children.end_with_parent`: the kernel's
+PR_SET_PDEATHSIG on Linux and a watch of the parent pid everywhere).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from typing import Iterator
 
-_PR_SET_PDEATHSIG = 1
+from flows.children import end_with_parent, stop
 
 
 def _free_port() -> int:
@@ -73,12 +71,7 @@ def local_api() -> Iterator[str | None]:
             finally:
                 _drain_workers()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
 
 
 def _drain_workers() -> None:
@@ -92,25 +85,9 @@ def _drain_workers() -> None:
         EventsWorker.drain_all()
 
 
-def _end_with_parent(parent: int) -> None:
-    """SIGTERM from the kernel when the parent dies (Linux), and a watchdog thread everywhere."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the request took effect
-        os._exit(0)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
 
 if __name__ == "__main__":
-    _end_with_parent(int(sys.argv[1]))
+    end_with_parent(int(sys.argv[1]))
     import uvicorn.main
 
     sys.argv = ["uvicorn"] + sys.argv[2:]

@@ -1,11 +1,10 @@
 """A real ``mlflow server`` on 127.0.0.1 for the session: sqlite backend, artifacts proxied to a
-local folder, job execution off (2 processes instead of 11). Stopped (whole process group)
-at the end of the session."""
+local folder, job execution off (2 processes instead of 11). Runs under flows.children's
+watchdog: stopped (whole process group) at the end of the session, or when pytest is killed."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ import time
 import urllib.request
 
 import pytest
+
+from flows import children
 
 STARTUP_TIMEOUT_S = 90
 
@@ -31,20 +32,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture created (uvicorn + worker)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """Yields ``http://127.0.0.1:<port>`` of a running tracking server."""
@@ -55,13 +42,12 @@ def mlflow_server(tmp_path_factory):
     env.pop("MLFLOW_TRACKING_URI", None)
     log_path = root / "server.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
+        proc = children.spawn(
             [sys.executable, "-m", "mlflow", "server",
              "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
              "--artifacts-destination", str(root / "artifacts"),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, grace=15.0,
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -74,4 +60,4 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.25)
         yield url
     finally:
-        _stop(proc)
+        children.stop(proc)

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import pytest
 
+from flows.children import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,12 +37,7 @@ def reward_server(reward: str, *options: str, timeout: float = 60.0) -> Iterator
                 line = proc.stdout.readline()
         yield line.split(" at ")[1].split()[0]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
         proc.stdout.close()
     assert proc.returncode is not None
 
