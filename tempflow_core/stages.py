@@ -133,7 +133,7 @@ def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
             checkpoint_uri=layout.store.uri_for(ck_prefix), config_hash=cfg.digest(),
             producer={"stage": "rollout", "iteration": iteration, "run": layout.run_id, "inputs": inputs()},
             extra={"records": _records_json(records), "stream_position": s.stream.position, "iteration": iteration,
-                   "noise_level": cfg.sampling.noise_level,
+                   "noise_level": s.schedule.noise_level,  # resolved: the family's default when unset
                    "nfe": batch.nfe, "forward_calls": batch.forward_calls, "seconds": seconds},
         )
 
@@ -186,7 +186,7 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
         m = require_manifest(layout.store, rp, kind="rollouts")
         batch = read_rollouts(layout.store, rp, images=False)
         if not torch.equal(batch.sigmas.to(s.schedule.sigmas.dtype), s.schedule.sigmas) or \
-                m.extra.get("noise_level", cfg.sampling.noise_level) != cfg.sampling.noise_level:
+                m.extra.get("noise_level", s.schedule.noise_level) != s.schedule.noise_level:
             raise ValueError(f"rollouts at {layout.store.uri_for(rp)} were sampled on another grid (sampling.num_steps, "
                              "shift or noise_level differ from this config); the learner would mis-index their steps")
         scores = read_scores(layout.store, layout.iteration_prefix(iteration), "reward")

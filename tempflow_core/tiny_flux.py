@@ -73,8 +73,9 @@ def build_tiny_flux_pipeline(cfg: TinyModelConfig | None = None, workdir: str | 
     latent = cfg.resolution // (2**down)
     if latent % 2:
         raise ValueError(f"latent size {latent} (resolution {cfg.resolution} / 2**{down}) must be even: FLUX packs 2x2 patches")
-    if cfg.head_dim % 4:
-        raise ValueError(f"head_dim {cfg.head_dim} must divide by 4 (FLUX's three rotary axes take even widths)")
+    if cfg.head_dim % 4 or cfg.head_dim < 8:
+        raise ValueError(f"head_dim {cfg.head_dim} must be a multiple of 4 and >= 8 (FLUX's three rotary axes "
+                         "take even, non-zero widths)")
     torch.manual_seed(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="tempflow-tok-") as tmp:
         folder = tmp if workdir is None else str(workdir)

@@ -155,6 +155,9 @@ def test_stages_evaluation_and_export_reproduce_eval_images_with_plain_flux_pipe
     for stage in (stages.rollout_stage, stages.reward_stage, stages.learner_stage, stages.eval_stage):
         stage(cfg, lay, 0, sessions)
     assert sessions.get(cfg).policy.family == "flux" and sessions.get(cfg).schedule.noise_level == 0.9
+    from tempflow_core.shards import read_manifest
+
+    assert read_manifest(lay.store, lay.prefix(0, "rollout")).extra["noise_level"] == 0.9  # resolved, not None
     ev = stages.read_eval(lay, 0)
     out = export_lora(cfg, lay, 0, tmp_path / "export")
     recipe = json.loads((out / "recipe.json").read_text())
