@@ -218,15 +218,13 @@ class RunConfig(_Section):
         """
         return detect_family(self.model.path) if self.model.path else self.model.tiny.family
 
-    def digest(self) -> str:
-        """sha256 of what the run computes: names a config in manifests and lineage. Where
-        results go (pipeline.*, output_dir) is left out, so a run can move stores or servers.
-
-        An unset sampling.shift / noise_level digests as the family's default (so an unset and an
-        explicit default are one run, and SD3 configs keep the digests they had before families
-        existed); model.tiny.family is left out while it is 'sd3'. A model folder that cannot be
-        read counts as SD3, the only family before FLUX."""
-        data = self.model_dump(mode="json", exclude={"pipeline", "output_dir"})
+    def canonical_dump(self) -> dict[str, Any]:
+        """The JSON dump with family defaults made explicit: an unset sampling.shift / noise_level
+        reads as the family's default number (FLUX's resolution-dependent shift stays null), and
+        model.tiny.family is left out while it is 'sd3'. So an unset and an explicit default are
+        one config, and dumps from before model families compare equal to today's (digests, branch
+        plans). A model folder that cannot be read counts as SD3, the only family before FLUX."""
+        data = self.model_dump(mode="json")
         try:
             family = self.family()
         except (OSError, ValueError):
@@ -238,6 +236,15 @@ class RunConfig(_Section):
             sampling["shift"] = defaults.shift
         if data["model"]["tiny"]["family"] == "sd3":
             del data["model"]["tiny"]["family"]
+        return data
+
+    def digest(self) -> str:
+        """sha256 of what the run computes: names a config in manifests and lineage. Where
+        results go (pipeline.*, output_dir) is left out, so a run can move stores or servers.
+        Computed over `canonical_dump`, so SD3 configs keep the digests they had before families."""
+        data = self.canonical_dump()
+        data.pop("pipeline")
+        data.pop("output_dir")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

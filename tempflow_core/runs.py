@@ -112,7 +112,10 @@ def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: 
             return 0
     elif [k for k in dst.store.list(join_key(dst.run_id)) if k[len(dst.run_id) + 1:] not in _NOT_RUN_DATA]:
         raise RunError(f"run {dst.run_id!r} already holds objects but no run record; a branch needs a new run id")
-    plan = plan_branch(source["config"], cfg.model_dump(mode="json"), from_stage, from_iteration)
+    # canonical dumps: a record written before model families (explicit shift 3.0 / a 0.7) and
+    # today's unset fields are the same settings
+    plan = plan_branch(RunConfig.model_validate(source["config"]).canonical_dump(), cfg.canonical_dump(),
+                       from_stage, from_iteration)
     if plan.refusal:
         raise RunError(plan.refusal)
     if from_stage != "rollout" and not src.complete(from_iteration, "rollout"):

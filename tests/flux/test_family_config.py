@@ -1,0 +1,59 @@
+"""Model families in the config: per-family defaults, detection, and compatibility with runs
+made before FLUX existed (digests and branch plans of SD3 configs do not move)."""
+
+import json
+
+import pytest
+
+from tempflow_core.config import RunConfig, load_config
+from tempflow_core.families import detect_family, family_defaults
+from tempflow_core.invalidation import plan_branch
+
+# digests written by the code before model families (sampling.shift / noise_level were 3.0 / 0.7)
+PRE_FAMILY_DIGESTS = {
+    (): "2a002a27331e080c6f2d0e07e4bffce790d5cd681d2d94ea7fcff120beccbea5",
+    ("sampling.noise_level=0.5", "model.tiny.layers=3"): "3280b2ded24f1f512775d63aaf7ddd73a8243d5b2859466ae82003b25ddf2e01",
+}
+
+
+@pytest.mark.parametrize("overrides", list(PRE_FAMILY_DIGESTS))
+def test_sd3_digests_are_those_of_before_families(overrides):
+    cfg = load_config(None, list(overrides))
+    assert cfg.digest() == PRE_FAMILY_DIGESTS[overrides]
+    # an explicit default is the same run as an unset one
+    explicit = load_config(None, list(overrides) + ["sampling.shift=3.0"] +
+                           ([] if "sampling.noise_level=0.5" in overrides else ["sampling.noise_level=0.7"]))
+    assert explicit.digest() == cfg.digest()
+
+
+def test_flux_defaults_and_digests(tmp_path):
+    sd3, flux = RunConfig(), load_config(None, ["model.tiny.family=flux"])
+    assert sd3.family() == "sd3" and flux.family() == "flux" and flux.digest() != sd3.digest()
+    # unset a on FLUX is 0.9: the same run as an explicit 0.9, not as an explicit 0.7
+    assert flux.digest() == load_config(None, ["model.tiny.family=flux", "sampling.noise_level=0.9"]).digest()
+    assert flux.digest() != load_config(None, ["model.tiny.family=flux", "sampling.noise_level=0.7"]).digest()
+    assert flux.canonical_dump()["sampling"]["shift"] is None  # resolution-dependent: no number to write
+    assert family_defaults("flux").noise_level == 0.9 and family_defaults("sd3").shift == 3.0
+
+
+def test_branch_from_a_pre_family_record_is_not_refused():
+    old = json.loads(json.dumps(RunConfig().model_dump(mode="json")))
+    old["sampling"].update(shift=3.0, noise_level=0.7)  # how records were written before families
+    del old["model"]["tiny"]["family"]
+    new = RunConfig()
+    assert plan_branch(RunConfig.model_validate(old).canonical_dump(), new.canonical_dump(), "learner", 1).refusal is None
+    # a real change is still seen: the family changes everything the model computes
+    other = load_config(None, ["model.tiny.family=flux"])
+    assert plan_branch(new.canonical_dump(), other.canonical_dump(), "learner", 1).refusal is not None
+
+
+def test_unsupported_pipeline_is_refused_in_one_line(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    with pytest.raises(ValueError) as e:
+        detect_family(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "model_index.json") in msg and "QwenImagePipeline" in msg
+    assert "StableDiffusion3Pipeline, FluxPipeline" in msg
+    cfg = load_config(None, [f"model.path={tmp_path}"])
+    with pytest.raises(ValueError, match="not supported"):
+        cfg.family()
