@@ -148,7 +148,9 @@ def test_stages_evaluation_and_export_reproduce_eval_images_with_plain_flux_pipe
     from tempflow_core.session import SessionCache
 
     # model.tiny.family says sd3, but with a path the folder's model_index.json decides
-    cfg = _cfg(tmp_path, f"model.path={tiny_flux_dir}", "model.tiny.family=sd3", "train.lr=0.05", "reward.name=brightness")
+    # train.ema_decay > 0: evaluation scores the EMA and export writes it with FluxPipeline.save_lora_weights
+    cfg = _cfg(tmp_path, f"model.path={tiny_flux_dir}", "model.tiny.family=sd3", "train.lr=0.05", "reward.name=brightness",
+               "train.ema_decay=0.5")
     assert cfg.family() == "flux"
     lay, sessions = RunLayout.open(cfg, "flux"), SessionCache()
     stages.init_stage(cfg, lay, sessions)
@@ -161,7 +163,7 @@ def test_stages_evaluation_and_export_reproduce_eval_images_with_plain_flux_pipe
     ev = stages.read_eval(lay, 0)
     out = export_lora(cfg, lay, 0, tmp_path / "export")
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["shift"] == "dynamic" and recipe["train_noise_level"] == 0.9
+    assert recipe["shift"] == "dynamic" and recipe["train_noise_level"] == 0.9 and recipe["weights"] == "ema"
     assert recipe["max_sequence_length"] == 16 and recipe["resolution"] == 32 and recipe["guidance_scale"] == 3.5
     readme = (out / "README.md").read_text()
     assert "FluxPipeline" in readme and "StableDiffusion3Pipeline" not in readme
