@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import RunConfig
+from .families import detect_family
 from .redaction import redact_uri
 
 READ_ROOTS_ENV = "TEMPFLOW_READ_ROOTS"  # os.pathsep-separated folders deployment runs may read
@@ -97,7 +98,8 @@ def check_model(cfg: RunConfig, roots: list[Path] | None = None) -> None:
     if cfg.model.path is None:
         return
     folder = Path(cfg.model.path).expanduser()
-    fix = "set model.path to a saved diffusers StableDiffusion3Pipeline folder (or leave it unset for a random tiny model)"
+    fix = ("set model.path to a saved diffusers StableDiffusion3Pipeline or FluxPipeline folder (or leave it unset "
+           "for a random tiny model)")
     _check_under_roots(folder, "model.path", roots)
     if not folder.exists():
         raise PreflightError("model.path", f"folder {str(folder)!r} does not exist", fix)
@@ -112,6 +114,10 @@ def check_model(cfg: RunConfig, roots: list[Path] | None = None) -> None:
         raise PreflightError("model.path", f"{str(index_path)!r} is not valid JSON ({e})", fix) from None
     if not isinstance(index, dict):
         raise PreflightError("model.path", f"{str(index_path)!r} does not hold a JSON object", fix)
+    try:
+        detect_family(folder)
+    except ValueError as e:
+        raise PreflightError("model.path", str(e), fix) from None
     for name, spec in sorted(index.items()):
         if name.startswith("_") or not (isinstance(spec, list) and len(spec) == 2 and spec[0] is not None):
             continue  # metadata (_class_name) or a component saved as absent (text_encoder_3: [null, null])

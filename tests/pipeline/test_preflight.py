@@ -41,6 +41,8 @@ def _inputs(cwd: Path) -> None:
     (cwd / "half-model").mkdir()
     shutil.copy(SHIPPED / "model_index.json", cwd / "half-model" / "model_index.json")  # no component folders
     (cwd / "a-file").write_text("not a folder\n")
+    (cwd / "sdxl").mkdir()
+    (cwd / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
 
 
 # (case, CLI arguments, field named in the message); {port} is a closed port on 127.0.0.1,
@@ -50,6 +52,7 @@ CASES = [
     ("model folder missing", ["--set", "model.path=/nonexistent/model"], "model.path"),
     ("model folder without model_index.json", ["--set", "model.path=not-a-model"], "model.path"),
     ("model component missing", ["--set", "model.path=half-model"], "model.path"),
+    ("pipeline class not supported", ["--set", "model.path=sdxl"], "model.path"),
     ("unknown reward", ["--set", "reward.name=nosuch"], "reward.name"),
     ("unknown reward option", ["--set", "reward.options={shapes: {bogus: 1}}"], "reward.options.shapes.bogus"),
     ("reward needing a model folder", ["--set", "reward.name=clipscore"], "reward.options.clipscore.model"),
