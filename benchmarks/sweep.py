@@ -4,8 +4,9 @@ Each `--run NAME:override,override,...` trains the config with those overrides (
 no MLflow: `tempflow_core.train` and `tempflow_core.evaluation` directly) and evaluates the
 base model and every `--eval-every` iterations under the config's evaluation protocol.
 Prints the curve with standard errors and appends one JSON line per run to `--out`; each
-evaluated point also carries the cumulative rollout NFEs (sample-steps, a CFG pair counted
-once) and the cumulative seconds spent in rollout, reward and learner up to it.
+evaluated point also carries the cumulative rollout and learner NFEs (rows through the
+transformer, a CFG pair counted once; the learner's include the KL reference's forward) and
+the cumulative seconds spent in rollout, reward and learner up to it.
 
     python benchmarks/sweep.py --iterations 24 --eval-every 6 \\
         --run fixed-lr3e-4:algorithm=flow_grpo_fixed,train.lr=3e-4 \\
@@ -44,7 +45,7 @@ def run(name: str, cfg, eval_every: int, log) -> dict:
     curve = [{"iteration": 0, **evaluate(s, cfg)}]
     log(f"{name}: it 0 score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}")
     t0 = time.perf_counter()
-    cost = {"nfe": 0, "rollout_s": 0.0, "reward_s": 0.0, "learner_s": 0.0}  # cumulative, training only
+    cost = {"nfe": 0, "learner_nfe": 0, "rollout_s": 0.0, "reward_s": 0.0, "learner_s": 0.0}  # cumulative, training
     for it in range(cfg.train.iterations):
         records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
         t = time.perf_counter()
@@ -57,6 +58,7 @@ def run(name: str, cfg, eval_every: int, log) -> dict:
         m = run_update(s, batch, rewards)
         cost["learner_s"] += time.perf_counter() - t
         cost["nfe"] += batch.nfe
+        cost["learner_nfe"] += int(m["learner/nfe"])
         line = (f"{name}: it {it + 1} train reward {rewards.mean():.3f} ratio [{m['train/ratio_min']:.3f}, "
                 f"{m['train/ratio_max']:.3f}] clip {m['train/clip_frac']:.3f} kl {m['train/kl']:.2e} "
                 f"|g| {m['train/grad_norm']:.2e}")

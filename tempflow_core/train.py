@@ -87,10 +87,13 @@ def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndar
     steps = trained_steps(batch, cfg.train.train_steps)
     weights = step_weights_for(cfg, s.schedule, steps)
     units = build_units(batch, adv, weights, steps)
+    nfe0 = s.policy.nfe
     stats = update(s.policy, s.optimizer, units, batch.embeds, s.schedule, cfg.sampling.guidance_scale,
                    cfg.train, cfg.loss, s.generator, progress=progress)
+    learner_nfe = s.policy.nfe - nfe0  # rows through the transformer: with grad, and the KL reference's
     update_ema(s)
     out = {f"train/{k}": v for k, v in stats.items()}
+    out["learner/nfe"] = learner_nfe
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
                 "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
     out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})

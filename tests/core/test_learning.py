@@ -59,3 +59,17 @@ def test_a_few_iterations_raise_the_reward(tiny_model_dir, tmp_path, algorithm):
     assert np.mean(after) - np.mean(before) > max(5 * spread, 1e-3), (before, after)
     rewards = [h["reward/mean"] for h in result.history]
     assert np.mean(rewards[-5:]) > np.mean(rewards[:5])
+
+
+@pytest.mark.parametrize("algorithm", ["tempflow", "flow_grpo_fixed"])
+def test_iteration_metrics_count_rollout_and_learner_transformer_rows(tmp_path, algorithm):
+    B, K, T = 2, 3, 4  # branch points / trained steps 0..T-2
+    cfg = load_config(None, [f"algorithm={algorithm}", "train.iterations=1", f"rollout.prompts_per_iter={B}",
+                             f"rollout.group_size={K}", f"sampling.num_steps={T}"])
+    m = train_in_process(cfg, tmp_path).history[0]
+    if algorithm == "tempflow":  # backbone to the last branch point, each child ODEs to the end
+        rollout, units = B * ((T - 1) + K * sum(T - 1 - k for k in range(T - 1))), B * (T - 1)
+    else:
+        rollout, units = B * K * T, B * K * (T - 1)
+    assert m["rollout/nfe"] == rollout
+    assert m["learner/nfe"] == 2 * units  # one row per unit with grad, one for the KL reference (beta > 0)
