@@ -363,15 +363,13 @@ def pretrain_cmd(
     import torch
     from pydantic import ValidationError
 
-    from tempflow_core.config import ConfigError, apply_overrides
+    from tempflow_core.config import ConfigError
     from tempflow_core.pretrain import PretrainConfig
 
     options = {"seed": seed, "max_minutes": minutes, "images": images, "steps": steps, "eval_every": eval_every,
                "cache_dir": str(cache_dir) if cache_dir is not None else None}
     try:
-        data = apply_overrides({}, set_)
-        data.update({k: v for k, v in options.items() if v is not None})
-        cfg = PretrainConfig.model_validate(data)
+        cfg = PretrainConfig.with_overrides(set_, **options)
     except ConfigError as e:
         _fail(str(e))
     except ValidationError as e:

@@ -61,6 +61,18 @@ class PretrainConfig(BaseModel):
     stop_at: float = Field(0.40, description="Stop at the first evaluation with overall >= stop_at (inside band).")
     cache_dir: str | None = Field(None, description="Reuse/keep the trained VAE and latent cache here (keyed by a digest of the settings that produce them).")
 
+    @classmethod
+    def with_overrides(cls, overrides: list[str], **fields: object) -> "PretrainConfig":
+        """The default config with `section.field=value` overrides, then `fields` (None: kept).
+        Overrides apply on top of the defaults' values, so `model.resolution=32` keeps the
+        shipped model's other sizes (validating {"model": {"resolution": 32}} alone would
+        reset them to TinyModelConfig's class defaults)."""
+        from ..config import apply_overrides
+
+        data = apply_overrides(cls().model_dump(mode="json"), overrides)
+        data.update({k: v for k, v in fields.items() if v is not None})
+        return cls.model_validate(data)
+
     def data_digest(self) -> str:
         """Digest of the settings that determine the VAE and the latent cache."""
         keys = ("seed", "images", "vae_steps", "vae_batch", "vae_lr", "vae_kl_weight", "vae_crop", "vae_crop_fraction")

@@ -101,3 +101,14 @@ def test_stops_at_the_first_evaluation_inside_the_band(tmp_path):
     res = pretrain(cfg, tmp_path / "model", progress=False)
     assert res.steps == 10 and "stop_at" in res.stop_reason and res.in_band
     assert list((tmp_path / "cache").glob("pretrain-*/latents.npy"))
+
+
+def test_a_nested_override_keeps_the_other_shipped_sizes():
+    from tempflow_core.pretrain.config import SHIPPED_MODEL
+
+    cfg = PretrainConfig.with_overrides(["model.resolution=32", "steps=10"], seed=3, images=None)
+    assert cfg.model.resolution == 32 and cfg.steps == 10 and cfg.seed == 3
+    assert cfg.images == PretrainConfig().images  # None keeps the default
+    assert cfg.model.model_dump() == SHIPPED_MODEL.model_copy(update={"resolution": 32}).model_dump()
+    assert cfg.model.layers != TinyModelConfig().layers  # not reset to the class defaults
+    assert PretrainConfig.with_overrides([]) == PretrainConfig()
