@@ -110,17 +110,22 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
     (out / "recipe.json").write_text(json.dumps(r, indent=2, sort_keys=True))
     none_kwargs = "".join(f", {k}=None" for k in absent_components(cfg.model.path)) \
         if cfg.model.path and family == "sd3" else ""
-    (out / "README.md").write_text(_readme(cfg, layout, iteration, out, r, none_kwargs) if family == "sd3"
-                                   else _readme_flux(cfg, layout, iteration, out, r))
+    (out / "README.md").write_text(_readme(cfg, layout, iteration, out, r, family, none_kwargs))
     return out
 
 
-def _readme_flux(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dict[str, Any]) -> str:
-    """The exported README of a FLUX LoRA: FluxPipeline, the guidance value, no CFG."""
-    shift = ("The scheduler keeps its dynamic, resolution-dependent shift (the model folder's scheduler "
-             "config sets it)." if r["shift"] == "dynamic" else
-             f"Trained with a fixed shift {r['shift']}: set the scheduler's base_shift and max_shift to "
-             f"ln({r['shift']}) to sample on the same grid.")
+def _readme(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dict[str, Any], family: str,
+            none_kwargs: str) -> str:
+    """The exported README: how to sample the LoRA with plain diffusers as it was evaluated."""
+    pipeline = family_defaults(family).pipeline_class
+    if family == "sd3":
+        note = f"The scheduler must keep shift {r['shift']} (the model folder's scheduler config sets it)."
+    else:  # FLUX: guidance input, no CFG pair; the grid's shift
+        note = "FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG.\n" + (
+            "The scheduler keeps its dynamic, resolution-dependent shift (the model folder's scheduler "
+            "config sets it)." if r["shift"] == "dynamic" else
+            f"Trained with a fixed shift {r['shift']}: set the scheduler's base_shift and max_shift to "
+            f"ln({r['shift']}) to sample on the same grid.")
     return f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
 
 Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`
@@ -128,9 +133,9 @@ Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['ba
 
 ```python
 import torch
-from diffusers import FluxPipeline
+from diffusers import {pipeline}
 
-pipe = FluxPipeline.from_pretrained("{r['base_model']}")
+pipe = {pipeline}.from_pretrained("{r['base_model']}"{none_kwargs})
 pipe.load_lora_weights("{out.resolve()}")
 image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
              num_inference_steps={r['num_inference_steps']},
@@ -138,31 +143,6 @@ image = pipe("a red circle left of a blue square", height={r['resolution']}, wid
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
-FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG.
-{shift}
-Full recipe: recipe.json.
-"""
-
-
-def _readme(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dict[str, Any], none_kwargs: str) -> str:
-    """The exported README of an SD3 LoRA."""
-    return f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
-
-Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`
-(fingerprint `{r['base_model_sha256'][:16]}`). Sample it as it was evaluated:
-
-```python
-import torch
-from diffusers import StableDiffusion3Pipeline
-
-pipe = StableDiffusion3Pipeline.from_pretrained("{r['base_model']}"{none_kwargs})
-pipe.load_lora_weights("{out.resolve()}")
-image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
-             num_inference_steps={r['num_inference_steps']},
-             guidance_scale={r['guidance_scale']}, max_sequence_length={r['max_sequence_length']},
-             generator=torch.Generator().manual_seed(0)).images[0]
-```
-
-The scheduler must keep shift {r['shift']} (the model folder's scheduler config sets it).
+{note}
 Full recipe: recipe.json.
 """

@@ -114,6 +114,23 @@ def write_clip_tokenizer_files(folder: str | Path, words: list[str] | None = Non
     }))
 
 
+def tiny_vae(cfg: TinyModelConfig, scaling_factor: float = 1.0, shift_factor: float = 0.0):
+    """The tiny AutoencoderKL of both families (random init from the global RNG): one layer
+    per block of cfg.vae_channels, no quant convs; FLUX passes its latent scaling and shift."""
+    from diffusers import AutoencoderKL
+
+    groups = math.gcd(*cfg.vae_channels) if len(cfg.vae_channels) > 1 else cfg.vae_channels[0]
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * len(cfg.vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(cfg.vae_channels),
+        block_out_channels=list(cfg.vae_channels), layers_per_block=1,
+        latent_channels=cfg.latent_channels, norm_num_groups=min(32, groups),
+        sample_size=cfg.resolution, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
 def build_tiny_pipeline(cfg: TinyModelConfig | None = None, workdir: str | Path | None = None):
     """Build a randomly initialised tiny StableDiffusion3Pipeline (seeded, deterministic).
 
@@ -123,7 +140,7 @@ def build_tiny_pipeline(cfg: TinyModelConfig | None = None, workdir: str | Path 
     """
     import tempfile
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     cfg = cfg or TinyModelConfig()
@@ -147,16 +164,7 @@ def build_tiny_pipeline(cfg: TinyModelConfig | None = None, workdir: str | Path 
             pad_token_id=tokenizer.pad_token_id,
         ))
 
-    groups = math.gcd(*cfg.vae_channels) if len(cfg.vae_channels) > 1 else cfg.vae_channels[0]
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(cfg.vae_channels),
-        up_block_types=["UpDecoderBlock2D"] * len(cfg.vae_channels),
-        block_out_channels=list(cfg.vae_channels), layers_per_block=1,
-        latent_channels=cfg.latent_channels, norm_num_groups=min(32, groups),
-        sample_size=cfg.resolution, scaling_factor=1.0, shift_factor=0.0,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_vae(cfg)
     inner = cfg.heads * cfg.head_dim
     transformer = SD3Transformer2DModel(
         sample_size=latent, patch_size=cfg.patch_size, in_channels=cfg.latent_channels,

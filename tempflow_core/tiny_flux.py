@@ -9,7 +9,6 @@ tokenizer over the same words (plus single characters, so any text tokenizes). N
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,10 +62,10 @@ def build_tiny_flux_pipeline(cfg: TinyModelConfig | None = None, workdir: str | 
     Args:
         workdir: where the CLIP tokenizer files are written before loading (a temp dir if None).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    from .models import TINY_VOCAB_WORDS, write_clip_tokenizer_files
+    from .models import TINY_VOCAB_WORDS, tiny_vae, write_clip_tokenizer_files
 
     cfg = cfg or TinyModelConfig(family="flux")
     down = len(cfg.vae_channels) - 1
@@ -94,16 +93,7 @@ def build_tiny_flux_pipeline(cfg: TinyModelConfig | None = None, workdir: str | 
         num_layers=cfg.text_layers, num_heads=max(1, cfg.text_width // 16), relative_attention_num_buckets=8,
         feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
-    groups = math.gcd(*cfg.vae_channels) if len(cfg.vae_channels) > 1 else cfg.vae_channels[0]
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(cfg.vae_channels),
-        up_block_types=["UpDecoderBlock2D"] * len(cfg.vae_channels),
-        block_out_channels=list(cfg.vae_channels), layers_per_block=1,
-        latent_channels=cfg.latent_channels, norm_num_groups=min(32, groups),
-        sample_size=cfg.resolution, scaling_factor=FLUX_VAE_SCALING, shift_factor=FLUX_VAE_SHIFT,
-        use_quant_conv=False, use_post_quant_conv=False,
-    )
+    vae = tiny_vae(cfg, FLUX_VAE_SCALING, FLUX_VAE_SHIFT)
     rope = cfg.head_dim // 4 // 2 * 2  # even widths: e.g. head_dim 16 -> (8, 4, 4)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * cfg.latent_channels, num_layers=cfg.layers, num_single_layers=cfg.layers,

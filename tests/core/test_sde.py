@@ -1,9 +1,11 @@
-"""The SDE sampler against exact Gaussian marginals; log-probs and KL against torch.distributions."""
+"""The SDE sampler against exact Gaussian marginals (on SD3's and FLUX's grids); log-probs and KL
+against torch.distributions."""
 
 import math
 
 import pytest
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from tempflow_core.schedule import make_schedule
 from tempflow_core.sde import gaussian_kl, gaussian_log_prob, sde_log_prob, sde_step
@@ -18,8 +20,13 @@ def gaussian_velocity(x: torch.Tensor, t: float) -> torch.Tensor:
     return -MU + cov / var * (x - (1 - t) * MU)
 
 
-def run_sde(num_steps: int, n: int = 40_000, seed: int = 0, a: float = 0.7):
-    s = make_schedule(num_steps, shift=3.0, noise_level=a)
+SD3_GRID = {"shift": 3.0, "noise_level": 0.7}
+# FLUX.1-dev at 512 px: (512 / 16)^2 = 1024 image tokens -> mu; a = 0.9
+FLUX_GRID = {"noise_level": 0.9, "mu": calculate_shift(1024, 256, 4096, 0.5, 1.15)}
+
+
+def run_sde(num_steps: int, n: int = 40_000, seed: int = 0, grid: dict = SD3_GRID):
+    s = make_schedule(num_steps, **grid)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, dtype=torch.float64, generator=g)
     sig, ssig = s.sigmas.tolist(), s.sde_sigma().tolist()
@@ -31,8 +38,9 @@ def run_sde(num_steps: int, n: int = 40_000, seed: int = 0, a: float = 0.7):
     return x, marg
 
 
-def test_sde_reproduces_data_distribution_and_intermediate_marginals():
-    x, marg = run_sde(300)
+@pytest.mark.parametrize("grid", [SD3_GRID, FLUX_GRID], ids=["sd3", "flux"])
+def test_sde_reproduces_data_distribution_and_intermediate_marginals(grid):
+    x, marg = run_sde(300, grid=grid)
     assert abs(x.mean().item() - MU) < 0.02
     assert abs(x.std().item() - STD) / STD < 0.03
     for t, m, sd in marg[50::50]:  # the first step is inflated by the sigma_max stand-in at t = 1
