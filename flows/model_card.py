@@ -27,10 +27,10 @@ def write_model_card(res: PretrainResult, cfg: PretrainConfig) -> None:
     if res.final_train is not None:
         rows[f"train ({res.final_train['n']} images)"] = res.final_train
     table = format_table(rows)
-    card = "\n".join([_summary(cfg), _how_it_was_made(res, cfg), _method(res, cfg), _scores(res, cfg, table), _curve(res)])
+    card = "\n".join([_summary(cfg, res.out_dir.name), _how_it_was_made(res, cfg), _method(res, cfg), _scores(res, cfg, table), _curve(res)])
     (res.out_dir / "MODEL_CARD.md").write_text(card)
     (res.out_dir / "README.md").write_text(
-        f"# tiny-shapes-sd3\n\nTiny StableDiffusion3Pipeline pretrained on the shapes world by `tempflow pretrain` "
+        f"# {res.out_dir.name}\n\nTiny StableDiffusion3Pipeline pretrained on the shapes world by `tempflow pretrain` "
         f"(`tempflow_core/pretrain/`; seed {cfg.seed}, {res.steps} transformer steps, {res.wall_s / 60:.1f} min on CPU). "
         f"Strict GenEval-like overall {res.final['overall']:.2f} on the {cfg.eval_split} split.\n\n"
         f"```\n{command_line()}\n```\n\nSee MODEL_CARD.md for data, objective, evaluation protocol, scores and the curve.\n\n{table}")
@@ -54,9 +54,9 @@ def _param_counts(folder: Path) -> dict[str, int]:
         return {}
 
 
-def _summary(cfg: PretrainConfig) -> str:
+def _summary(cfg: PretrainConfig, name: str) -> str:
     m = cfg.model
-    return f"""# tiny-shapes-sd3: a tiny StableDiffusion3Pipeline pretrained on the shapes world
+    return f"""# {name}: a tiny StableDiffusion3Pipeline pretrained on the shapes world
 
 A real diffusers `StableDiffusion3Pipeline` (SD3 transformer, AutoencoderKL, two tiny CLIP text
 encoders with projection, no T5) trained from scratch on rendered {m.resolution}x{m.resolution}
@@ -64,7 +64,7 @@ shape scenes (4 colours x circle/square/triangle, captions in GenEval's six task
 base model of TempFlow-GRPO runs: its GenEval-like strict score is kept inside the band
 {cfg.band[0]:.2f}-{cfg.band[1]:.2f} on purpose, so RL has headroom (position and counting are weakest).
 
-Load it offline with `tempflow_core.models.load_pipeline("models/tiny-shapes-sd3")`; sample with
+Load it offline with `tempflow_core.models.load_pipeline("models/{name}")`; sample with
 `max_sequence_length=0`, {m.resolution} px, CFG ~4 (`pipe("a red circle", height={m.resolution}, width={m.resolution},
 max_sequence_length=0, guidance_scale=4.0, num_inference_steps=20)`).
 """
