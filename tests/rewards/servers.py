@@ -43,12 +43,6 @@ def reward_server(reward: str, *options: str, timeout: float = 60.0) -> Iterator
 
 
 def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_port() -> int:
     """A port of 127.0.0.1 that nothing listens on (a down server's address)."""
     with contextlib.closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))

@@ -1,0 +1,102 @@
+"""The reward stage through a reward server against the in-process reward (issue 14).
+
+One real rollout of the embedded default's batch (4 prompts x K 4 on the shipped base model)
+is written to a local store once; then the reward stage (`tempflow_core.stages.reward_stage`:
+read the shards with their images, score, write the scores) runs `--repeats` times with
+`reward.name=shapes` in-process and with `reward.name=remote` against a `tempflow
+reward-server --reward shapes` process on 127.0.0.1, alternating, each mode with its own
+warm session. Prints the median stage seconds of each and their ratio, and checks that both
+give the same scores.
+
+    python benchmarks/bench_reward_server.py [--repeats 7] [--threads 1] [--batch-size N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.children import spawn, stop  # noqa: E402
+from tempflow_core import stages  # noqa: E402
+from tempflow_core.config import load_config  # noqa: E402
+from tempflow_core.layout import RunLayout  # noqa: E402
+from tempflow_core.session import SessionCache  # noqa: E402
+from tempflow_core.shards import read_rollouts, read_scores  # noqa: E402
+
+
+def start_server(reward: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """A `tempflow reward-server` on a free port of 127.0.0.1 (ends with this process)."""
+    cmd = [sys.executable, "-m", "flows.cli", "reward-server", "--reward", reward, "--port", "0"]
+    proc = spawn(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    line = ""
+    while "serving reward" not in line:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"reward server did not start (exit {proc.poll()}): {line}")
+        line = proc.stdout.readline()
+    return proc, line.split(" at ")[1].split()[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the server")
+    ap.add_argument("--batch-size", type=int, default=None, help="reward.options.remote.batch_size (default: the option's)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    proc, url = start_server("shapes", args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
+    try:
+        base = ["model.path=" + str(ROOT / "models" / "tiny-shapes-sd3"), f"pipeline.store={tmp}"]
+        cfgs = {"in-process": load_config(ROOT / "flows/configs/default.yaml", base),
+                "server": load_config(ROOT / "flows/configs/default.yaml", base + [
+                    "reward.name=remote", f"reward.options.remote.url={url}",
+                    *([f"reward.options.remote.batch_size={args.batch_size}"] if args.batch_size else [])])}
+        caches = {mode: SessionCache() for mode in cfgs}
+        lay = RunLayout.open(cfgs["in-process"], "bench")
+        stages.init_stage(cfgs["in-process"], lay, caches["in-process"])
+        stages.rollout_stage(cfgs["in-process"], lay, 0, caches["in-process"])
+        batch = read_rollouts(lay.store, lay.prefix(0, "rollout"), images=True)
+        print(f"rollout: {len(batch.sample_keys())} images of {batch.images().shape[1]} px, server at {url}")
+        reward_dir = tmp / lay.iteration_prefix(0) / "reward"
+        times: dict[str, list[float]] = {m: [] for m in cfgs}
+        scores: dict[str, np.ndarray] = {}
+        for mode, cfg in cfgs.items():  # warm: the session (model + reward) is built once per run
+            caches[mode].get(cfg)
+        for rep in range(args.repeats + 1):  # the first round is a warm-up, not counted
+            for mode, cfg in cfgs.items():
+                shutil.rmtree(reward_dir, ignore_errors=True)
+                t = time.perf_counter()
+                stages.reward_stage(cfg, lay, 0, caches[mode])
+                if rep:
+                    times[mode].append(time.perf_counter() - t)
+                keys = batch.sample_keys()
+                scores[mode] = read_scores(lay.store, lay.iteration_prefix(0), "reward").aligned(keys, "reward")
+        same = np.array_equal(scores["in-process"], scores["server"])
+        med = {m: statistics.median(v) for m, v in times.items()}
+        for m, v in times.items():
+            print(f"{m:>10}: reward stage median {med[m]:.3f} s (min {min(v):.3f}, max {max(v):.3f}, n {len(v)})")
+        print(f"server / in-process: {med['server'] / med['in-process']:.2f}x; scores identical: {same}")
+        if not same:
+            raise SystemExit("the server's scores differ from the in-process reward's")
+    finally:
+        stop(proc, timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
