@@ -64,6 +64,9 @@ def test_headline_verdicts_follow_the_curves():
     assert h["tempflow_above_fixed"]["seeds_won"] == "2/2"
     assert h["fixed_above_flow_grpo"]["diff"] == pytest.approx(0.43 - 0.33)
     assert "branch_above_fixed" in h and h["branch_above_fixed"] is None  # no branch runs here
+    # tempflow ends at (0.55 + 0.53) / 2 = 0.54, 0.24 above the base 0.3; seed std 0.014
+    gain = h["tempflow_above_base"]
+    assert gain["diff"] == pytest.approx(0.24) and gain["holds"] and gain["clear"] and gain["seeds_won"] == "2/2"
     md = report.headline_markdown(h)
     assert "'in at most half the iterations' holds" in md and "flow_grpo_fixed ends above flow_grpo: holds" in md
 
@@ -115,6 +118,16 @@ def test_reaching_a_target_below_the_base_model_is_no_claim():
     # a clear loss is 'beyond the seed spread' too
     assert not h["tempflow_above_fixed"]["holds"] and h["tempflow_above_fixed"]["clear"]
     assert "not measurable here" in report.headline_markdown(h)
+    assert h["tempflow_above_base"]["seeds_won"] == "0/2" and not h["tempflow_above_base"]["holds"]
+    assert "tempflow ends above the base model: does not hold (difference -0.190" in report.headline_markdown(h)
+
+
+def test_a_gain_within_the_seed_spread_is_not_clear():
+    # seeds end at 0.31, 0.45, 0.29: mean 0.35, +0.05 over the base, sample std 0.087
+    curves = {"tempflow": _curve({0: [0.3, 0.31], 1: [0.3, 0.45], 2: [0.3, 0.29]})}
+    gain = report.headline(curves)["tempflow_above_base"]
+    assert gain["diff"] == pytest.approx(0.05) and gain["holds"] and gain["clear"] is False
+    assert gain["seeds_won"] == "2/3"
 
 
 def test_a_target_within_the_seed_spread_of_the_base_is_no_claim_either():
