@@ -22,6 +22,7 @@ from tasks.tracking_task import track_ablation
 from tempflow_core import figures, report, stages
 from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
+from tempflow_core.schedule import Schedule, make_schedule
 
 VARIANTS = ["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
@@ -41,6 +42,7 @@ def collect(base: RunConfig, runs: dict[str, dict[str, str]], base_eval: dict[st
     curves: dict[str, list[dict[str, Any]]] = {}
     std_by_step: dict[int, list[float]] = {}
     finals: dict[str, list[dict[str, Any]]] = {}
+    grid: dict[str, Any] | None = None
     for variant, by_seed in runs.items():
         for seed, run_id in by_seed.items():
             cfg = variant_config(base, variant, base.reward.name, int(seed))
@@ -51,9 +53,12 @@ def collect(base: RunConfig, runs: dict[str, dict[str, str]], base_eval: dict[st
                 for k, v in stages.checkpoint_metrics(lay, 0).items():
                     if k.startswith("reward_step/std_"):
                         std_by_step.setdefault(int(k.rsplit("_", 1)[1]), []).append(float(v))
+                if grid is None:  # the grid the rollouts were sampled on: the family's, as resolved
+                    grid = stages.rollout_grid(lay, 0)
             if points and points[-1]["iteration"] > 0:
                 finals.setdefault(variant, []).append(stages.read_eval(lay, points[-1]["iteration"] - 1))
-    return {"curves": curves, "std_by_step": {str(k): v for k, v in sorted(std_by_step.items())}, "finals": finals}
+    return {"curves": curves, "std_by_step": {str(k): v for k, v in sorted(std_by_step.items())}, "finals": finals,
+            "grid": grid}
 
 
 @task(name="figures", cache_policy=NONE)
@@ -67,8 +72,10 @@ def make_figures(base: RunConfig, data: dict[str, Any], base_eval: dict[str, Any
     std = {int(k): v for k, v in data["std_by_step"].items()}
     if std:
         made["fig1"] = str(figures.reward_std_per_step(std, folder / "fig1_reward_std_per_step.png"))
-        made["fig4_left"] = str(figures.noise_vs_reward_std(std, T, base.sampling.shift, base.sampling.noise_level,
-                                                             folder / "fig4_noise_vs_reward_std.png"))
+        grid = data.get("grid") or {}
+        schedule = Schedule.from_sigmas(grid["sigmas"], grid["noise_level"]) if grid else \
+            make_schedule(T, base.sampling.shift, base.sampling.noise_level)  # bundles from before the grid was kept
+        made["fig4_left"] = str(figures.noise_vs_reward_std(std, schedule, folder / "fig4_noise_vs_reward_std.png"))
     made["fig4_right"] = str(figures.scale_terms(T, folder / "fig4_scale_terms.png", base.sampling.noise_level))
     label = report.score_label(base.reward.name)
     if data["curves"]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .schedule import make_schedule
+from .schedule import Schedule, make_schedule
 
 
 def _plt():
@@ -51,12 +51,12 @@ def reward_std_per_step(std_by_step: dict[int, list[float]], out: Path, title: s
     return _save(plt, fig, out)
 
 
-def noise_vs_reward_std(std_by_step: dict[int, list[float]], num_steps: int, shift: float, noise_level: float,
-                        out: Path) -> Path:
-    """Figure 4 (left): the per-step noise scale s_t sqrt(dt) next to the reward std."""
+def noise_vs_reward_std(std_by_step: dict[int, list[float]], schedule: Schedule, out: Path) -> Path:
+    """Figure 4 (left): the per-step noise scale s_t sqrt(dt) of the grid the runs sampled on
+    (the model family's: SD3's static shift, FLUX's resolution-dependent one) next to the reward std."""
     plt = _plt()
-    s = make_schedule(num_steps, shift, noise_level)
-    scale = s.step_std().numpy()
+    num_steps = schedule.num_steps
+    scale = schedule.step_std().numpy()
     steps = sorted(std_by_step)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(range(num_steps), scale, "o-", color="#c44e52", label="noise s_t sqrt(dt)")

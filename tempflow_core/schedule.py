@@ -11,7 +11,7 @@ with dt_i = t_{i+1} - t_i < 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,13 @@ class Schedule:
     @property
     def num_steps(self) -> int:
         return int(self.sigmas.numel() - 1)
+
+    @classmethod
+    def from_sigmas(cls, sigmas: Sequence[float] | torch.Tensor, noise_level: float,
+                    num_train_timesteps: int = 1000) -> Schedule:
+        """The grid a rollout was sampled on, from its stored sigmas [T+1] (any family's)."""
+        sig = torch.as_tensor(sigmas, dtype=torch.float64)
+        return cls(sig, (sig[:-1] * num_train_timesteps).float(), float(noise_level))
 
     def dt(self) -> torch.Tensor:
         """[T] signed step sizes t_{i+1} - t_i (negative)."""

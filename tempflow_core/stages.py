@@ -42,7 +42,7 @@ from .rewards import reward_servers
 from .seeding import derive_seed
 from .session import Session, SessionCache, restore
 from .shards import (
-    Manifest, ObjectInfo, SchemaError, ShardIntegrityError, StageNotFound, read_rollouts, read_scores,
+    Manifest, ObjectInfo, SchemaError, ShardIntegrityError, StageNotFound, read_embeds, read_rollouts, read_scores,
     require_manifest, write_manifest, write_rollouts, write_scores,
 )
 from .storage import join_key
@@ -219,6 +219,18 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
 
     _ensure(layout, iteration, "learner", inputs, compute, upstream)
     return layout.store.uri_for(prefix)
+
+
+def rollout_grid(layout: RunLayout, iteration: int) -> dict[str, Any] | None:
+    """The grid iteration i's rollouts were sampled on: sigmas [T+1] and noise level a, as
+    stored (the family's defaults resolved at sampling time); None for rollouts written
+    before the manifest kept the noise level."""
+    prefix = layout.prefix(iteration, "rollout")
+    m = require_manifest(layout.store, prefix, kind="rollouts")
+    if "noise_level" not in m.extra:
+        return None
+    _, sigmas = read_embeds(layout.store, prefix, m)
+    return {"sigmas": [float(x) for x in sigmas], "noise_level": float(m.extra["noise_level"])}
 
 
 def checkpoint_metrics(layout: RunLayout, iteration: int) -> dict[str, float]:

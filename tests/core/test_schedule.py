@@ -3,7 +3,7 @@
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from tempflow_core.schedule import make_schedule
+from tempflow_core.schedule import Schedule, make_schedule
 from tempflow_core.sde import ode_step, sde_step
 
 
@@ -79,3 +79,12 @@ def test_reweighted_scale_term_is_proportional_to_dt():
     # without reweighting, late steps dominate under shift 3 (the mismatch of Figure 4)
     s3 = make_schedule(12, shift=3.0)
     assert s3.scale_term()[-1] > 3 * s3.scale_term()[1]
+
+
+def test_a_schedule_rebuilt_from_stored_sigmas_is_the_same_grid():
+    # FLUX's grid (exp(mu) shift on linspace(1, 1/T, T)) and SD3's, through their stored sigmas
+    for s in (make_schedule(6, noise_level=0.9, mu=0.8), make_schedule(6, 3.0, 0.7)):
+        back = Schedule.from_sigmas(s.sigmas.tolist(), s.noise_level)
+        assert torch.equal(back.sigmas, s.sigmas.double()) and back.noise_level == s.noise_level
+        torch.testing.assert_close(back.timesteps, s.timesteps)
+        torch.testing.assert_close(back.step_std(), s.step_std().double())

@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tempflow_core.config import load_config
+from tempflow_core.schedule import make_schedule
 
 from .conftest import tiny_overrides
 
@@ -37,6 +39,10 @@ def test_ablation_smoke_writes_figures_table_bundle_and_mlflow_report(prefect_ap
     nfe = {v: curves["curves"][v][-1]["nfe"] for v in VARIANTS}
     assert nfe["tempflow"] == nfe["branch"] > nfe["flow_grpo"] == nfe["flow_grpo_fixed"] == nfe["reweight"]
     assert sorted(curves["std_by_step"]) == ["0", "1", "2"]  # T = 4: branch points 0..T-2
+    # Figure 4 draws the grid the rollouts were sampled on: SD3's static shift 3 and a = 0.7 here
+    sd3 = make_schedule(4, 3.0, 0.7)
+    assert curves["grid"]["noise_level"] == 0.7
+    assert torch.allclose(torch.tensor(curves["grid"]["sigmas"], dtype=torch.float64), sd3.sigmas.double())
     assert set(curves["headline"]["finals"]) == set(VARIANTS)
     table = (folder / "table.md").read_text()
     assert table.count("\n") >= 6 and "base model" in table and "tempflow" in table
