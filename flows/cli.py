@@ -422,7 +422,7 @@ def compare(
     run: str = typer.Argument(..., help="Run id to plot."),
     reference: Path = typer.Option(..., "--reference", help="curves.json of an ablation, e.g. results/ablation/shapes/curves.json."),
     out: Path = typer.Option(Path("compare.png"), "--out"),
-    x: str = typer.Option("iteration", "--x", help="'iteration' or 'nfe' (cumulative transformer forward passes)."),
+    x: str = typer.Option("iteration", "--x", help="'iteration' or 'nfe' (cumulative transformer rows, rollout + learner)."),
     store: Optional[str] = typer.Option(None, "--store"),
 ) -> None:
     """Plot a run's evaluation curve over the reference curves of an ablation (seed bands), and

@@ -118,7 +118,7 @@ def score_curves(curves: dict[str, list[dict[str, Any]]], x: str, out: Path, yla
         ys = [[p["score"] for p in points if p[x] == v] for v in xs]
         line, = ax.plot(xs, [float(np.mean(y)) for y in ys], "--", alpha=0.7, label=f"{name} (reference)")
         ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.08)
-    ax.set_xlabel("iterations" if x == "iteration" else "transformer NFEs (cumulative)")
+    ax.set_xlabel("iterations" if x == "iteration" else "transformer NFEs, rollout + learner (cumulative)")
     ax.set_ylabel(ylabel)
     n = max((len({p["seed"] for p in pts}) for pts in curves.values()), default=1)
     bands = (["dark band: ± eval standard error"] if with_se else []) + (["light band: seeds min to max"] if n > 1 else [])

@@ -78,16 +78,23 @@ def run_curve(cfg: RunConfig, layout: RunLayout, base_eval: dict[str, Any] | Non
               ) -> list[dict[str, Any]]:
     """Eval points of one run in order: (iteration, cumulative transformer NFEs, score).
 
-    ``base_eval`` (the base model under the same eval settings) becomes the point at
-    iteration 0, so every curve starts from the same place."""
-    points = [_point(cfg.reward.name, base_eval, cfg.train.seed, 0, 0)] if base_eval else []
-    nfe = 0
+    NFEs count the rows through the transformer, a CFG pair once: the rollout's and the
+    learner's (its forward with grad and the KL reference's; 0 for runs recorded before the
+    learner counted them), so a variant with a cheap rollout and a costly update is charged
+    for both. ``rollout_nfe`` keeps the rollout's share. ``base_eval`` (the base model under
+    the same eval settings) becomes the point at iteration 0, so every curve starts from the
+    same place."""
+    points = [{**_point(cfg.reward.name, base_eval, cfg.train.seed, 0, 0), "rollout_nfe": 0}] if base_eval else []
+    nfe = rollout_nfe = 0
     for it in range(cfg.train.iterations):
         if not layout.complete(it, "learner"):
             break
-        nfe += int(stages.checkpoint_metrics(layout, it).get("rollout/nfe", 0))
+        m = stages.checkpoint_metrics(layout, it)
+        rollout_nfe += int(m.get("rollout/nfe", 0))
+        nfe += int(m.get("rollout/nfe", 0)) + int(m.get("learner/nfe", 0))
         if layout.complete(it, "eval"):
-            points.append(_point(cfg.reward.name, stages.read_eval(layout, it), cfg.train.seed, it + 1, nfe))
+            points.append({**_point(cfg.reward.name, stages.read_eval(layout, it), cfg.train.seed, it + 1, nfe),
+                           "rollout_nfe": rollout_nfe})
     return points
 
 

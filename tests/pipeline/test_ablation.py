@@ -35,9 +35,18 @@ def test_ablation_smoke_writes_figures_table_bundle_and_mlflow_report(prefect_ap
     for points in curves["curves"].values():  # every curve starts at the same base model score
         assert [p["iteration"] for p in points] == [0, 1, 2]
         assert points[0]["score"] == curves["base_eval"]["reward"] and points[0]["nfe"] == 0
-    # branching spends more NFEs per iteration than plain SDE rollouts with these sizes
+    # NFEs = transformer rows of rollout + learner, 2 iterations of B 2 prompts, K 3, T 4, KL on.
+    # Branching: backbone steps 0..2 (3 rows) + each child's ODE from its branch step to the end
+    # (K (3 + 2 + 1) = 18) per prompt; the learner one row per branch point (B x 3), twice
+    # with the KL reference. Plain: K T = 12 rows per prompt; the learner one row per trained
+    # step 0..2 of each of the B K trajectories, twice.
     nfe = {v: curves["curves"][v][-1]["nfe"] for v in VARIANTS}
-    assert nfe["tempflow"] == nfe["branch"] > nfe["flow_grpo"] == nfe["flow_grpo_fixed"] == nfe["reweight"]
+    rollout_nfe = {v: curves["curves"][v][-1]["rollout_nfe"] for v in VARIANTS}
+    assert rollout_nfe["tempflow"] == rollout_nfe["branch"] == 2 * 2 * (3 + 18)
+    assert nfe["tempflow"] == nfe["branch"] == 2 * (2 * (3 + 18) + 2 * 2 * 3)
+    for plain in ("flow_grpo", "flow_grpo_fixed", "reweight"):
+        assert rollout_nfe[plain] == 2 * 2 * 12
+        assert nfe[plain] == 2 * (2 * 12 + 2 * 2 * 3 * 3)
     assert sorted(curves["std_by_step"]) == ["0", "1", "2"]  # T = 4: branch points 0..T-2
     # Figure 4 draws the grid the rollouts were sampled on: SD3's static shift 3 and a = 0.7 here
     sd3 = make_schedule(4, 3.0, 0.7)
