@@ -135,11 +135,18 @@ def first_reaching(points: list[dict[str, Any]], target: float, x: str = "iterat
     return None
 
 
+def _se_of_difference(a: float | None, b: float | None) -> float:
+    """The standard error of a difference of two independent estimates (0 when one is unknown)."""
+    return 0.0 if a is None or b is None else float(np.hypot(a, b))
+
+
 def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The paper's claims on these curves (issue 6's goal), as numbers and verdicts:
     tempflow ends above the base model, reaches flow_grpo_fixed's final score in at most half
     the iterations and ends above it; flow_grpo_fixed ends above flow_grpo. Final = last evaluation, mean over seeds;
     'clear' means the gap, either way, exceeds the larger of the two seed standard deviations
+    and, where the points carry one, the evaluation's standard error of the difference
+    (sqrt(se_a^2 + se_b^2), each se that of a seed mean)
     (None with a single seed, where there is no spread to judge by). Reaching a target is only
     a claim when the target lies above the base model (iteration 0) by more than
     flow_grpo_fixed's seed std: otherwise every curve starts at it, 'reaching' it is vacuous
@@ -167,14 +174,16 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         d = finals[a]["mean"] - finals[b]["mean"]
         wins = sum(finals[a]["per_seed"].get(s, -np.inf) > v for s, v in finals[b]["per_seed"].items())
         several = min(len(finals[a]["per_seed"]), len(finals[b]["per_seed"])) > 1
-        return {"diff": d, "holds": d > 0, "clear": abs(d) > max(finals[a]["std"], finals[b]["std"]) if several else None,
+        noise = max(finals[a]["std"], finals[b]["std"], _se_of_difference(finals[a].get("se"), finals[b].get("se")))
+        return {"diff": d, "holds": d > 0, "clear": abs(d) > noise if several else None,
                 "seeds_won": f"{wins}/{len(finals[b]['per_seed'])}"}
 
     if "tempflow" in finals and base is not None:  # the gain over the model every variant starts from
         f = finals["tempflow"]
         d = f["mean"] - base
         out["tempflow_above_base"] = {
-            "diff": d, "holds": d > 0, "clear": abs(d) > f["std"] if len(f["per_seed"]) > 1 else None,
+            "diff": d, "holds": d > 0,
+            "clear": abs(d) > max(f["std"], _se_of_difference(f.get("se"), base_se)) if len(f["per_seed"]) > 1 else None,
             "seeds_won": f"{sum(v > base for v in f['per_seed'].values())}/{len(f['per_seed'])}"}
     if "tempflow" in finals and "flow_grpo_fixed" in finals:
         target = finals["flow_grpo_fixed"]["mean"]
@@ -235,7 +244,7 @@ def headline_markdown(h: dict[str, Any]) -> str:
         g = h.get(key)
         if g:
             spread = ("one seed: no spread to compare with" if g["clear"] is None
-                      else ("beyond" if g["clear"] else "within") + " the seed spread")
+                      else ("beyond" if g["clear"] else "within") + " the seed spread and evaluation error")
             lines.append(f"- {text}: {yn(g['holds'])} (difference {g['diff']:+.3f}, {spread}; "
                          f"seeds won {g['seeds_won']}).")
     return "\n".join(lines) + "\n"

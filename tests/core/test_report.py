@@ -130,6 +130,21 @@ def test_a_gain_within_the_seed_spread_is_not_clear():
     assert gain["seeds_won"] == "2/3"
 
 
+def test_a_gap_inside_the_evaluation_error_is_not_clear_however_tight_the_seeds():
+    # final means 0.31 vs 0.30 with seed std 0.001: beyond the seeds, but each evaluation has a
+    # standard error of 0.02, so a mean of 3 has 0.02 sqrt(3) / 3 = 0.0115 and the difference
+    # of two means hypot(0.0115, 0.0115) = 0.016 > 0.01
+    def pts(end: float) -> list[dict]:
+        return [{**p, "se": 0.02} for p in _curve({0: [0.3, end - 0.001], 1: [0.3, end + 0.001], 2: [0.3, end]})]
+    curves = {"flow_grpo_fixed": pts(0.30), "tempflow": pts(0.31)}
+    h = report.headline(curves)
+    assert h["tempflow_above_fixed"]["holds"] and h["tempflow_above_fixed"]["clear"] is False
+    assert "within the seed spread and evaluation error" in report.headline_markdown(h)
+    # without recorded standard errors only the seed spread is there to judge by
+    curves = {k: [{kk: vv for kk, vv in p.items() if kk != "se"} for p in v] for k, v in curves.items()}
+    assert report.headline(curves)["tempflow_above_fixed"]["clear"] is True
+
+
 def test_a_target_within_the_seed_spread_of_the_base_is_no_claim_either():
     curves = {"flow_grpo_fixed": _curve({0: [0.4, 0.42], 1: [0.4, 0.40], 2: [0.4, 0.39]}),  # +0.003 ± 0.015
               "tempflow": _curve({0: [0.4, 0.41], 1: [0.4, 0.41], 2: [0.4, 0.41]})}
