@@ -49,11 +49,18 @@ def _marker_key(lay: RunLayout, iteration: int) -> str:
     return join_key(lay.iteration_prefix(iteration), "mlflow.json")
 
 
-def _read_marker(lay: RunLayout, iteration: int) -> dict[str, Any] | None:
+def _read_marker(lay: RunLayout, iteration: int, tracker: RunTracker) -> dict[str, Any] | None:
+    """What iteration i logged to MLflow, if it logged it to the tracker's run (a marker
+    written for a run on another tracking server does not count: resumed there, it re-logs)."""
     try:
-        return json.loads(lay.store.get_bytes(_marker_key(lay, iteration)))
+        marker = json.loads(lay.store.get_bytes(_marker_key(lay, iteration)))
     except ObjectNotFound:
         return None
+    return marker if _logged_here(marker, tracker) else None
+
+
+def _logged_here(marker: dict[str, Any], tracker: RunTracker) -> bool:
+    return marker.get("mlflow_run_id", tracker.run_id) == tracker.run_id  # markers before the field: this run
 
 
 def group_grid_png(lay: RunLayout, iteration: int, max_groups: int = 4) -> bytes:
@@ -78,10 +85,10 @@ def group_grid_png(lay: RunLayout, iteration: int, max_groups: int = 4) -> bytes
 def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker) -> str:
     """Metrics, the rollout shard set as a dataset input, the checkpoint as a logged model."""
     lay = RunLayout.open(config, run_id)
-    done = _read_marker(lay, iteration)
+    done = _read_marker(lay, iteration, tracker)
     if done is not None:
         return done["model_id"]
-    prev = _read_marker(lay, iteration - 1) if iteration > 0 else None
+    prev = _read_marker(lay, iteration - 1, tracker) if iteration > 0 else None
     metrics = stages.checkpoint_metrics(lay, iteration)
     tracker.start_iteration(iteration)
     tracker.log_metrics(iteration, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -99,7 +106,8 @@ def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: Run
         model_id = tracker.log_checkpoint(iteration, Path(tmp), lay.store.uri_for(ck), lay.store.uri_for(rp),
                                           prev["model_id"] if prev else None, metrics=None)
     tracker.end_iteration()
-    lay.store.put_bytes(_marker_key(lay, iteration), json.dumps({"model_id": model_id}).encode())
+    lay.store.put_bytes(_marker_key(lay, iteration),
+                        json.dumps({"model_id": model_id, "mlflow_run_id": tracker.run_id}).encode())
     return model_id
 
 
@@ -121,8 +129,11 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
     """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
     lay = RunLayout.open(config, run_id)
     eval_marker = join_key(lay.iteration_prefix(iteration), "mlflow-eval.json")
-    if lay.store.exists(eval_marker):  # logged before a resume: never twice
-        return
+    try:  # logged before a resume, to this MLflow run: never twice
+        if _logged_here(json.loads(lay.store.get_bytes(eval_marker)), tracker):
+            return
+    except ObjectNotFound:
+        pass
     scores = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
     scores.update({f"geneval/{k}": float(v) for k, v in result.get("geneval", {}).items()})
     table = None
@@ -134,12 +145,14 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         grid = Path(tmp) / "eval_grid.png"
         grid.write_bytes(lay.store.get_bytes(join_key(lay.prefix(iteration, "eval"), "grid.png")))
         tracker.log_eval(iteration, scores, table, grid)
-    marker = _read_marker(lay, iteration)
+    marker = _read_marker(lay, iteration, tracker)
     score = eval_score(config.reward.name, result)  # what the run trains, never another objective
     best_key = join_key(run_id, "best.json")
     try:
         best = json.loads(lay.store.get_bytes(best_key))
     except ObjectNotFound:
+        best = None
+    if best is not None and not _logged_here(best, tracker):  # registered on another tracking server
         best = None
     if marker is not None and (best is None or score > best["score"]):  # this run's best: a new version
         version = tracker.register(marker["model_id"], config.pipeline.registered_model)
@@ -147,8 +160,8 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         promoted = tracker.promote(config.pipeline.registered_model, "best", version, score, score_key(config))
         lay.store.put_bytes(best_key, json.dumps({"iteration": iteration, "score": float(np.float64(score)),
                                                   "model_id": marker["model_id"], "version": version,
-                                                  "alias_best": promoted}).encode())
-    lay.store.put_bytes(eval_marker, b"{}")
+                                                  "alias_best": promoted, "mlflow_run_id": tracker.run_id}).encode())
+    lay.store.put_bytes(eval_marker, json.dumps({"mlflow_run_id": tracker.run_id}).encode())
 
 
 @task(name="track-ablation", cache_policy=NONE, retries=2, retry_delay_seconds=5)

@@ -34,6 +34,7 @@ from .values import (
     TAG_RESUMED_FROM,
     TAG_ROLLOUT_MANIFEST,
     TAG_RUN_NAME,
+    TAG_TRACKED_ELSEWHERE,
     TAG_TRAINING_RUN,
     clean_tags,
     finite,
@@ -85,8 +86,8 @@ class RunTracker:
         self._client = self._connect()
 
         with self._guard():
-            if run_id:
-                run = self._client.get_run(run_id)
+            recorded, run = run_id, self._existing_run(run_id) if run_id else None
+            if run is not None:
                 self.experiment_id = run.info.experiment_id
                 self.run_id = run.info.run_id
                 if run.info.status != "RUNNING":
@@ -103,11 +104,28 @@ class RunTracker:
                 run_tags.update({TAG_KIND: kind, TAG_RUN_NAME: run_name})
                 if parent_run_id:
                     run_tags[TAG_RESUMED_FROM] = parent_run_id
+                if recorded:  # the run was tracked on another server before: say where
+                    run_tags[TAG_TRACKED_ELSEWHERE] = recorded
                 if base_model:
                     run_tags[TAG_BASE_MODEL] = redact(base_model)
                 run = self._client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)
                 self.run_id = run.info.run_id
                 self._log_params(params, existing={})
+
+    def _existing_run(self, run_id: str):
+        """The run `run_id` on this tracking server; None (and a warning) when this server has
+        no such run: the training run was tracked on another server (another TEMPFLOW_HOME or
+        MLFLOW_TRACKING_URI) and is resumed here, so a new run takes its metrics from now on."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        log.warning("MLflow run %s of %s is not on %s (tracked elsewhere): starting a new MLflow run, which "
+                    "re-logs the finished iterations", run_id, self.run_name, redact(self.tracking_uri))
+        return None
 
     # -- pickling: Prefect may serialise the tracker between tasks/processes ---------------
 

@@ -21,6 +21,7 @@ BASE = "base"
 TAG_KIND = "tempflow.kind"
 TAG_ITERATION = "tempflow.iteration"
 TAG_RESUMED_FROM = "tempflow.resumed_from"
+TAG_TRACKED_ELSEWHERE = "tempflow.mlflow_run_elsewhere"  # the MLflow run id a resumed run had on another server
 TAG_RUN_NAME = "tempflow.run_name"
 TAG_CHECKPOINT_URI = "tempflow.checkpoint_uri"
 TAG_ROLLOUT_MANIFEST = "tempflow.rollout_manifest_uri"

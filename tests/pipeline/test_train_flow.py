@@ -210,3 +210,34 @@ def test_ema_is_checkpointed_and_matches_in_process(prefect_api, tiny_model_dir,
     ref = train_in_process(cfg, tmp_path / "inproc")
     want = _lora(ref.lora_path.parent.parent / "lora_ema" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(ck1.ema[k], want[k]) for k in want)
+
+
+def test_a_run_resumed_on_another_tracking_server_is_logged_there_in_full(prefect_api, tiny_model_dir, tmp_path,
+                                                                          quiet_env):
+    """The store remembers the MLflow run of the server the run was tracked on; resumed against
+    another server (another TEMPFLOW_HOME, a shared store), that run is not there: a new MLflow
+    run takes the run, with every finished iteration re-logged, instead of a failed flow."""
+    from mlflow import MlflowClient
+
+    from flows.train import train_flow
+
+    overrides = tiny_overrides(tmp_path, tiny_model_dir) + ["eval.every=1"]
+    uris = [f"sqlite:///{tmp_path / name}.db" for name in ("first", "second")]
+    cfgs = [load_config(overrides=overrides + [f"pipeline.mlflow_uri={uri}"]) for uri in uris]
+    first = train_flow(config=cfgs[0], run_id="moved")
+    second = train_flow(config=cfgs[1], run_id="moved")  # finished on the store: only tracking is redone
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+    assert json.loads(RunLayout.open(cfgs[1], "moved").store.get_bytes("moved/run.json"))["mlflow_run_id"] == \
+        second["mlflow_run_id"]
+    old, new = MlflowClient(uris[0]), MlflowClient(uris[1])
+    run = new.get_run(second["mlflow_run_id"])
+    assert run.data.tags["tempflow.mlflow_run_elsewhere"] == first["mlflow_run_id"]
+    kids = new.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(int(k.data.tags["tempflow.iteration"]) for k in kids) == [0, 1]
+    # the same metrics, step for step, as the first server recorded while the run trained
+    logged = old.get_run(first["mlflow_run_id"]).data.metrics
+    assert logged and set(run.data.metrics) == set(logged)
+    for key in logged:
+        want = [(m.step, m.value) for m in old.get_metric_history(first["mlflow_run_id"], key)]
+        got = [(m.step, m.value) for m in new.get_metric_history(run.info.run_id, key)]
+        assert sorted(got) == sorted(want), key
