@@ -76,6 +76,8 @@ class RolloutConfig(_Section):
     group_size: int = Field(6, ge=2, description="K children per branch point (branching) or G trajectories per prompt (plain).")
     branch_steps: Literal["all"] | list[int] | int = Field("all", description="Branch points: 'all' = steps 0..T-2 (the last, nearly noise-free step is left out, as in the reference code), a fixed list of step indices (may name T-1), or an int m: m of 0..T-2 drawn per iteration.")
     max_batch: int = Field(64, ge=1, description="Max samples per transformer forward (CFG doubles it internally).")
+    slices: int = Field(1, ge=1, description="Contiguous slices the iteration's prompts are cut into, each sampled as one batch and written as its own shards. The unit of work of rollout workers: with slices fixed, rollouts are the same whatever the worker count. 1: one batch.")
+    workers: int = Field(1, ge=1, description="pipeline.engine=ray: rollout actors, each sampling whole slices (at most rollout.slices are busy). Does not change what a run computes.")
 
     @field_validator("branch_steps")
     @classmethod
@@ -112,12 +114,14 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the LoRA weights, updated after every iteration (0: off); evaluation and export use the EMA when on.")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
+    workers: int = Field(1, ge=1, description="pipeline.engine=ray: data-parallel learner ranks (Ray Train, gloo on CPU, NCCL on GPU); the global batch, minibatches and update do not depend on it (up to the all-reduce's float summation order).")
 
 
 class RewardConfig(_Section):
     name: str = Field("brightness", description="Reward name in the registry, or 'weighted' with `weights`.")
     weights: dict[str, float] = Field(default_factory=dict, description="For 'weighted': reward name -> weight.")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-reward keyword options, e.g. {'clipscore': {'model': '/path'}}.")
+    workers: int = Field(1, ge=1, description="pipeline.engine=ray: reward actors, each loading the reward once and scoring whole shards. Does not change what a run computes.")
 
 
 class PromptsConfig(_Section):
@@ -154,6 +158,7 @@ class PipelineConfig(_Section):
     store: str = Field(".tempflow/store", description="Object store for stage outputs: a local folder, file:///abs/path or s3://bucket/prefix (credentials from the boto3 chain, never from here).")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); AWS_ENDPOINT_URL_S3 works too.")
     samples_per_shard: int = Field(32, ge=1, description="Rollout samples (branch points or trajectories) per webdataset shard.")
+    engine: Literal["local", "ray"] = Field("local", description="Where stage work runs: 'local' (this process) or 'ray' (rollout and reward actors, a Ray Train learner; RAY_ADDRESS when set, else a local Ray started and stopped by the run). Stage outputs, URIs and resume are the same on both.")
     # read by the orchestration only (flows/, tasks/); opaque to the core
     mlflow_uri: str | None = Field(None, description="Orchestration: tracking server URI the flows log to (default: MLFLOW_TRACKING_URI, else sqlite in the run folder).")
     experiment: str = Field("tempflow", description="Orchestration: experiment name runs are tracked under.")
@@ -193,6 +198,12 @@ class RunConfig(_Section):
                 if T < 2:
                     raise ValueError(f"{name}={spec!r} trains steps 0..T-2, none at sampling.num_steps=1: "
                                      f"use sampling.num_steps >= 2 or an explicit list such as [0]")
+        if self.rollout.slices > self.rollout.prompts_per_iter:
+            raise ValueError(f"rollout.slices ({self.rollout.slices}) exceeds rollout.prompts_per_iter "
+                             f"({self.rollout.prompts_per_iter}): a slice needs at least one prompt")
+        if self.pipeline.engine == "ray" and self.rollout.workers > self.rollout.slices:
+            raise ValueError(f"rollout.workers ({self.rollout.workers}) exceeds rollout.slices ({self.rollout.slices}): "
+                             f"a worker samples whole slices, so set rollout.slices to a multiple of rollout.workers")
         if isinstance(self.train.train_steps, list) and (not self.train.train_steps or max(self.train.train_steps) >= T):
             raise ValueError(f"train.train_steps {self.train.train_steps} must be non-empty indices < sampling.num_steps ({T})")
         return self
@@ -236,6 +247,10 @@ class RunConfig(_Section):
             sampling["shift"] = defaults.shift
         if data["model"]["tiny"]["family"] == "sd3":
             del data["model"]["tiny"]["family"]
+        for section in ("rollout", "reward", "train"):  # where work runs, not what it computes
+            data[section].pop("workers")
+        if data["rollout"]["slices"] == 1:  # one batch: the configs from before slices
+            del data["rollout"]["slices"]
         return data
 
     def digest(self) -> str:

@@ -43,7 +43,10 @@ AFFECTS: dict[str, frozenset[str]] = {
     "sampling.guidance_scale": _SAMPLER | {EVAL},  # CFG of rollouts, of the learner's log-probs, of eval
     "sampling.shift": _SAMPLER | {EVAL},
     "sampling.eval_num_steps": frozenset({EVAL}),
-    **{f"rollout.{f}": frozenset({ROLLOUT}) for f in ("prompts_per_iter", "group_size", "branch_steps", "max_batch")},
+    **{f"rollout.{f}": frozenset({ROLLOUT}) for f in ("prompts_per_iter", "group_size", "branch_steps", "max_batch",
+                                                      "slices")},
+    # where work runs (pipeline.engine=ray), not what it computes (the learner's ranks: up to float summation order)
+    **{f"{section}.workers": _NONE for section in ("rollout", "reward", "train")},
     **{f"loss.{f}": frozenset({LEARNER}) for f in ("clip_range", "adv_clip_max", "beta", "weight_norm",
                                                    "weight_constant")},
     "train.iterations": _NONE,  # no schedule depends on the total: outputs of iteration i stay the same
@@ -61,7 +64,7 @@ AFFECTS: dict[str, frozenset[str]] = {
                                                 "images_per_category", "extra_reward", "seed")},
     **{f"guard.{f}": _NONE for f in ("max_bad_iterations", "zero_spread_fraction")},
     **{f"pipeline.{f}": _NONE for f in ("store", "s3_endpoint_url", "samples_per_shard", "mlflow_uri", "experiment",
-                                        "registered_model", "grid_every", "gpu_limit")},
+                                        "registered_model", "grid_every", "gpu_limit", "engine")},
     "output_dir": _NONE,
 }
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import LossConfig, TrainConfig
+from .data_parallel import DataParallel
 from .objective import grpo_terms
 from .policy_base import FlowPolicy, PromptEmbeds
 from .rollout import RolloutBatch
@@ -144,6 +145,16 @@ def evaluate_units(
     )
 
 
+_STAT_NAMES = ("loss", "policy_loss", "kl", "approx_kl", "clip_frac", "ratio_mean")
+
+
+def empty_units(children: int) -> TrainUnits:
+    """No units (a learner rank whose share of a stage is empty): it still joins every all-reduce."""
+    z = torch.zeros(0, 1, 1, 1)
+    return TrainUnits(z, torch.zeros(0, children, 1, 1, 1), torch.zeros(0, children), torch.zeros(0, children),
+                      torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+
 def make_optimizer(policy: FlowPolicy, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(policy.lora_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay, eps=cfg.eps)
@@ -161,33 +172,44 @@ def update(
     generator: torch.Generator,
     shared: bool = True,
     progress: Callable[[int], None] | None = None,
+    dp: DataParallel | None = None,
 ) -> dict[str, float]:
-    """Inner epochs x minibatches of clipped GRPO steps; returns mean statistics."""
+    """Inner epochs x minibatches of clipped GRPO steps; returns mean statistics.
+
+    With `dp`, `units` are this rank's share of the stage's N = dp.total units: every rank
+    draws the same permutation of all N, runs the units of each minibatch it holds, and the
+    gradients are summed over ranks before the step (data_parallel.py)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
     count = 0
     grad_norms = []
     ratio_min, ratio_max = float("inf"), float("-inf")
-    N, K = len(units), units.children
+    N, K = (dp.total if dp is not None else len(units)), units.children
     for _ in range(train_cfg.inner_epochs):
         perm = torch.randperm(N, generator=generator)
         for mb in torch.tensor_split(perm, min(train_cfg.minibatches, N)):
             optimizer.zero_grad(set_to_none=True)
             n_terms = len(mb) * K
-            for micro in torch.split(mb, train_cfg.micro_batch):
+            mine = dp.local(mb) if dp is not None else mb
+            for micro in torch.split(mine, train_cfg.micro_batch):
                 terms = evaluate_units(policy, units.subset(micro), emb, schedule, guidance_scale, loss_cfg, shared)
                 (terms.loss.sum() / n_terms).backward()
-                for name, val in (("loss", terms.loss), ("policy_loss", terms.policy), ("kl", terms.kl),
-                                  ("approx_kl", terms.approx_kl), ("clip_frac", terms.clipped.float()),
-                                  ("ratio_mean", terms.ratio)):
+                for name, val in zip(_STAT_NAMES, (terms.loss, terms.policy, terms.kl, terms.approx_kl,
+                                                   terms.clipped.float(), terms.ratio)):
                     sums[name] = sums.get(name, 0.0) + float(val.detach().sum())
                 count += terms.loss.numel()
                 ratio_min = min(ratio_min, float(terms.ratio.min()))
                 ratio_max = max(ratio_max, float(terms.ratio.max()))
                 if progress is not None:
                     progress(len(micro))
+            if dp is not None:
+                dp.all_reduce_grads(params)
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)))
             optimizer.step()
+    if dp is not None:  # every rank reports the whole update's statistics
+        total = dp.reduce([sums.get(n, 0.0) for n in _STAT_NAMES] + [float(count)])
+        sums, count = dict(zip(_STAT_NAMES, total[:-1])), int(total[-1])
+        ratio_min, ratio_max = dp.reduce([ratio_min], "min")[0], dp.reduce([ratio_max], "max")[0]
     stats = {k: v / max(1, count) for k, v in sums.items()}
     stats.update(ratio_min=ratio_min, ratio_max=ratio_max, grad_norm=float(np.mean(grad_norms)),
                  units=float(N), optimizer_steps=float(len(grad_norms)))

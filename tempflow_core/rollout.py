@@ -53,6 +53,16 @@ class BranchPoint:
         return [f"{self.group_id}_c{j:02d}" for j in range(self.x_next.shape[0])]
 
 
+def group_of_key(sample_key: str) -> str:
+    """The group of a sample key: `{group_id}_c{j}` (a child) or `{prompt_id}_g{j}` (a trajectory)."""
+    return sample_key.rsplit("_", 1)[0]
+
+
+def branch_step_of_group(group_id: str) -> int:
+    """The branch step k of a branch point's group id `{prompt_id}_k{k:02d}`."""
+    return int(group_id.rsplit("_k", 1)[1])
+
+
 @dataclass
 class Trajectory:
     """One plain SDE trajectory; its G siblings of the same prompt form the group."""

@@ -23,29 +23,34 @@ from typing import Callable
 
 import numpy as np
 
-from .advantages import compute_advantages
+from .advantages import AdvantageStats, compute_advantages
 from .config import RunConfig
-from .learner import build_units, trained_steps, update
+from .data_parallel import DataParallel
+from .learner import TrainUnits, build_units, trained_steps, update
+from .policy_base import PromptEmbeds
 from .prompts import PromptRecord
 from .rewards import RewardFn
-from .rollout import RolloutBatch, branched_rollout, plain_rollout
+from .rollout import RolloutBatch, branch_step_of_group, branched_rollout, group_of_key, plain_rollout
 from .schedule import Schedule
 from .seeding import derive_seed
 from .session import Session, setup, update_ema
 from .steps import noise_aware_weights, select_steps, step_pool
 
 
-def batch_prompt_ids(records: list[PromptRecord]) -> list[str]:
-    """Ids unique within a batch (a prompt may appear twice), stable and dot-free."""
-    return [f"b{slot:03d}_{rec.id}" for slot, rec in enumerate(records)]
+def batch_prompt_ids(records: list[PromptRecord], start: int = 0) -> list[str]:
+    """Ids unique within a batch (a prompt may appear twice), stable and dot-free; `start` is
+    the slot of records[0] in the iteration's batch (a slice of it keeps its global slots)."""
+    return [f"b{slot:03d}_{rec.id}" for slot, rec in enumerate(records, start)]
 
 
 def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
-                progress: Callable[[int], None] | None = None) -> RolloutBatch:
-    """Stage 1: sample this iteration's rollouts with the current policy."""
+                progress: Callable[[int], None] | None = None, start: int = 0) -> RolloutBatch:
+    """Stage 1: sample this iteration's rollouts with the current policy. `records` may be a
+    slice of the iteration's batch starting at slot `start`: noise is seeded by slot and
+    prompt id, so a slice samples what the whole batch would have for its prompts."""
     cfg = s.cfg
     seed = derive_seed(cfg.train.seed, "rollout", iteration)
-    prompts, ids = [r.text for r in records], batch_prompt_ids(records)
+    prompts, ids = [r.text for r in records], batch_prompt_ids(records, start)
     if cfg.branching:
         steps = select_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
@@ -87,33 +92,50 @@ def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndar
     steps = trained_steps(batch, cfg.train.train_steps)
     weights = step_weights_for(cfg, s.schedule, steps)
     units = build_units(batch, adv, weights, steps)
+    return update_units(s, units, batch.embeds, weights, astats, progress), adv
+
+
+def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict[int, float], astats: AdvantageStats,
+                 progress: Callable[[int], None] | None = None, dp: DataParallel | None = None) -> dict[str, float]:
+    """The clipped GRPO update over `units` (this rank's share under `dp`), the EMA after it,
+    and the update's metrics."""
+    cfg = s.cfg
     nfe0 = s.policy.nfe
-    stats = update(s.policy, s.optimizer, units, batch.embeds, s.schedule, cfg.sampling.guidance_scale,
-                   cfg.train, cfg.loss, s.generator, progress=progress)
+    stats = update(s.policy, s.optimizer, units, emb, s.schedule, cfg.sampling.guidance_scale,
+                   cfg.train, cfg.loss, s.generator, progress=progress, dp=dp)
     learner_nfe = s.policy.nfe - nfe0  # rows through the transformer: with grad, and the KL reference's
+    if dp is not None:
+        learner_nfe = int(dp.reduce([learner_nfe])[0])
     update_ema(s)
     out = {f"train/{k}": v for k, v in stats.items()}
     out["learner/nfe"] = learner_nfe
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
                 "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
     out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})
-    return out, adv
+    return out
 
 
 def reward_metrics(batch: RolloutBatch, rewards: np.ndarray, details: dict[str, np.ndarray]) -> dict[str, float]:
     """Reward mean/std overall and per branch step (the data of the paper's Figure 1)."""
+    return reward_metrics_of(batch.kind, batch.sample_keys(), rewards, details)
+
+
+def reward_metrics_of(kind: str, keys: list[str], rewards: np.ndarray, details: dict[str, np.ndarray]
+                      ) -> dict[str, float]:
+    """reward_metrics from the sample keys [S] alone (their groups and branch steps are in
+    the keys), so a learner rank that holds part of the samples reports the whole stage's."""
     out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
            "reward/frac_zero": float(np.mean(rewards == 0)), "reward/frac_nan": float(np.mean(~np.isfinite(rewards)))}
     for name, v in details.items():
         out[f"reward/{name}/mean"] = float(np.mean(v))
-    if batch.kind == "branch":
-        steps = np.array([bp.step for bp in batch.branch_points for _ in range(bp.x_next.shape[0])])
-        groups = batch.group_ids()
+    if kind == "branch":
+        groups = np.array([group_of_key(k) for k in keys])
+        steps = np.array([branch_step_of_group(g) for g in groups])
         for k in sorted(set(steps.tolist())):
             m = steps == k
             out[f"reward_step/mean_{k:02d}"] = float(rewards[m].mean())
             # mean within-group std at this step: the spread a branch point's children show
-            gstd = [rewards[np.array([g == gid for g in groups])].std() for gid in dict.fromkeys(np.array(groups)[m])]
+            gstd = [rewards[groups == gid].std() for gid in dict.fromkeys(groups[m])]
             out[f"reward_step/std_{k:02d}"] = float(np.mean(gstd))
     return out
 

@@ -24,7 +24,7 @@ from .schema import (
     EMBEDS_NAME, FORBIDDEN_EXTENSIONS, MANIFEST_NAME, PROMPTS_NAME, SCHEMA_VERSION, SCORES_NAME, SHARD_PATTERN,
 )
 from .scores import Scores, read_scores, scores_complete, write_scores
-from .writing import write_rollouts, write_shards
+from .writing import RolloutPart, publish_rollouts, write_rollout_part, write_rollouts, write_shards
 
 __all__ = [
     "EMBEDS_NAME", "FORBIDDEN_EXTENSIONS", "MANIFEST_NAME", "PROMPTS_NAME", "SCHEMA_VERSION", "SCORES_NAME",
@@ -33,5 +33,5 @@ __all__ = [
     "auto_png_level", "decode_sample", "encode_branch_point", "encode_trajectory", "iter_samples", "manifest_key",
     "read_embeds", "read_manifest", "read_rollouts", "read_scores", "register_s3_gopen", "require_manifest",
     "sample_to_dataclass", "scores_complete", "shard_urls", "stage_complete", "write_manifest", "write_rollouts",
-    "write_scores", "write_shards",
+    "write_scores", "write_shards", "RolloutPart", "publish_rollouts", "write_rollout_part",
 ]

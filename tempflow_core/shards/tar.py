@@ -55,8 +55,8 @@ class ShardFile:
     starting with '_' skipped, fixed mtime, two zero blocks and padding to a 10 KiB record.
     """
 
-    def __init__(self, index: int, folder: str):
-        self.name = SHARD_PATTERN.format(index)
+    def __init__(self, index: int, folder: str, name_prefix: str = ""):
+        self.name = name_prefix + SHARD_PATTERN.format(index)
         self.path = os.path.join(folder, self.name)
         self.file = open(self.path, "wb")
         self.sha = hashlib.sha256()

@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,11 +22,12 @@ from .manifest import (
     Manifest, ShardInfo, now, prepare_prefix, provenance, put_listed_object, scrub_metadata, write_manifest,
 )
 from .png import auto_png_level
-from .samples import encode_branch_point, encode_embeds, encode_trajectory
+from .samples import encode_branch_point, encode_embeds, encode_trajectory, tensor_bytes
 from .schema import EMBEDS_NAME, PROMPTS_NAME, SCHEMA_VERSION, json_bytes
 from .tar import ShardFile
 
 if TYPE_CHECKING:
+    from ..policy_base import PromptEmbeds
     from ..rollout import RolloutBatch
 
 log = logging.getLogger("tempflow.shards")
@@ -71,7 +73,8 @@ def _upload(store: ObjectStore, key: str, path: str) -> None:
 
 
 def _write_shards(samples: Iterable[dict[str, Any]], store: ObjectStore, prefix: str, folder: str,
-                  pool: cf.Executor, samples_per_shard: int, max_shard_bytes: int | None) -> list[ShardInfo]:
+                  pool: cf.Executor, samples_per_shard: int, max_shard_bytes: int | None,
+                  name_prefix: str = "") -> list[ShardInfo]:
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     validate_key(prefix, what="stage prefix")
@@ -81,7 +84,7 @@ def _write_shards(samples: Iterable[dict[str, Any]], store: ObjectStore, prefix:
     try:
         for sample in samples:
             if shard is None:
-                shard = ShardFile(len(infos), folder)
+                shard = ShardFile(len(infos), folder, name_prefix)
             shard.write(sample)
             if len(shard.keys) >= samples_per_shard or (max_shard_bytes and shard.payload >= max_shard_bytes):
                 infos.append(shard.close())
@@ -128,6 +131,107 @@ def _check_unique_keys(batch: RolloutBatch) -> list[Any]:
     return items
 
 
+def _encoded(batch: RolloutBatch, images: bool, png_level: int | None) -> Iterator[dict[str, Any]]:
+    """The batch's webdataset samples, refused up front if their keys repeat."""
+    items = _check_unique_keys(batch)
+    encode: Callable[..., dict[str, Any]] = encode_branch_point if batch.kind == "branch" else encode_trajectory
+    if png_level is None:
+        first = next((im for im in _first_images(items)), None)
+        png_level = auto_png_level(first) if first is not None else 1
+    return (encode(item, images=images, png_level=png_level) for item in items)
+
+
+@dataclass
+class RolloutPart:
+    """One slice of a rollout stage, its shards already on the store: what the stage's
+    manifest needs from it. Parts are merged in slice order (`publish_rollouts`)."""
+
+    index: int
+    kind: str  # "branch" | "plain"
+    prompts: list[str]
+    prompt_ids: list[str]
+    embeds: PromptEmbeds  # rows of this slice's prompts
+    sigmas: Any  # [T+1] float64 tensor
+    shards: list[ShardInfo]
+    num_samples: int
+    num_keys: int
+    forward_calls: int
+    nfe: int
+
+
+def part_name_prefix(index: int) -> str:
+    return f"part-{index:03d}-"
+
+
+def write_rollout_part(batch: RolloutBatch, store: StoreLike, prefix: str, index: int, *,
+                       samples_per_shard: int = 32, max_shard_bytes: int | None = None, images: bool = True,
+                       png_level: int | None = None, tmp_dir: str | None = None,
+                       upload_workers: int = 2) -> RolloutPart:
+    """Write slice `index` of a rollout stage as shards `part-{index:03d}-shard-*.tar` under
+    `prefix` (no manifest: the stage publishes one over all parts). Its samples must already
+    carry the stage's global prompt indices and ids."""
+    store = open_store(store)
+    prefix = validate_key(prefix, what="stage prefix")
+    samples = _encoded(batch, images, png_level)
+    with tempfile.TemporaryDirectory(prefix=shard_tmp_prefix(), dir=tmp_dir) as folder, \
+            cf.ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="shard-upload") as pool:
+        shards = _write_shards(samples, store, prefix, folder, pool, samples_per_shard, max_shard_bytes,
+                               part_name_prefix(index))
+    n = len(batch.branch_points) if batch.kind == "branch" else len(batch.trajectories)
+    return RolloutPart(index, batch.kind, list(batch.prompts), list(batch.prompt_ids), batch.embeds,
+                       batch.sigmas, shards, n, len(batch.sample_keys()), int(batch.forward_calls), int(batch.nfe))
+
+
+def publish_rollouts(parts: Sequence[RolloutPart], store: StoreLike, prefix: str, *,
+                     producer: Mapping[str, Any] | None = None, checkpoint_uri: str | None = None,
+                     config_hash: str | None = None, extra: Mapping[str, Any] | None = None) -> Manifest:
+    """Merge parts written by `write_rollout_part` into one stage output: the joined prompts
+    and embeddings, then the manifest (last) listing every part's shards in slice order."""
+    import torch
+
+    from ..policy_base import PromptEmbeds
+
+    store = open_store(store)
+    prefix = validate_key(prefix, what="stage prefix")
+    parts = sorted(parts, key=lambda p: p.index)
+    if not parts or [p.index for p in parts] != list(range(len(parts))):
+        raise SchemaError(f"rollout parts {[p.index for p in parts]} of {store.uri_for(prefix)} are not 0..n-1")
+    kinds = {p.kind for p in parts}
+    if len(kinds) != 1:
+        raise SchemaError(f"rollout parts of {store.uri_for(prefix)} mix kinds {sorted(kinds)}")
+    e0 = parts[0].embeds
+    emb = PromptEmbeds(torch.cat([p.embeds.embeds for p in parts]), torch.cat([p.embeds.pooled for p in parts]),
+                       e0.neg_embeds, e0.neg_pooled)
+    ids = [i for p in parts for i in p.prompt_ids]
+    if len(set(ids)) != len(ids):
+        raise SchemaError(f"rollout parts of {store.uri_for(prefix)} repeat prompt ids")
+    calls, nfe = sum(p.forward_calls for p in parts), sum(p.nfe for p in parts)
+    prompts = {"schema_version": SCHEMA_VERSION, "kind": parts[0].kind, "prompts": [t for p in parts for t in p.prompts],
+               "prompt_ids": ids, "forward_calls": calls, "nfe": nfe}
+    side = {"embeds": (EMBEDS_NAME, tensor_bytes({"embeds": emb.embeds, "pooled": emb.pooled,
+                                                   "neg_embeds": emb.neg_embeds, "neg_pooled": emb.neg_pooled,
+                                                   "sigmas": parts[0].sigmas}, "RolloutBatch.embeds")),
+            "prompts": (PROMPTS_NAME, json_bytes(prompts, "RolloutBatch.prompts"))}
+    objects = {k: put_listed_object(store, prefix, name, data) for k, (name, data) in side.items()}
+    return _publish(store, prefix, parts[0].kind, sum(p.num_samples for p in parts), sum(p.num_keys for p in parts),
+                    [s for p in parts for s in p.shards], objects, producer, checkpoint_uri, config_hash, extra)
+
+
+def _publish(store: ObjectStore, prefix: str, kind: str, num_samples: int, num_keys: int, shards: list[ShardInfo],
+             objects: dict[str, Any], producer: Mapping[str, Any] | None, checkpoint_uri: str | None,
+             config_hash: str | None, extra: Mapping[str, Any] | None) -> Manifest:
+    prod, ckpt, cfg = provenance(producer, checkpoint_uri, config_hash)
+    manifest = Manifest(
+        kind="rollouts", rollout_kind=kind, num_samples=num_samples, num_keys=num_keys,
+        shards=shards, objects=objects, checkpoint_uri=ckpt, config_hash=cfg, producer=prod,
+        extra=scrub_metadata(dict(extra or {}), "extra"), created_at=now(),
+    )
+    uri = write_manifest(store, prefix, manifest)
+    log.info("wrote %d samples (%d keys) in %d shards, %d bytes, to %s", manifest.num_samples, manifest.num_keys,
+             len(shards), sum(s.bytes for s in shards), uri)
+    return manifest
+
+
 def write_rollouts(
     batch: RolloutBatch,
     store: StoreLike,
@@ -160,14 +264,8 @@ def write_rollouts(
     """
     store = open_store(store)
     prefix = validate_key(prefix, what="stage prefix")
-    items = _check_unique_keys(batch)
-    prod, ckpt, cfg = provenance(producer, checkpoint_uri, config_hash)
+    samples = _encoded(batch, images, png_level)
     prepare_prefix(store, prefix, overwrite)
-    encode: Callable[..., dict[str, Any]] = encode_branch_point if batch.kind == "branch" else encode_trajectory
-    if png_level is None:
-        first = next((im for im in _first_images(items)), None)
-        png_level = auto_png_level(first) if first is not None else 1
-    samples = (encode(item, images=images, png_level=png_level) for item in items)
     prompts = {"schema_version": SCHEMA_VERSION, "kind": batch.kind, "prompts": list(batch.prompts),
                "prompt_ids": list(batch.prompt_ids), "forward_calls": int(batch.forward_calls), "nfe": int(batch.nfe)}
     side = {"embeds": (EMBEDS_NAME, encode_embeds(batch)),
@@ -177,12 +275,6 @@ def write_rollouts(
         pending = {k: pool.submit(put_listed_object, store, prefix, name, data) for k, (name, data) in side.items()}
         shards = _write_shards(samples, store, prefix, folder, pool, samples_per_shard, max_shard_bytes)
         objects = {k: fut.result() for k, fut in pending.items()}
-    manifest = Manifest(
-        kind="rollouts", rollout_kind=batch.kind, num_samples=len(items), num_keys=len(batch.sample_keys()),
-        shards=shards, objects=objects, checkpoint_uri=ckpt, config_hash=cfg, producer=prod,
-        extra=scrub_metadata(dict(extra or {}), "extra"), created_at=now(),
-    )
-    uri = write_manifest(store, prefix, manifest)
-    log.info("wrote %d samples (%d keys) in %d shards, %d bytes, to %s", manifest.num_samples, manifest.num_keys,
-             len(shards), sum(s.bytes for s in shards), uri)
-    return manifest
+    n = len(batch.branch_points) if batch.kind == "branch" else len(batch.trajectories)
+    return _publish(store, prefix, batch.kind, n, len(batch.sample_keys()), shards, objects, producer, checkpoint_uri,
+                    config_hash, extra)
