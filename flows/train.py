@@ -10,8 +10,10 @@ flow owns the model: one SessionCache per flow run, shared by its tasks, dropped
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from typing import Any, Literal, Optional
 
 from prefect import flow, get_run_logger
@@ -134,12 +136,20 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     evals: dict[int, dict[str, Any]] = {}
     status = "FAILED"
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
+    engine = None
+    cluster = contextlib.ExitStack()
     try:
+        if config.pipeline.engine == "ray":  # the run's actors, on RAY_ADDRESS or a local head of its own
+            from flows.ray_head import ray_cluster
+            from tempflow_core.ray_engine import RayEngine
+
+            engine = RayEngine(config, cluster.enter_context(ray_cluster(max(os.cpu_count() or 1,
+                                                                             RayEngine.cpus_needed(config)))))
         init_task(config, run_id, sessions)
         for it in range(config.train.iterations):
-            rollout_task(config, run_id, it, sessions)
-            reward_task(config, run_id, it, sessions)
-            learner_task(config, run_id, it, sessions)
+            rollout_task(config, run_id, it, sessions, engine)
+            reward_task(config, run_id, it, sessions, engine)
+            learner_task(config, run_id, it, sessions, engine)
             metrics = stages.checkpoint_metrics(lay, it)
             history.append(metrics)
             track_iteration(config, run_id, it, tracker)
@@ -153,6 +163,9 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         status = "FINISHED"
     finally:
         sessions.clear()
+        if engine is not None:
+            engine.close()
+        cluster.close()
         tracker.finish(status)
         _artifacts(config, run_id, lay, history, evals, tracker)
     final = lay.uri(config.train.iterations - 1, "learner")

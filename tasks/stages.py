@@ -5,12 +5,15 @@ model; tasks of one flow run share it), calls one core stage, and returns the UR
 it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
 `tempflow train --resume`) never redo finished work. The rollout and learner stages hold a
 slot of the GPU concurrency limit; I/O-bound stages retry with a delay on transient faults.
+With pipeline.engine=ray the flow passes its `tempflow_core.ray_engine.RayEngine` as `engine`,
+and the stage's work runs on its actors and Ray Train group (the GPU limit becomes Ray's own
+GPU resources there).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -67,22 +70,37 @@ def init_task(config: RunConfig, run_id: str, sessions: SessionCache) -> str:
 
 
 @task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
-def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
+def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
+                 engine: Any = None) -> str:
     lay = RunLayout.open(config, run_id)
     if not lay.complete(iteration, "rollout"):
-        get_run_logger().info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
-                              config.rollout.group_size)
-    with gpu_slot(config), progress_bar(config.sampling.num_steps, f"iter {iteration} rollout") as update:
+        get_run_logger().info("iteration %d: sampling %d prompts x %d%s", iteration, config.rollout.prompts_per_iter,
+                              config.rollout.group_size,
+                              f" on {config.rollout.workers} Ray workers" if engine is not None else "")
+    if engine is not None:  # one tick per slice, as the actors finish them
+        with progress_bar(config.rollout.slices, f"iter {iteration} rollout slices") as update:
+            return stages.rollout_stage(config, lay, iteration, sessions,
+                                        run_slices=engine.rollout_runner(config, run_id, iteration, update,
+                                                                         get_run_logger().info))
+    total = config.sampling.num_steps * config.rollout.slices
+    with gpu_slot(config), progress_bar(total, f"iter {iteration} rollout") as update:
         return stages.rollout_stage(config, lay, iteration, sessions, progress=update)
 
 
 @task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
-def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
-    return stages.reward_stage(config, RunLayout.open(config, run_id), iteration, sessions)
+def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
+                engine: Any = None) -> str:
+    lay = RunLayout.open(config, run_id)
+    runner = engine.reward_runner(config, run_id, iteration) if engine is not None else None
+    return stages.reward_stage(config, lay, iteration, sessions, run_scoring=runner)
 
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
-def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
+def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
+                 engine: Any = None) -> str:
+    if engine is not None:  # Ray Train: the ranks log their own progress
+        return stages.learner_stage(config, RunLayout.open(config, run_id), iteration, sessions,
+                                    run_ranks=engine.learner_runner(config, run_id, iteration))
     from tempflow_core.steps import select_steps, step_pool
 
     T, B = config.sampling.num_steps, config.rollout.prompts_per_iter

@@ -477,8 +477,11 @@ def test_prefect_work_pool_template_renders_a_gpu_job_with_settings_from_a_secre
     container = pod["containers"][0]
     assert container["name"] == "prefect-job"
     assert container["image"] == "tempflow:cuda"
-    # the image's entrypoint is `tempflow`: the job replaces it so that Prefect's command runs
-    assert container["command"] == ["/usr/bin/env"] and container["args"] == "prefect flow-run execute"
+    # the image's entrypoint is `tempflow`: the job replaces it so that Prefect's command runs, after
+    # joining the RayCluster as a CPU-only node when RAY_ADDRESS is set (pipeline.engine=ray drivers)
+    assert container["command"][:2] == ["/bin/sh", "-c"] and container["command"][-1] == "--"
+    assert 'ray start --address="$RAY_ADDRESS" --num-gpus=0' in container["command"][2]
+    assert container["command"][2].endswith('exec "$@"') and container["args"] == "prefect flow-run execute"
     assert container["envFrom"] == [{"secretRef": {"name": "tempflow-env"}}]
     assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == container["resources"]["limits"]["nvidia.com/gpu"]
@@ -590,4 +593,7 @@ def test_readme_section_commands_start_the_stack_and_a_real_deployment():
     # the exec target runs the deployments and the run is against the cluster's server
     assert re.search(r"exec prefect-worker prefect deployment run", section)
     assert compose_env(services()["prefect-worker"])["PREFECT_API_URL"] == "http://prefect-server:4200/api"
-    assert "pipeline.engine=ray" in section and "not built yet" in section
+    # pipeline.engine=ray: the worker's flow runs are Ray drivers on a node of the compose cluster
+    join = "ray start --address=ray-head:6379 --num-gpus=0"
+    assert "pipeline.engine=ray" in section and join in section
+    assert join in " ".join(services()["prefect-worker"]["command"])

@@ -1,0 +1,106 @@
+"""One training iteration on the Ray engine (1 worker per stage) against the local engine.
+
+Both engines run the same stages (tempflow_core.stages) on the same config and store layout;
+iteration 0 warms up (model loads, Ray actors start) and iteration 1 is timed per stage.
+Prints the wall time of each stage on each engine, their ratio, and the bytes an iteration
+moves: the LoRA each rollout actor and learner rank loads from the store, the shards, the
+reward scores and the checkpoint written.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_engine.py                      # shipped 32 px model
+    OMP_NUM_THREADS=1 python benchmarks/bench_engine.py --set rollout.prompts_per_iter=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from tempflow_core import stages
+from tempflow_core.config import load_config
+from tempflow_core.layout import RunLayout
+from tempflow_core.session import SessionCache
+from tempflow_core.shards import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("rollout", "reward", "learner")
+
+
+def _iteration(cfg, lay: RunLayout, it: int, sessions: SessionCache, engine=None) -> dict[str, float]:
+    out = {}
+    t = time.perf_counter()
+    stages.rollout_stage(cfg, lay, it, sessions, run_slices=engine.rollout_runner(cfg, lay.run_id, it) if engine else None)
+    out["rollout"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stages.reward_stage(cfg, lay, it, sessions, run_scoring=engine.reward_runner(cfg, lay.run_id, it) if engine else None)
+    out["reward"] = time.perf_counter() - t
+    t = time.perf_counter()
+    stages.learner_stage(cfg, lay, it, sessions, run_ranks=engine.learner_runner(cfg, lay.run_id, it) if engine else None)
+    out["learner"] = time.perf_counter() - t
+    return out
+
+
+def _bytes(lay: RunLayout, it: int, cfg) -> dict[str, int]:
+    def total(prefix: str) -> int:
+        m = read_manifest(lay.store, prefix)
+        return sum(s.bytes for s in m.shards) + sum(o.bytes for o in m.objects.values()) if m else 0
+
+    scores = sum(len(lay.store.get_bytes(k)) for k in lay.store.list(lay.iteration_prefix(it) + "/reward"))
+    ckpt = total(lay.prefix(it, "learner"))
+    return {"checkpoint read by each rollout actor and learner rank": total(lay.prefix(it - 1, "learner")),
+            "shards + embeddings written": total(lay.prefix(it, "rollout")), "reward scores": scores,
+            "checkpoint written": ckpt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "flows/configs/ablation.yaml"))
+    ap.add_argument("--base", default=str(ROOT / "flows/configs/default.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="override, e.g. rollout.prompts_per_iter=8")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["TEMPFLOW_WORKER_THREADS"] = str(args.threads)
+    store = tempfile.mkdtemp(prefix="bench-engine-")
+    walls: dict[str, dict[str, float]] = {}
+    for engine_name in ("local", "ray"):
+        cfg = load_config(args.config, [*args.set, f"pipeline.engine={engine_name}", f"pipeline.store={store}",
+                                        "eval.every=0"], base=yaml.safe_load(Path(args.base).read_text()))
+        lay = RunLayout.open(cfg, f"bench-{engine_name}")
+        sessions = SessionCache()
+        engine = None
+        cluster = contextlib.ExitStack()
+        t = time.perf_counter()
+        if engine_name == "ray":
+            from flows.ray_head import ray_cluster
+            from tempflow_core.ray_engine import RayEngine
+
+            engine = RayEngine(cfg, cluster.enter_context(ray_cluster(max(2, RayEngine.cpus_needed(cfg)))))
+        startup = time.perf_counter() - t
+        stages.init_stage(cfg, lay, sessions)
+        _iteration(cfg, lay, 0, sessions, engine)  # warm-up: models load, actors start
+        walls[engine_name] = _iteration(cfg, lay, 1, sessions, engine)
+        if engine is not None:
+            engine.close()
+        cluster.close()
+        sessions.clear()
+        print(f"{engine_name}: engine start {startup:.1f} s; iteration 1: " +
+              ", ".join(f"{s} {walls[engine_name][s]:.2f} s" for s in STAGES), flush=True)
+    for s in STAGES:
+        print(f"  {s:8s} local {walls['local'][s]:7.2f} s   ray {walls['ray'][s]:7.2f} s   "
+              f"ratio {walls['ray'][s] / walls['local'][s]:.2f}x")
+    lw, rw = sum(walls["local"].values()), sum(walls["ray"].values())
+    print(f"  iteration local {lw:.2f} s   ray {rw:.2f} s   ratio {rw / lw:.2f}x")
+    lay = RunLayout.open(cfg, "bench-ray")
+    for name, n in _bytes(lay, 1, cfg).items():
+        print(f"  bytes/iteration: {name}: {n / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""pipeline.engine=ray on CPU processes: rollout and reward actors, a Ray Train learner.
+
+One local Ray (127.0.0.1) serves the module. What is checked:
+  * rollouts do not depend on the worker count: 1 and 2 rollout actors write the same
+    tensors as the local engine sampling the same slices, and 1 and 2 reward actors the same scores;
+  * a learner of 2 Ray Train ranks (gloo) ends with the LoRA and AdamW state of the one-process
+    update within the stated tolerance (float summation order of the all-reduce), for plain
+    trajectories and for branch points;
+  * a rollout actor SIGKILLed in the middle of a stage is replaced and the stage ends with the same output;
+  * `train_flow` with engine=ray (2 rollout actors, 2 learner ranks, Prefect, MLflow) ends with the
+    local run's LoRA within that tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from tempflow_core import stages
+from tempflow_core.checkpoint import load_checkpoint
+from tempflow_core.config import load_config
+from tempflow_core.layout import RunLayout
+from tempflow_core.session import SessionCache
+from tempflow_core.shards import read_rollouts, read_scores, require_manifest
+
+from .conftest import tiny_overrides
+
+
+# Two learner ranks against one: one update's LoRA delta agrees to this relative error (measured
+# 8e-5 on these configs: AdamW divides gradients that differ in the last bits by their own size).
+LORA_RTOL = 1e-3
+# After two iterations the difference has also gone through iteration 1's rollouts, sampled with the
+# two slightly different LoRAs (measured 2.2e-3 on the flow test's config).
+LORA_RTOL_TWO_ITERATIONS = 1e-2
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray head on 127.0.0.1 (flows.ray_head), this process connected as the driver, and
+    RAY_ADDRESS naming it so that flows use it too."""
+    from flows.ray_head import ray_cluster
+
+    with ray_cluster(num_cpus=6) as address:
+        os.environ["RAY_ADDRESS"] = address
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
+            del os.environ["RAY_ADDRESS"]
+
+
+def _cfg(tmp_path, model_dir, run: str, workers: int, engine: str = "ray", extra: list[str] = ()):
+    return load_config(overrides=tiny_overrides(tmp_path, model_dir, iterations=1) + [
+        "rollout.prompts_per_iter=4", "rollout.slices=2", "pipeline.samples_per_shard=2", "train.micro_batch=2",
+        "train.lr=0.01", f"rollout.workers={workers}", f"reward.workers={workers}", f"train.workers={workers}",
+        f"pipeline.engine={engine}", f"pipeline.store={tmp_path / run}", *extra])
+
+
+def _iteration(cfg, run_id: str, sessions: SessionCache, engine=None, learner: bool = True) -> RunLayout:
+    lay = RunLayout.open(cfg, run_id)
+    stages.init_stage(cfg, lay, sessions)
+    r = engine.rollout_runner(cfg, run_id, 0) if engine else None
+    stages.rollout_stage(cfg, lay, 0, sessions, run_slices=r)
+    stages.reward_stage(cfg, lay, 0, sessions, run_scoring=engine.reward_runner(cfg, run_id, 0) if engine else None)
+    if learner:
+        stages.learner_stage(cfg, lay, 0, sessions, run_ranks=engine.learner_runner(cfg, run_id, 0) if engine else None)
+    return lay
+
+
+def _same_rollouts(a: RunLayout, b: RunLayout) -> None:
+    x, y = read_rollouts(a.store, a.prefix(0, "rollout")), read_rollouts(b.store, b.prefix(0, "rollout"))
+    assert x.sample_keys() == y.sample_keys() and x.prompt_ids == y.prompt_ids
+    assert torch.equal(x.embeds.embeds, y.embeds.embeds) and torch.equal(x.sigmas, y.sigmas)
+    for p, q in zip(x.branch_points, y.branch_points):
+        assert p.prompt_index == q.prompt_index and p.step == q.step
+        for f in ("x_k", "x_next", "log_prob", "seeds", "final_latents"):
+            assert torch.equal(getattr(p, f), getattr(q, f)), f
+        assert np.array_equal(p.images, q.images)
+    assert x.nfe == y.nfe
+
+
+def _lora_delta_close(got: dict, want: dict, init: dict) -> float:
+    worst = 0.0
+    for k in want:
+        delta = (want[k] - init[k]).float()
+        err = float((got[k] - want[k]).float().norm() / delta.norm().clamp_min(1e-12))
+        worst = max(worst, err)
+    return worst
+
+
+def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_model_dir, tmp_path):
+    from tempflow_core.ray_engine import RayEngine
+
+    sessions = SessionCache()
+    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions, learner=False)
+    for w in (1, 2):
+        cfg = _cfg(tmp_path, tiny_model_dir, f"ray{w}", w)
+        with RayEngine(cfg) as eng:
+            lay = _iteration(cfg, "r", sessions, eng, learner=False)
+        _same_rollouts(ref, lay)
+        keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
+        a, b = (read_scores(x.store, x.iteration_prefix(0), "reward") for x in (ref, lay))
+        assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
+        parts = {s.name.split("-shard-")[0] for s in require_manifest(lay.store, lay.prefix(0, "rollout")).shards}
+        assert parts == {"part-000", "part-001"}  # each slice's own shards, merged into one manifest
+
+
+def test_two_learner_ranks_match_one_process(local_ray, tiny_model_dir, tmp_path):
+    from tempflow_core.ray_engine import RayEngine
+
+    """Plain trajectories with global std (flow_grpo); branch points are checked the same way by the
+    flow test below."""
+    sessions = SessionCache()
+    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local", ["algorithm=flow_grpo"]), "r", sessions)
+    cfg = _cfg(tmp_path, tiny_model_dir, "ray", 2, extra=["algorithm=flow_grpo"])
+    with RayEngine(cfg) as eng:
+        lay = _iteration(cfg, "r", sessions, eng)
+    _same_update(ref, lay)
+
+
+def _same_update(ref: RunLayout, lay: RunLayout) -> None:
+    want, got = (load_checkpoint(x.store, x.prefix(0, "learner")) for x in (ref, lay))
+    init = load_checkpoint(ref.store, ref.prefix(-1, "learner")).lora
+    assert _lora_delta_close(got.lora, want.lora, init) < LORA_RTOL
+    assert want.optimizer["state"].keys() == got.optimizer["state"].keys()
+    for i, s_w in want.optimizer["state"].items():
+        s_g = got.optimizer["state"][i]
+        assert s_w["step"] == s_g["step"]
+        torch.testing.assert_close(s_g["exp_avg_sq"], s_w["exp_avg_sq"], rtol=2e-3, atol=1e-12)
+    mw, mg = want.info["metrics"], got.info["metrics"]
+    assert set(mg) == set(mw)
+    assert mg["train/units"] == mw["train/units"] and mg["learner/nfe"] == mw["learner/nfe"]
+    assert mg["reward/mean"] == mw["reward/mean"] and mg["adv/std"] == mw["adv/std"]
+    assert mg["train/loss"] == pytest.approx(mw["train/loss"], rel=1e-3, abs=1e-7)
+
+
+def test_a_rollout_actor_killed_mid_stage_is_replaced_and_the_output_is_the_same(local_ray, tiny_model_dir,
+                                                                                tmp_path):
+    from tempflow_core.ray_engine import RayEngine
+
+    sessions = SessionCache()
+    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions, learner=False)
+    cfg = _cfg(tmp_path, tiny_model_dir, "killed", 1)
+    with RayEngine(cfg) as eng:
+        actor = eng.rollout_workers[0]
+        pid = ray.get(actor.pid.remote())
+        lay = RunLayout.open(cfg, "r")
+        stages.init_stage(cfg, lay, sessions)
+        done: dict = {}
+        t = threading.Thread(target=lambda: done.setdefault(
+            "uri", stages.rollout_stage(cfg, lay, 0, sessions, run_slices=eng.rollout_runner(cfg, "r", 0))))
+        t.start()
+        deadline = time.time() + 300
+        # kill the actor once it is in the middle of the stage: its first slice is written, the second is not
+        while not any(k.rsplit("/", 1)[-1].startswith("part-000") for k in lay.store.list(lay.prefix(0, "rollout"))):
+            assert time.time() < deadline and t.is_alive()
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        t.join(300)
+        assert "uri" in done
+        assert ray.get(actor.pid.remote()) != pid  # a new process took the dead one's place
+    _same_rollouts(ref, lay)
+
+
+def _ray_train_ranks() -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline").read()
+            except OSError:
+                continue
+            st = _stat(d)
+            if cmd.startswith("ray::RayTrainWorker") and st and st[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc")
+def test_a_killed_learner_rank_is_replaced_and_the_update_is_the_same(local_ray, tiny_model_dir, tmp_path):
+    from tempflow_core.ray_engine import RayEngine
+
+    sessions = SessionCache()
+    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions)
+    cfg = _cfg(tmp_path, tiny_model_dir, "ray", 2)
+    with RayEngine(cfg) as eng:
+        lay = _iteration(cfg, "r", sessions, eng, learner=False)
+        eng._learner_group(cfg)  # the run's resident learner ranks, up before the stage
+        deadline = time.time() + 180
+        while len(_ray_train_ranks()) < 2:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        first = _ray_train_ranks()
+        os.kill(first[0], signal.SIGKILL)
+        stages.learner_stage(cfg, lay, 0, sessions, run_ranks=eng.learner_runner(cfg, "r", 0))
+        assert first[0] not in _ray_train_ranks()  # the stage ran on a rank that took its place
+    _same_update(ref, lay)
+
+
+def _readme_ray_overrides() -> list[str]:
+    """The `--set` overrides of the README's Ray command (section "Scaling out on Ray")."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Scaling out on Ray", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    assert "tempflow train" in block
+    return re.findall(r"--set (\S+)", block)
+
+
+def test_train_flow_on_ray_ends_with_the_local_lora(local_ray, prefect_api, tiny_model_dir, tmp_path, quiet_env):
+    """The README's Ray command (its overrides on the tiny model), through Prefect and MLflow."""
+    from flows.train import train_flow
+
+    ray_overrides = _readme_ray_overrides()
+    assert "pipeline.engine=ray" in ray_overrides and "train.workers=2" in ray_overrides
+    cfgs = {e: load_config(overrides=tiny_overrides(tmp_path / e, tiny_model_dir) + [
+        "rollout.prompts_per_iter=4", "pipeline.samples_per_shard=2", "train.micro_batch=2", *ray_overrides,
+        f"pipeline.engine={e}"]) for e in ("local", "ray")}
+    for e, cfg in cfgs.items():
+        train_flow(config=cfg, run_id=f"run-{e}")
+    lays = {e: RunLayout.open(c, f"run-{e}") for e, c in cfgs.items()}
+    _same_update(lays["local"], lays["ray"])  # iteration 0: LoRA, AdamW state and metrics
+    init = load_checkpoint(lays["local"].store, lays["local"].prefix(-1, "learner")).lora
+    want, got = (load_checkpoint(lays[e].store, lays[e].prefix(1, "learner")).lora for e in ("local", "ray"))
+    assert _lora_delta_close(got, want, init) < LORA_RTOL_TWO_ITERATIONS
+    # the same stage layout on the store: an engine decides where work runs, not what is written
+    r = lays["ray"]
+    assert all(r.complete(i, s) for i in (0, 1) for s in ("rollout", "reward", "learner"))
+    assert r.complete(1, "eval")
+    assert {s.name.split("-shard-")[0] for s in require_manifest(r.store, r.prefix(1, "rollout")).shards} == {
+        f"part-{j:03d}" for j in range(cfgs["ray"].rollout.slices)}
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, pgrp, ...), None once it is gone."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`."""
+    out = []
+    for d in os.listdir("/proc"):
+        st = _stat(d) if d.isdigit() else None
+        if st and st[0] != "Z" and int(st[2]) == pgid:
+            out.append(int(d))
+    return out
+
+
+def _head_leader(port: int) -> int:
+    """The `ray start --head --port=<port>` process: the leader of the head's process group."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline").read().replace("\0", " ")
+            except OSError:
+                continue
+            st = _stat(d)
+            if f"--port={port}" in cmd and st and int(st[2]) == int(d):
+                return int(d)
+    raise AssertionError(f"no process group leads the Ray head on port {port}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process groups from /proc")
+def test_a_local_ray_head_listens_on_loopback_only_and_dies_with_a_killed_run(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom flows.ray_head import ray_cluster\n"
+            "with ray_cluster(2) as a:\n    print(a, flush=True)\n    time.sleep(600)\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                           cwd=Path(__file__).resolve().parents[2])
+    try:
+        address = run.stdout.readline().strip()
+        port = int(address.rsplit(":", 1)[1])
+        leader = _head_leader(port)
+        def listening() -> list[str]:
+            lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+            return [ln for ln in lines if any(f"pid={p}," in ln for p in _group_members(leader))]
+
+        deadline = time.time() + 60
+        while len({ln.split('"')[1] for ln in listening()}) < 3 and time.time() < deadline:  # GCS, raylet, agents
+            time.sleep(0.5)
+        mine = listening()
+        assert len({ln.split('"')[1] for ln in mine}) >= 3, mine
+        loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+        assert all(ln.split()[3].startswith(loopback) for ln in mine), mine
+    finally:
+        run.kill()  # SIGKILL: no atexit, no finally in the run
+        run.wait()
+    deadline = time.time() + 60
+    while _group_members(leader) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _group_members(leader) == []
