@@ -53,6 +53,16 @@ def end_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a child server to listen on)."""
+    import contextlib
+    import socket
+
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def spawn(cmd: list[str], grace: float = 10.0, **popen_kwargs: Any) -> subprocess.Popen:
     """Popen(cmd) bound to this process's life (see the module docstring). The returned
     process is the watchdog: its exit code is cmd's, and `stop()` on it ends cmd's group."""

@@ -22,15 +22,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from flows.children import spawn, stop
+from flows.children import free_port, spawn, stop
 
 LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
 
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -54,7 +49,7 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[str]:
     if "ray" not in sys.modules:  # the driver's own servers: 127.0.0.1 too (read when Ray is imported)
         for k, v in LOCAL_ONLY.items():
             os.environ.setdefault(k, v)
-    port = _free_port()
+    port = free_port()
     ray_cli = Path(sys.executable).with_name("ray")
     cmd = [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", f"--port={port}",
            "--include-dashboard=false", "--disable-usage-stats", "--block"]

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .checkpoint import load_checkpoint, read_state
 from .config import RunConfig
-from .checkpoint import read_state
 from .layout import RunLayout
 from .prompts import PromptRecord, PromptStream, load_prompts
 from .session import SessionCache, restore
-from .checkpoint import load_checkpoint
 from .shards import RolloutPart, write_rollout_part
 from .train import run_rollout
 

@@ -20,6 +20,10 @@ a stage whose input turns out damaged while it reads it heals that input and tri
 The stages that need the model take a `SessionCache` (session.py) from their caller, which
 owns the model's lifetime; each restores the state it needs from the previous checkpoint,
 so its result does not depend on what the session did before. Prefixes: layout.py.
+
+The rollout, reward and learner stages take optional runners that do their work elsewhere
+(ray_engine.py: actors and a Ray Train group): the prefixes, manifests, healing and resume
+above are the same whichever engine ran the work.
 """
 
 from __future__ import annotations
@@ -34,28 +38,27 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from . import healing
+from .advantages import compute_advantages
+from .checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig
+from .data_parallel import DataParallel, read_share, sample_keys_of
 from .evaluation import eval_prompts, evaluate_policy
 from .layout import RunLayout
+from .learner import build_units, empty_units
 from .prompts import PromptRecord
 from .rewards import reward_servers
+from .rollout import branch_step_of_group, group_of_key
+from .rollout_slices import iteration_records, sample_slice
 from .seeding import derive_seed
 from .session import Session, SessionCache, restore
 from .shards import (
-    Manifest, ObjectInfo, SchemaError, ShardIntegrityError, StageNotFound, read_embeds, read_rollouts, read_scores,
-    require_manifest, write_manifest, write_rollouts, write_scores,
+    Manifest, ObjectInfo, RolloutPart, SchemaError, ShardIntegrityError, StageNotFound, publish_rollouts, read_embeds,
+    read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
 )
-from .rollout_slices import iteration_records, sample_slice
-from .shards import RolloutPart, publish_rollouts
 from .shards.manifest import prepare_prefix
-from .storage import join_key
-from .advantages import compute_advantages
-from .data_parallel import DataParallel, read_share, sample_keys_of
-from .learner import build_units, empty_units
-from .rollout import branch_step_of_group, group_of_key
 from .steps import step_pool
+from .storage import join_key
 from .train import (
     reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout, step_weights_for,
     update_units,
