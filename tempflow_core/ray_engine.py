@@ -108,8 +108,8 @@ def _uses_gpu(cfg: RunConfig) -> bool:
 
 
 class RayEngine:
-    """The Ray side of one flow run: the connection and the run's actors; `close` ends both
-    (and the local Ray it started)."""
+    """The Ray side of one flow run: the connection, the run's actors and its learner group;
+    `close` ends them and disconnects (the cluster itself is the caller's: flows/ray_head.py)."""
 
     def __init__(self, cfg: RunConfig, address: str | None = None) -> None:
         """Connect to the cluster at `address` (None: the one this process is connected to)
@@ -133,6 +133,7 @@ class RayEngine:
         self._storage = tempfile.mkdtemp(prefix="tempflow-raytrain-")
         self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
         self._groups_started = 0
+        self._last_group_error: str | None = None
 
     @staticmethod
     def cpus_needed(cfg: RunConfig) -> int:
@@ -189,7 +190,8 @@ class RayEngine:
                 if errors:
                     raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{errors[0]}")
                 return
-            raise RuntimeError(f"the learner group kept failing in iteration {iteration}")
+            raise RuntimeError(f"the learner group kept failing in iteration {iteration}: "
+                               f"{self._last_group_error or 'no rank reported an error'}")
 
         return run
 
@@ -233,8 +235,8 @@ class RayEngine:
             try:
                 rank, it, error = group["done"].get(timeout=2.0)
             except Empty:
-                if not group["thread"].is_alive():
-                    return None
+                if not group["thread"].is_alive():  # a rank that failed took the group down with it
+                    return [e for e in answers.values() if e] or None
                 continue
             if it == iteration:
                 answers[rank] = error
@@ -244,6 +246,8 @@ class RayEngine:
         group, self._group = self._group, None
         if group is None:
             return
+        if "error" in group["outcome"]:
+            self._last_group_error = repr(group["outcome"]["error"])[:2000]
         if group["thread"].is_alive():
             for q in group["jobs"]:
                 q.put(None)
