@@ -19,6 +19,7 @@ n_r units on rank r.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -38,11 +39,16 @@ class DataParallel:
     total: int  # N: units of the whole stage
     owned: torch.Tensor  # [n_r] long: global index of each of this rank's units, in local order
 
-    def local(self, global_index: torch.Tensor) -> torch.Tensor:
-        """Positions in this rank's units of those of `global_index` it holds, in that order."""
+    @functools.cached_property
+    def _position(self) -> torch.Tensor:
+        """[N] long: each global unit's position among this rank's units, -1 where another rank holds it."""
         where = torch.full((self.total,), -1, dtype=torch.long)
         where[self.owned] = torch.arange(self.owned.numel())
-        pos = where[global_index]
+        return where
+
+    def local(self, global_index: torch.Tensor) -> torch.Tensor:
+        """Positions in this rank's units of those of `global_index` it holds, in that order."""
+        pos = self._position[global_index]
         return pos[pos >= 0]
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:

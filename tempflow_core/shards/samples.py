@@ -22,7 +22,8 @@ from .schema import FORBIDDEN_EXTENSIONS, SCHEMA_VERSION, check_sample_key, is_f
 
 if TYPE_CHECKING:  # at run time imported where needed: rollout pulls in diffusers (~2 s), which a
     # DataLoader worker or a reward task that only streams samples does not need
-    from ..rollout import BranchPoint, RolloutBatch, Trajectory
+    from ..policy_base import PromptEmbeds
+    from ..rollout import BranchPoint, Trajectory
 
 _NUMPY_SAFE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
                torch.uint8, torch.bool}
@@ -103,11 +104,10 @@ def encode_trajectory(tr: Trajectory, *, images: bool = True, png_level: int = 1
     return sample
 
 
-def encode_embeds(batch: RolloutBatch) -> bytes:
-    """embeds.safetensors of a batch: its PromptEmbeds and sigmas, once per stage output."""
-    e = batch.embeds
+def encode_embeds(e: PromptEmbeds, sigmas: torch.Tensor) -> bytes:
+    """embeds.safetensors of a stage output: its PromptEmbeds and sigmas [T+1], once per stage."""
     return tensor_bytes({"embeds": e.embeds, "pooled": e.pooled, "neg_embeds": e.neg_embeds,
-                         "neg_pooled": e.neg_pooled, "sigmas": batch.sigmas}, "RolloutBatch.embeds")
+                         "neg_pooled": e.neg_pooled, "sigmas": sigmas}, "RolloutBatch.embeds")
 
 
 # ---------------------------------------------------------------------------- decoding

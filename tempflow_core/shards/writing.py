@@ -22,7 +22,7 @@ from .manifest import (
     Manifest, ShardInfo, now, prepare_prefix, provenance, put_listed_object, scrub_metadata, write_manifest,
 )
 from .png import auto_png_level
-from .samples import encode_branch_point, encode_embeds, encode_trajectory, tensor_bytes
+from .samples import encode_branch_point, encode_embeds, encode_trajectory
 from .schema import EMBEDS_NAME, PROMPTS_NAME, SCHEMA_VERSION, json_bytes
 from .tar import ShardFile
 
@@ -205,16 +205,20 @@ def publish_rollouts(parts: Sequence[RolloutPart], store: StoreLike, prefix: str
     ids = [i for p in parts for i in p.prompt_ids]
     if len(set(ids)) != len(ids):
         raise SchemaError(f"rollout parts of {store.uri_for(prefix)} repeat prompt ids")
-    calls, nfe = sum(p.forward_calls for p in parts), sum(p.nfe for p in parts)
-    prompts = {"schema_version": SCHEMA_VERSION, "kind": parts[0].kind, "prompts": [t for p in parts for t in p.prompts],
-               "prompt_ids": ids, "forward_calls": calls, "nfe": nfe}
-    side = {"embeds": (EMBEDS_NAME, tensor_bytes({"embeds": emb.embeds, "pooled": emb.pooled,
-                                                   "neg_embeds": emb.neg_embeds, "neg_pooled": emb.neg_pooled,
-                                                   "sigmas": parts[0].sigmas}, "RolloutBatch.embeds")),
-            "prompts": (PROMPTS_NAME, json_bytes(prompts, "RolloutBatch.prompts"))}
+    side = _side_objects(parts[0].kind, [t for p in parts for t in p.prompts], ids, emb, parts[0].sigmas,
+                         sum(p.forward_calls for p in parts), sum(p.nfe for p in parts))
     objects = {k: put_listed_object(store, prefix, name, data) for k, (name, data) in side.items()}
     return _publish(store, prefix, parts[0].kind, sum(p.num_samples for p in parts), sum(p.num_keys for p in parts),
                     [s for p in parts for s in p.shards], objects, producer, checkpoint_uri, config_hash, extra)
+
+
+def _side_objects(kind: str, prompts: Sequence[str], prompt_ids: Sequence[str], embeds: PromptEmbeds, sigmas: Any,
+                  forward_calls: int, nfe: int) -> dict[str, tuple[str, bytes]]:
+    """A rollout stage's objects besides its shards: embeddings + sigmas, and the prompts header."""
+    header = {"schema_version": SCHEMA_VERSION, "kind": kind, "prompts": list(prompts), "prompt_ids": list(prompt_ids),
+              "forward_calls": int(forward_calls), "nfe": int(nfe)}
+    return {"embeds": (EMBEDS_NAME, encode_embeds(embeds, sigmas)),
+            "prompts": (PROMPTS_NAME, json_bytes(header, "RolloutBatch.prompts"))}
 
 
 def _publish(store: ObjectStore, prefix: str, kind: str, num_samples: int, num_keys: int, shards: list[ShardInfo],
@@ -266,10 +270,8 @@ def write_rollouts(
     prefix = validate_key(prefix, what="stage prefix")
     samples = _encoded(batch, images, png_level)
     prepare_prefix(store, prefix, overwrite)
-    prompts = {"schema_version": SCHEMA_VERSION, "kind": batch.kind, "prompts": list(batch.prompts),
-               "prompt_ids": list(batch.prompt_ids), "forward_calls": int(batch.forward_calls), "nfe": int(batch.nfe)}
-    side = {"embeds": (EMBEDS_NAME, encode_embeds(batch)),
-            "prompts": (PROMPTS_NAME, json_bytes(prompts, "RolloutBatch.prompts"))}
+    side = _side_objects(batch.kind, batch.prompts, batch.prompt_ids, batch.embeds, batch.sigmas, batch.forward_calls,
+                         batch.nfe)
     with tempfile.TemporaryDirectory(prefix=shard_tmp_prefix(), dir=tmp_dir) as folder, \
             cf.ThreadPoolExecutor(max(1, upload_workers), thread_name_prefix="shard-upload") as pool:
         pending = {k: pool.submit(put_listed_object, store, prefix, name, data) for k, (name, data) in side.items()}
