@@ -40,9 +40,10 @@ def evaluate(s, cfg) -> dict[str, float]:
             "categories": result.get("geneval", {})}
 
 
-def run(name: str, cfg, eval_every: int, log) -> dict:
+def run(name: str, cfg, eval_every: int, log, point=lambda name, p: None) -> dict:
     s = setup(cfg)
     curve = [{"iteration": 0, **evaluate(s, cfg)}]
+    point(name, curve[-1])
     log(f"{name}: it 0 score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}")
     t0 = time.perf_counter()
     cost = {"nfe": 0, "learner_nfe": 0, "rollout_s": 0.0, "reward_s": 0.0, "learner_s": 0.0}  # cumulative, training
@@ -66,6 +67,7 @@ def run(name: str, cfg, eval_every: int, log) -> dict:
             t = time.perf_counter()
             curve.append({"iteration": it + 1, "train_reward": float(rewards.mean()), **cost, **evaluate(s, cfg)})
             curve[-1]["eval_s"] = time.perf_counter() - t
+            point(name, curve[-1])
             line += f" | eval score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}"
         log(line)
     return {"name": name, "curve": curve, "minutes": (time.perf_counter() - t0) / 60,
@@ -82,16 +84,25 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="sweep.jsonl")
+    ap.add_argument("--points", default=None,
+                    help="also append each evaluated point as it is measured ({name, point}): a killed sweep keeps its curve")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import yaml
 
     base = yaml.safe_load(Path(args.base).read_text()) if args.base else None
+
+    def point(name: str, p: dict) -> None:
+        if args.points:
+            with open(args.points, "a") as f:  # one short append per line: processes may share the file
+                f.write(json.dumps({"name": name, "device": device, "point": p}) + "\n")
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     for spec in args.run:
         name, _, sets = spec.partition(":")
         overrides = [*args.set, f"train.iterations={args.iterations}", *[x for x in sets.split(",") if x]]
         cfg = load_config(args.config, overrides, base=base)
-        result = run(name, cfg, args.eval_every, lambda msg: print(msg, flush=True))
+        result = run(name, cfg, args.eval_every, lambda msg: print(msg, flush=True), point)
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
 
