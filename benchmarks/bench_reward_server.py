@@ -8,7 +8,7 @@ reward-server --reward shapes` process on 127.0.0.1, alternating, each mode with
 warm session. Prints the median stage seconds of each and their ratio, and checks that both
 give the same scores.
 
-    python benchmarks/bench_reward_server.py [--repeats 7] [--threads 1] [--batch-size N]
+    python benchmarks/bench_reward_server.py [--repeats 7] [--threads 1] [--batch-size N] [--in-flight N]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the server")
     ap.add_argument("--batch-size", type=int, default=None, help="reward.options.remote.batch_size (default: the option's)")
+    ap.add_argument("--in-flight", type=int, default=None, help="reward.options.remote.in_flight (default: the option's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     proc, url = start_server("shapes", args.threads)
@@ -65,7 +66,8 @@ def main() -> None:
         cfgs = {"in-process": load_config(ROOT / "flows/configs/default.yaml", base),
                 "server": load_config(ROOT / "flows/configs/default.yaml", base + [
                     "reward.name=remote", f"reward.options.remote.url={url}",
-                    *([f"reward.options.remote.batch_size={args.batch_size}"] if args.batch_size else [])])}
+                    *([f"reward.options.remote.batch_size={args.batch_size}"] if args.batch_size else []),
+                    *([f"reward.options.remote.in_flight={args.in_flight}"] if args.in_flight else [])])}
         caches = {mode: SessionCache() for mode in cfgs}
         lay = RunLayout.open(cfgs["in-process"], "bench")
         stages.init_stage(cfgs["in-process"], lay, caches["in-process"])

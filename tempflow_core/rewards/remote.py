@@ -5,7 +5,9 @@
 
 Options (reward.options.remote): url (required), timeout (seconds per request), retries (extra
 tries after a transient failure), backoff (seconds before the first retry; doubled per retry,
-capped at 10 s, jittered), batch_size (images per request), health_timeout (seconds).
+capped at 10 s, jittered), batch_size (images per request), in_flight (requests sent at once:
+with 2 the client encodes the next batch while the server decodes and scores one; the scores
+come back in order whatever order the answers arrive in), health_timeout (seconds).
 
 The client checks the server's health when it is built, before the first stage uses it, and
 records the server's reward name and version; `reward_servers` hands them to the manifest.
@@ -24,6 +26,7 @@ import hashlib
 import http.client
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from typing import Any
@@ -73,15 +76,15 @@ class RemoteReward:
     """A RewardFn whose scores come from a reward server; see the module docstring."""
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 batch_size: int = 16, health_timeout: float = 10.0):
+                 batch_size: int = 16, health_timeout: float = 10.0, in_flight: int = 2):
         if not url:
             raise ValueError("reward 'remote' needs the server's address: reward.options.remote.url=http://HOST:PORT "
                              "(start one with `tempflow reward-server --reward NAME --port PORT`)")
         if urlsplit(url).scheme not in ("http", "https"):
             raise ValueError(f"reward 'remote': url {redact_uri(url)!r} must start with http:// or https://")
-        if batch_size < 1 or retries < 0 or timeout <= 0 or health_timeout <= 0:
-            raise ValueError(f"reward 'remote': batch_size ({batch_size}) must be >= 1, retries ({retries}) >= 0, "
-                             f"timeout ({timeout}) and health_timeout ({health_timeout}) > 0")
+        if batch_size < 1 or in_flight < 1 or retries < 0 or timeout <= 0 or health_timeout <= 0:
+            raise ValueError(f"reward 'remote': batch_size ({batch_size}) and in_flight ({in_flight}) must be >= 1, "
+                             f"retries ({retries}) >= 0, timeout ({timeout}) and health_timeout ({health_timeout}) > 0")
         plain, user, password = split_credentials(url.rstrip("/"))
         self.url, self.shown = plain, redact_uri(url.rstrip("/"))
         self._secrets = [password] if password else [user] if user else []  # a bare user may be a token
@@ -90,6 +93,7 @@ class RemoteReward:
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
             self._auth = f"Basic {token}"
         self.timeout, self.health_timeout, self.batch_size = float(timeout), float(health_timeout), int(batch_size)
+        self.in_flight = int(in_flight)
         self.policy = RetryPolicy(retries=int(retries) + 1, backoff=float(backoff))
         self._calls = itertools.count(1)
         self._done: dict[str, ScoreResponse] = {}  # batches of a failed call, by request digest
@@ -169,9 +173,13 @@ class RemoteReward:
         if not len(prompts) == len(metadata) == n:
             raise ValueError(f"reward 'remote': {n} images, {len(prompts)} prompts, {len(metadata)} metadata records")
         call = next(self._calls)
-        parts = [self._score_batch(ScoreRequest(f"c{call}-b{k}", list(prompts[i:i + self.batch_size]),
-                                                metadata[i:i + self.batch_size], images[i:i + self.batch_size]))
-                 for k, i in enumerate(range(0, n, self.batch_size))]
+        reqs = [ScoreRequest(f"c{call}-b{k}", list(prompts[i:i + self.batch_size]), metadata[i:i + self.batch_size],
+                             images[i:i + self.batch_size]) for k, i in enumerate(range(0, n, self.batch_size))]
+        if self.in_flight == 1 or len(reqs) < 2:
+            parts = [self._score_batch(r) for r in reqs]
+        else:  # a failing batch raises here once the others in flight are back (and kept for a retry)
+            with ThreadPoolExecutor(min(self.in_flight, len(reqs)), thread_name_prefix="remote-reward") as pool:
+                parts = list(pool.map(self._score_batch, reqs))
         self._done.clear()  # every batch of this call is back: nothing to keep for a retry
         scores = np.concatenate([p.scores for p in parts]) if parts else np.zeros(0, np.float32)
         keys = sorted({k for p in parts for k in p.details})
@@ -182,6 +190,6 @@ class RemoteReward:
 
 @register("remote")
 def remote(url: str | None = None, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-           batch_size: int = 16, health_timeout: float = 10.0) -> RemoteReward:
+           batch_size: int = 16, health_timeout: float = 10.0, in_flight: int = 2) -> RemoteReward:
     """A reward served by `tempflow reward-server` at `url` (checked when built: GET /health)."""
-    return RemoteReward(url or "", timeout, retries, backoff, batch_size, health_timeout)
+    return RemoteReward(url or "", timeout, retries, backoff, batch_size, health_timeout, in_flight)

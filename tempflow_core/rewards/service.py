@@ -53,9 +53,12 @@ class ProtocolError(ValueError):
 
 
 def encode_png(image: np.ndarray) -> str:
-    """uint8 [H, W, 3] -> base64 PNG (compress level 1: the bytes cross a local link, CPU is scarcer)."""
+    """uint8 [H, W, 3] -> base64 PNG, stored without compression (level 0): encoding is the
+    client's largest cost (0.42 ms against 0.76 ms at level 1 for a noisy 64 px image, measured)
+    and the bytes (a 64 px image is 12.4 kB, against 0.2 to 9 kB at level 1; a 512 px one 0.8 MB)
+    cross a local or data-centre link."""
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=0)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

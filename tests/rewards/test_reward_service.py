@@ -188,6 +188,8 @@ class FakeServer:
 
     def __init__(self, script: list[str], health: str = "ok"):
         self.script, self.health, self.requests = script, health, 0
+        self.active = self.max_active = 0  # requests being answered at once
+        lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -207,9 +209,20 @@ class FakeServer:
                 self._send(200, ok if fake.health == "ok" else b"<html>hello</html>")
 
             def do_POST(self):
+                with lock:
+                    fake.active += 1
+                    fake.max_active = max(fake.max_active, fake.active)
+                try:
+                    self._post()
+                finally:
+                    with lock:
+                        fake.active -= 1
+
+            def _post(self):
                 req = decode_request(self.rfile.read(int(self.headers["Content-Length"])))
-                action = fake.script[min(fake.requests, len(fake.script) - 1)]
-                fake.requests += 1
+                with lock:
+                    action = fake.script[min(fake.requests, len(fake.script) - 1)]
+                    fake.requests += 1
                 n = len(req.images)
                 scores = req.images.reshape(n, -1).mean(axis=1).astype(np.float32) / 255
                 if action == "reset":
@@ -262,6 +275,15 @@ def test_scored_batches_are_not_sent_again_after_a_failure():
         assert srv.requests == 3
         scores, _ = fn(IMAGES, PROMPTS, META)
     assert np.array_equal(scores, BRIGHT) and srv.requests == 4
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_requests_in_flight_keep_the_scores_in_order(in_flight):
+    # the first request to arrive answers 1 s late: with 2 in flight the second batch's answer
+    # comes back first, and the scores must still be in image order
+    with FakeServer(["slow", "ok"]) as srv:
+        scores, _ = remote(srv.url, batch_size=2, in_flight=in_flight, timeout=5)(IMAGES, PROMPTS, META)
+    assert np.array_equal(scores, BRIGHT) and srv.requests == 2 and srv.max_active == in_flight
 
 
 def test_the_stage_retry_takes_only_transient_failures():
