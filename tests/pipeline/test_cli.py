@@ -20,7 +20,10 @@ CLI = [sys.executable, "-m", "flows.cli"]
 
 
 def _env(tmp_path: Path, prefect_api: str | None) -> dict[str, str]:
-    env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING"}
+    # the CLI's processes use this process's torch thread count: float sums (and so the bytes
+    # of a resumed run against the in-process reference) depend on it
+    env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
     return env
