@@ -33,7 +33,7 @@ from .config import RunConfig
 from .layout import RunLayout
 from .session import SessionCache
 from .shards import RolloutPart
-from .stages import ScoredShare, learner_rank, score_share
+from .stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_share
 from .rollout_slices import sample_slice
 
 log = logging.getLogger("tempflow.ray")
@@ -82,7 +82,8 @@ class _RewardWorker:
 def _learner_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: a resident learner rank. It keeps its model across
     iterations and runs one learner stage per job it takes from its queue, (cfg, run_id,
-    iteration), answering (rank, iteration, error or None); None ends it."""
+    iteration), answering (rank, iteration, None) or (rank, iteration, (traceback, exception)),
+    the exception itself only when it is a damaged input (the stage heals those); None ends it."""
     import traceback
 
     import ray.train
@@ -96,8 +97,9 @@ def _learner_loop(config: dict[str, Any]) -> None:
         try:
             learner_rank(cfg, RunLayout.open(cfg, run_id), iteration, sessions, rank, world)
             config["done"].put((rank, iteration, None))
-        except Exception:  # noqa: BLE001 - reported to the driver, which raises it in the stage
-            config["done"].put((rank, iteration, traceback.format_exc(limit=8)))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it in the stage
+            damaged = exc if isinstance(exc, DAMAGED_INPUT) else None
+            config["done"].put((rank, iteration, (traceback.format_exc(limit=8), damaged)))
             raise
 
 
@@ -187,8 +189,11 @@ class RayEngine:
                                 iteration, attempt + 1)
                     self._stop_learner_group()
                     continue
+                damaged = next((exc for _, exc in errors if exc is not None), None)
+                if damaged is not None:  # learner_stage heals its inputs and runs the stage again
+                    raise damaged
                 if errors:
-                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{errors[0]}")
+                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{errors[0][0]}")
                 return
             raise RuntimeError(f"the learner group kept failing in iteration {iteration}: "
                                f"{self._last_group_error or 'no rank reported an error'}")
@@ -226,11 +231,12 @@ class RayEngine:
         self._group = {"jobs": jobs, "done": done, "thread": thread, "outcome": outcome}
         return self._group
 
-    def _await_ranks(self, group: dict[str, Any], iteration: int) -> list[str] | None:
-        """Errors of the ranks for `iteration` ([] when all finished), None if the group died."""
+    def _await_ranks(self, group: dict[str, Any], iteration: int) -> list[tuple[str, Exception | None]] | None:
+        """(traceback, damaged-input exception or None) of each rank that failed `iteration`
+        ([] when all finished), None if the group died without a rank reporting an error."""
         from ray.util.queue import Empty
 
-        answers: dict[int, str | None] = {}
+        answers: dict[int, tuple[str, Exception | None] | None] = {}
         while len(answers) < len(group["jobs"]):
             try:
                 rank, it, error = group["done"].get(timeout=2.0)

@@ -67,7 +67,7 @@ from .train import (
 log = logging.getLogger("tempflow.stages")
 
 # an input that is absent, corrupt or unreadable while a stage reads it: heal it and retry once
-_DAMAGED_INPUT = (ShardIntegrityError, StageNotFound, SchemaError)
+DAMAGED_INPUT = (ShardIntegrityError, StageNotFound, SchemaError)
 
 
 def _ensure(layout: RunLayout, iteration: int, stage: str, inputs: Callable[[], dict[str, str | None]],
@@ -80,7 +80,7 @@ def _ensure(layout: RunLayout, iteration: int, stage: str, inputs: Callable[[], 
         return
     try:
         compute()
-    except _DAMAGED_INPUT as exc:
+    except DAMAGED_INPUT as exc:
         log.warning("%s: an input is damaged (%s); healing the inputs and retrying", layout.uri(iteration, stage), exc)
         upstream()
         compute()

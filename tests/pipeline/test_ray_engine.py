@@ -13,6 +13,7 @@ One local Ray (127.0.0.1) serves the module. What is checked:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -31,6 +32,7 @@ from tempflow_core.config import load_config
 from tempflow_core.layout import RunLayout
 from tempflow_core.session import SessionCache
 from tempflow_core.shards import read_rollouts, read_scores, require_manifest
+from tempflow_core.storage import join_key
 
 from .conftest import tiny_overrides
 
@@ -118,7 +120,9 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc")
 def test_two_learner_ranks_match_one_process_also_after_one_is_killed(local_ray, tiny_model_dir, tmp_path):
     """Plain trajectories with global std (flow_grpo); branch points are checked the same way by the
-    flow test below. One of the two resident ranks is SIGKILLed before the stage: it is replaced."""
+    flow test below. One of the two resident ranks is SIGKILLed before the stage: it is replaced.
+    And a rollout shard is cut short after its stage: the rank that reads it reports the damage,
+    the stage heals its inputs (the rollout resampled to the same bytes) and runs again."""
     from tempflow_core.ray_engine import RayEngine
 
     sessions = SessionCache()
@@ -133,8 +137,12 @@ def test_two_learner_ranks_match_one_process_also_after_one_is_killed(local_ray,
             time.sleep(0.2)
         killed = _ray_train_ranks()[0]
         os.kill(killed, signal.SIGKILL)
+        shard = join_key(lay.prefix(0, "rollout"), require_manifest(lay.store, lay.prefix(0, "rollout")).shards[-1].name)
+        lay.store.put_bytes(shard, lay.store.get_bytes(shard)[:-1024])
         stages.learner_stage(cfg, lay, 0, sessions, run_ranks=eng.learner_runner(cfg, "r", 0))
         assert killed not in _ray_train_ranks()  # the stage ran on a rank that took its place
+    record = json.loads(lay.store.get_bytes("r/quarantine/iter-000000/rollout/01/heal.json"))
+    assert record["reproduced"] is True and "is corrupt" in record["reason"]
     _same_update(ref, lay)
 
 
