@@ -113,7 +113,7 @@ def evaluate_units(
     """
     dev = policy.device
     u = units.to(dev)
-    N, K = len(u), u.children
+    K = u.children  # N = len(u) units
     sig = schedule.sigmas.to(dev, torch.float32)
     sde_sigma = schedule.sde_sigma().to(dev, torch.float32)
     t, t_next, s = sig[u.step], sig[u.step + 1], sde_sigma[u.step]
