@@ -5,7 +5,6 @@ watchdog: stopped (whole process group) at the end of the session, or when pytes
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,12 +15,6 @@ import pytest
 from flows import children
 
 STARTUP_TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -36,7 +29,7 @@ def _healthy(url: str) -> bool:
 def mlflow_server(tmp_path_factory):
     """Yields ``http://127.0.0.1:<port>`` of a running tracking server."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+    port = children.free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", PYTHONUNBUFFERED="1")
     env.pop("MLFLOW_TRACKING_URI", None)

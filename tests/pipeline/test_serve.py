@@ -6,23 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from flows.children import free_port
+
 from .conftest import tiny_overrides
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="WARNING")

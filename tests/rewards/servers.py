@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from flows import children
 from flows.children import stop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +42,4 @@ def reward_server(reward: str, *options: str, timeout: float = 60.0) -> Iterator
     assert proc.returncode is not None
 
 
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on (a down server's address)."""
-    with contextlib.closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = children.free_port  # a port of 127.0.0.1 that nothing listens on (a down server's address)
