@@ -7,6 +7,8 @@ One local Ray (127.0.0.1) serves the module. What is checked:
     update within the stated tolerance (float summation order of the all-reduce), for plain
     trajectories and for branch points;
   * a rollout actor SIGKILLed in the middle of a stage is replaced and the stage ends with the same output;
+  * a learner rank that finds a damaged shard makes the stage heal its inputs and run again, and
+    a rank SIGKILLed in the middle of that run is replaced (the update within the tolerance);
   * `train_flow` with engine=ray (2 rollout actors, 2 learner ranks, Prefect, MLflow) ends with the
     local run's LoRA within that tolerance.
 """
@@ -118,32 +120,71 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc")
-def test_two_learner_ranks_match_one_process_also_after_one_is_killed(local_ray, tiny_model_dir, tmp_path):
+def test_two_learner_ranks_match_one_process_through_a_damaged_shard_and_a_rank_killed_mid_stage(
+        local_ray, tiny_model_dir, tmp_path):
     """Plain trajectories with global std (flow_grpo); branch points are checked the same way by the
-    flow test below. One of the two resident ranks is SIGKILLed before the stage: it is replaced.
-    And a rollout shard is cut short after its stage: the rank that reads it reports the damage,
-    the stage heals its inputs (the rollout resampled to the same bytes) and runs again."""
+    flow test below. A rollout shard is cut short after its stage: the rank that reads it reports
+    the damage, the stage heals its inputs (the rollout resampled to the same bytes) and runs
+    again; in that second run one of the two ranks is SIGKILLed once both have taken the job. The
+    group is started anew and the stage ends with the one-process update."""
     from tempflow_core.ray_engine import RayEngine
 
     sessions = SessionCache()
     ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local", ["algorithm=flow_grpo"]), "r", sessions)
     cfg = _cfg(tmp_path, tiny_model_dir, "ray", 2, extra=["algorithm=flow_grpo"])
+    heal = "r/quarantine/iter-000000/rollout/01/heal.json"
+    killed: list[int] = []
     with RayEngine(cfg) as eng:
         lay = _iteration(cfg, "r", sessions, eng, learner=False)
-        eng._learner_group(cfg)  # the run's resident learner ranks, up before the stage
-        deadline = time.time() + 180
-        while len(_ray_train_ranks()) < 2:
-            assert time.time() < deadline
-            time.sleep(0.2)
-        killed = _ray_train_ranks()[0]
-        os.kill(killed, signal.SIGKILL)
         shard = join_key(lay.prefix(0, "rollout"), require_manifest(lay.store, lay.prefix(0, "rollout")).shards[-1].name)
         lay.store.put_bytes(shard, lay.store.get_bytes(shard)[:-1024])
+        new_group = eng._learner_group
+
+        def group_that_loses_a_rank(c):
+            group = new_group(c)
+            jobs = group["jobs"]
+            if isinstance(jobs[-1], _AfterPut):
+                return group
+
+            def kill_a_rank() -> None:  # after the runner's last put of a stage: every rank has a job
+                if killed or not lay.store.exists(heal):
+                    return
+                deadline = time.time() + 180
+                while any(q.size() for q in jobs):  # until both ranks took the job
+                    if not group["thread"].is_alive():  # the failed group, still going down: the next one
+                        return
+                    assert time.time() < deadline
+                    time.sleep(0.05)
+                assert not lay.complete(0, "learner")  # in the middle of the stage
+                newest = max(_ray_train_ranks(), key=lambda pid: int((_stat(pid) or [0] * 20)[19]))
+                killed.append(newest)  # a rank of this group (the failed group's may still be going down)
+                os.kill(newest, signal.SIGKILL)
+
+            # the driver's view of the queues only: the ranks keep the queues themselves
+            group["jobs"] = [*jobs[:-1], _AfterPut(jobs[-1], kill_a_rank)]
+            return group
+
+        eng._learner_group = group_that_loses_a_rank
         stages.learner_stage(cfg, lay, 0, sessions, run_ranks=eng.learner_runner(cfg, "r", 0))
-        assert killed not in _ray_train_ranks()  # the stage ran on a rank that took its place
-    record = json.loads(lay.store.get_bytes("r/quarantine/iter-000000/rollout/01/heal.json"))
+        assert killed and killed[0] not in _ray_train_ranks()  # the stage ended on ranks started anew
+    record = json.loads(lay.store.get_bytes(heal))
     assert record["reproduced"] is True and "is corrupt" in record["reason"]
     _same_update(ref, lay)
+
+
+class _AfterPut:
+    """A Ray queue that calls `after` once an item is put in it (the driver's side only)."""
+
+    def __init__(self, queue, after):
+        self.queue, self.after = queue, after
+
+    def put(self, item, *args, **kwargs):
+        self.queue.put(item, *args, **kwargs)
+        if item is not None:
+            self.after()
+
+    def __getattr__(self, name):
+        return getattr(self.queue, name)
 
 
 def _same_update(ref: RunLayout, lay: RunLayout) -> None:
