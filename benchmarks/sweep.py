@@ -91,13 +91,12 @@ def main() -> None:
     import yaml
 
     base = yaml.safe_load(Path(args.base).read_text()) if args.base else None
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
     def point(name: str, p: dict) -> None:
         if args.points:
             with open(args.points, "a") as f:  # one short append per line: processes may share the file
                 f.write(json.dumps({"name": name, "device": device, "point": p}) + "\n")
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     for spec in args.run:
         name, _, sets = spec.partition(":")
         overrides = [*args.set, f"train.iterations={args.iterations}", *[x for x in sets.split(",") if x]]
