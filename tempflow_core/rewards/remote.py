@@ -76,7 +76,7 @@ class RemoteReward:
     """A RewardFn whose scores come from a reward server; see the module docstring."""
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 batch_size: int = 16, health_timeout: float = 10.0, in_flight: int = 2):
+                 batch_size: int = 64, health_timeout: float = 10.0, in_flight: int = 2):
         if not url:
             raise ValueError("reward 'remote' needs the server's address: reward.options.remote.url=http://HOST:PORT "
                              "(start one with `tempflow reward-server --reward NAME --port PORT`)")
@@ -145,7 +145,7 @@ class RemoteReward:
     def _score_batch(self, req: ScoreRequest) -> ScoreResponse:
         try:
             body = encode_request(req)
-        except ProtocolError as e:
+        except ValueError as e:  # ProtocolError (metadata not JSON) or SchemaError (an image's dtype or shape)
             raise self._fail(RemoteRewardError, f"batch {req.batch_id}: {e}") from None
         digest = hashlib.sha256(body[body.index(b'"prompts"'):]).hexdigest()  # the batch id aside
         if digest in self._done:
@@ -190,6 +190,6 @@ class RemoteReward:
 
 @register("remote")
 def remote(url: str | None = None, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-           batch_size: int = 16, health_timeout: float = 10.0, in_flight: int = 2) -> RemoteReward:
+           batch_size: int = 64, health_timeout: float = 10.0, in_flight: int = 2) -> RemoteReward:
     """A reward served by `tempflow reward-server` at `url` (checked when built: GET /health)."""
     return RemoteReward(url or "", timeout, retries, backoff, batch_size, health_timeout, in_flight)

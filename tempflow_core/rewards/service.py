@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..shards.png import decode_png as decode_png_bytes
+from ..shards.png import encode_png as encode_png_bytes
 from .registry import RewardError
 
 PROTOCOL = 1
@@ -53,24 +55,29 @@ class ProtocolError(ValueError):
 
 
 def encode_png(image: np.ndarray) -> str:
-    """uint8 [H, W, 3] -> base64 PNG, stored without compression (level 0): encoding is the
-    client's largest cost (0.42 ms against 0.76 ms at level 1 for a noisy 64 px image, measured)
-    and the bytes (a 64 px image is 12.4 kB, against 0.2 to 9 kB at level 1; a 512 px one 0.8 MB)
-    cross a local or data-centre link."""
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG", compress_level=0)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    """uint8 [H, W, 3] -> base64 PNG, stored without compression (level 0), by the shards' direct
+    zlib encoder: encoding is the client's largest cost (for 80 noisy 64 px images, measured:
+    2.6 ms this way, 47 ms through PIL, whose per-row adaptive filtering cannot be turned off,
+    and 75 ms through PIL at level 1), and the bytes (a 64 px image is 12.4 kB, a 512 px one
+    0.8 MB) cross a local or data-centre link."""
+    return _png_base64(image).decode("ascii")
+
+
+def _png_base64(image: np.ndarray) -> bytes:
+    return base64.b64encode(encode_png_bytes(image, "reward request image", 0))
 
 
 def decode_png(data: str) -> np.ndarray:
-    """base64 PNG -> uint8 [H, W, 3]; ProtocolError when it is not one."""
+    """base64 PNG -> uint8 [H, W, 3]; ProtocolError when it is not one. RGB PNGs stored the way
+    `encode_png` writes them skip PIL (the shards' fast path); any other PNG is converted by PIL."""
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.format != "PNG":
-                raise ProtocolError(f"image is {img.format}, not PNG")
+        arr = decode_png_bytes(raw, "image")
+        if arr.ndim == 3 and arr.shape[2] == 3:
+            return arr
+        with Image.open(io.BytesIO(raw), formats=("PNG",)) as img:  # gray or with alpha: PIL's conversion
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (ValueError, OSError, TypeError) as e:
+    except (ValueError, OSError, TypeError) as e:  # SchemaError is a ValueError
         raise ProtocolError(f"an image is not base64 PNG ({e})") from None
 
 
@@ -113,11 +120,18 @@ def _load(body: bytes, what: str) -> dict[str, Any]:
 
 
 def encode_request(req: ScoreRequest) -> bytes:
+    """The request's JSON. The images' base64 strings are spliced in rather than passed through
+    json.dumps, which would scan a megabyte of characters that never need escaping (the base64
+    alphabet has no quote or backslash): 5 ms of a 80-image request's 10, measured."""
+    images = [_png_base64(im) for im in req.images]  # SchemaError (a ValueError) names a bad image
     try:
-        return _json({"protocol": PROTOCOL, "batch_id": req.batch_id, "prompts": list(req.prompts),
-                      "metadata": list(req.metadata), "images": [encode_png(im) for im in req.images]})
+        head = _json({"protocol": PROTOCOL, "batch_id": req.batch_id, "prompts": list(req.prompts),
+                      "metadata": list(req.metadata), "images": []})
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"the prompts' metadata cannot be sent as JSON ({e})") from None
+    if not images:
+        return head
+    return b"".join((head[:-2], b'"', b'","'.join(images), b'"]}'))  # head ends with '[]}'
 
 
 def decode_request(body: bytes) -> ScoreRequest:

@@ -35,7 +35,7 @@ from tempflow_core.shards import (
     write_scores,
     writing,
 )
-from tempflow_core.shards.png import encode_png
+from tempflow_core.shards.png import decode_png, encode_png
 
 PREFIX = "run-a/iter-000003/rollouts"
 PRODUCER = {"checkpoint_uri": "s3://ckpts/run-a/iter-000002/adapter", "config_hash": "cfg123", "iteration": 3}
@@ -102,6 +102,39 @@ def test_png_encoder_is_lossless(shape):
             assert np.array_equal(np.asarray(im), img[..., 0] if shape[-1:] == (1,) else img)
     with pytest.raises(SchemaError, match="uint8"):
         encode_png(img.astype(np.float32), "test image", 1)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 9, 2), (16, 16, 3), (5, 4, 4)])
+def test_png_decoder_reads_ours_and_pils_alike(shape):
+    """The fast path (our unfiltered PNGs) and PIL's (filtered PNGs from PIL) give the pixels
+    and the array shape that PIL gives; a 16-bit or palette PNG still decodes (through PIL)."""
+    from PIL import Image
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    img[:2] = 7  # flat rows: PIL's adaptive filter picks a non-None filter for them
+    for level in (0, 1, 9):
+        assert np.array_equal(decode_png(encode_png(img, "test", level), "test"), img)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+    assert np.array_equal(decode_png(buf.getvalue(), "test"), img)
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.ndim == 3 else img).convert("P").save(buf, format="PNG")
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert np.array_equal(decode_png(buf.getvalue(), "test"), np.asarray(im))
+
+
+def test_png_decoder_refuses_damaged_bytes():
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    good = bytearray(encode_png(img, "test", 0))
+    idat = good.index(b"IDAT")
+    crc = bytearray(good)
+    crc[idat + 10] ^= 0xFF  # a pixel byte: the chunk's CRC no longer matches
+    with pytest.raises(SchemaError, match=r"shard s member c00.png: undecodable PNG .*CRC"):
+        decode_png(bytes(crc), "shard s member c00.png")
+    with pytest.raises(SchemaError, match="undecodable PNG"):
+        decode_png(bytes(good[:idat + 20]), "cut")  # truncated inside IDAT
+    with pytest.raises(SchemaError, match="undecodable PNG"):
+        decode_png(b"GIF89a" + bytes(good[8:]), "not a png")
 
 
 def test_shards_are_byte_identical_to_webdataset_tarwriter(tmp_path):
