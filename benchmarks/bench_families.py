@@ -69,7 +69,7 @@ def real_sizes(name: str, folder: str) -> None:
         text_tokens = pol.max_sequence_length
     else:
         img_tokens, width, blocks, cfg_rows = (h // tc.patch_size) * (w // tc.patch_size), \
-            tc.num_attention_heads * tc.attention_head_dim, tc.num_layers, 2 if cfg.sampling.guidance_scale > 1 else 1
+            tc.num_attention_heads * tc.attention_head_dim, tc.num_layers, 2 if cfg.guidance_scale() > 1 else 1
         text_tokens = pipe.tokenizer_max_length + pol.max_sequence_length  # CLIP-L/G 77 + T5, concatenated
     tokens = img_tokens + text_tokens
     gb = 1024**3

@@ -42,7 +42,7 @@ def grads_by_step(s, batch, rewards, cfg) -> dict[int, torch.Tensor]:
             p.grad = None
         for micro in torch.split(idx, cfg.train.micro_batch):
             terms = evaluate_units(s.policy, units.subset(micro), batch.embeds, s.schedule,
-                                   cfg.sampling.guidance_scale, loss_cfg)
+                                   cfg.guidance_scale(), loss_cfg)
             (terms.loss.sum() / n_terms).backward()
         out[k] = torch.cat([p.grad.flatten().clone() for p in params])
     return out

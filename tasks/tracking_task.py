@@ -119,7 +119,7 @@ def score_key(config: RunConfig) -> str:
     what = {"experiment": config.pipeline.experiment, "model": config.model.path, "resolution": config.model.resolution,
             "reward": config.reward.name, "weights": config.reward.weights, "eval_prompts": eval_prompt_source(config)[1],
             "eval": config.eval.model_dump(mode="json", exclude={"every", "extra_reward"}),
-            "eval_num_steps": config.sampling.eval_num_steps, "guidance_scale": config.sampling.guidance_scale}
+            "eval_num_steps": config.sampling.eval_num_steps, "guidance_scale": config.guidance_scale()}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     return f"{config.pipeline.experiment}/{config.reward.name}/{digest}"
 

@@ -65,7 +65,7 @@ class LoraSettings(_Section):
 
 class SamplingConfig(_Section):
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps T of rollouts.")
-    guidance_scale: float = Field(4.5, ge=1.0, description="SD3: CFG scale (1 = no CFG; 4.5 in the paper). FLUX: the guidance value fed to the guidance-distilled transformer (3.5 for FLUX.1-dev); no CFG pair, one call per step.")
+    guidance_scale: float | None = Field(None, ge=1.0, description="SD3: CFG scale (1 = no CFG). FLUX: the guidance value fed to the guidance-distilled transformer; no CFG pair, one call per step. Unset: the family's (SD3 4.5, as in the paper; FLUX 3.5, FLUX.1-dev's).")
     shift: float | None = Field(None, gt=0, description="Flow shift of the timestep grid; unset: the family's (SD3: 3.0; FLUX: resolution-dependent, diffusers' calculate_shift over the scheduler config's base/max shift and the image's token count). Set on FLUX: a fixed shift exp(mu) on FLUX's grid.")
     noise_level: float | None = Field(None, gt=0, description="a in s_t = a sqrt(t/(1-t)); unset: the family's (0.7 for SD3, as for SD3.5-M in the paper; 0.9 for FLUX).")
     eval_num_steps: int = Field(20, ge=1, description="ODE steps for evaluation images.")
@@ -229,9 +229,15 @@ class RunConfig(_Section):
         """
         return detect_family(self.model.path) if self.model.path else self.model.tiny.family
 
+    def guidance_scale(self) -> float:
+        """sampling.guidance_scale, or the family's default when unset (SD3: CFG 4.5; FLUX: 3.5)."""
+        if self.sampling.guidance_scale is not None:
+            return self.sampling.guidance_scale
+        return family_defaults(self.family()).guidance_scale
+
     def canonical_dump(self) -> dict[str, Any]:
-        """The JSON dump with family defaults made explicit: an unset sampling.shift / noise_level
-        reads as the family's default number (FLUX's resolution-dependent shift stays null), and
+        """The JSON dump with family defaults made explicit: an unset sampling.guidance_scale /
+        shift / noise_level reads as the family's default number (FLUX's resolution-dependent shift stays null), and
         model.tiny.family is left out while it is 'sd3'. So an unset and an explicit default are
         one config, and dumps from before model families compare equal to today's (digests, branch
         plans). A model folder that cannot be read counts as SD3, the only family before FLUX."""
@@ -241,6 +247,8 @@ class RunConfig(_Section):
         except (OSError, ValueError):
             family = "sd3"
         defaults, sampling = family_defaults(family), data["sampling"]
+        if sampling["guidance_scale"] is None:
+            sampling["guidance_scale"] = defaults.guidance_scale
         if sampling["noise_level"] is None:
             sampling["noise_level"] = defaults.noise_level
         if sampling["shift"] is None and defaults.shift is not None:

@@ -67,7 +67,7 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
                                                       cfg.eval.images_per_category))
     texts, ids = [r.text for r, _ in samples], [i for _, i in samples]
     images = np.concatenate([  # [N, H, W, 3] uint8
-        sample_images(policy, texts[i:i + 64], ids[i:i + 64], sched, cfg.sampling.guidance_scale,
+        sample_images(policy, texts[i:i + 64], ids[i:i + 64], sched, cfg.guidance_scale(),
                       cfg.eval.seed, cfg.rollout.max_batch)
         for i in range(0, len(texts), 64)])
     meta = [r.metadata for r, _ in samples]

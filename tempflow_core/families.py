@@ -29,6 +29,7 @@ PIPELINE_CLASSES: tuple[tuple[str, ModelFamily], ...] = (
 class FamilyDefaults:
     """What a family uses when the config leaves the setting unset."""
 
+    guidance_scale: float  # SD3: CFG scale (paper: 4.5); FLUX.1-dev: its guidance input (3.5)
     noise_level: float  # a of s_t = a sqrt(t / (1 - t)) (paper: 0.7 SD3.5-M, 0.9 FLUX)
     shift: float | None  # static flow shift; None: FLUX's resolution-dependent shift (calculate_shift)
     t5_tokens: int  # T5 sequence length when model.max_sequence_length is unset and the model has T5
@@ -38,9 +39,9 @@ class FamilyDefaults:
 def family_defaults(family: ModelFamily) -> FamilyDefaults:
     """The defaults of `family` (a new object each call: nothing module-level to mutate)."""
     if family == "flux":
-        return FamilyDefaults(noise_level=0.9, shift=None, t5_tokens=512, pipeline_class="FluxPipeline")
+        return FamilyDefaults(guidance_scale=3.5, noise_level=0.9, shift=None, t5_tokens=512, pipeline_class="FluxPipeline")
     if family == "sd3":
-        return FamilyDefaults(noise_level=0.7, shift=3.0, t5_tokens=256, pipeline_class="StableDiffusion3Pipeline")
+        return FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, t5_tokens=256, pipeline_class="StableDiffusion3Pipeline")
     raise ValueError(f"unknown model family {family!r}; expected one of {[f for _, f in PIPELINE_CLASSES]}")
 
 

@@ -54,8 +54,8 @@ def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
     if cfg.branching:
         steps = select_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
-                                cfg.sampling.guidance_scale, seed, cfg.rollout.max_batch, progress=progress)
-    return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.sampling.guidance_scale,
+                                cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress)
+    return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.guidance_scale(),
                          seed, cfg.rollout.max_batch, progress=progress)
 
 
@@ -101,7 +101,7 @@ def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict
     and the update's metrics."""
     cfg = s.cfg
     nfe0 = s.policy.nfe
-    stats = update(s.policy, s.optimizer, units, emb, s.schedule, cfg.sampling.guidance_scale,
+    stats = update(s.policy, s.optimizer, units, emb, s.schedule, cfg.guidance_scale(),
                    cfg.train, cfg.loss, s.generator, progress=progress, dp=dp)
     learner_nfe = s.policy.nfe - nfe0  # rows through the transformer: with grad, and the KL reference's
     if dp is not None:

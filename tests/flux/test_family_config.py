@@ -33,6 +33,12 @@ def test_flux_defaults_and_digests(tmp_path):
     assert flux.digest() == load_config(None, ["model.tiny.family=flux", "sampling.noise_level=0.9"]).digest()
     assert flux.digest() != load_config(None, ["model.tiny.family=flux", "sampling.noise_level=0.7"]).digest()
     assert flux.canonical_dump()["sampling"]["shift"] is None  # resolution-dependent: no number to write
+    # guidance unset: the family's (SD3 CFG 4.5 as in the paper, FLUX.1-dev's guidance input 3.5)
+    assert (sd3.guidance_scale(), flux.guidance_scale()) == (4.5, 3.5)
+    assert flux.digest() == load_config(None, ["model.tiny.family=flux", "sampling.guidance_scale=3.5"]).digest()
+    assert flux.digest() != load_config(None, ["model.tiny.family=flux", "sampling.guidance_scale=4.5"]).digest()
+    assert sd3.digest() == load_config(None, ["sampling.guidance_scale=4.5"]).digest()
+    assert load_config(None, ["sampling.guidance_scale=2"]).guidance_scale() == 2.0
     assert family_defaults("flux").noise_level == 0.9 and family_defaults("sd3").shift == 3.0
 
 

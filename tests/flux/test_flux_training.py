@@ -118,7 +118,7 @@ def _cfg(tmp_path, *extra: str):
     return load_config(overrides=[
         "model.tiny.family=flux", "train.iterations=1", "rollout.prompts_per_iter=2", "rollout.group_size=3",
         "lora.rank=4", "lora.alpha=8", "sampling.num_steps=3", "sampling.eval_num_steps=3",
-        "sampling.guidance_scale=3.5", "eval.max_prompts=2", "prompts.source=builtin:colors",
+        "eval.max_prompts=2", "prompts.source=builtin:colors",
         f"output_dir={tmp_path / 'runs'}", f"pipeline.store={tmp_path / 'store'}", *extra])
 
 
@@ -164,6 +164,7 @@ def test_stages_evaluation_and_export_reproduce_eval_images_with_plain_flux_pipe
     out = export_lora(cfg, lay, 0, tmp_path / "export")
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["shift"] == "dynamic" and recipe["train_noise_level"] == 0.9 and recipe["weights"] == "ema"
+    # guidance unset: FLUX.1-dev's 3.5, not SD3's CFG 4.5
     assert recipe["max_sequence_length"] == 16 and recipe["resolution"] == 32 and recipe["guidance_scale"] == 3.5
     readme = (out / "README.md").read_text()
     assert "FluxPipeline" in readme and "StableDiffusion3Pipeline" not in readme

@@ -74,7 +74,7 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
     lay = RunLayout.open(cfg, "exp")
     out = export_lora(cfg, lay, 0, tmp_path / "export", resolution=32)
     recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["num_inference_steps"] == 4 and recipe["guidance_scale"] == cfg.sampling.guidance_scale
+    assert recipe["num_inference_steps"] == 4 and recipe["guidance_scale"] == cfg.guidance_scale()
     readme = (out / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
     scope: dict = {}
@@ -103,7 +103,7 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
 
     ours = sample_images(s_.policy, [x["prompt"] for x in ev["samples"][:3]],
                          [f"{r.id}_s0" for r in evaluation.eval_prompts(cfg)[:3]],
-                         make_schedule(4, cfg.sampling.shift), cfg.sampling.guidance_scale, cfg.eval.seed)
+                         make_schedule(4, cfg.sampling.shift), cfg.guidance_scale(), cfg.eval.seed)
     diff = np.abs(np.stack(got).astype(int) - ours.astype(int))
     assert diff.max() <= 2, diff.max()  # float rounding only
     assert result["samples"][0]["seed"] == ev["samples"][0]["seed"]
