@@ -6,31 +6,18 @@ say how to sample so the exported model reproduces the evaluated images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .canonical import canonicalize_file
 from .checkpoint import adapter_bytes, load_checkpoint
 from .config import RunConfig
 from .families import family_defaults
+from .fingerprints import folder_sha256
 from .models import absent_components
 from .layout import RunLayout
-
-
-def model_fingerprint(path: str | None) -> str:
-    """sha256 over a model folder's JSON configs and the names and sizes of its weight files
-    (reading GBs of SD3.5 weights to name them would be slow; configs + sizes identify them)."""
-    if not path:
-        return "tiny-random"
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = f.relative_to(root).as_posix()
-        h.update(rel.encode())
-        h.update(f.read_bytes() if f.suffix in (".json", ".txt") else str(f.stat().st_size).encode())
-    return h.hexdigest()
+from .runs import read_run
 
 
 def effective_max_sequence_length(cfg: RunConfig) -> int:
@@ -63,9 +50,12 @@ def native_resolution(cfg: RunConfig) -> int:
     return int(t["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
 
 
-def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None) -> dict[str, Any]:
+def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None,
+           inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The sampling recipe; unset shift / noise level are written as the family's values (FLUX's
-    shift is resolution-dependent: "dynamic", which FluxPipeline computes itself)."""
+    shift is resolution-dependent: "dynamic", which FluxPipeline computes itself).
+    `base_model_sha256` is `folder_sha256` of the model folder, reusing the file digests of the
+    run's record (`inputs`)."""
     s = cfg.sampling
     family = cfg.family()
     d = family_defaults(family)
@@ -73,7 +63,7 @@ def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None) 
     shift = s.shift if s.shift is not None else (d.shift if d.shift is not None else "dynamic")
     return {
         "base_model": cfg.model.path or f"tiny random {family.upper()} (seed {cfg.model.tiny.seed})",
-        "base_model_sha256": model_fingerprint(cfg.model.path),
+        "base_model_sha256": folder_sha256(cfg.model.path, inputs) if cfg.model.path else "tiny-random",
         "num_inference_steps": s.eval_num_steps, "guidance_scale": cfg.guidance_scale(), "shift": shift,
         "sampler": "FlowMatchEulerDiscreteScheduler (ODE)",
         "train_noise_level": s.noise_level if s.noise_level is not None else d.noise_level,
@@ -106,7 +96,8 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
         canonicalize_file(out / "pytorch_lora_weights.safetensors")  # same tensors, same bytes
     else:
         (out / "pytorch_lora_weights.safetensors").write_bytes(adapter_bytes(layout.store, prefix))
-    r = recipe(cfg, layout.run_id, iteration, resolution)
+    record = read_run(layout) or {}
+    r = recipe(cfg, layout.run_id, iteration, resolution, record.get("inputs"))
     (out / "recipe.json").write_text(json.dumps(r, indent=2, sort_keys=True))
     none_kwargs = "".join(f", {k}=None" for k in absent_components(cfg.model.path)) \
         if cfg.model.path and family == "sd3" else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from .config import RunConfig
 from .prompts import split_source
@@ -66,6 +66,20 @@ def fingerprints(cfg: RunConfig) -> dict[str, str]:
         for f in _files(root):
             out[str(f.resolve())] = sha256_file(f)
     return out
+
+
+def folder_sha256(path: str | Path, recorded: Mapping[str, str] | None = None) -> str:
+    """sha256 over the relative path and content sha256 of every file of a folder that
+    `fingerprints` covers: names the exact bytes of a model. File digests found in `recorded`
+    (a run's `inputs`, checked when the run resumed) are reused, so SD3.5-M's weights are read
+    once per run, not once per export."""
+    root, recorded = Path(path), recorded or {}
+    h = hashlib.sha256()
+    for f in _files(root):
+        key = str(f.resolve())
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update((recorded.get(key) or sha256_file(f)).encode() + b"\n")
+    return h.hexdigest()
 
 
 def changed_inputs(recorded: dict[str, str], current: dict[str, str]) -> list[str]:

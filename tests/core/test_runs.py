@@ -134,3 +134,43 @@ def test_a_resume_whose_input_files_changed_is_refused_naming_the_file(tmp_path)
     prompts.write_text("a red circle\na green square\n")
     with pytest.raises(RunError, match=f"{prompts.resolve()} changed \\(sha256 "):
         open_run(cfg, lay)
+
+
+def test_folder_sha256_names_the_bytes_of_a_model_folder(tmp_path):
+    """The exported recipe's base_model_sha256: every loaded file's content counts (a weight
+    byte changed at the same size changes it), documentation and hidden files do not, and a
+    run's recorded file digests are reused instead of reading the weights again."""
+    import hashlib
+
+    from tempflow_core.fingerprints import fingerprints, folder_sha256
+
+    (tmp_path / "m" / "transformer").mkdir(parents=True)
+    (tmp_path / "m" / ".cache").mkdir()
+    files = {"model_index.json": b'{"_class_name": "StableDiffusion3Pipeline"}',
+             "transformer/diffusion_pytorch_model.safetensors": bytes(range(256)) * 64}
+    for rel, data in files.items():
+        (tmp_path / "m" / rel).write_bytes(data)
+    (tmp_path / "m" / "README.md").write_text("a model card")
+    (tmp_path / "m" / ".cache" / "x").write_text("hidden")
+
+    def by_hand(contents: dict[str, bytes]) -> str:
+        h = hashlib.sha256()
+        for rel in sorted(contents):
+            h.update(rel.encode() + b"\0" + hashlib.sha256(contents[rel]).hexdigest().encode() + b"\n")
+        return h.hexdigest()
+
+    first = folder_sha256(tmp_path / "m")
+    assert first == by_hand(files)
+    cfg = load_config(None, [f"model.path={tmp_path / 'm'}"])
+    assert folder_sha256(tmp_path / "m", fingerprints(cfg)) == first  # the run record's digests, same name
+    weights = tmp_path / "m" / "transformer" / "diffusion_pytorch_model.safetensors"
+    recorded = {str(weights.resolve()): "0" * 64}  # a recorded digest is used, not recomputed
+    assert folder_sha256(tmp_path / "m", recorded) != first
+    changed = bytearray(files["transformer/diffusion_pytorch_model.safetensors"])
+    changed[100] ^= 1  # one bit, same size
+    weights.write_bytes(bytes(changed))
+    assert folder_sha256(tmp_path / "m") == by_hand({**files, "transformer/diffusion_pytorch_model.safetensors":
+                                                     bytes(changed)}) != first
+    (tmp_path / "m" / "README.md").write_text("another card")
+    assert folder_sha256(tmp_path / "m") == by_hand({**files, "transformer/diffusion_pytorch_model.safetensors":
+                                                     bytes(changed)})
