@@ -14,10 +14,8 @@ give the same scores.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,26 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.children import spawn, stop  # noqa: E402
+from flows.reward_server import reward_server_process  # noqa: E402
 from tempflow_core import stages  # noqa: E402
 from tempflow_core.config import load_config  # noqa: E402
 from tempflow_core.layout import RunLayout  # noqa: E402
 from tempflow_core.session import SessionCache  # noqa: E402
 from tempflow_core.shards import read_rollouts, read_scores  # noqa: E402
-
-
-def start_server(reward: str, threads: int) -> tuple[subprocess.Popen, str]:
-    """A `tempflow reward-server` on a free port of 127.0.0.1 (ends with this process)."""
-    cmd = [sys.executable, "-m", "flows.cli", "reward-server", "--reward", reward, "--port", "0"]
-    proc = spawn(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    line = ""
-    while "serving reward" not in line:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"reward server did not start (exit {proc.poll()}): {line}")
-        line = proc.stdout.readline()
-    return proc, line.split(" at ")[1].split()[0]
 
 
 def main() -> None:
@@ -59,9 +43,9 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=None, help="reward.options.remote.in_flight (default: the option's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    proc, url = start_server("shapes", args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-reward-"))
-    try:
+    with reward_server_process("shapes", threads=args.threads, timeout=120) as url, \
+            tempfile.TemporaryDirectory(prefix="bench-reward-") as tmpdir:
+        tmp = Path(tmpdir)
         base = ["model.path=" + str(ROOT / "models" / "tiny-shapes-sd3"), f"pipeline.store={tmp}"]
         cfgs = {"in-process": load_config(ROOT / "flows/configs/default.yaml", base),
                 "server": load_config(ROOT / "flows/configs/default.yaml", base + [
@@ -95,9 +79,6 @@ def main() -> None:
         print(f"server / in-process: {med['server'] / med['in-process']:.2f}x; scores identical: {same}")
         if not same:
             raise SystemExit("the server's scores differ from the in-process reward's")
-    finally:
-        stop(proc, timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
