@@ -237,10 +237,11 @@ class RunConfig(_Section):
 
     def canonical_dump(self) -> dict[str, Any]:
         """The JSON dump with family defaults made explicit: an unset sampling.guidance_scale /
-        shift / noise_level reads as the family's default number (FLUX's resolution-dependent shift stays null), and
-        model.tiny.family is left out while it is 'sd3'. So an unset and an explicit default are
-        one config, and dumps from before model families compare equal to today's (digests, branch
-        plans). A model folder that cannot be read counts as SD3, the only family before FLUX."""
+        shift / noise_level reads as the family's default number (FLUX's resolution-dependent
+        shift stays null), and model.tiny.family is left out while it is 'sd3'. So an unset and
+        an explicit default are one config, and dumps from before model families compare equal to
+        today's (digests, branch plans). A model folder that cannot be read counts as SD3, the
+        only family before FLUX."""
         data = self.model_dump(mode="json")
         try:
             family = self.family()
