@@ -65,8 +65,13 @@ def free_port() -> int:
 
 def spawn(cmd: list[str], grace: float = 10.0, **popen_kwargs: Any) -> subprocess.Popen:
     """Popen(cmd) bound to this process's life (see the module docstring). The returned
-    process is the watchdog: its exit code is cmd's, and `stop()` on it ends cmd's group."""
+    process is the watchdog: its exit code is cmd's, and `stop()` on it ends cmd's group.
+
+    The watchdog runs in a session of its own, so a Ctrl-C in the terminal reaches only this
+    process: it decides when its servers end (after a Prefect runner has said goodbye to its
+    API, not while it still talks to it). Its death still takes them down (see above)."""
     watchdog = [sys.executable, os.path.abspath(__file__), str(os.getpid()), str(grace), "--", *cmd]
+    popen_kwargs.setdefault("start_new_session", True)
     return subprocess.Popen(watchdog, **popen_kwargs)
 
 

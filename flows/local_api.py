@@ -56,7 +56,9 @@ def local_api() -> Iterator[str | None]:
     cmd = [sys.executable, "-m", "flows.local_api", str(os.getpid()), "--factory",
            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "error", "--lifespan", "on"]
-    proc = subprocess.Popen(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # a session of its own: a Ctrl-C reaches the run, which reports its end to a server still up
+    proc = subprocess.Popen(cmd, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            start_new_session=True)
     try:
         _wait_healthy(url, proc, float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
         with temporary_settings(updates={PREFECT_API_URL: url}):
