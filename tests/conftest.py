@@ -16,7 +16,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# up to two threads over all of pytest-xdist's workers (two workers: one thread each)
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")
