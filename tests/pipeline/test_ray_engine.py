@@ -297,7 +297,8 @@ def _group_members(pgid: int) -> list[int]:
 
 
 def _head_leader(port: int) -> int:
-    """The `ray start --head --port=<port>` process: the leader of the head's process group."""
+    """The `ray start --head --port=<port>` process: the leader of the head's process group (its
+    watchdog, flows/children.py, leads a group of its own with the same arguments: not that one)."""
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
@@ -305,7 +306,7 @@ def _head_leader(port: int) -> int:
             except OSError:
                 continue
             st = _stat(d)
-            if f"--port={port}" in cmd and st and int(st[2]) == int(d):
+            if f"--port={port}" in cmd and "children.py" not in cmd and st and int(st[2]) == int(d):
                 return int(d)
     raise AssertionError(f"no process group leads the Ray head on port {port}")
 
