@@ -42,6 +42,17 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C) is in `e`'s chain of causes and contexts."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
@@ -168,6 +179,10 @@ def train(
     except Exception as e:  # noqa: BLE001 - the flow logged the traceback; say what failed and how to go on
         from tempflow_core.redaction import redact_text
 
+        if _interrupted(e):  # Prefect can turn a Ctrl-C into another error while it starts a task run
+            typer.echo("interrupted: resume it with `tempflow train --resume <run id>` (the run id is in the log "
+                       "above)", err=True)
+            raise typer.Exit(130) from None
         typer.echo(f"error: the run failed: {type(e).__name__}: {redact_text(str(e))}", err=True)
         if isinstance(e, (DegenerateRewardError, RewardError)):
             typer.echo("resuming repeats this failure: change the reward setup and start a new run (or branch one: "

@@ -104,3 +104,25 @@ def test_a_config_from_the_repository_names_the_shipped_model_relative_to_the_ch
     out = subprocess.run(CLI + ["show-config", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
                          env=_env(tmp_path, None), cwd=tmp_path)
     assert json.loads(out.stdout)["model"]["path"] == "models/tiny-shapes-sd3"
+
+
+def test_an_error_raised_while_prefect_handles_a_ctrl_c_exits_as_a_ctrl_c():
+    """Prefect's task engine can raise ValueError('Task run is not set') while it handles a
+    KeyboardInterrupt that came as it started a task run (seen in CI): the CLI still reports an
+    interrupt (exit 130), not a failed run."""
+    from flows.cli import _interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("Task run is not set")
+    except ValueError as e:
+        assert _interrupted(e)
+    try:
+        try:
+            raise OSError("disk")
+        except OSError as inner:
+            raise RuntimeError("stage failed") from inner
+    except RuntimeError as e:
+        assert not _interrupted(e)
