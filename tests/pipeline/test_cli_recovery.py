@@ -33,6 +33,16 @@ def _healthy(servers: list[psutil.Process]) -> bool:
         return False
 
 
+def _kill_left(cli: subprocess.Popen, servers: list[psutil.Process]) -> None:
+    """Whatever a failed test left running: the servers found, the CLI's group."""
+    for p in servers:
+        if p.is_running():
+            p.kill()
+    if cli.poll() is None:
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait(timeout=30)
+
+
 def test_the_temporary_prefect_server_ends_with_a_killed_cli(tiny_model_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the CLI starts its own server
     env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="WARNING")
@@ -54,12 +64,7 @@ def test_the_temporary_prefect_server_ends_with_a_killed_cli(tiny_model_dir, tmp
         gone, alive = psutil.wait_procs(servers, timeout=60)  # a bounded wait, not a timing claim
         assert alive == [] and len(gone) == 1
     finally:
-        for p in servers:
-            if p.is_running():
-                p.kill()
-        if cli.poll() is None:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait(timeout=30)
+        _kill_left(cli, servers)
 
 
 def test_ctrl_c_ends_the_run_and_its_prefect_server_at_once_and_the_run_resumes(tiny_model_dir, tmp_path):
@@ -87,12 +92,7 @@ def test_ctrl_c_ends_the_run_and_its_prefect_server_at_once_and_the_run_resumes(
         gone, alive = psutil.wait_procs(servers, timeout=30)
         assert alive == []
     finally:
-        for p in servers:
-            if p.is_running():
-                p.kill()
-        if cli.poll() is None:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait(timeout=30)
+        _kill_left(cli, servers)
     out = subprocess.run(CLI + ["train", "--resume", "c", "--set", f"pipeline.store={tmp_path / 'store'}"],
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

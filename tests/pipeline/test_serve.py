@@ -62,15 +62,13 @@ def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(
         assert list((tmp_path / "store").glob("branch-*/iter-000000/learner/manifest.json"))
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-        t = time.monotonic()
-        try:
+        try:  # a bound on a hang, not a timing claim: measured 4 s on 2 busy cores
             code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             raise AssertionError("`tempflow serve` was still running 60 s after a Ctrl-C")
-    # measured 4 s on 2 busy cores; 70 s and exit 1 when the server died first, before the fix
-    assert code == 0 and time.monotonic() - t < 30, (code, time.monotonic() - t)
+    assert code == 0, f"`tempflow serve` exited {code} after a Ctrl-C"  # 1, after 70 s, when its server died first
     try:
         urllib.request.urlopen(f"{api}/health", timeout=2)
         raise AssertionError("the Prefect server outlived `tempflow serve`")

@@ -199,6 +199,7 @@ class FakeServer:
                 pass
 
             def _send(self, status: int, body: bytes) -> None:
+                self._answered()  # before the client can read the answer and send its next request
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -212,9 +213,16 @@ class FakeServer:
                 with lock:
                     fake.active += 1
                     fake.max_active = max(fake.max_active, fake.active)
+                self.answering = True
                 try:
                     self._post()
                 finally:
+                    self._answered()
+
+            def _answered(self) -> None:
+                """This request no longer counts as being answered (once per request)."""
+                if getattr(self, "answering", False):
+                    self.answering = False
                     with lock:
                         fake.active -= 1
 
@@ -226,6 +234,7 @@ class FakeServer:
                 n = len(req.images)
                 scores = req.images.reshape(n, -1).mean(axis=1).astype(np.float32) / 255
                 if action == "reset":
+                    self._answered()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
