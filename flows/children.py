@@ -63,6 +63,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def executable(name: str) -> str:
+    """The console script `name` installed beside this Python (a venv's own `mlflow`, `prefect`,
+    `ray`, `tempflow`), so printed commands run as printed without activating the venv; the bare
+    name (looked up on PATH) when there is none."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.access(path, os.X_OK) else name
+
+
 def spawn(cmd: list[str], grace: float = 10.0, **popen_kwargs: Any) -> subprocess.Popen:
     """Popen(cmd) bound to this process's life (see the module docstring). The returned
     process is the watchdog: its exit code is cmd's, and `stop()` on it ends cmd's group.

@@ -22,7 +22,7 @@ import typer
 from flows import children
 
 # Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
-STATE = Path(os.environ.get("TEMPFLOW_HOME", ".tempflow")).resolve()
+STATE = Path(os.environ.get("TEMPFLOW_HOME", "").strip() or ".tempflow").resolve()  # empty counts as unset
 CHECKOUT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,10 +31,11 @@ def _local_state() -> None:
     """Point Prefect at the local state (PREFECT_HOME under TEMPFLOW_HOME) and create it. Called
     by each command only once its input passed the pre-flight check, before Prefect is
     imported: a rejected command leaves nothing behind."""
-    os.environ.setdefault("PREFECT_HOME", str(STATE / "prefect"))
+    for name, value in (("PREFECT_HOME", str(STATE / "prefect")), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")):
+        if not os.environ.get(name, "").strip():  # an empty variable counts as unset
+            os.environ[name] = value
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TempFlow-GRPO for flow-matching text-to-image models.")
 
@@ -63,10 +64,12 @@ def _preflight(cfg) -> None:
     with a one-line message naming the field and the fix."""
     from tempflow_core.preflight import PreflightError, preflight
 
+    from flows.ray_head import ray_preflight
     from flows.tracking.uri import TrackingUnavailable, probe_configured
 
     try:
         preflight(cfg)
+        ray_preflight(cfg)
     except PreflightError as e:
         _fail(str(e))
     try:
@@ -196,9 +199,13 @@ def train(
     for it, e in sorted(result["evals"].items()):
         typer.echo(f"  eval (iter {it})   : {report.eval_summary(e)}")
     typer.echo(f"  export the LoRA  : tempflow export-lora {result['run_id']} --out lora-{result['run_id']}")
-    typer.echo(f"  Prefect UI       : PREFECT_HOME={os.environ['PREFECT_HOME']} prefect server start --host 127.0.0.1")
+    import shlex
+
+    prefect_cli, tempflow_cli = (shlex.quote(children.executable(n)) for n in ("prefect", "tempflow"))
+    home = shlex.quote(os.environ["PREFECT_HOME"])
+    typer.echo(f"  Prefect UI       : PREFECT_HOME={home} {prefect_cli} server start --host 127.0.0.1")
     typer.echo(f"  MLflow UI        : {result['mlflow_ui']}")
-    typer.echo("  (or both at once: tempflow ui)")
+    typer.echo(f"  (or both at once: {tempflow_cli} ui)")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -540,7 +547,9 @@ def ui(
     bindir = Path(sys.executable).parent
     uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
     procs = [  # each under a watchdog: a kill -9 of this CLI takes the servers and their workers down too
-        children.spawn([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]),
+        # the UI's pages call the API they are served with (Prefect's default would be port 4200)
+        children.spawn([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                       env={**os.environ, "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}),
         children.spawn([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                         "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
     ]

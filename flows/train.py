@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.stages import eval_task, init_task, learner_task, reward_task, rollout_task
+from flows.ray_head import ray_preflight
 from tasks.tracking_task import track_eval, track_iteration, tracker_for
 from tempflow_core import report, stages
 from tempflow_core.config import RunConfig
@@ -66,6 +67,7 @@ def preflight_check(config: RunConfig) -> None:
     roots = read_roots() if deployment.id else None
     preflight(config, roots=roots)
     probe_configured(config.pipeline.mlflow_uri)  # TrackingUnavailable before the run record is written
+    ray_preflight(config)
 
 
 def tracking_credentials_to_env(config: RunConfig) -> RunConfig:

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import failpoints
 from .rollout import RolloutBatch
 from .shards import Manifest, iter_samples, read_embeds
 
@@ -47,7 +48,8 @@ class DataParallel:
         return where
 
     def local(self, global_index: torch.Tensor) -> torch.Tensor:
-        """Positions in this rank's units of those of `global_index` it holds, in that order."""
+        """Positions in this rank's units of those of `global_index` (a minibatch) it holds, in that order."""
+        failpoints.hit(f"learner.minibatch/rank{self.rank}")
         pos = self._position[global_index]
         return pos[pos >= 0]
 
@@ -55,6 +57,7 @@ class DataParallel:
         """Sum the gradients of `params` over ranks (a rank without units adds zeros)."""
         import torch.distributed as dist
 
+        failpoints.hit(f"learner.allreduce/rank{self.rank}")
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
         dist.all_reduce(flat)
         o = 0

@@ -27,8 +27,10 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import failpoints
 from .config import RunConfig
 from .layout import RunLayout
 from .session import SessionCache
@@ -41,15 +43,45 @@ log = logging.getLogger("tempflow.ray")
 ACTOR_RESTARTS = 3  # a killed actor comes back this many times; its task is retried as often
 
 
-def _enter(cwd: str) -> None:
+# Variables of the driver that its actors and ranks see too: the torch thread count of a worker
+# and the test failpoints (tempflow_core.failpoints).
+FORWARDED_ENV = ("TEMPFLOW_WORKER_THREADS", failpoints.ENV)
+
+# What a surviving rank raises when a peer died under a collective: gloo and NCCL errors
+# (torch.distributed's DistError family, or their text where a backend raises RuntimeError) and
+# Ray's own actor-death errors. Such a failure restarts the group; any other error fails the stage.
+PEER_LOST = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "Connection closed by peer",
+             "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out", "NCCL", "ActorDiedError",
+             "RayActorError", "ActorUnavailableError")
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k, "").strip()}
+
+
+def _enter(cwd: str, env: dict[str, str] | None = None) -> None:
     """Work in the driver's folder when this node has it, so that relative paths of the config
     (model.path, prompt files, a local store) name what they name for the driver. On another
     machine they must be absolute or remote (s3://)."""
     import torch
 
+    os.environ.update(env or {})
     if os.path.isdir(cwd):
         os.chdir(cwd)
-    torch.set_num_threads(int(os.environ.get("TEMPFLOW_WORKER_THREADS", "1")))
+    torch.set_num_threads(int(os.environ.get("TEMPFLOW_WORKER_THREADS", "").strip() or "1"))
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception in its chain) is what a rank raises when a peer died."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = f"{type(e).__name__}: {e}"
+        if any(p in text for p in PEER_LOST):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class _RolloutWorker:
@@ -82,25 +114,34 @@ class _RewardWorker:
 def _learner_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: a resident learner rank. It keeps its model across
     iterations and runs one learner stage per job it takes from its queue, (cfg, run_id,
-    iteration), answering (rank, iteration, None) or (rank, iteration, (traceback, exception)),
-    the exception itself only when it is a damaged input (the stage heals those); None ends it."""
+    iteration), answering (rank, iteration, None) or (rank, iteration, RankError); None ends it."""
     import traceback
 
     import ray.train
 
-    _enter(config["cwd"])
+    _enter(config["cwd"], config.get("env"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sessions = SessionCache()
     while (job := config["jobs"][rank].get()) is not None:
         cfg, run_id, iteration = job
+        failpoints.hit(f"learner.job/rank{rank}")
         try:
             learner_rank(cfg, RunLayout.open(cfg, run_id), iteration, sessions, rank, world)
             config["done"].put((rank, iteration, None))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it in the stage
             damaged = exc if isinstance(exc, DAMAGED_INPUT) else None
-            config["done"].put((rank, iteration, (traceback.format_exc(limit=8), damaged)))
+            config["done"].put((rank, iteration, RankError(traceback.format_exc(limit=8), damaged, peer_lost(exc))))
             raise
+
+
+@dataclass(frozen=True)
+class RankError:
+    """What a learner rank reports of a failed stage."""
+
+    traceback: str
+    damaged: Exception | None  # the exception itself when it is a damaged input (the stage heals those)
+    peer_lost: bool  # raised because another rank died under a collective (the group is restarted)
 
 
 def _uses_gpu(cfg: RunConfig) -> bool:
@@ -126,7 +167,7 @@ class RayEngine:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         gpu = 1 if _uses_gpu(cfg) else 0
         opts = dict(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, num_cpus=1, num_gpus=gpu)
-        env = {"runtime_env": {"env_vars": {"TEMPFLOW_WORKER_THREADS": os.environ.get("TEMPFLOW_WORKER_THREADS", "1")}}}
+        env = {"runtime_env": {"env_vars": _forwarded_env()}}
         self.cwd = os.getcwd()
         self.rollout_workers = [ray.remote(**opts)(_RolloutWorker).options(**env).remote(self.cwd)
                                 for _ in range(cfg.rollout.workers)]
@@ -183,17 +224,23 @@ class RayEngine:
                 group = self._learner_group(cfg)
                 for q in group["jobs"]:
                     q.put((cfg, run_id, iteration))
-                errors = self._await_ranks(group, iteration)
-                if errors is None:  # the group died under the stage: start a new one
-                    log.warning("iteration %d: the learner group ended during the stage (attempt %d); restarting it",
-                                iteration, attempt + 1)
+                answers = self._await_ranks(group, iteration)
+                errors = [e for e in answers.values() if e is not None]
+                damaged = next((e.damaged for e in errors if e.damaged is not None), None)
+                if damaged is not None:  # learner_stage heals its inputs and runs the stage again (a new group)
+                    self._stop_learner_group()
+                    raise damaged
+                if len(answers) < len(group["jobs"]) or any(e.peer_lost for e in errors):
+                    # a rank died (or lost a peer) under the stage: a new group reruns it from checkpoint i-1
+                    log.warning("iteration %d: a learner rank died during the stage (attempt %d, %d of %d ranks "
+                                "answered); restarting the group", iteration, attempt + 1, len(answers),
+                                len(group["jobs"]))
+                    if errors:
+                        self._last_group_error = errors[0].traceback[-2000:]
                     self._stop_learner_group()
                     continue
-                damaged = next((exc for _, exc in errors if exc is not None), None)
-                if damaged is not None:  # learner_stage heals its inputs and runs the stage again
-                    raise damaged
                 if errors:
-                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{errors[0][0]}")
+                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{errors[0].traceback}")
                 return
             raise RuntimeError(f"the learner group kept failing in iteration {iteration}: "
                                f"{self._last_group_error or 'no rank reported an error'}")
@@ -212,7 +259,7 @@ class RayEngine:
         jobs, done = [Queue() for _ in range(cfg.train.workers)], Queue()
         self._groups_started += 1
         trainer = TorchTrainer(
-            _learner_loop, train_loop_config={"jobs": jobs, "done": done, "cwd": self.cwd},
+            _learner_loop, train_loop_config={"jobs": jobs, "done": done, "cwd": self.cwd, "env": _forwarded_env()},
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1}),
             run_config=TrainRunConfig(name=f"learner-{os.getpid()}-{self._groups_started}", storage_path=self._storage,
@@ -231,22 +278,24 @@ class RayEngine:
         self._group = {"jobs": jobs, "done": done, "thread": thread, "outcome": outcome}
         return self._group
 
-    def _await_ranks(self, group: dict[str, Any], iteration: int) -> list[tuple[str, Exception | None]] | None:
-        """(traceback, damaged-input exception or None) of each rank that failed `iteration`
-        ([] when all finished), None if the group died without a rank reporting an error."""
+    def _await_ranks(self, group: dict[str, Any], iteration: int) -> dict[int, RankError | None]:
+        """Each rank's answer for `iteration` (None: it finished), until every rank answered or
+        the group ended (then the ranks that died are missing)."""
         from ray.util.queue import Empty
 
-        answers: dict[int, tuple[str, Exception | None] | None] = {}
+        answers: dict[int, RankError | None] = {}
         while len(answers) < len(group["jobs"]):
             try:
                 rank, it, error = group["done"].get(timeout=2.0)
             except Empty:
-                if not group["thread"].is_alive():  # a rank that failed took the group down with it
-                    return [e for e in answers.values() if e] or None
+                if not group["thread"].is_alive():  # a rank that died or failed took the group down with it
+                    return answers
                 continue
+            except Exception:  # noqa: BLE001 - the queue's actor died with its node: the group is lost too
+                return answers
             if it == iteration:
                 answers[rank] = error
-        return [e for e in answers.values() if e]
+        return answers
 
     def _stop_learner_group(self) -> None:
         group, self._group = self._group, None

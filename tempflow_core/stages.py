@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import healing
+from . import failpoints, healing
 from .advantages import compute_advantages
 from .checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from .config import RunConfig
@@ -349,6 +349,7 @@ def _write_learner(cfg: RunConfig, layout: RunLayout, iteration: int, s: Session
     write_scores(layout.store, layout.iteration_prefix(iteration), "advantages", keys, {"advantage": adv},
                  producer={"stage": "learner", "iteration": iteration, "run": layout.run_id},
                  config_hash=cfg.digest(), overwrite=True)
+    failpoints.hit("learner.checkpoint/rank0")
     state = CheckpointState(
         iteration, int(m.extra["stream_position"]), s.policy.lora_state_dict(), s.optimizer.state_dict(),
         s.generator.get_state(),

@@ -11,7 +11,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Ray (pipeline.engine=ray tests): every server on 127.0.0.1, read when Ray is imported (flows/ray_head.py)
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

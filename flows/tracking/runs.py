@@ -12,10 +12,13 @@ import contextlib
 import logging
 import pathlib
 import re
+import shlex
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from flows.children import executable
 
 from . import models
 from .datasets import dataset_input
@@ -414,4 +417,4 @@ class RunTracker:
         if uri.startswith(("http://", "https://")):
             return f"python -m webbrowser '{redact(uri).rstrip('/')}/#/experiments/" \
                    f"{self.experiment_id}/runs/{self.run_id}'"
-        return f"mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1"
+        return f"{shlex.quote(executable('mlflow'))} ui --backend-store-uri {redact(uri)} --host 127.0.0.1"

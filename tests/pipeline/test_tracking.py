@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import pathlib
 import pickle
 import socketserver
+import sys
 import threading
 
 import numpy as np
@@ -226,7 +228,9 @@ def test_sqlite_lineage_and_resume(tmp_path, no_env_uri):
     check_readback(uri, tracker, res, tmp_path)
     # artifacts live next to the db, not under the current directory
     assert (tmp_path / "run" / "mlartifacts").is_dir()
-    assert tracker.ui_command() == f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
+    mlflow_cli = pathlib.Path(sys.executable).with_name("mlflow")  # the venv's own: runs without activating it
+    assert mlflow_cli.is_file() and os.access(mlflow_cli, os.X_OK)
+    assert tracker.ui_command() == f"{mlflow_cli} ui --backend-store-uri {uri} --host 127.0.0.1"
     assert tracker.checkpoint_lineage(res["models"][1]) == res["models"][::-1]
 
     from mlflow import MlflowClient
