@@ -66,6 +66,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "run killed finished" in out.stdout
+    _hints_run_as_printed(out.stdout)
 
     import json
 
@@ -88,6 +89,30 @@ def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny
     assert exported[8:].startswith(b'{"__metadata__":{"format":"pt","lora_adapter_metadata":')  # sorted in any process
     recipe = (tmp_path / "lora" / "recipe.json").read_text()
     assert recipe == json.dumps(json.loads(recipe), indent=2, sort_keys=True)
+
+
+def _hints_run_as_printed(stdout: str) -> None:
+    """The end-of-run commands name executables that exist (the venv's own: the README's setup
+    does not put them on PATH)."""
+    import shlex
+
+    hints = {ln.split(":", 1)[0].strip(" ("): ln.split(":", 1)[1].strip(" )") for ln in stdout.splitlines()
+             if ln.strip().startswith(("Prefect UI", "MLflow UI", "(or both at once"))}
+    assert set(hints) == {"Prefect UI", "MLflow UI", "or both at once"}, stdout[-1500:]
+    for name, command in hints.items():
+        words = [w for w in shlex.split(command) if "=" not in w or w.startswith("-")]
+        assert os.access(words[0], os.X_OK) and Path(words[0]).parent == Path(sys.executable).parent, (name, command)
+
+
+def test_an_empty_tempflow_home_counts_as_unset(tmp_path):
+    import json
+
+    out = subprocess.run(CLI + ["show-config"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**_env(tmp_path, None), "TEMPFLOW_HOME": ""})
+    assert out.returncode == 0, out.stderr[-500:]
+    cfg = json.loads(out.stdout)
+    assert cfg["output_dir"] == str(tmp_path / ".tempflow" / "runs")
+    assert cfg["pipeline"]["store"] == str(tmp_path / ".tempflow" / "store")
 
 
 def test_a_config_from_the_repository_names_the_shipped_model_relative_to_the_checkout(tmp_path):

@@ -39,6 +39,7 @@ import pytest
 import ray
 import torch
 
+from flows.children import free_port
 from tempflow_core import stages
 from tempflow_core.checkpoint import load_checkpoint
 from tempflow_core.config import load_config
@@ -355,3 +356,73 @@ def test_a_local_ray_head_listens_on_loopback_only_and_dies_with_a_killed_run(tm
     while _group_members(leader) and time.time() < deadline:
         time.sleep(0.5)
     assert _group_members(leader) == []
+
+
+_HEAD = """
+import os, sys
+import ray
+from flows.ray_head import ray_cluster
+with ray_cluster(1) as address:
+    path = os.environ["RAY_AUTH_TOKEN_PATH"]
+    print(address, path, oct(os.stat(path).st_mode & 0o777), oct(os.stat(os.path.dirname(path)).st_mode & 0o777),
+          flush=True)
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    print(ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
+    ray.shutdown()
+    sys.stdin.readline()  # the test uses the head meanwhile
+print(os.path.exists(path), "RAY_AUTH_TOKEN_PATH" in os.environ, flush=True)
+"""
+
+
+def _without_ray_auth(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "TEMPFLOW_"))}
+
+
+def test_a_local_head_needs_nothing_of_the_home_folder_and_joining_it_needs_its_token(tmp_path, monkeypatch):
+    """A machine that never ran Ray: empty HOME, no RAY_AUTH_* variables. The head makes its own
+    token (a 0600 file in a 0700 folder, deleted with the head, HOME left empty); a driver without
+    that token, or with another one, is refused before any work, naming RAY_AUTH_TOKEN, also by
+    `tempflow train` (exit 2, nothing written); with the token it joins."""
+    import subprocess
+    import sys
+
+    from flows.ray_head import RayAccessError, check_access
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**_without_ray_auth(dict(os.environ)), "HOME": str(home)}
+    checkout = Path(__file__).resolve().parents[2]
+    head = subprocess.Popen([sys.executable, "-c", _HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=checkout)
+    try:
+        address, token_path, file_mode, folder_mode = head.stdout.readline().split()
+        assert (file_mode, folder_mode) == ("0o600", "0o700")
+        assert head.stdout.readline().strip() == "42"  # the driver that has the token works
+        token = Path(token_path).read_text().strip()
+        assert len(token) >= 32
+
+        for k in [k for k in os.environ if k.startswith("RAY_AUTH")]:
+            monkeypatch.delenv(k)
+        with pytest.raises(RayAccessError, match="requires a token.*RAY_AUTH_TOKEN"):
+            check_access(address)
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+        with pytest.raises(RayAccessError, match="refused the token.*RAY_AUTH_TOKEN"):
+            check_access(address)
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        check_access(address)  # the user's token for this cluster
+
+        state = tmp_path / "state"
+        cli = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--set", "pipeline.engine=ray"],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={**env, "RAY_ADDRESS": address, "TEMPFLOW_HOME": str(state)})
+        assert cli.returncode == 2, cli.stderr[-2000:]
+        assert cli.stderr.strip().count("\n") == 0 and "RAY_ADDRESS" in cli.stderr and "RAY_AUTH_TOKEN" in cli.stderr
+        assert token not in cli.stdout + cli.stderr
+        assert not state.exists()
+        with pytest.raises(RayAccessError, match="no Ray cluster answers"):
+            check_access(f"127.0.0.1:{free_port()}")
+    finally:
+        out, _ = head.communicate("\n", timeout=120)
+    assert out.split() == ["False", "False"]  # the token file is gone, the variable restored
+    assert not os.path.exists(os.path.dirname(token_path))
+    assert list(home.iterdir()) == []
