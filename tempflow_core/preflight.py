@@ -90,6 +90,34 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
         check_store_access(cfg)
 
 
+def local_paths(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(field, path) of every local file or folder a stage reads: model.path, prompt files, reward
+    model folders, a local pipeline.store (builtin: prompt sets, s3:// stores are not paths)."""
+    from .prompts import split_source
+
+    found = [("model.path", cfg.model.path)] if cfg.model.path else []
+    for field, source in (("prompts.source", cfg.prompts.source), ("prompts.test_source", cfg.prompts.test_source),
+                          ("eval.prompts", cfg.eval.prompts)):
+        if source and not source.startswith("builtin:"):
+            found.append((field, split_source(source)[0]))
+    for reward, opts in sorted(cfg.reward.options.items()):
+        found += [(f"reward.options.{reward}.{key}", opts[key]) for key in ("model", "processor")
+                  if isinstance(opts.get(key), str) and opts[key]]
+    if "://" not in cfg.pipeline.store:
+        found.append(("pipeline.store", cfg.pipeline.store))
+    return found
+
+
+def check_portable_paths(cfg: RunConfig) -> None:
+    """Every local path a stage reads is absolute, so that it names the same thing on every node of a
+    cluster whose workers run in folders of their own (pipeline.engine=ray with RAY_ADDRESS)."""
+    for field, path in local_paths(cfg):
+        if not Path(path).expanduser().is_absolute():
+            raise PreflightError(field, f"{path!r} is relative, and the Ray cluster of RAY_ADDRESS runs stages on nodes "
+                                 "whose working folder is not this one", "give an absolute path that every node can "
+                                 "read (a shared folder), or put it on the store (pipeline.store=s3://...)")
+
+
 # -- model -------------------------------------------------------------------------------------
 
 

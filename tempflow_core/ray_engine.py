@@ -21,6 +21,7 @@ connects to the cluster at `address` (flows/ray_head.py: RAY_ADDRESS, or a local
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -41,6 +42,7 @@ from .rollout_slices import sample_slice
 log = logging.getLogger("tempflow.ray")
 
 ACTOR_RESTARTS = 3  # a killed actor comes back this many times; its task is retried as often
+UNREACHABLE_S = 180.0  # how long a task waits for its actor to be reachable again (a node's death to be seen)
 
 
 # Variables of the driver that its actors and ranks see too: the torch thread count of a worker
@@ -59,14 +61,17 @@ def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k, "").strip()}
 
 
-def _enter(cwd: str, env: dict[str, str] | None = None) -> None:
-    """Work in the driver's folder when this node has it, so that relative paths of the config
-    (model.path, prompt files, a local store) name what they name for the driver. On another
-    machine they must be absolute or remote (s3://)."""
+def _enter(home: tuple[str, str], env: dict[str, str] | None = None) -> None:
+    """On the driver's node (home: its Ray node id and working folder) work in the driver's folder,
+    so that relative paths of the config (model.path, prompt files, a local store) name what they
+    name for the driver. Elsewhere stay in the node's own folder: paths must be absolute or remote
+    there (flows.ray_head.ray_preflight refuses relative ones when the run joins a cluster)."""
+    import ray
     import torch
 
     os.environ.update(env or {})
-    if os.path.isdir(cwd):
+    node, cwd = home
+    if ray.get_runtime_context().get_node_id() == node and os.path.isdir(cwd):
         os.chdir(cwd)
     torch.set_num_threads(int(os.environ.get("TEMPFLOW_WORKER_THREADS", "").strip() or "1"))
 
@@ -87,8 +92,8 @@ def peer_lost(exc: BaseException) -> bool:
 class _RolloutWorker:
     """One rollout actor: a SessionCache (the model stays loaded across iterations)."""
 
-    def __init__(self, cwd: str) -> None:
-        _enter(cwd)
+    def __init__(self, home: tuple[str, str]) -> None:
+        _enter(home)
         self.sessions = SessionCache()
 
     def sample(self, cfg: RunConfig, run_id: str, iteration: int, index: int) -> RolloutPart:
@@ -97,29 +102,78 @@ class _RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        return _node_id()
+
 
 class _RewardWorker:
     """One reward actor: the reward built once (a reward model loaded once)."""
 
-    def __init__(self, cfg: RunConfig, cwd: str) -> None:
+    def __init__(self, cfg: RunConfig, home: tuple[str, str]) -> None:
         from .rewards import build_reward
 
-        _enter(cwd)
+        _enter(home)
         self.reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
 
     def score(self, cfg: RunConfig, run_id: str, iteration: int, rank: int, world: int) -> ScoredShare:
         return score_share(cfg, RunLayout.open(cfg, run_id), iteration, rank, world, self.reward_fn)
 
+    def node(self) -> str:
+        return _node_id()
+
+
+def _on_actors(actors: list[Any], calls: list[Callable[[Any], Any]], done: Callable[[int, Any], None]) -> None:
+    """Run every call (actor -> ObjectRef) on the actors, each call on the next free actor, and
+    give each result to `done` (with the call's index) as it comes. A call whose actor died or became unreachable under
+    it (the actor's node died) runs again on the next free actor, which Ray restarts
+    (max_restarts) if it was the dead one, up to ACTOR_RESTARTS times per call; any other error is raised."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    todo, tries = list(range(len(calls))), [0] * len(calls)
+    unreachable_since: dict[int, float] = {}
+    free, running = list(actors), {}
+    while todo or running:
+        while todo and free:
+            actor, i = free.pop(0), todo.pop(0)
+            running[calls[i](actor)] = (actor, i)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        actor, i = running.pop(ready[0])
+        free.append(actor)
+        try:
+            result = ray.get(ready[0])
+        except ActorUnavailableError:  # restarting, or its node is not yet known dead: wait, bounded
+            first = unreachable_since.setdefault(i, time.monotonic())
+            if time.monotonic() - first > UNREACHABLE_S:
+                raise
+            time.sleep(1.0)
+            todo.append(i)
+            continue
+        except RayActorError as e:  # died under the task (ActorDiedError): Ray restarts it
+            tries[i] += 1
+            if tries[i] > ACTOR_RESTARTS:
+                raise
+            log.warning("an actor died under its task (%s); running the task again", type(e).__name__)
+            todo.append(i)
+            continue
+        done(i, result)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
 
 def _learner_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: a resident learner rank. It keeps its model across
     iterations and runs one learner stage per job it takes from its queue, (cfg, run_id,
-    iteration), answering (rank, iteration, None) or (rank, iteration, RankError); None ends it."""
+    iteration), answering (rank, iteration, None or RankError, its node id); None ends it."""
     import traceback
 
     import ray.train
 
-    _enter(config["cwd"], config.get("env"))
+    _enter(config["home"], config.get("env"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sessions = SessionCache()
@@ -128,10 +182,11 @@ def _learner_loop(config: dict[str, Any]) -> None:
         failpoints.hit(f"learner.job/rank{rank}")
         try:
             learner_rank(cfg, RunLayout.open(cfg, run_id), iteration, sessions, rank, world)
-            config["done"].put((rank, iteration, None))
+            config["done"].put((rank, iteration, None, _node_id()))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it in the stage
             damaged = exc if isinstance(exc, DAMAGED_INPUT) else None
-            config["done"].put((rank, iteration, RankError(traceback.format_exc(limit=8), damaged, peer_lost(exc))))
+            error = RankError(traceback.format_exc(limit=8), damaged, peer_lost(exc))
+            config["done"].put((rank, iteration, error, _node_id()))
             raise
 
 
@@ -165,14 +220,27 @@ class RayEngine:
             if address is None:
                 raise ValueError("RayEngine needs the address of a Ray cluster (flows.ray_head.ray_cluster)")
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         gpu = 1 if _uses_gpu(cfg) else 0
         opts = dict(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, num_cpus=1, num_gpus=gpu)
-        env = {"runtime_env": {"env_vars": _forwarded_env()}}
-        self.cwd = os.getcwd()
-        self.rollout_workers = [ray.remote(**opts)(_RolloutWorker).options(**env).remote(self.cwd)
-                                for _ in range(cfg.rollout.workers)]
-        self.reward_workers = [ray.remote(**opts)(_RewardWorker).options(**env).remote(cfg, self.cwd)
-                               for _ in range(cfg.reward.workers)]
+        env = _forwarded_env()
+        self.home = (ray.get_runtime_context().get_node_id(), os.getcwd())  # the driver's node and folder
+        self.rank_nodes: dict[int, str] = {}  # learner rank -> node id of its last finished stage
+        # each stage's actors in a SPREAD placement group: over as many nodes as have room (Ray moves
+        # the bundles of a node that dies, and the actors restart there)
+        self._groups = [placement_group([{"CPU": 1, **({"GPU": gpu} if gpu else {})}] * n, strategy="SPREAD")
+                        for n in (cfg.rollout.workers, cfg.reward.workers)]
+
+        def placed(cls: type, group: Any, index: int) -> Any:
+            where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+            return ray.remote(**opts)(cls).options(scheduling_strategy=where, runtime_env={"env_vars": env})
+
+        self.rollout_workers = [placed(_RolloutWorker, self._groups[0], i).remote(self.home)
+                                for i in range(cfg.rollout.workers)]
+        self.reward_workers = [placed(_RewardWorker, self._groups[1], i).remote(cfg, self.home)
+                               for i in range(cfg.reward.workers)]
         self._storage = tempfile.mkdtemp(prefix="tempflow-raytrain-")
         self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
         self._groups_started = 0
@@ -187,13 +255,13 @@ class RayEngine:
                        progress: Callable[[int], None] | None = None,
                        report: Callable[[str], None] | None = None) -> Callable[[list[int]], list[RolloutPart]]:
         """stages.SliceRunner: slices handed to the rollout actors as they free up; `progress`
-        ticks once per finished slice and `report` gets a line for it (the Prefect log)."""
-        from ray.util import ActorPool
+        ticks once per finished slice and `report` gets a line for it (the Prefect log). A slice
+        whose actor died under it (its node too) is handed out again (_on_actors)."""
 
         def run(indices: list[int]) -> list[RolloutPart]:
-            pool = ActorPool(self.rollout_workers)
             parts, t0 = [], time.perf_counter()
-            for part in pool.map_unordered(lambda a, j: a.sample.remote(cfg, run_id, iteration, j), indices):
+
+            def done(_: int, part: RolloutPart) -> None:
                 parts.append(part)
                 line = (f"iteration {iteration}: rollout slice {part.index + 1}/{len(indices)} written "
                         f"({part.num_samples} samples, {len(parts)}/{len(indices)} done, "
@@ -201,17 +269,22 @@ class RayEngine:
                 (report or log.info)(line)
                 if progress is not None:
                     progress(1)
+
+            _on_actors(self.rollout_workers, [lambda a, j=j: a.sample.remote(cfg, run_id, iteration, j) for j in indices],
+                       done)
             return sorted(parts, key=lambda p: p.index)
 
         return run
 
     def reward_runner(self, cfg: RunConfig, run_id: str, iteration: int) -> Callable[[], list[ScoredShare]]:
-        """stages.ScoreRunner: every reward actor scores its share of the shards."""
-        import ray
+        """stages.ScoreRunner: the reward actors score the W shares of the shards (share r: shards
+        r, r+W, ...); a share whose actor died under it is scored again."""
 
         def run() -> list[ScoredShare]:
-            W = len(self.reward_workers)
-            return ray.get([w.score.remote(cfg, run_id, iteration, r, W) for r, w in enumerate(self.reward_workers)])
+            W, shares = len(self.reward_workers), {}
+            _on_actors(self.reward_workers, [lambda a, r=r: a.score.remote(cfg, run_id, iteration, r, W)
+                                             for r in range(W)], shares.__setitem__)
+            return [shares[r] for r in range(W)]
 
         return run
 
@@ -254,14 +327,18 @@ class RayEngine:
         from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         gpu = _uses_gpu(cfg)
-        jobs, done = [Queue() for _ in range(cfg.train.workers)], Queue()
+        # the queues live on the driver's node: a node that dies takes its ranks, not the group's mail
+        here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.home[0], soft=True)}
+        jobs, done = [Queue(actor_options=here) for _ in range(cfg.train.workers)], Queue(actor_options=here)
         self._groups_started += 1
         trainer = TorchTrainer(
-            _learner_loop, train_loop_config={"jobs": jobs, "done": done, "cwd": self.cwd, "env": _forwarded_env()},
+            _learner_loop, train_loop_config={"jobs": jobs, "done": done, "home": self.home, "env": _forwarded_env()},
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1}),
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1},
+                                         placement_strategy="SPREAD"),
             run_config=TrainRunConfig(name=f"learner-{os.getpid()}-{self._groups_started}", storage_path=self._storage,
                                       failure_config=FailureConfig(max_failures=0)),
         )
@@ -286,7 +363,7 @@ class RayEngine:
         answers: dict[int, RankError | None] = {}
         while len(answers) < len(group["jobs"]):
             try:
-                rank, it, error = group["done"].get(timeout=2.0)
+                rank, it, error, node = group["done"].get(timeout=2.0)
             except Empty:
                 if not group["thread"].is_alive():  # a rank that died or failed took the group down with it
                     return answers
@@ -295,6 +372,7 @@ class RayEngine:
                 return answers
             if it == iteration:
                 answers[rank] = error
+                self.rank_nodes[rank] = node
         return answers
 
     def _stop_learner_group(self) -> None:
@@ -305,18 +383,24 @@ class RayEngine:
             self._last_group_error = repr(group["outcome"]["error"])[:2000]
         if group["thread"].is_alive():
             for q in group["jobs"]:
-                q.put(None)
+                with contextlib.suppress(Exception):  # a queue whose node died
+                    q.put(None, timeout=10)
             group["thread"].join(timeout=120)
         for q in group["jobs"] + [group["done"]]:
-            q.shutdown(force=True)
+            with contextlib.suppress(Exception):
+                q.shutdown(force=True)
 
     def close(self) -> None:
         import ray
 
         self._stop_learner_group()
+        from ray.util.placement_group import remove_placement_group
+
         for a in self.rollout_workers + self.reward_workers:
             ray.kill(a)
-        self.rollout_workers, self.reward_workers = [], []
+        for g in self._groups:
+            remove_placement_group(g)
+        self.rollout_workers, self.reward_workers, self._groups = [], [], []
         shutil.rmtree(self._storage, ignore_errors=True)
         if self._connected:
             ray.shutdown()
