@@ -103,13 +103,29 @@ def train_flow(
     preflight_check(config)
     run_id = run_id or new_run_id(config, flow_run.get_id())
     lay = RunLayout.open(config, run_id)
-    with run_lock(lay):  # one writer per run; clears what a killed writer left (runlock.py)
-        return _train_run(config, lay, resume_from, from_stage, from_iteration)
+    with contextlib.ExitStack() as stack:
+        engine = _engine(config, stack)  # before anything is written: a Ray node that cannot see a path refuses
+        with run_lock(lay):  # one writer per run; clears what a killed writer left (runlock.py)
+            return _train_run(config, lay, resume_from, from_stage, from_iteration, engine)
+
+
+def _engine(config: RunConfig, stack: contextlib.ExitStack) -> Any:
+    """None for pipeline.engine=local; for ray a RayEngine on RAY_ADDRESS or on a local head of
+    the run's own (flows.ray_head), both closed by `stack`."""
+    if config.pipeline.engine != "ray":
+        return None
+    from flows.ray_head import ray_cluster
+    from tempflow_core.ray_engine import RayEngine
+
+    address = stack.enter_context(ray_cluster(max(os.cpu_count() or 1, RayEngine.cpus_needed(config))))
+    engine = RayEngine(config, address)
+    stack.callback(engine.close)
+    return engine
 
 
 def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], from_stage: Optional[str],
-               from_iteration: int) -> dict[str, Any]:
-    """The body of train_flow, holding the run's lock."""
+               from_iteration: int, engine: Any) -> dict[str, Any]:
+    """The body of train_flow, holding the run's lock; `engine` runs the stages' work (None: here)."""
     log = get_run_logger()
     run_id = lay.run_id
     origin = None
@@ -138,15 +154,7 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     evals: dict[int, dict[str, Any]] = {}
     status = "FAILED"
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
-    engine = None
-    cluster = contextlib.ExitStack()
     try:
-        if config.pipeline.engine == "ray":  # the run's actors, on RAY_ADDRESS or a local head of its own
-            from flows.ray_head import ray_cluster
-            from tempflow_core.ray_engine import RayEngine
-
-            engine = RayEngine(config, cluster.enter_context(ray_cluster(max(os.cpu_count() or 1,
-                                                                             RayEngine.cpus_needed(config)))))
         init_task(config, run_id, sessions)
         for it in range(config.train.iterations):
             rollout_task(config, run_id, it, sessions, engine)
@@ -165,9 +173,6 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         status = "FINISHED"
     finally:
         sessions.clear()
-        if engine is not None:
-            engine.close()
-        cluster.close()
         tracker.finish(status)
         _artifacts(config, run_id, lay, history, evals, tracker)
     final = lay.uri(config.train.iterations - 1, "learner")

@@ -108,16 +108,6 @@ def local_paths(cfg: RunConfig) -> list[tuple[str, str]]:
     return found
 
 
-def check_portable_paths(cfg: RunConfig) -> None:
-    """Every local path a stage reads is absolute, so that it names the same thing on every node of a
-    cluster whose workers run in folders of their own (pipeline.engine=ray with RAY_ADDRESS)."""
-    for field, path in local_paths(cfg):
-        if not Path(path).expanduser().is_absolute():
-            raise PreflightError(field, f"{path!r} is relative, and the Ray cluster of RAY_ADDRESS runs stages on nodes "
-                                 "whose working folder is not this one", "give an absolute path that every node can "
-                                 "read (a shared folder), or put it on the store (pipeline.store=s3://...)")
-
-
 # -- model -------------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable
 from . import failpoints
 from .config import RunConfig
 from .layout import RunLayout
+from .preflight import PreflightError, local_paths
 from .session import SessionCache
 from .shards import RolloutPart
 from .stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_share
@@ -52,9 +53,9 @@ FORWARDED_ENV = ("TEMPFLOW_WORKER_THREADS", failpoints.ENV)
 # What a surviving rank raises when a peer died under a collective: gloo and NCCL errors
 # (torch.distributed's DistError family, or their text where a backend raises RuntimeError) and
 # Ray's own actor-death errors. Such a failure restarts the group; any other error fails the stage.
-PEER_LOST = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "Connection closed by peer",
-             "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out", "NCCL", "ActorDiedError",
-             "RayActorError", "ActorUnavailableError")
+PEER_LOST = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "gloo", "NCCL",
+             "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out",
+             "ActorDiedError", "RayActorError", "ActorUnavailableError")
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -159,6 +160,34 @@ def _on_actors(actors: list[Any], calls: list[Callable[[Any], Any]], done: Calla
         done(i, result)
 
 
+def check_nodes_see(cfg: RunConfig, home: tuple[str, str], timeout: float = 120.0) -> None:
+    """Raise PreflightError naming the first setting of `cfg` (preflight.local_paths: model folder,
+    prompt files, reward model folders, a local store) that a node other than the driver's
+    (`home`) cannot see from its workers' folder: relative paths there are relative to that
+    folder, and absolute ones must be on a folder every node shares."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    paths = local_paths(cfg)
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != home[0]]
+    if not paths or not others:
+        return
+
+    def missing(paths: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        return os.getcwd(), [(f, p) for f, p in paths if not os.path.exists(os.path.expanduser(p))]
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(missing)
+    refs = {n: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
+            for n in others}
+    for node, ref in refs.items():
+        cwd, gone = ray.get(ref, timeout=timeout)
+        if gone:
+            field, path = gone[0]
+            raise PreflightError(field, f"{path!r} is not there on Ray node {node[:12]} (its workers run in {cwd})",
+                                 "give a path every node can read (absolute, on a folder the nodes share) or put it "
+                                 "on the store (pipeline.store=s3://...)")
+
+
 def _node_id() -> str:
     import ray
 
@@ -210,8 +239,9 @@ class RayEngine:
     `close` ends them and disconnects (the cluster itself is the caller's: flows/ray_head.py)."""
 
     def __init__(self, cfg: RunConfig, address: str | None = None) -> None:
-        """Connect to the cluster at `address` (None: the one this process is connected to)
-        and start the run's actors."""
+        """Connect to the cluster at `address` (None: the one this process is connected to),
+        check that its other nodes see the config's local paths (check_nodes_see: a
+        PreflightError before any actor starts), and start the run's actors."""
         import ray
 
         self.cfg = cfg
@@ -220,13 +250,19 @@ class RayEngine:
             if address is None:
                 raise ValueError("RayEngine needs the address of a Ray cluster (flows.ray_head.ray_cluster)")
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        self.home = (ray.get_runtime_context().get_node_id(), os.getcwd())  # the driver's node and folder
+        try:
+            check_nodes_see(cfg, self.home)
+        except Exception:
+            if self._connected:
+                ray.shutdown()
+            raise
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpu = 1 if _uses_gpu(cfg) else 0
         opts = dict(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, num_cpus=1, num_gpus=gpu)
         env = _forwarded_env()
-        self.home = (ray.get_runtime_context().get_node_id(), os.getcwd())  # the driver's node and folder
         self.rank_nodes: dict[int, str] = {}  # learner rank -> node id of its last finished stage
         # each stage's actors in a SPREAD placement group: over as many nodes as have room (Ray moves
         # the bundles of a node that dies, and the actors restart there)
@@ -303,7 +339,11 @@ class RayEngine:
                 if damaged is not None:  # learner_stage heals its inputs and runs the stage again (a new group)
                     self._stop_learner_group()
                     raise damaged
-                if len(answers) < len(group["jobs"]) or any(e.peer_lost for e in errors):
+                failed = [e for e in errors if not e.peer_lost]
+                if failed:  # an error of the stage itself (a survivor may have lost it as a peer): fail
+                    self._stop_learner_group()
+                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{failed[0].traceback}")
+                if len(answers) < len(group["jobs"]) or errors:
                     # a rank died (or lost a peer) under the stage: a new group reruns it from checkpoint i-1
                     log.warning("iteration %d: a learner rank died during the stage (attempt %d, %d of %d ranks "
                                 "answered); restarting the group", iteration, attempt + 1, len(answers),
@@ -312,8 +352,6 @@ class RayEngine:
                         self._last_group_error = errors[0].traceback[-2000:]
                     self._stop_learner_group()
                     continue
-                if errors:
-                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{errors[0].traceback}")
                 return
             raise RuntimeError(f"the learner group kept failing in iteration {iteration}: "
                                f"{self._last_group_error or 'no rank reported an error'}")

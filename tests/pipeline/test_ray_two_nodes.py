@@ -8,8 +8,8 @@ The store is S3 (the tests' moto server) and the model an absolute path. Checked
     tolerance of tests/pipeline/test_ray_engine.py);
   * the second node SIGKILLed in the middle of a rollout stage: its actors come back on the head
     and the stage ends with the same output, and the rest of the iteration too;
-  * a relative path in a config that joins a cluster (RAY_ADDRESS) is refused before any work,
-    naming the setting.
+  * a path that the second node cannot see (relative to the driver's folder) is refused before
+    any actor starts, naming the setting.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ def test_two_nodes_share_the_work_and_survive_the_loss_of_one(two_nodes, tiny_mo
                                                               monkeypatch):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from flows.ray_head import ray_preflight
     from tempflow_core.ray_engine import RayEngine
 
     address, node, folder = two_nodes
@@ -158,11 +157,15 @@ def test_two_nodes_share_the_work_and_survive_the_loss_of_one(two_nodes, tiny_mo
     _same_rollouts(ref, lay)
     _same_update(ref, lay)
 
-    # joining a cluster: a relative path is refused before any work, naming the setting
-    monkeypatch.setenv("RAY_ADDRESS", address)
+    # a path the second node cannot see is refused before any actor starts, naming the setting
+    checkout = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(checkout)  # here the relative path names the shipped model; not in the node's folder
     relative = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "models/tiny-shapes-sd3"})})
-    with pytest.raises(PreflightError, match=r"^model\.path: 'models/tiny-shapes-sd3' is relative"):
-        ray_preflight(relative)
-    local_store = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": "store"})})
-    with pytest.raises(PreflightError, match=r"^pipeline\.store: 'store' is relative"):
-        ray_preflight(local_store)
+    with pytest.raises(PreflightError, match=r"^model\.path: 'models/tiny-shapes-sd3' is not there on Ray node"):
+        RayEngine(relative)
+    local_store = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": str(tmp_path / "x")})})
+    (tmp_path / "x").mkdir()
+    shared = RayEngine(local_store)  # an absolute folder the node sees (one machine: it is shared)
+    shared.close()
+    with pytest.raises(PreflightError, match=r"^pipeline\.store: 'store' is not there on Ray node"):
+        RayEngine(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": "store"})}))
