@@ -127,6 +127,19 @@ def test_two_nodes_share_the_work_and_survive_the_loss_of_one(two_nodes, tiny_mo
     _same_rollouts(ref, lay)
     _same_update(ref, lay)
 
+    # a path the second node cannot see is refused before any actor starts, naming the setting
+    checkout = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(checkout)  # here the relative path names the shipped model; not in the node's folder
+    relative = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "models/tiny-shapes-sd3"})})
+    with pytest.raises(PreflightError, match=r"^model\.path: 'models/tiny-shapes-sd3' is not there on Ray node"):
+        RayEngine(relative)
+    local_store = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": str(tmp_path / "x")})})
+    (tmp_path / "x").mkdir()
+    shared = RayEngine(local_store)  # an absolute folder the node sees (one machine: it is shared)
+    shared.close()
+    with pytest.raises(PreflightError, match=r"^pipeline\.store: 'store' is not there on Ray node"):
+        RayEngine(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": "store"})}))
+
     # the second node dies in the middle of a rollout stage
     with RayEngine(cfg) as eng:
         lay = RunLayout.open(cfg, "killed")
@@ -156,16 +169,3 @@ def test_two_nodes_share_the_work_and_survive_the_loss_of_one(two_nodes, tiny_mo
         stages.learner_stage(cfg, lay, 0, sessions, run_ranks=eng.learner_runner(cfg, "killed", 0))
     _same_rollouts(ref, lay)
     _same_update(ref, lay)
-
-    # a path the second node cannot see is refused before any actor starts, naming the setting
-    checkout = Path(__file__).resolve().parents[2]
-    monkeypatch.chdir(checkout)  # here the relative path names the shipped model; not in the node's folder
-    relative = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": "models/tiny-shapes-sd3"})})
-    with pytest.raises(PreflightError, match=r"^model\.path: 'models/tiny-shapes-sd3' is not there on Ray node"):
-        RayEngine(relative)
-    local_store = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": str(tmp_path / "x")})})
-    (tmp_path / "x").mkdir()
-    shared = RayEngine(local_store)  # an absolute folder the node sees (one machine: it is shared)
-    shared.close()
-    with pytest.raises(PreflightError, match=r"^pipeline\.store: 'store' is not there on Ray node"):
-        RayEngine(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"store": "store"})}))
