@@ -38,6 +38,7 @@ from typing import Iterator, Mapping
 from flows.children import free_port, spawn, stop
 from tempflow_core.config import RunConfig
 from tempflow_core.preflight import PreflightError
+from tempflow_core.redaction import redact_text
 
 LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 TOKEN_VARS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")  # where a user configures a cluster's token
@@ -69,6 +70,9 @@ def _refresh_ray_auth() -> None:
 @contextlib.contextmanager
 def _environ(values: Mapping[str, str]) -> Iterator[None]:
     """os.environ with `values` set for the block, restored after it."""
+    if not values:
+        yield
+        return
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     _refresh_ray_auth()
@@ -119,12 +123,17 @@ try:
     socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
 except OSError:
     sys.exit(4)
-from ray._raylet import GcsClient
-from ray.exceptions import AuthenticationError
+try:
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+except ImportError as e:
+    sys.exit(f"Ray is not installed ({e}): pip install -e '.[ray]'")
 try:
     GcsClient(address=sys.argv[1]).internal_kv_get(b"tempflow-probe", None, timeout=10)
 except AuthenticationError:
     sys.exit(3)
+except Exception as e:
+    sys.exit(f"{type(e).__name__}: {e}")
 """
 
 
@@ -137,13 +146,17 @@ def check_access(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     if token_configured(env):
         env.setdefault("RAY_AUTH_MODE", "token")
     try:
-        code = subprocess.run([sys.executable, "-c", _PROBE, address], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
+        probe = subprocess.run([sys.executable, "-c", _PROBE, address], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, timeout=timeout)
+        code, said = probe.returncode, (probe.stderr.strip().splitlines() or [""])[-1]
     except subprocess.TimeoutExpired:
-        code = 4
+        code, said = 4, ""
     if code == 4:
         raise RayAccessError(f"no Ray cluster answers at {address}",
                              "start the cluster or correct RAY_ADDRESS (unset, a run starts a local head of its own)")
+    if code == 1:  # the probe's own message (Ray missing, another error of the GCS call)
+        raise RayAccessError(f"the Ray cluster at {address} could not be asked: {redact_text(said)[:300]}",
+                             "install the ray extra and check RAY_ADDRESS")
     if code != 0:  # 3: refused; < 0: Ray aborted (token mode without a token)
         given = "refused the token this process gave" if token_configured(env) else "requires a token"
         raise RayAccessError(f"the Ray cluster at {address} {given}",

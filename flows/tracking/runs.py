@@ -24,6 +24,7 @@ from . import models
 from .datasets import dataset_input
 from .uri import TrackingUnavailable, absolute_sqlite, check_not_file_store, connect, is_connection_error, sqlite_path
 from .values import (
+    EXPERIMENT_TAGS,
     BASE,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -173,13 +174,16 @@ class RunTracker:
                 safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "default"
                 loc = (db.parent / "mlartifacts" / safe).as_uri()
             try:
-                return self._client.create_experiment(name, artifact_location=loc)
+                return self._client.create_experiment(name, artifact_location=loc, tags=EXPERIMENT_TAGS)
             except MlflowException as e:  # created concurrently by another worker
                 exp = self._client.get_experiment_by_name(name)
                 if exp is None:
                     raise e
         if exp.lifecycle_stage == "deleted":
             self._client.restore_experiment(exp.experiment_id)
+        for key, value in EXPERIMENT_TAGS.items():  # an experiment made before the tag existed
+            if exp.tags.get(key) is None:
+                self._client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
 
     @staticmethod

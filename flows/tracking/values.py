@@ -18,6 +18,9 @@ MODEL_NAME = "tempflow-lora"
 MODEL_TYPE = "lora-adapter"
 BASE = "base"
 
+# The MLflow UI (3.x) opens an experiment on its GenAI overview (traces, judges) unless it is
+# marked as model training: then on its training runs, their metrics and artifacts.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 TAG_KIND = "tempflow.kind"
 TAG_ITERATION = "tempflow.iteration"
 TAG_RESUMED_FROM = "tempflow.resumed_from"

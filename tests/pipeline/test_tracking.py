@@ -93,6 +93,8 @@ def check_readback(uri: str, tracker: RunTracker, res: dict, tmp: pathlib.Path) 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(tracker.run_id)
     assert parent.info.status == "FINISHED"
+    # the UI opens the experiment on its training runs (its kind), not on the GenAI overview
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.info.run_name == "train-test"
 
     # no secret anywhere in params or tags; URL passwords masked
@@ -217,6 +219,17 @@ def test_secret_keys_dropped():
         assert is_secret_key(k), k
     for k in ("tokenizer", "max_tokens", "model.key_frames", "lr"):
         assert not is_secret_key(k), k
+
+
+def test_an_experiment_made_before_its_kind_was_tagged_gets_it(tmp_path, no_env_uri):
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(None, tmp_path / "run")
+    client = MlflowClient(tracking_uri=uri)
+    eid = client.create_experiment("made-earlier")
+    assert "mlflow.experimentKind" not in client.get_experiment(eid).tags
+    RunTracker(uri, "made-earlier", "train-test", PARAMS).finish()
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_sqlite_lineage_and_resume(tmp_path, no_env_uri):
