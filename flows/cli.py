@@ -205,6 +205,8 @@ def train(
     home = shlex.quote(os.environ["PREFECT_HOME"])
     typer.echo(f"  Prefect UI       : PREFECT_HOME={home} {prefect_cli} server start --host 127.0.0.1")
     typer.echo(f"  MLflow UI        : {result['mlflow_ui']}")
+    if not result["mlflow_ui"].startswith("python -m webbrowser"):
+        typer.echo(f"    then open      : {result['mlflow_page']}")
     typer.echo(f"  (or both at once: {tempflow_cli} ui)")
 
 
@@ -532,6 +534,21 @@ def reward_server(
         server.shutdown()
 
 
+def _experiment_page(uri: str, cfg, port: int) -> str:
+    """The MLflow UI page of the config's experiment (its training runs), or of the experiment
+    list while no run has been tracked."""
+    from flows.tracking.values import experiment_page
+
+    server = f"http://127.0.0.1:{port}"
+    try:
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.pipeline.experiment)
+    except Exception:  # noqa: BLE001 - no database yet: the list
+        exp = None
+    return experiment_page(server, exp.experiment_id if exp else None)
+
+
 @app.command()
 def ui(
     prefect_port: int = typer.Option(4200, help="Prefect UI port on 127.0.0.1."),
@@ -553,7 +570,8 @@ def ui(
         children.spawn([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                         "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
     ]
-    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops both)")
+    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: {_experiment_page(uri, cfg, mlflow_port)}   "
+               "(Ctrl-C stops both)")
     try:
         for p in procs:
             p.wait()

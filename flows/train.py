@@ -177,7 +177,8 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         _artifacts(config, run_id, lay, history, evals, tracker)
     final = lay.uri(config.train.iterations - 1, "learner")
     return {"run_id": run_id, "checkpoint": final, "mlflow_run_id": tracker.run_id,
-            "mlflow_ui": tracker.ui_command(), "store": lay.store.uri_for(run_id), "evals": evals}
+            "mlflow_ui": tracker.ui_command(), "mlflow_page": tracker.ui_page(), "store": lay.store.uri_for(run_id),
+            "evals": evals}
 
 
 def _artifacts(cfg: RunConfig, run_id: str, lay: RunLayout, history: list[dict[str, float]],

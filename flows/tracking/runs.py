@@ -25,6 +25,7 @@ from .datasets import dataset_input
 from .uri import TrackingUnavailable, absolute_sqlite, check_not_file_store, connect, is_connection_error, sqlite_path
 from .values import (
     EXPERIMENT_TAGS,
+    experiment_page,
     BASE,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
@@ -416,9 +417,13 @@ class RunTracker:
             self._client.set_terminated(self.run_id, status=status)
 
     def ui_command(self) -> str:
-        """How to look at this run."""
+        """How to look at this run: open its page on the tracking server, or start `mlflow ui` on
+        the local database (then `ui_page()`)."""
         uri = self.tracking_uri
         if uri.startswith(("http://", "https://")):
-            return f"python -m webbrowser '{redact(uri).rstrip('/')}/#/experiments/" \
-                   f"{self.experiment_id}/runs/{self.run_id}'"
+            return f"python -m webbrowser '{self.ui_page(redact(uri))}'"
         return f"{shlex.quote(executable('mlflow'))} ui --backend-store-uri {redact(uri)} --host 127.0.0.1"
+
+    def ui_page(self, server: str = "http://127.0.0.1:5000") -> str:
+        """This run's page in the MLflow UI at `server`, in its model-training view."""
+        return experiment_page(server, self.experiment_id, self.run_id)

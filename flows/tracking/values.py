@@ -18,9 +18,16 @@ MODEL_NAME = "tempflow-lora"
 MODEL_TYPE = "lora-adapter"
 BASE = "base"
 
-# The MLflow UI (3.x) opens an experiment on its GenAI overview (traces, judges) unless it is
-# marked as model training: then on its training runs, their metrics and artifacts.
+# What an experiment of tempflow is to MLflow: model training (not GenAI development).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def experiment_page(server: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (its runs) or of one run, in the UI's model-training
+    view: MLflow 3's UI opens every experiment on its GenAI overview (traces, judges) unless the
+    link asks for `workflowType=machine_learning` (or the browser chose it before)."""
+    path = "experiments" + (f"/{experiment_id}" if experiment_id else "") + (f"/runs/{run_id}" if run_id else "")
+    return f"{server.rstrip('/')}/#/{path}?workflowType=machine_learning"
 TAG_KIND = "tempflow.kind"
 TAG_ITERATION = "tempflow.iteration"
 TAG_RESUMED_FROM = "tempflow.resumed_from"
