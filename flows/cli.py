@@ -539,12 +539,16 @@ def _experiment_page(uri: str, cfg, port: int) -> str:
     list while no run has been tracked."""
     from flows.tracking.values import experiment_page
 
-    server = f"http://127.0.0.1:{port}"
+    from flows.tracking.uri import sqlite_path
+
+    server, db = f"http://127.0.0.1:{port}", sqlite_path(uri)
+    if db is not None and not db.exists():  # nothing tracked yet (and `mlflow ui` creates the database)
+        return experiment_page(server)
     try:
         from mlflow import MlflowClient
 
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.pipeline.experiment)
-    except Exception:  # noqa: BLE001 - no database yet: the list
+    except Exception:  # noqa: BLE001 - a server that does not answer: the list
         exp = None
     return experiment_page(server, exp.experiment_id if exp else None)
 
@@ -563,6 +567,7 @@ def ui(
     _local_state()
     bindir = Path(sys.executable).parent
     uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
+    mlflow_page = _experiment_page(uri, cfg, mlflow_port)  # before `mlflow ui` opens (or creates) the database
     procs = [  # each under a watchdog: a kill -9 of this CLI takes the servers and their workers down too
         # the UI's pages call the API they are served with (Prefect's default would be port 4200)
         children.spawn([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
@@ -570,8 +575,7 @@ def ui(
         children.spawn([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                         "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
     ]
-    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: {_experiment_page(uri, cfg, mlflow_port)}   "
-               "(Ctrl-C stops both)")
+    typer.echo(f"Prefect UI: http://127.0.0.1:{prefect_port}   MLflow UI: {mlflow_page}   (Ctrl-C stops both)")
     try:
         for p in procs:
             p.wait()
