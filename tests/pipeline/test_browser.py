@@ -26,6 +26,8 @@ import pytest
 
 from flows.children import free_port
 
+from .test_children import _answers
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 # as root, headless, and with no background traffic (this machine reaches no outside host)
@@ -56,14 +58,6 @@ def browser():
             yield b
         finally:
             b.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _tracked_run(home: Path, env: dict[str, str]) -> tuple[str, str]:
