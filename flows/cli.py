@@ -537,9 +537,8 @@ def reward_server(
 def _experiment_page(uri: str, cfg, port: int) -> str:
     """The MLflow UI page of the config's experiment (its training runs), or of the experiment
     list while no run has been tracked."""
-    from flows.tracking.values import experiment_page
-
     from flows.tracking.uri import sqlite_path
+    from flows.tracking.values import experiment_page
 
     server, db = f"http://127.0.0.1:{port}", sqlite_path(uri)
     if db is not None and not db.exists():  # nothing tracked yet (and `mlflow ui` creates the database)

@@ -430,10 +430,9 @@ class RayEngine:
 
     def close(self) -> None:
         import ray
-
-        self._stop_learner_group()
         from ray.util.placement_group import remove_placement_group
 
+        self._stop_learner_group()
         for a in self.rollout_workers + self.reward_workers:
             ray.kill(a)
         for g in self._groups:

@@ -33,6 +33,7 @@ from tempflow_core.layout import RunLayout
 from tempflow_core.preflight import PreflightError
 from tempflow_core.session import SessionCache
 
+from .test_children import _descendants
 from .test_ray_engine import _cfg, _iteration, _same_rollouts, _same_update
 
 
@@ -46,19 +47,7 @@ _LOOPBACK_WORKER_NODE = ("import sys, ray._private.services as s; s.resolve_ip_f
 def _kill_tree(root: int) -> None:
     """SIGKILL every descendant of `root` (the node's `ray start` and all it started: raylet, agents,
     workers, in whatever process groups they made), leaving `root` itself."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        try:
-            ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) if d.isdigit() else None
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid is not None:
-            children.setdefault(ppid, []).append(int(d))
-    todo, found = [root], []
-    while todo:
-        for c in children.get(todo.pop(), []):
-            found.append(c)
-            todo.append(c)
+    found = _descendants(root)
     assert found, f"{root} has no descendants"
     for pid in found:
         with contextlib.suppress(ProcessLookupError):
