@@ -63,6 +63,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:`port` (a server started there would not bind, and
+    its health check would answer from the other one)."""
+    import contextlib
+    import socket
+
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def executable(name: str) -> str:
     """The console script `name` installed beside this Python (a venv's own `mlflow`, `prefect`,
     `ray`, `tempflow`), so printed commands run as printed without activating the venv; the bare
@@ -81,6 +92,14 @@ def spawn(cmd: list[str], grace: float = 10.0, **popen_kwargs: Any) -> subproces
     watchdog = [sys.executable, os.path.abspath(__file__), str(os.getpid()), str(grace), "--", *cmd]
     popen_kwargs.setdefault("start_new_session", True)
     return subprocess.Popen(watchdog, **popen_kwargs)
+
+
+def prefect_server(port: int, **popen_kwargs: Any) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:`port` under spawn(); its UI's pages call the API
+    they are served with (Prefect's default would be port 4200 whatever the port)."""
+    env = {**popen_kwargs.pop("env", os.environ), "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    cmd = [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return spawn(cmd, env=env, **popen_kwargs)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:

@@ -318,8 +318,9 @@ def serve(
     api = os.environ.get("PREFECT_API_URL")
     if not api:
         api = f"http://127.0.0.1:{port}/api"
-        server = children.spawn([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-                                 "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL)
+        if children.port_in_use(port):
+            _fail(f"--port {port}: something already listens on 127.0.0.1:{port}; pick another port")
+        server = children.prefect_server(port, stdout=subprocess.DEVNULL)
         deadline = time.time() + 120
         while True:
             try:
@@ -562,15 +563,16 @@ def ui(
 
     from flows.tracking import resolve_tracking_uri
 
+    for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):
+        if children.port_in_use(port):
+            _fail(f"{flag} {port}: something already listens on 127.0.0.1:{port}; pick another port")
     cfg = _resolve(None, [])
     _local_state()
     bindir = Path(sys.executable).parent
     uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
     mlflow_page = _experiment_page(uri, cfg, mlflow_port)  # before `mlflow ui` opens (or creates) the database
     procs = [  # each under a watchdog: a kill -9 of this CLI takes the servers and their workers down too
-        # the UI's pages call the API they are served with (Prefect's default would be port 4200)
-        children.spawn([str(bindir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-                       env={**os.environ, "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}),
+        children.prefect_server(prefect_port),
         children.spawn([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                         "--port", str(mlflow_port)], env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
     ]

@@ -21,14 +21,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.stages import eval_task, init_task, learner_task, reward_task, rollout_task
 from flows.ray_head import ray_preflight
-from tasks.tracking_task import track_eval, track_iteration, tracker_for
+from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
 from tempflow_core import report, stages
 from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
 from tempflow_core.preflight import preflight, read_roots
 from tempflow_core.prompts import load_prompts
 from tempflow_core.runlock import run_lock
-from tempflow_core.runs import branch_run, new_run_id, open_run, write_run
+from tempflow_core.runs import branch_run, config_yaml, display_name, new_run_id, open_run, write_run
 from tempflow_core.session import SessionCache
 from tempflow_core.storage import join_key
 
@@ -87,7 +87,18 @@ def eval_due(cfg: RunConfig, iteration: int) -> bool:
     return last or (cfg.eval.every > 0 and (iteration + 1) % cfg.eval.every == 0)
 
 
-@flow(name="tempflow-train", validate_parameters=True)
+def flow_run_name() -> str:
+    """The flow run's name in the Prefect UI: the run id, reward and seed (runs.display_name),
+    not a random pair of words; computed when the run starts, also for runs started from the UI."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    raw = params.get("config")
+    config = raw if isinstance(raw, RunConfig) else RunConfig.model_validate(raw or {})
+    return display_name(config, params.get("run_id") or new_run_id(config, flow_run.get_id()))
+
+
+@flow(name="tempflow-train", flow_run_name=flow_run_name, validate_parameters=True)
 def train_flow(
     config: RunConfig = RunConfig(),
     run_id: Optional[str] = None,
@@ -149,7 +160,9 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         lay.store.put_bytes(key, data)
         tracker.log_prompts_dataset(config.prompts.source.replace(":", "-"), lay.store.uri_for(key),
                                     hashlib.sha256(data).hexdigest()[:16])
+        describe_run(config, lay, tracker)
     log.info("run %s: store %s, MLflow run %s", run_id, lay.store.uri_for(run_id), tracker.run_id)
+    _config_artifact(config, run_id)
     history: list[dict[str, float]] = []
     evals: dict[int, dict[str, Any]] = {}
     status = "FAILED"
@@ -179,6 +192,31 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     return {"run_id": run_id, "checkpoint": final, "mlflow_run_id": tracker.run_id,
             "mlflow_ui": tracker.ui_command(), "mlflow_page": tracker.ui_page(), "store": lay.store.uri_for(run_id),
             "evals": evals}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def _config_artifact(cfg: RunConfig, run_id: str) -> None:
+    """The run's config as a Prefect artifact a person reads (the flow run's Artifacts tab): the
+    settings that differ from the code's defaults first, then the whole config as YAML (the
+    Parameters tab holds the same as one JSON document)."""
+    import yaml
+
+    from tempflow_core.redaction import scrub_mapping
+
+    mine = _flat(yaml.safe_load(config_yaml(cfg)))
+    defaults = _flat(scrub_mapping(RunConfig().model_dump(mode="json")))
+    rows = [f"| `{k}` | `{json.dumps(v)}` | `{json.dumps(defaults.get(k))}` |" for k, v in mine.items()
+            if defaults.get(k) != v]
+    md = [f"# Config of run `{run_id}`", "", f"{display_name(cfg, run_id)}; the same config again: "
+          "`tempflow train --config config.yaml` with the YAML below saved as config.yaml.", "",
+          "| setting | this run | code default |", "|---|---|---|", *rows, "", "```yaml", config_yaml(cfg).rstrip(), "```"]
+    create_markdown_artifact(markdown="\n".join(md), key="tempflow-config", description=f"config of {run_id}")
 
 
 def _artifacts(cfg: RunConfig, run_id: str, lay: RunLayout, history: list[dict[str, float]],

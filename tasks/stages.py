@@ -13,7 +13,9 @@ GPU resources there).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import functools
+import logging
+from typing import Any, Callable, Iterator, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
@@ -23,6 +25,8 @@ from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
 from tempflow_core.session import SessionCache
 from tempflow_core.storage.retry import is_retryable_failure
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -49,6 +53,40 @@ def progress_bar(total: int, desc: str) -> Iterator:
         yield bar.update
 
 
+class _ToTaskRun(logging.Handler):
+    """Sends log records to the Prefect API as lines of one task run, whichever thread logs them."""
+
+    def __init__(self, run_ids: dict[str, Any]) -> None:
+        from prefect.logging.handlers import APILogHandler
+
+        super().__init__()
+        self.run_ids, self.api = run_ids, APILogHandler()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.flow_run_id, record.task_run_id = self.run_ids.get("flow_run_id"), self.run_ids.get("task_run_id")
+        self.api.emit(record)
+
+
+def core_log(fn: Callable[..., T]) -> Callable[..., T]:
+    """The task's calls into tempflow_core log (logger "tempflow": a finished stage reused, an input
+    healed, shards written) as lines of the task run, where the Prefect UI shows them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        logger = logging.getLogger("tempflow")
+        handler, level = _ToTaskRun(dict(get_run_logger().extra)), logger.level
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+    return wrapper
+
+
 def retry_transient(task, task_run, state) -> bool:
     """Retry only what can succeed on a second try (tempflow_core.storage.retry.is_retryable_failure:
     the store gave up on a transient fault, 5xx, throttling, timeouts, dropped connections);
@@ -65,11 +103,13 @@ _common = STAGE_TASK_OPTIONS
 
 
 @task(name="init", task_run_name="init", **_common)
+@core_log
 def init_task(config: RunConfig, run_id: str, sessions: SessionCache) -> str:
     return stages.init_stage(config, RunLayout.open(config, run_id), sessions)
 
 
 @task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
+@core_log
 def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
                  engine: Any = None) -> str:
     lay = RunLayout.open(config, run_id)
@@ -88,6 +128,7 @@ def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: Sessi
 
 
 @task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
+@core_log
 def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
                 engine: Any = None) -> str:
     lay = RunLayout.open(config, run_id)
@@ -96,6 +137,7 @@ def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: Sessio
 
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
+@core_log
 def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
                  engine: Any = None) -> str:
     if engine is not None:  # Ray Train: the ranks log their own progress
@@ -113,6 +155,7 @@ def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: Sessi
 
 
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)
+@core_log
 def eval_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
     with gpu_slot(config):
         return stages.eval_stage(config, RunLayout.open(config, run_id), iteration, sessions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,12 @@ from tempflow_core.checkpoint import ADAPTER
 from tempflow_core.config import RunConfig
 from tempflow_core.layout import RunLayout
 from tempflow_core.report import eval_score
+from tempflow_core.runs import config_yaml, display_name
 from tempflow_core.shards import manifest_key, read_rollouts, read_scores
 from tempflow_core.storage import ObjectNotFound, join_key
+
+CONFIG_ARTIFACT = "config.yaml"
+
 
 def run_root(config: RunConfig) -> Path:
     """Local folder for run-side files (MLflow's sqlite by default)."""
@@ -38,11 +43,26 @@ def tracker_for(config: RunConfig, lay: RunLayout, record: dict[str, Any]) -> Ru
     origin = record.get("resumed_from") or {}
     return RunTracker(
         resolve_tracking_uri(config.pipeline.mlflow_uri, run_root(config)), config.pipeline.experiment,
-        run_name=lay.run_id, params=config.model_dump(mode="json"),  # flattened; secret-looking keys dropped
+        run_name=display_name(config, lay.run_id), params=config.model_dump(mode="json"),  # secret keys dropped
         tags={"tempflow.run_id": lay.run_id, "tempflow.store": lay.store.uri_for(lay.run_id),
               "tempflow.algorithm": config.algorithm, "tempflow.config_digest": config.digest()},
         run_id=record.get("mlflow_run_id"), parent_run_id=origin.get("run"),
     )
+
+
+def describe_run(config: RunConfig, lay: RunLayout, tracker: RunTracker) -> None:
+    """What a person reads first on the MLflow run's page: what ran and the command that runs it
+    again, with the run's whole config as the artifact `config.yaml` (credentials masked)."""
+    tracker.log_text(config_yaml(config), CONFIG_ARTIFACT)
+    uri = f"MLFLOW_TRACKING_URI={shlex.quote(tracker.tracking_uri)} "
+    tracker.describe(
+        f"**{config.algorithm}** on reward **{config.reward.name}**, seed {config.train.seed}, "
+        f"{config.train.iterations} iterations of {config.rollout.prompts_per_iter} prompts x "
+        f"{config.rollout.group_size}, model `{config.model.path or 'tiny (random init)'}`; "
+        f"stages and checkpoints in `{lay.store.uri_for(lay.run_id)}`.\n\n"
+        f"Reproduce (a new run with this config; `{CONFIG_ARTIFACT}` is in this run's artifacts):\n\n"
+        f"    {uri}mlflow artifacts download --run-id {tracker.run_id} --artifact-path {CONFIG_ARTIFACT} --dst-path .\n"
+        f"    tempflow train --config {CONFIG_ARTIFACT}\n")
 
 
 def _marker_key(lay: RunLayout, iteration: int) -> str:

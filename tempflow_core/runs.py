@@ -31,6 +31,26 @@ class RunError(ValueError):
     """A run id or resume request that cannot be honoured; the message says why."""
 
 
+def display_name(cfg: RunConfig, run_id: str) -> str:
+    """What a person reads first on a run's page (Prefect flow run, MLflow run): the run id
+    (algorithm first), the reward and the seed.
+
+    >>> display_name(RunConfig(algorithm="branch", reward={"name": "shapes"}), "branch-1a2b3c")
+    'branch-1a2b3c · shapes · seed 0'
+    """
+    return f"{run_id} · {cfg.reward.name} · seed {cfg.train.seed}"
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    """The whole config as YAML, to be read and to reproduce the run (`tempflow train -c FILE`);
+    values under a key that names a credential become '***' (set them again to reproduce)."""
+    import yaml
+
+    from .redaction import scrub_mapping
+
+    return yaml.safe_dump(scrub_mapping(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+
+
 def read_run(layout: RunLayout) -> dict[str, Any] | None:
     try:
         return json.loads(layout.store.get_bytes(join_key(layout.run_id, RUN_FILE)))

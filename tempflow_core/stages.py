@@ -77,6 +77,8 @@ def _ensure(layout: RunLayout, iteration: int, stage: str, inputs: Callable[[], 
     `upstream` (which checks, and if need be recomputes, every input) and the stage retried once."""
     found = healing.check(layout, iteration, stage, inputs())
     if found is True:
+        log.info("%s finished before: intact and made from the current inputs, reused as it is",
+                 layout.uri(iteration, stage))
         return
     try:
         compute()
@@ -217,6 +219,7 @@ def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
         return {"rollout": healing.stage_digest(layout, iteration, "rollout")}
 
     def compute() -> None:
+        failpoints.hit(f"reward.score/{layout.run_id}")
         rp = layout.prefix(iteration, "rollout")
         m = require_manifest(layout.store, rp, kind="rollouts")
         if run_scoring is not None:

@@ -18,9 +18,12 @@ from .values import (
     MAX_PARAM_VAL,
     MODEL_TYPE,
     MODEL_VERSIONS_TAG,
+    TAG_BASE_MODEL,
     TAG_CHECKPOINT_URI,
+    TAG_ITERATION,
     TAG_MODEL_ID,
     TAG_PARENT_MODEL,
+    TAG_ROLLOUT_MANIFEST,
     TAG_TRAINING_RUN,
     clean_tags,
     clip,
@@ -151,7 +154,7 @@ def register(client, model_id: str, registered_name: str, alias: str | None, tra
         # mlflow.modelVersions tag, as mlflow.register_model does.
         mv = client.create_model_version(
             registered_name, source=lm.artifact_location, run_id=lm.source_run_id, model_id=model_id,
-            tags={TAG_MODEL_ID: model_id, TAG_TRAINING_RUN: training_run_id},
+            tags={TAG_MODEL_ID: model_id, TAG_TRAINING_RUN: training_run_id}, description=lineage_text(lm.tags),
         )
         version = str(mv.version)
         linked.append({"name": registered_name, "version": version})
@@ -159,6 +162,14 @@ def register(client, model_id: str, registered_name: str, alias: str | None, tra
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
     return version
+
+
+def lineage_text(tags: Mapping[str, str]) -> str:
+    """A model version's description: where its checkpoint came from (the lineage tags of its
+    logged model), what a person looks for first on the version's page."""
+    rows = [("iteration", TAG_ITERATION), ("training run", TAG_TRAINING_RUN), ("trained on rollouts", TAG_ROLLOUT_MANIFEST),
+            ("checkpoint", TAG_CHECKPOINT_URI), ("parent model", TAG_PARENT_MODEL), ("base model", TAG_BASE_MODEL)]
+    return "\n".join(f"- {label}: `{tags[key]}`" for label, key in rows if tags.get(key))
 
 
 TAG_SCORE = "tempflow.eval_score"  # on a model version: the held-out score it was promoted with

@@ -29,7 +29,9 @@ from .values import (
     BASE,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
+    MAX_TAG_VAL,
     MODEL_NAME,
+    NOTE_TAG,
     PARENT_RUN_TAG,
     TAG_BASE_MODEL,
     TAG_CHECKPOINT_URI,
@@ -42,6 +44,7 @@ from .values import (
     TAG_TRACKED_ELSEWHERE,
     TAG_TRAINING_RUN,
     clean_tags,
+    clip,
     finite,
     flatten_params,
     iteration_run_name,
@@ -387,6 +390,17 @@ class RunTracker:
         """Metrics on the parent run itself (summaries that belong to no iteration)."""
         with self._guard():
             self._log_metric_dict([self.run_id], metrics, step)
+
+    def describe(self, markdown: str) -> None:
+        """The parent run's description (MLflow's note, shown first on the run's page); credentials
+        inside it masked."""
+        with self._guard():
+            self._set_tags(self.run_id, {NOTE_TAG: clip(redact(markdown), MAX_TAG_VAL)})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text file among the parent run's artifacts."""
+        with self._guard():
+            self._client.log_text(self.run_id, text, artifact_file)
 
     def log_artifact(self, iteration: int | None, local_path: pathlib.Path,
                      artifact_path: str | None = None) -> None:

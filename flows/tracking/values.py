@@ -39,6 +39,7 @@ TAG_PARENT_MODEL = "tempflow.parent_model_id"  # a model id, or "base"
 TAG_BASE_MODEL = "tempflow.base_model"
 TAG_TRAINING_RUN = "tempflow.training_run_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"
 TAG_MODEL_ID = "tempflow.model_id"
 

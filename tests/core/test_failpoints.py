@@ -38,3 +38,14 @@ def test_other_points_and_no_variable_go_on(tmp_path):
         out = _run(point, s)
         assert out.returncode == 0 and out.stdout.strip() == "passed", (point, s)
     assert not (tmp_path / "fired").exists()
+
+
+def test_a_raise_entry_raises_once_in_the_first_process_and_the_next_goes_on(tmp_path):
+    marker = tmp_path / "fired"
+    spec = f"reward.score/tempflow-*=raise:{marker}"
+    first = _run("reward.score/tempflow-1a2b", spec)
+    assert first.returncode == 1 and "FailpointError: failpoint reward.score/tempflow-1a2b" in first.stderr
+    assert marker.exists()
+    assert _run("reward.score/tempflow-1a2b", spec).stdout.strip() == "passed"  # fires once
+    assert _run("reward.score/branch-1a2b", f"reward.score/tempflow-*=raise:{tmp_path / 'b'}").returncode == 0
+    assert not (tmp_path / "b").exists()
