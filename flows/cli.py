@@ -559,8 +559,6 @@ def ui(
     mlflow_port: int = typer.Option(5000, help="MLflow UI port on 127.0.0.1."),
 ) -> None:
     """Start the Prefect and MLflow UIs on the local state (127.0.0.1) until Ctrl-C."""
-    import subprocess
-
     from flows.tracking import resolve_tracking_uri
 
     for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):

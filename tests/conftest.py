@@ -19,6 +19,11 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--screenshots", default=None, metavar="DIR",
+                     help="also save the browser tests' screenshots as DIR/<name>.png (the docs' images)")
+
+
 @pytest.fixture(scope="session")
 def moto_s3():
     """The session's moto S3 endpoint URL (tests/moto_s3.py)."""

@@ -1,8 +1,7 @@
 """The UIs in a real browser: `tempflow ui` on ports of its own, pages read as a person reads them.
 
-Playwright drives the Chromium of the operating system (Debian's `chromium` package, which
-`.ci/run` installs; Playwright's own browser download is not used). Without it the tests skip,
-saying why. Each test saves screenshots of the pages it checked in its own output folder.
+Playwright drives the operating system's Chromium (tests/pipeline/browser.py). Each test saves
+screenshots of the pages it checked in its own output folder.
 
 Checked: the Prefect UI served on a port other than its default talks to its own API (its
 pages load the server's flows, no "Can't connect to Server API"), and the MLflow page that
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,42 +20,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from flows.children import free_port
 
+from .browser import VIEWPORT, browser, needs_browser, snap  # noqa: F401  (fixtures)
 from .test_children import _answers
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
-# as root, headless, and with no background traffic (this machine reaches no outside host)
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _why_no_browser() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
-    if not os.access(CHROMIUM, os.X_OK):
-        return "no Chromium at /usr/bin/chromium (apt-get install chromium; .ci/run does)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_no_browser() is not None, reason=str(_why_no_browser()))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
+pytestmark = needs_browser
 
 
 def _tracked_run(home: Path, env: dict[str, str]) -> tuple[str, str]:
@@ -73,7 +42,8 @@ def _tracked_run(home: Path, env: dict[str, str]) -> tuple[str, str]:
     return cfg["pipeline"]["experiment"], name
 
 
-def test_tempflow_ui_on_its_own_ports_opens_prefect_on_its_api_and_mlflow_on_the_training_runs(browser, tmp_path):
+def test_tempflow_ui_on_its_own_ports_opens_prefect_on_its_api_and_mlflow_on_the_training_runs(browser, tmp_path,
+                                                                                              snap):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
     env.update(TEMPFLOW_HOME=str(home), PREFECT_HOME=str(home / "prefect"))
@@ -101,18 +71,18 @@ def test_tempflow_ui_on_its_own_ports_opens_prefect_on_its_api_and_mlflow_on_the
                                          data=json.dumps({"name": "tempflow-train"}).encode(),
                                          headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=30).close()
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_page(viewport=VIEWPORT)
         page.goto(f"http://127.0.0.1:{prefect_port}/flows")
         try:
             page.get_by_text("tempflow-train").first.wait_for(timeout=60_000)
         finally:
-            page.screenshot(path=str(tmp_path / "prefect-flows.png"))
+            snap(page, "prefect-flows")
         body = page.inner_text("body")
         assert "Can't connect" not in body and "4200" not in body, body[:500]
 
         page.goto(mlflow_page)
         page.get_by_text(run_name).first.wait_for(timeout=60_000)  # the runs table lists the tracked run
-        page.screenshot(path=str(tmp_path / "mlflow-experiment.png"))
+        snap(page, "mlflow-experiment")
         assert "/runs" in page.url and "workflowType=machine_learning" in page.url, page.url
         body = page.inner_text("body")
         assert experiment in body and "Token Usage" not in body and "Traces\n0" not in body

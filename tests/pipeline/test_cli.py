@@ -151,3 +151,29 @@ def test_an_error_raised_while_prefect_handles_a_ctrl_c_exits_as_a_ctrl_c():
             raise RuntimeError("stage failed") from inner
     except RuntimeError as e:
         assert not _interrupted(e)
+
+
+def test_a_runs_config_yaml_gives_the_same_config_back_with_credentials_masked(tmp_path):
+    """The reproduce command in an MLflow run's description: `tempflow train --config config.yaml`
+    with the run's config.yaml artifact (tempflow_core.runs.config_yaml) runs the same config."""
+    import json
+
+    from tempflow_core.config import RunConfig
+    from tempflow_core.runs import config_yaml, display_name
+
+    cfg = RunConfig.model_validate({
+        "algorithm": "reweight", "model": {"path": str(tmp_path / "model")}, "train": {"seed": 3, "betas": [0.8, 0.99]},
+        "reward": {"name": "weighted", "weights": {"shapes": 0.7, "brightness": 0.3},
+                   "options": {"shapes": {"strict": True}, "pickscore": {"api_token": "hunter2"}}},
+        "rollout": {"branch_steps": [1, 3]}, "output_dir": str(tmp_path / "runs")})
+    text = config_yaml(cfg)
+    assert "hunter2" not in text and "api_token: '***'" in text
+    (tmp_path / "config.yaml").write_text(text)
+    out = subprocess.run(CLI + ["show-config", "--config", str(tmp_path / "config.yaml")], capture_output=True,
+                         text=True, timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-500:]
+    again = json.loads(out.stdout)
+    expected = cfg.model_dump(mode="json")
+    expected["reward"]["options"]["pickscore"]["api_token"] = "***"  # set it again to reproduce
+    assert again == expected
+    assert display_name(cfg, "reweight-1a2b3c4d5e6f") == "reweight-1a2b3c4d5e6f · weighted · seed 3"

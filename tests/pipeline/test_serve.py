@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(
         run = asyncio.run(scenario())
         assert run.state.is_completed(), run.state
         assert run.parameters["config"]["algorithm"] == "branch"
+        assert re.fullmatch(r"branch-[0-9a-f]{12} · shapes · seed 0", run.name), run.name  # what ran, not a random name
         assert list((tmp_path / "store").glob("branch-*/iter-000000/learner/manifest.json"))
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
