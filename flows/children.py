@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Any
 
+from tempflow_core.executables import executable  # noqa: F401  (flows' commands use children.executable)
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -72,14 +74,6 @@ def port_in_use(port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.settimeout(1.0)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def executable(name: str) -> str:
-    """The console script `name` installed beside this Python (a venv's own `mlflow`, `prefect`,
-    `ray`, `tempflow`), so printed commands run as printed without activating the venv; the bare
-    name (looked up on PATH) when there is none."""
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.access(path, os.X_OK) else name
 
 
 def spawn(cmd: list[str], grace: float = 10.0, **popen_kwargs: Any) -> subprocess.Popen:

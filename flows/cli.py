@@ -65,7 +65,7 @@ def _preflight(cfg) -> None:
     from tempflow_core.preflight import PreflightError, preflight
 
     from flows.ray_head import ray_preflight
-    from flows.tracking.uri import TrackingUnavailable, probe_configured
+    from tasks.tracking.uri import TrackingUnavailable, probe_configured
 
     try:
         preflight(cfg)
@@ -508,7 +508,7 @@ def reward_server(
     """
     from tempflow_core.config import ConfigError, apply_overrides
     from tempflow_core.preflight import PreflightError, check_reward
-    from tempflow_core.rewards.service import RewardServer
+    from tempflow_core.rewards.server import RewardServer
 
     if parent_pid is not None:
         children.end_with_parent(parent_pid)
@@ -538,8 +538,8 @@ def reward_server(
 def _experiment_page(uri: str, cfg, port: int) -> str:
     """The MLflow UI page of the config's experiment (its training runs), or of the experiment
     list while no run has been tracked."""
-    from flows.tracking.uri import sqlite_path
-    from flows.tracking.values import experiment_page
+    from tasks.tracking.uri import sqlite_path
+    from tasks.tracking.values import experiment_page
 
     server, db = f"http://127.0.0.1:{port}", sqlite_path(uri)
     if db is not None and not db.exists():  # nothing tracked yet (and `mlflow ui` creates the database)
@@ -559,7 +559,7 @@ def ui(
     mlflow_port: int = typer.Option(5000, help="MLflow UI port on 127.0.0.1."),
 ) -> None:
     """Start the Prefect and MLflow UIs on the local state (127.0.0.1) until Ctrl-C."""
-    from flows.tracking import resolve_tracking_uri
+    from tasks.tracking import resolve_tracking_uri
 
     for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):
         if children.port_in_use(port):

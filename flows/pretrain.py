@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.model_card import write_model_card
-from flows.tracking import RunTracker, resolve_tracking_uri
+from tasks.tracking import RunTracker, resolve_tracking_uri
 from tempflow_core.pretrain import PretrainConfig, pretrain
 
 EXPERIMENT = "tempflow-pretrain"

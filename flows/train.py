@@ -62,7 +62,7 @@ def preflight_check(config: RunConfig) -> None:
     under the configured roots (preflight.read_roots: the checkout and a data folder by default)."""
     from prefect.runtime import deployment
 
-    from flows.tracking.uri import probe_configured
+    from tasks.tracking.uri import probe_configured
 
     roots = read_roots() if deployment.id else None
     preflight(config, roots=roots)
@@ -72,9 +72,9 @@ def preflight_check(config: RunConfig) -> None:
 
 def tracking_credentials_to_env(config: RunConfig) -> RunConfig:
     """The config without credentials in pipeline.mlflow_uri: they move to MLflow's own
-    MLFLOW_TRACKING_USERNAME/PASSWORD of this process (flows.tracking.uri.credentials_to_env),
+    MLFLOW_TRACKING_USERNAME/PASSWORD of this process (tasks.tracking.uri.credentials_to_env),
     so run.json, MLflow params and the parameters of flow runs started by the CLI hold none."""
-    from flows.tracking.uri import credentials_to_env
+    from tasks.tracking.uri import credentials_to_env
 
     plain = credentials_to_env(config.pipeline.mlflow_uri)
     if plain == config.pipeline.mlflow_uri:

@@ -19,7 +19,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
-from flows.tracking import RunTracker, resolve_tracking_uri
+from tasks.tracking import RunTracker, resolve_tracking_uri
 from tempflow_core import stages
 from tempflow_core.checkpoint import ADAPTER
 from tempflow_core.config import RunConfig

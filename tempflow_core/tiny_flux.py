@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import TinyModelConfig
+from .tiny_parts import TINY_VOCAB_WORDS, tiny_vae, write_clip_tokenizer_files
 
 # FLUX.1-dev's scheduler/scheduler_config.json (black-forest-labs/FLUX.1-dev)
 FLUX_SCHEDULER_CONFIG: tuple[tuple[str, Any], ...] = (
@@ -65,7 +66,6 @@ def build_tiny_flux_pipeline(cfg: TinyModelConfig | None = None, workdir: str | 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
-    from .models import TINY_VOCAB_WORDS, tiny_vae, write_clip_tokenizer_files
 
     cfg = cfg or TinyModelConfig(family="flux")
     down = len(cfg.vae_channels) - 1

@@ -37,7 +37,7 @@ import numpy as np
 from ..redaction import redact_text, redact_uri, split_credentials
 from ..storage.retry import RetryPolicy
 from .registry import RewardError, register
-from .service import PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, decode_health, decode_response, encode_request
+from .protocol import PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, decode_health, decode_response, encode_request
 
 
 class RemoteRewardError(RewardError):

@@ -7,7 +7,8 @@ import sys
 import torch
 
 from tempflow_core.config import LoraSettings, TinyModelConfig
-from tempflow_core.models import TINY_VOCAB_WORDS, load_pipeline, write_clip_tokenizer_files
+from tempflow_core.models import load_pipeline
+from tempflow_core.tiny_parts import TINY_VOCAB_WORDS, write_clip_tokenizer_files
 from tempflow_core.policy import Policy
 
 

@@ -9,7 +9,7 @@ import pathlib
 
 import numpy as np
 
-from flows.tracking import RunTracker, resolve_tracking_uri
+from tasks.tracking import RunTracker, resolve_tracking_uri
 
 NAME = "tempflow-alias-test"
 

@@ -31,7 +31,7 @@ pytestmark = needs_browser
 
 def _tracked_run(home: Path, env: dict[str, str]) -> tuple[str, str]:
     """(experiment name, run name) of a finished run tracked where `tempflow ui` looks."""
-    from flows.tracking import RunTracker, resolve_tracking_uri
+    from tasks.tracking import RunTracker, resolve_tracking_uri
 
     out = subprocess.run([sys.executable, "-m", "flows.cli", "show-config"], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120)

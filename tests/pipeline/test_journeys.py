@@ -193,7 +193,7 @@ def custom_run(browser, served, request) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def mlflow_ui(custom_run, served) -> Iterator[str]:
     """`mlflow ui` on the database the served runs track to (started once a run created it)."""
-    from flows.tracking import resolve_tracking_uri
+    from tasks.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(None, served.root / "runs")
     port = free_port()
@@ -224,7 +224,7 @@ def _close_assistant(page) -> None:
 
 def test_start_a_custom_run_from_the_deployment_page_and_find_its_values(browser, served, custom_run, mlflow_ui,
                                                                         snap):
-    from flows.tracking.values import experiment_page
+    from tasks.tracking.values import experiment_page
 
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(custom_run["url"])
@@ -247,7 +247,7 @@ def test_start_a_custom_run_from_the_deployment_page_and_find_its_values(browser
     assert record["config"]["train"]["iterations"] == 2 and record["config"]["algorithm"] == "branch"
     from mlflow import MlflowClient
 
-    from flows.tracking import resolve_tracking_uri
+    from tasks.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(None, served.root / "runs"))
     experiment = client.get_experiment_by_name("tempflow").experiment_id
@@ -296,8 +296,8 @@ def test_browse_the_training_runs_in_mlflow(browser, served, custom_run, mlflow_
     from mlflow import MlflowClient
     from playwright.sync_api import expect
 
-    from flows.tracking import resolve_tracking_uri
-    from flows.tracking.values import experiment_page
+    from tasks.tracking import resolve_tracking_uri
+    from tasks.tracking.values import experiment_page
 
     client = MlflowClient(resolve_tracking_uri(None, served.root / "runs"))
     experiment = client.get_experiment_by_name("tempflow").experiment_id

@@ -1,4 +1,4 @@
-"""flows/tracking/ against real MLflow 3: a local sqlite store and a real `mlflow server`
+"""tasks/tracking/ against real MLflow 3: a local sqlite store and a real `mlflow server`
 on 127.0.0.1 (read back through the REST client). No mocks."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.tracking import (
+from tasks.tracking import (
     RunTracker,
     TrackingUnavailable,
     flatten_params,

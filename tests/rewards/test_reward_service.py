@@ -30,7 +30,7 @@ from tempflow_core.preflight import PreflightError, check_reward
 from tempflow_core.prompts import load_prompts
 from tempflow_core.rewards import build_reward, reward_servers
 from tempflow_core.rewards.remote import RemoteRewardError, RemoteRewardUnavailable
-from tempflow_core.rewards.service import ScoreResponse, decode_request, encode_png, encode_response
+from tempflow_core.rewards.protocol import ScoreResponse, decode_request, encode_png, encode_response
 from tempflow_core.rollout import RolloutBatch, Trajectory
 from tempflow_core.shapes import render_batch
 from tempflow_core.shards import read_manifest, read_scores, write_rollouts

@@ -118,7 +118,7 @@ def tiny_clip_dir(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from tempflow_core.models import write_clip_tokenizer_files
+    from tempflow_core.tiny_parts import write_clip_tokenizer_files
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     write_clip_tokenizer_files(folder)

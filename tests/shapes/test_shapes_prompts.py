@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tempflow_core.models import TINY_VOCAB_WORDS
+from tempflow_core.tiny_parts import TINY_VOCAB_WORDS
 from tempflow_core.prompts import PromptRecord, load_prompts
 from tempflow_core.shapes.prompts import (DATA_DIR, generate_records, load_split, record_for_prompt,
                                           split_records, to_jsonl)

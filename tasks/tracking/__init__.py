@@ -1,4 +1,5 @@
-"""MLflow tracking of every flow: one parent run per training, pretraining or ablation run, a
+"""MLflow tracking of every flow (the adapter below tasks and flows: it imports only
+tempflow_core and MLflow, never tasks/ or flows/): one parent run per training, pretraining or ablation run, a
 child run per iteration, LoRA checkpoints as MLflow 3 LoggedModels chained back to the base
 model, and the prompt set and rollout shards recorded as dataset inputs.
 

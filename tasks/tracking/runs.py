@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from flows.children import executable
+from tempflow_core.executables import executable
 
 from . import models
 from .datasets import dataset_input
