@@ -24,6 +24,7 @@ import yaml
 
 from tempflow_core import stages
 from tempflow_core.config import load_config
+from tempflow_core.engine import Engine, LocalEngine
 from tempflow_core.layout import RunLayout
 from tempflow_core.session import SessionCache
 from tempflow_core.shards import read_manifest
@@ -32,17 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("rollout", "reward", "learner")
 
 
-def _iteration(cfg, lay: RunLayout, it: int, sessions: SessionCache, engine=None) -> dict[str, float]:
+def _iteration(cfg, lay: RunLayout, it: int, sessions: SessionCache, engine: Engine) -> dict[str, float]:
     out = {}
-    t = time.perf_counter()
-    stages.rollout_stage(cfg, lay, it, sessions, run_slices=engine.rollout_runner(cfg, lay.run_id, it) if engine else None)
-    out["rollout"] = time.perf_counter() - t
-    t = time.perf_counter()
-    stages.reward_stage(cfg, lay, it, sessions, run_scoring=engine.reward_runner(cfg, lay.run_id, it) if engine else None)
-    out["reward"] = time.perf_counter() - t
-    t = time.perf_counter()
-    stages.learner_stage(cfg, lay, it, sessions, run_ranks=engine.learner_runner(cfg, lay.run_id, it) if engine else None)
-    out["learner"] = time.perf_counter() - t
+    for stage, run in (("rollout", engine.rollout), ("reward", engine.score), ("learner", engine.update)):
+        t = time.perf_counter()
+        run(cfg, lay, it, sessions)
+        out[stage] = time.perf_counter() - t
     return out
 
 
@@ -74,7 +70,7 @@ def main() -> None:
                                         "eval.every=0"], base=yaml.safe_load(Path(args.base).read_text()))
         lay = RunLayout.open(cfg, f"bench-{engine_name}")
         sessions = SessionCache()
-        engine = None
+        engine: Engine = LocalEngine()
         cluster = contextlib.ExitStack()
         t = time.perf_counter()
         if engine_name == "ray":
@@ -86,8 +82,7 @@ def main() -> None:
         stages.init_stage(cfg, lay, sessions)
         _iteration(cfg, lay, 0, sessions, engine)  # warm-up: models load, actors start
         walls[engine_name] = _iteration(cfg, lay, 1, sessions, engine)
-        if engine is not None:
-            engine.close()
+        engine.close()
         cluster.close()
         sessions.clear()
         print(f"{engine_name}: engine start {startup:.1f} s; iteration 1: " +

@@ -486,8 +486,15 @@ def compare(
 def show_config(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
     set_: list[str] = typer.Option([], "--set", "-s"),
+    defaults: bool = typer.Option(False, "--defaults", help="The code's defaults beside the embedded default's, "
+                                  "with why the demo sets each (flows/configs/default.yaml)."),
 ) -> None:
-    """Print the resolved run config as JSON."""
+    """Print the resolved run config as JSON (--defaults: the two sets of defaults side by side)."""
+    if defaults:
+        from flows.defaults import formatted
+
+        typer.echo(formatted())
+        return
     typer.echo(json.dumps(_resolve(config, set_).model_dump(mode="json"), indent=2))
 
 
@@ -498,6 +505,8 @@ def reward_server(
                              "keep it on 127.0.0.1 or a private network."),
     port: int = typer.Option(8701, "--port", help="Port (0: a free one; the URL is printed at start)."),
     option: list[str] = typer.Option([], "--option", "-o", help="Reward option KEY=VALUE (repeatable), e.g. -o threads=4."),
+    plugin: list[str] = typer.Option([], "--plugin", help="A module that adds rewards (REWARDS = {name: factory}), "
+                                     "as reward.plugins (repeatable)."),
     parent_pid: Optional[int] = typer.Option(None, "--parent-pid", help="Exit when the process with this id ends "
                                              "(for supervisors and tests)."),
 ) -> None:
@@ -507,21 +516,22 @@ def reward_server(
         tempflow train --set reward.name=remote --set reward.options.remote.url=http://127.0.0.1:8701
     """
     from tempflow_core.config import ConfigError, apply_overrides
-    from tempflow_core.preflight import PreflightError, check_reward
+    from tempflow_core.preflight import PreflightError, check_reward, reward_registry
     from tempflow_core.rewards.server import RewardServer
 
     if parent_pid is not None:
         children.end_with_parent(parent_pid)
     try:
         opts = apply_overrides({}, option)
-        check_reward(reward, {}, {reward: opts} if opts else {}, "--reward")
+        rewards = reward_registry(plugin)
+        check_reward(reward, {}, {reward: opts} if opts else {}, "--reward", rewards=rewards)
     except (ConfigError, PreflightError) as e:
-        _fail(str(e).replace(f"reward.options.{reward}.", "--option "))
+        _fail(str(e).replace(f"reward.options.{reward}.", "--option ").replace("reward.plugins", "--plugin"))
     if reward == "weighted":
         _fail("--reward weighted: serve each part and combine them on the client (reward.name=weighted over "
               "remote:LABEL rewards)")
     try:
-        server = RewardServer(reward, opts, host, port)
+        server = RewardServer(reward, opts, host, port, rewards=rewards)
     except OSError as e:
         _fail(f"cannot listen on {host}:{port}: {e}", 1)
     typer.echo(f"serving reward {reward!r} version {server.version} at {server.url} "

@@ -11,6 +11,7 @@ flow owns the model: one SessionCache per flow run, shared by its tasks, dropped
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -19,11 +20,12 @@ from typing import Any, Literal, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.stages import eval_task, init_task, learner_task, reward_task, rollout_task
+from tasks.stages import eval_task, gpu_slot, init_task, learner_task, reward_task, rollout_task
 from flows.ray_head import ray_preflight
 from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
 from tempflow_core import report, stages
 from tempflow_core.config import RunConfig
+from tempflow_core.engine import Engine, LocalEngine
 from tempflow_core.layout import RunLayout
 from tempflow_core.preflight import preflight, read_roots
 from tempflow_core.prompts import load_prompts
@@ -120,11 +122,12 @@ def train_flow(
             return _train_run(config, lay, resume_from, from_stage, from_iteration, engine)
 
 
-def _engine(config: RunConfig, stack: contextlib.ExitStack) -> Any:
-    """None for pipeline.engine=local; for ray a RayEngine on RAY_ADDRESS or on a local head of
-    the run's own (flows.ray_head), both closed by `stack`."""
+def _engine(config: RunConfig, stack: contextlib.ExitStack) -> Engine:
+    """The run's engine, built here only: pipeline.engine=local runs the stages in this process
+    (holding the GPU concurrency slot around rollout and learner); ray on RAY_ADDRESS or on a
+    local head of the run's own (flows.ray_head), both closed by `stack`."""
     if config.pipeline.engine != "ray":
-        return None
+        return LocalEngine(hold=functools.partial(gpu_slot, config))
     from flows.ray_head import ray_cluster
     from tempflow_core.ray_engine import RayEngine
 
@@ -135,8 +138,8 @@ def _engine(config: RunConfig, stack: contextlib.ExitStack) -> Any:
 
 
 def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], from_stage: Optional[str],
-               from_iteration: int, engine: Any) -> dict[str, Any]:
-    """The body of train_flow, holding the run's lock; `engine` runs the stages' work (None: here)."""
+               from_iteration: int, engine: Engine) -> dict[str, Any]:
+    """The body of train_flow, holding the run's lock; `engine` runs the stages' work."""
     log = get_run_logger()
     run_id = lay.run_id
     origin = None

@@ -3,11 +3,11 @@
 Each task takes the run config, a run id and the flow's `SessionCache` (the flow owns the
 model; tasks of one flow run share it), calls one core stage, and returns the URI of what
 it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
-`tempflow train --resume`) never redo finished work. The rollout and learner stages hold a
-slot of the GPU concurrency limit; I/O-bound stages retry with a delay on transient faults.
-With pipeline.engine=ray the flow passes its `tempflow_core.ray_engine.RayEngine` as `engine`,
-and the stage's work runs on its actors and Ray Train group (the GPU limit becomes Ray's own
-GPU resources there).
+`tempflow train --resume`) never redo finished work; I/O-bound stages retry with a delay on
+transient faults. The rollout, reward and learner tasks run their stage on the flow's engine
+(tempflow_core.engine: here, or on Ray's actors and Ray Train group) without asking which it
+is; the local engine holds a slot of the GPU concurrency limit (`gpu_slot`, which the flow
+hands it) around rollout and learner, and the eval task holds one itself.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from prefect.cache_policies import NONE
 
 from tempflow_core import stages
 from tempflow_core.config import RunConfig
+from tempflow_core.engine import Engine
 from tempflow_core.layout import RunLayout
 from tempflow_core.session import SessionCache
 from tempflow_core.storage.retry import is_retryable_failure
@@ -43,7 +44,7 @@ def gpu_slot(config: RunConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str) -> Iterator:
+def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], Any]]:
     """A tqdm bar on an interactive terminal (no bar in logs or CI)."""
     import sys
 
@@ -110,48 +111,25 @@ def init_task(config: RunConfig, run_id: str, sessions: SessionCache) -> str:
 
 @task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
 @core_log
-def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
-                 engine: Any = None) -> str:
+def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache, engine: Engine) -> str:
     lay = RunLayout.open(config, run_id)
+    log = get_run_logger()
     if not lay.complete(iteration, "rollout"):
-        get_run_logger().info("iteration %d: sampling %d prompts x %d%s", iteration, config.rollout.prompts_per_iter,
-                              config.rollout.group_size,
-                              f" on {config.rollout.workers} Ray workers" if engine is not None else "")
-    if engine is not None:  # one tick per slice, as the actors finish them
-        with progress_bar(config.rollout.slices, f"iter {iteration} rollout slices") as update:
-            return stages.rollout_stage(config, lay, iteration, sessions,
-                                        run_slices=engine.rollout_runner(config, run_id, iteration, update,
-                                                                         get_run_logger().info))
-    total = config.sampling.num_steps * config.rollout.slices
-    with gpu_slot(config), progress_bar(total, f"iter {iteration} rollout") as update:
-        return stages.rollout_stage(config, lay, iteration, sessions, progress=update)
+        log.info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
+                 config.rollout.group_size)
+    return engine.rollout(config, lay, iteration, sessions, bar=progress_bar, log=log.info)
 
 
 @task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
 @core_log
-def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
-                engine: Any = None) -> str:
-    lay = RunLayout.open(config, run_id)
-    runner = engine.reward_runner(config, run_id, iteration) if engine is not None else None
-    return stages.reward_stage(config, lay, iteration, sessions, run_scoring=runner)
+def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache, engine: Engine) -> str:
+    return engine.score(config, RunLayout.open(config, run_id), iteration, sessions)
 
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
 @core_log
-def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
-                 engine: Any = None) -> str:
-    if engine is not None:  # Ray Train: the ranks log their own progress
-        return stages.learner_stage(config, RunLayout.open(config, run_id), iteration, sessions,
-                                    run_ranks=engine.learner_runner(config, run_id, iteration))
-    from tempflow_core.steps import select_steps, step_pool
-
-    T, B = config.sampling.num_steps, config.rollout.prompts_per_iter
-    if config.branching:  # one unit per branch point
-        units = B * len(select_steps(config.rollout.branch_steps, T, config.train.seed, iteration))
-    else:  # one unit per trained step of each trajectory
-        units = B * config.rollout.group_size * len(step_pool(config.train.train_steps, T))
-    with gpu_slot(config), progress_bar(units * config.train.inner_epochs, f"iter {iteration} learner") as update:
-        return stages.learner_stage(config, RunLayout.open(config, run_id), iteration, sessions, progress=update)
+def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache, engine: Engine) -> str:
+    return engine.update(config, RunLayout.open(config, run_id), iteration, sessions, bar=progress_bar)
 
 
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)

@@ -121,6 +121,7 @@ class RewardConfig(_Section):
     name: str = Field("brightness", description="Reward name in the registry, or 'weighted' with `weights`.")
     weights: dict[str, float] = Field(default_factory=dict, description="For 'weighted': reward name -> weight.")
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-reward keyword options, e.g. {'clipscore': {'model': '/path'}}.")
+    plugins: list[str] = Field(default_factory=list, description="Modules that add rewards, each defining REWARDS = {name: factory} (a module of yours on the Python path); their names join the built-in ones.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: reward actors, each loading the reward once and scoring whole shards. Does not change what a run computes.")
 
 
@@ -260,6 +261,8 @@ class RunConfig(_Section):
             data[section].pop("workers")
         if data["rollout"]["slices"] == 1:  # one batch: the configs from before slices
             del data["rollout"]["slices"]
+        if not data["reward"]["plugins"]:  # the built-in rewards: the configs from before plugins
+            del data["reward"]["plugins"]
         return data
 
     def digest(self) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from .config import RunConfig
 from .policy_base import FlowPolicy
 from .prompts import PromptRecord, load_prompts
-from .rewards import RewardFn, build_reward
+from .rewards import RewardFn, RewardRegistry
 from .rollout import sample_images
 from .seeding import derive_seed
 from .shapes.evaluate import standard_error
@@ -78,7 +78,8 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
                               "samples": [{"prompt": t, "seed": derive_seed(cfg.eval.seed, "init", i),
                                            "reward": float(r)} for t, i, r in zip(texts, ids, scores)]}
     if cfg.eval.extra_reward:
-        extra, _ = build_reward(cfg.eval.extra_reward, options=cfg.reward.options)(images, texts, meta)
+        extra_fn = RewardRegistry.for_config(cfg.reward).build(cfg.eval.extra_reward, options=cfg.reward.options)
+        extra, _ = extra_fn(images, texts, meta)
         result[f"extra/{cfg.eval.extra_reward}"] = float(extra.mean())
     if all("include" in m for m in meta):
         from .shapes import evaluate

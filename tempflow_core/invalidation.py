@@ -58,6 +58,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     "reward.name": frozenset({REWARD, EVAL}),
     "reward.weights": frozenset({REWARD, EVAL}),
     "reward.options": frozenset({REWARD, EVAL}),
+    "reward.plugins": frozenset({REWARD, EVAL}),  # which code a reward name means
     "prompts.source": frozenset({ROLLOUT, EVAL}),  # eval falls back to it
     "prompts.test_source": frozenset({EVAL}),
     **{f"eval.{f}": frozenset({EVAL}) for f in ("every", "prompts", "max_prompts", "images_per_prompt",

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from .config import RunConfig
 from .families import detect_family
 from .redaction import redact_uri
+from .rewards.registry import RewardError, RewardRegistry
 
 READ_ROOTS_ENV = "TEMPFLOW_READ_ROOTS"  # os.pathsep-separated folders deployment runs may read
 DATA_DIR_ENV = "TEMPFLOW_DATA_DIR"  # the default data folder among them
@@ -82,9 +83,10 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
     eval_field, eval_source = eval_prompt_source(cfg)
     if eval_source != cfg.prompts.source:
         check_prompts(eval_source, eval_field, allowed)
-    check_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options, "reward.name", allowed)
+    registry = reward_registry(cfg.reward.plugins)
+    check_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options, "reward.name", allowed, registry)
     if cfg.eval.extra_reward:
-        check_reward(cfg.eval.extra_reward, {}, cfg.reward.options, "eval.extra_reward", allowed)
+        check_reward(cfg.eval.extra_reward, {}, cfg.reward.options, "eval.extra_reward", allowed, registry)
     check_tracking(cfg)
     if check_store:
         check_store_access(cfg)
@@ -203,12 +205,22 @@ def check_prompts(source: str, field: str, roots: list[Path] | None = None) -> i
 # -- rewards -----------------------------------------------------------------------------------
 
 
-def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[str, Any]], field: str,
-                 roots: list[Path] | None = None) -> None:
-    """A registered reward (or 'weighted' over registered ones) whose options its factory takes."""
-    from . import rewards
+def reward_registry(plugins: list[str]) -> RewardRegistry:
+    """The run's reward registry (the built-in rewards and reward.plugins), or a PreflightError
+    naming the plugin that cannot be loaded."""
+    try:
+        return RewardRegistry.with_plugins(plugins)
+    except RewardError as e:
+        raise PreflightError("reward.plugins", str(e).split("; fix: ")[0],
+                             "put the module on the Python path (it defines REWARDS = {name: factory}) or remove it") from None
 
-    known = rewards.available()
+
+def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[str, Any]], field: str,
+                 roots: list[Path] | None = None, rewards: RewardRegistry | None = None) -> None:
+    """A registered reward (or 'weighted' over registered ones) whose options its factory takes,
+    and whose optional dependencies are installed."""
+    rewards = rewards or RewardRegistry.builtin()
+    known = rewards.names()
     names = ", ".join(known + ["weighted"])
     if name == "weighted":
         if not weights:
@@ -227,7 +239,11 @@ def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[s
             raise PreflightError(f"reward.options.{opt_name}", f"no reward named {opt_name!r}",
                                  f"key reward.options by a reward name: {', '.join(known)}")
     for reward in used:
-        factory = rewards.factory(reward)
+        try:
+            factory = rewards.factory(reward)
+        except RewardError as e:
+            message, _, fix = str(e).partition("; fix: ")
+            raise PreflightError(field if reward == name else f"reward.weights.{reward}", message, fix) from None
         opts = options.get(reward, {})
         params = inspect.signature(factory).parameters
         for key in opts:

@@ -1,4 +1,5 @@
-"""The Ray engine (pipeline.engine=ray): where a stage's work runs, nothing else.
+"""The Ray engine (pipeline.engine=ray), an implementation of engine.Engine: where a stage's
+work runs, nothing else.
 
     rollout   `rollout.workers` actors, each with its model resident across iterations; the
               stage's slices (rollout_slices.py) are handed out to them, each actor loads
@@ -11,8 +12,8 @@
               learner stage hands every rank the iteration through a Ray queue, each rank runs
               stages.learner_rank on its share of the shards; rank 0 writes the checkpoint.
 
-Stage prefixes, manifests and resume are those of the local engine (stages.py takes the
-runners below as hooks). A killed actor is restarted by Ray and its task retried; a learner
+Stage prefixes, manifests and resume are those of the local engine (`rollout`, `score` and
+`update` call the same stages, with the runners below as their hooks). A killed actor is restarted by Ray and its task retried; a learner
 group that dies under a stage is started anew and reruns the stage's update from checkpoint
 i-1, which gives the same result. Ray is imported here only: `tempflow train` on the local engine never needs it. The engine
 connects to the cluster at `address` (flows/ray_head.py: RAY_ADDRESS, or a local head on
@@ -31,10 +32,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import failpoints
+from . import failpoints, stages
 from .config import RunConfig
+from .engine import Bar, Log, no_bar
 from .layout import RunLayout
 from .preflight import PreflightError, local_paths
+from .rewards import RewardRegistry
 from .session import SessionCache
 from .shards import RolloutPart
 from .stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_share
@@ -111,10 +114,9 @@ class _RewardWorker:
     """One reward actor: the reward built once (a reward model loaded once)."""
 
     def __init__(self, cfg: RunConfig, home: tuple[str, str]) -> None:
-        from .rewards import build_reward
-
         _enter(home)
-        self.reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
+        self.reward_fn = RewardRegistry.for_config(cfg.reward).build(cfg.reward.name, cfg.reward.weights,
+                                                                     cfg.reward.options)
 
     def score(self, cfg: RunConfig, run_id: str, iteration: int, rank: int, world: int) -> ScoredShare:
         return score_share(cfg, RunLayout.open(cfg, run_id), iteration, rank, world, self.reward_fn)
@@ -286,6 +288,28 @@ class RayEngine:
     def cpus_needed(cfg: RunConfig) -> int:
         """Logical CPUs the run holds at once: one per actor while it lives, plus the learner's ranks."""
         return cfg.rollout.workers + cfg.reward.workers + cfg.train.workers
+
+    # -- the Engine interface (engine.py): the same stages, their work on the actors and the group
+
+    def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
+                bar: Bar = no_bar, log: Log | None = None) -> str:
+        """Slices sampled by the rollout actors (one tick per finished slice)."""
+        with bar(cfg.rollout.slices, f"iter {iteration} rollout slices") as tick:
+            return stages.rollout_stage(cfg, layout, iteration, sessions,
+                                        run_slices=self.rollout_runner(cfg, layout.run_id, iteration, tick, log))
+
+    def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
+        """Shares of the shards scored by the reward actors."""
+        return stages.reward_stage(cfg, layout, iteration, sessions,
+                                   run_scoring=self.reward_runner(cfg, layout.run_id, iteration))
+
+    def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
+               bar: Bar = no_bar) -> str:
+        """The update, data-parallel on the run's Ray Train group (its ranks log their own progress)."""
+        return stages.learner_stage(cfg, layout, iteration, sessions,
+                                    run_ranks=self.learner_runner(cfg, layout.run_id, iteration))
+
+    # -- the runners the stages call
 
     def rollout_runner(self, cfg: RunConfig, run_id: str, iteration: int,
                        progress: Callable[[int], None] | None = None,

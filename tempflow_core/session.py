@@ -30,7 +30,7 @@ from .models import load_model
 from .policy import make_policy
 from .policy_base import FlowPolicy
 from .prompts import PromptStream, load_prompts
-from .rewards import RewardFn, build_reward
+from .rewards import RewardFn, RewardRegistry
 from .schedule import Schedule
 from .seeding import derive_seed
 
@@ -73,7 +73,7 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
     # the family's grid: unset shift / noise level take its defaults (SD3 3.0 / 0.7; FLUX
     # resolution-dependent / 0.9)
     schedule = policy.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
-    reward_fn = build_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
+    reward_fn = RewardRegistry.for_config(cfg.reward).build(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
     stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
     return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen,

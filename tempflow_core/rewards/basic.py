@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .registry import register
 
-
-@register("brightness")
 def brightness():
     """Mean pixel value in [0, 1]: the simplest reward a policy can visibly learn."""
 

@@ -2,7 +2,7 @@
 (DDPO) and CLIP-based CLIPScore / PickScore adapters.
 
 Heavy libraries (torch, transformers) are imported inside the factories, so importing this
-module, which the registry does on every build_reward call, stays cheap. Model weights are
+module, which the registry does when one of its rewards is built, stays cheap. Model weights are
 never downloaded: the CLIP rewards take a local folder through the factory option `model`.
 """
 
@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .registry import register
 
 # ----------------------------------------------------------------------------- shapes
 
@@ -46,7 +45,6 @@ def _shapes_scores(images: np.ndarray, prompts: list[str], metadata: list[dict[s
     return strict, partial, details
 
 
-@register("shapes")
 def shapes():
     """Flow-GRPO's dense GenEval reward on the shapes world (partial credit in [0, 1]).
 
@@ -60,7 +58,6 @@ def shapes():
     return fn
 
 
-@register("shapes_strict")
 def shapes_strict():
     """GenEval's strict 0/1 correctness on the shapes world (sparse; for evaluation or ablations)."""
 
@@ -84,7 +81,6 @@ def jpeg_size_kb(images: np.ndarray, quality: int = 95) -> np.ndarray:
     return sizes
 
 
-@register("jpeg_compressibility")
 def jpeg_compressibility(quality: int = 95):
     """-JPEG size in kB (DDPO): rewards flat, simple images; a classic reward-hacking demo."""
 
@@ -95,7 +91,6 @@ def jpeg_compressibility(quality: int = 95):
     return fn
 
 
-@register("jpeg_incompressibility")
 def jpeg_incompressibility(quality: int = 95):
     """+JPEG size in kB (DDPO): rewards detail and noise."""
 
@@ -189,7 +184,6 @@ class ClipScorer:
         return float(self.model.logit_scale.detach().float().exp().cpu())
 
 
-@register("clipscore")
 def clipscore(model: str | None = None, processor: str | None = None, device: str | None = None,
               batch_size: int = 32, dtype: str | None = None):
     """Cosine similarity of CLIP image and prompt embeddings, in [-1, 1].
@@ -207,7 +201,6 @@ def clipscore(model: str | None = None, processor: str | None = None, device: st
     return fn
 
 
-@register("pickscore")
 def pickscore(model: str | None = None, processor: str | None = None, device: str | None = None,
               batch_size: int = 32, dtype: str | None = None, scale: float = 1 / 26):
     """PickScore: logit_scale.exp() * cosine of a CLIP-H fine-tune (yuvalkirstain/PickScore_v1),

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import RewardFn, register
+from .registry import RewardFn
 
 _QUOTED = re.compile(r'"([^"]+)"|\u201c([^\u201d]+)\u201d')
 WHEEL_MODELS = {"det": "PP-OCRv6_det_small.onnx", "rec": "PP-OCRv6_rec_small.onnx"}  # in rapidocr 3.10's wheel
@@ -103,7 +103,6 @@ def read_text(engine: Any, image: np.ndarray, min_confidence: float = 0.0) -> st
     return "".join(t for t, s in zip(txts, scores) if s > min_confidence)
 
 
-@register("ocr")
 def ocr(threads: int = 0, det_model: str | None = None, rec_model: str | None = None,
         min_confidence: float = 0.0) -> RewardFn:
     """Flow-GRPO's OCR reward: 1 - normalised edit distance to the quoted text, in [0, 1]."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..redaction import redact_text, redact_uri, split_credentials
 from ..storage.retry import RetryPolicy
-from .registry import RewardError, register
+from .registry import RewardError
 from .protocol import PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, decode_health, decode_response, encode_request
 
 
@@ -188,7 +188,6 @@ class RemoteReward:
         return scores, details
 
 
-@register("remote")
 def remote(url: str | None = None, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
            batch_size: int = 64, health_timeout: float = 10.0, in_flight: int = 2) -> RemoteReward:
     """A reward served by `tempflow reward-server` at `url` (checked when built: GET /health)."""

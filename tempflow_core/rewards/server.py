@@ -17,20 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from . import build_reward, factory
 from .protocol import (
     MAX_BODY_BYTES, PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, _error, _json, decode_request,
     encode_response,
 )
-from .registry import RewardError
+from .registry import RewardError, RewardRegistry
 
 log = logging.getLogger("tempflow.rewards.service")
 
 
-def reward_version(name: str, options: dict[str, Any]) -> str:
+def reward_version(name: str, options: dict[str, Any], rewards: RewardRegistry) -> str:
     """'<package version>+<12 hex>': the digest covers the factory's source file and its options."""
     h = hashlib.sha256(name.encode())
-    src = inspect.getsourcefile(factory(name))
+    src = inspect.getsourcefile(rewards.factory(name))
     if src:
         h.update(Path(src).read_bytes())
     h.update(json.dumps(options, sort_keys=True, default=str).encode())
@@ -38,20 +37,23 @@ def reward_version(name: str, options: dict[str, Any]) -> str:
 
 
 class RewardServer:
-    """A registered reward behind /health and /score on a ThreadingHTTPServer.
+    """A registered reward (of `rewards`, default the built-in ones) behind /health and /score on
+    a ThreadingHTTPServer.
 
     Requests are decoded in parallel; the reward itself runs one batch at a time (a model on
     one GPU is not reentrant), so concurrent clients queue.
     """
 
-    def __init__(self, reward: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, reward: str, options: dict[str, Any] | None = None, host: str = "127.0.0.1", port: int = 0,
+                 rewards: RewardRegistry | None = None):
         if reward == "weighted":
             raise ValueError("serve the parts of a weighted reward and combine them on the client (reward 'weighted' "
                              "over remote rewards)")
         self.name = reward
         self.options = dict(options or {})
-        self.fn = build_reward(reward, options={reward: self.options})
-        self.version = reward_version(reward, self.options)
+        rewards = rewards or RewardRegistry.builtin()
+        self.fn = rewards.build(reward, options={reward: self.options})
+        self.version = reward_version(reward, self.options, rewards)
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True

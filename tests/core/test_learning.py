@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.rewards import register
 from tempflow_core.rollout import sample_images
 from tempflow_core.schedule import make_schedule
 from tempflow_core.train import train_in_process
@@ -14,7 +13,6 @@ EVAL_PROMPTS = ["a red circle", "a blue square", "two green triangles", "a yello
 _TARGET: dict[str, np.ndarray] = {}
 
 
-@register("test_match_target")
 def _match_target():
     """-MSE to a fixed image. (Brightness is a poor probe on the random tiny VAE: its
     GroupNorm decoder maps any latent to nearly the same mean brightness.)"""
@@ -24,6 +22,9 @@ def _match_target():
         return -((x - _TARGET["img"]) ** 2).mean(axis=(1, 2, 3)), {}
 
     return fn
+
+
+REWARDS = {"test_match_target": _match_target}  # this module as a reward plugin (reward.plugins)
 
 
 # The plain-SDE variants learn on this random model too, but less reliably across LoRA inits
@@ -46,7 +47,7 @@ def test_a_few_iterations_raise_the_reward(tiny_model_dir, tmp_path, algorithm):
 
     before = [eval_reward(base, s) for s in (1, 2, 3)]
     cfg = load_config(overrides=[
-        f"algorithm={algorithm}", "reward.name=test_match_target", "train.iterations=30",
+        f"algorithm={algorithm}", "reward.name=test_match_target", f"reward.plugins=[{__name__}]", "train.iterations=30",
         "rollout.prompts_per_iter=4", "rollout.group_size=4", "lora.rank=4", "lora.alpha=8",
         "sampling.num_steps=6", "train.lr=0.02", "loss.clip_range=0.2", "train.minibatches=2", "loss.beta=0",
         f"model.path={tiny_model_dir}",

@@ -177,3 +177,26 @@ def test_a_runs_config_yaml_gives_the_same_config_back_with_credentials_masked(t
     expected["reward"]["options"]["pickscore"]["api_token"] = "***"  # set it again to reproduce
     assert again == expected
     assert display_name(cfg, "reweight-1a2b3c4d5e6f") == "reweight-1a2b3c4d5e6f · weighted · seed 3"
+
+
+def test_show_config_defaults_sets_each_demo_setting_beside_the_codes_with_its_reason(tmp_path):
+    """The embedded default (flows/configs/default.yaml) is the one place of the demo's settings:
+    every value it sets has a reason on its line, and show-config --defaults prints both columns."""
+    import yaml
+
+    from flows.defaults import EMBEDDED, reasons, table
+    from tempflow_core.config import RunConfig
+
+    out = subprocess.run(CLI + ["show-config", "--defaults"], capture_output=True, text=True, timeout=120,
+                         env=_env(tmp_path, None), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-500:]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in out.stdout.splitlines()[1:]}
+    why = reasons()
+    assert set(rows) == set(why) and all(why.values()), [k for k, v in why.items() if not v]  # each with a reason
+    flat = {}
+    for section, values in yaml.safe_load(EMBEDDED.read_text()).items():
+        flat.update({f"{section}.{k}": v for k, v in values.items()} if isinstance(values, dict) else {section: values})
+    assert set(flat) == set(why)  # the parser saw every setting the file makes
+    assert rows["lora.rank"][:2] == [str(RunConfig().lora.rank), "8"] and rows["reward.name"][:2] == ['"brightness"', '"shapes"']
+    (tmp_path / "bare.yaml").write_text("train:\n  lr: 0.1\n  seed: 3  # a reason\n")
+    assert table(tmp_path / "bare.yaml") == [("train.lr", "0.0003", "0.1", ""), ("train.seed", "0", "3", "a reason")]

@@ -11,6 +11,7 @@ import pytest
 from prefect import flow, task
 
 from tasks.stages import STAGE_TASK_OPTIONS, reward_task
+from tempflow_core.engine import LocalEngine
 from tempflow_core.config import load_config
 from tempflow_core.session import SessionCache
 from tempflow_core.shards.errors import SchemaError, ShardIntegrityError, StageExists
@@ -74,7 +75,7 @@ def test_a_stage_task_with_an_invalid_key_runs_once(prefect_api, tiny_model_dir,
         from prefect.runtime import flow_run
 
         try:
-            reward_task(cfg, "runs/../escape", 0, SessionCache())
+            reward_task(cfg, "runs/../escape", 0, SessionCache(), LocalEngine())
         except Exception:  # noqa: BLE001 - the flow's own id is what the test needs
             pass
         return flow_run.get_id()

@@ -9,7 +9,6 @@ import safetensors.torch as st
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.rewards import register
 from tempflow_core.layout import RunLayout
 from tempflow_core.train import train_in_process
 
@@ -18,7 +17,6 @@ from .conftest import KEY_ID, SECRET, tiny_overrides
 FAIL = {"on": False}
 
 
-@register("test_flaky_brightness")
 def _flaky():
     def fn(images, prompts, metadata):
         if FAIL["on"]:
@@ -28,7 +26,6 @@ def _flaky():
     return fn
 
 
-@register("test_constant")
 def _constant():
     def fn(images, prompts, metadata):
         import numpy as np
@@ -36,6 +33,10 @@ def _constant():
         return np.zeros(len(images), dtype=np.float32), {}
 
     return fn
+
+
+# this module as a reward plugin (reward.plugins=[<its name>]): the test rewards join the built-in ones
+REWARDS = {"test_flaky_brightness": _flaky, "test_constant": _constant}
 
 
 def _lora(path_or_bytes) -> dict[str, torch.Tensor]:
@@ -115,7 +116,8 @@ def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_ml
 def test_failed_stage_resumes_without_redoing_finished_stages(prefect_api, tiny_model_dir, tmp_path, quiet_env):
     from flows.train import train_flow
 
-    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["reward.name=test_flaky_brightness"])
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir)
+                      + ["reward.name=test_flaky_brightness", f"reward.plugins=[{__name__}]"])
     lay = RunLayout.open(cfg, "flaky")
     FAIL["on"] = True
     with pytest.raises(Exception, match="reward server down"):
@@ -187,7 +189,8 @@ def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, 
     from flows.train import DegenerateRewardError, train_flow
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=5)
-                      + ["reward.name=test_constant", "guard.max_bad_iterations=2"])
+                      + ["reward.name=test_constant", f"reward.plugins=[{__name__}]",
+                                                                          "guard.max_bad_iterations=2"])
     with pytest.raises(DegenerateRewardError, match="test_constant"):
         train_flow(config=cfg, run_id="flat")
     lay = RunLayout.open(cfg, "flat")

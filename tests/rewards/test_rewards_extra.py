@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tempflow_core.prompts import load_prompts
-from tempflow_core.rewards import _REGISTRY, RewardError, available, build_reward, register
+from tempflow_core.rewards import RewardError, RewardRegistry, build_reward
 from tempflow_core.shapes import render_batch
 
 
@@ -22,7 +23,7 @@ def shapes_batch():
 
 def test_registry_lists_the_extra_rewards():
     assert {"shapes", "shapes_strict", "jpeg_compressibility", "jpeg_incompressibility",
-            "clipscore", "pickscore"} <= set(available())
+            "clipscore", "pickscore"} <= set(RewardRegistry.builtin().names())
 
 
 def test_shapes_rewards_on_correct_wrong_and_noise(shapes_batch):
@@ -84,27 +85,24 @@ def test_weighted_combines_rewards(shapes_batch):
 
 
 @pytest.fixture
-def dummy_rewards():
-    @register("test_nan_dummy")
+def dummy_rewards() -> RewardRegistry:
+    """A registry of the test's own: the built-in rewards and two broken ones."""
     def nan_dummy():
         return lambda images, prompts, metadata: (np.array([0.5] + [np.nan] * (len(images) - 1)), {})
 
-    @register("test_shape_dummy")
     def shape_dummy():
         return lambda images, prompts, metadata: (np.zeros((len(images), 2), np.float32), {})
 
-    yield
-    _REGISTRY.pop("test_nan_dummy", None)
-    _REGISTRY.pop("test_shape_dummy", None)
+    return RewardRegistry.builtin().with_rewards({"test_nan_dummy": nan_dummy, "test_shape_dummy": shape_dummy})
 
 
 def test_broken_rewards_raise_reward_error_naming_them(dummy_rewards):
     images = np.zeros((3, 8, 8, 3), np.uint8)
     with pytest.raises(RewardError, match=r"'test_nan_dummy'.*2 non-finite"):
-        build_reward("test_nan_dummy")(images, [""] * 3, [{}] * 3)
+        dummy_rewards.build("test_nan_dummy")(images, [""] * 3, [{}] * 3)
     with pytest.raises(RewardError, match=r"'test_shape_dummy'.*\(3, 2\)"):
-        build_reward("test_shape_dummy")(images, [""] * 3, [{}] * 3)
-    w = build_reward("weighted", weights={"brightness": 1.0, "test_nan_dummy": 1.0})
+        dummy_rewards.build("test_shape_dummy")(images, [""] * 3, [{}] * 3)
+    w = dummy_rewards.build("weighted", weights={"brightness": 1.0, "test_nan_dummy": 1.0})
     with pytest.raises(RewardError, match="test_nan_dummy"):
         w(images, [""] * 3, [{}] * 3)
 
@@ -178,3 +176,41 @@ def test_clip_rewards_need_a_local_model(tmp_path):
         build_reward("clipscore")
     with pytest.raises(FileNotFoundError, match="pickscore"):
         build_reward("pickscore", options={"pickscore": {"model": str(tmp_path / "missing")}})
+
+
+def test_a_reward_whose_optional_dependency_is_missing_names_the_extra_to_install(monkeypatch):
+    """Not an unknown name: the registry knows `ocr` and says which extra brings RapidOCR."""
+    from tempflow_core.preflight import PreflightError, check_reward
+
+    monkeypatch.setitem(sys.modules, "rapidocr", None)  # as if not installed
+    registry = RewardRegistry.builtin()
+    assert registry.is_known("ocr") and "ocr" in registry.names()
+    with pytest.raises(RewardError, match=r"reward 'ocr' needs the package rapidocr.*pip install 'tempflow\[ocr\]'"):
+        registry.build("ocr")
+    with pytest.raises(PreflightError, match=r"reward\.name: reward 'ocr' needs the package rapidocr.*tempflow\[ocr\]"):
+        check_reward("ocr", {}, {}, "reward.name", rewards=registry)
+
+
+def test_a_run_registry_holds_the_plugins_rewards_and_nothing_leaks_between_registries(tmp_path, monkeypatch):
+    from tempflow_core.config import load_config
+    from tempflow_core.preflight import PreflightError, reward_registry
+
+    (tmp_path / "my_rewards.py").write_text(
+        "import numpy as np\n"
+        "def darkness():\n"
+        "    return lambda images, prompts, metadata: (1 - images.reshape(len(images), -1).mean(1) / 255.0, {})\n"
+        "REWARDS = {'darkness': darkness}\n")
+    (tmp_path / "not_rewards.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(None, ["reward.name=darkness", "reward.plugins=[my_rewards]"])
+    mine = RewardRegistry.for_config(cfg.reward)
+    images = np.full((2, 4, 4, 3), 255, np.uint8)
+    assert mine.build("darkness")(images, ["", ""], [{}, {}])[0].tolist() == [0.0, 0.0]
+    assert not RewardRegistry.builtin().is_known("darkness")  # another registry: the built-in rewards only
+    with pytest.raises(RewardError, match="registered already"):
+        mine.with_rewards({"shapes": lambda: None})
+    with pytest.raises(PreflightError, match=r"reward\.plugins: reward plugin 'not_rewards' defines no REWARDS"):
+        reward_registry(["not_rewards"])
+    with pytest.raises(PreflightError, match=r"reward\.plugins: reward plugin 'no_such_module' cannot be imported"):
+        reward_registry(["no_such_module"])
+    assert "plugins" not in load_config(None, []).canonical_dump()["reward"]  # digests of earlier runs stay
