@@ -303,7 +303,8 @@ def serve(
     then uses the same string as its client's PREFECT_API_AUTH_STRING; other clients set
     PREFECT_API_AUTH_STRING). Runs from the deployments read local files only under
     $TEMPFLOW_READ_ROOTS (default: the checkout, $TEMPFLOW_DATA_DIR or ~/tempflow-data, and
-    the files named in serve's own config)."""
+    the files named in serve's own config) and import the reward plugins of
+    $TEMPFLOW_REWARD_PLUGINS only."""
     import subprocess
     import time
     import urllib.request

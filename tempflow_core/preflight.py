@@ -34,6 +34,7 @@ from .redaction import redact_uri
 from .rewards.registry import RewardError, RewardRegistry
 
 READ_ROOTS_ENV = "TEMPFLOW_READ_ROOTS"  # os.pathsep-separated folders deployment runs may read
+PLUGINS_ENV = "TEMPFLOW_REWARD_PLUGINS"  # reward plugins that runs started from a deployment may import
 DATA_DIR_ENV = "TEMPFLOW_DATA_DIR"  # the default data folder among them
 CHECKOUT = Path(__file__).resolve().parents[1]
 S3_PROBE_TIMEOUT_S = 5.0  # connect and read timeout of the bucket probe; one attempt
@@ -71,7 +72,8 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
     Args:
         cfg: the resolved run config.
         roots: when given, local files (model folder, prompt files, reward model folders) must
-            lie under one of these folders (runs started from a deployment).
+            lie under one of these folders, and reward plugins be listed in $TEMPFLOW_REWARD_PLUGINS
+            (runs started from a deployment).
         check_store: also reach the object store (an S3 HEAD bucket).
 
     Raises:
@@ -83,6 +85,13 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
     eval_field, eval_source = eval_prompt_source(cfg)
     if eval_source != cfg.prompts.source:
         check_prompts(eval_source, eval_field, allowed)
+    if roots is not None:  # a run started from a deployment imports only the plugins the operator allows
+        allowed_plugins = {m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()}
+        for module in cfg.reward.plugins:
+            if module not in allowed_plugins:
+                raise PreflightError("reward.plugins", f"runs started from a deployment import no reward plugin "
+                                     f"{module!r} unless the operator allows it",
+                                     f"add it to {PLUGINS_ENV} (comma-separated) where the deployments are served")
     registry = reward_registry(cfg.reward.plugins)
     check_reward(cfg.reward.name, cfg.reward.weights, cfg.reward.options, "reward.name", allowed, registry)
     if cfg.eval.extra_reward:

@@ -214,3 +214,18 @@ def test_a_run_registry_holds_the_plugins_rewards_and_nothing_leaks_between_regi
     with pytest.raises(PreflightError, match=r"reward\.plugins: reward plugin 'no_such_module' cannot be imported"):
         reward_registry(["no_such_module"])
     assert "plugins" not in load_config(None, []).canonical_dump()["reward"]  # digests of earlier runs stay
+
+
+def test_a_run_from_a_deployment_imports_only_the_reward_plugins_the_operator_allows(tmp_path, monkeypatch):
+    from tempflow_core.config import load_config
+    from tempflow_core.preflight import PLUGINS_ENV, PreflightError, preflight
+
+    (tmp_path / "served_rewards.py").write_text("REWARDS = {'zero': lambda: (lambda i, p, m: ([0.0] * len(i), {}))}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    cfg = load_config(None, ["reward.name=zero", "reward.plugins=[served_rewards]"])
+    preflight(cfg, check_store=False)  # the CLI's own run: the user's Python path
+    with pytest.raises(PreflightError, match=r"reward\.plugins: .*'served_rewards' unless the operator allows it"):
+        preflight(cfg, roots=[tmp_path], check_store=False)
+    monkeypatch.setenv(PLUGINS_ENV, "other, served_rewards")
+    preflight(cfg, roots=[tmp_path], check_store=False)
