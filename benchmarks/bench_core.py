@@ -22,11 +22,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig  # noqa: E402
-from tempflow_core.learner import build_units, evaluate_units  # noqa: E402
-from tempflow_core.models import build_tiny_pipeline, load_pipeline  # noqa: E402
-from tempflow_core.policy import Policy  # noqa: E402
-from tempflow_core.rollout import branched_rollout, branched_rollout_loop  # noqa: E402
-from tempflow_core.schedule import make_schedule  # noqa: E402
+from tempflow_core.algorithm.learner import build_units, evaluate_units  # noqa: E402
+from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline  # noqa: E402
+from tempflow_core.policies.sd3 import Policy  # noqa: E402
+from tempflow_core.algorithm.rollout import branched_rollout, branched_rollout_loop  # noqa: E402
+from tempflow_core.algorithm.schedule import make_schedule  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """One training iteration on the Ray engine (1 worker per stage) against the local engine.
 
-Both engines run the same stages (tempflow_core.stages) on the same config and store layout;
+Both engines run the same stages (tempflow_core.run.stages) on the same config and store layout;
 iteration 0 warms up (model loads, Ray actors start) and iteration 1 is timed per stage.
 Prints the wall time of each stage on each engine, their ratio, and the bytes an iteration
 moves: the LoRA each rollout actor and learner rank loads from the store, the shards, the
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from tempflow_core import stages
+from tempflow_core.run import stages
 from tempflow_core.config import load_config
-from tempflow_core.engine import Engine, LocalEngine
-from tempflow_core.layout import RunLayout
-from tempflow_core.session import SessionCache
+from tempflow_core.engines.engine import Engine, LocalEngine
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def main() -> None:
         t = time.perf_counter()
         if engine_name == "ray":
             from flows.ray_head import ray_cluster
-            from tempflow_core.ray_engine import RayEngine
+            from tempflow_core.engines.ray_engine import RayEngine
 
             engine = RayEngine(cfg, cluster.enter_context(ray_cluster(max(2, RayEngine.cpus_needed(cfg)))))
         startup = time.perf_counter() - t

@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig, TrainConfig, load_config  # noqa: E402
-from tempflow_core.learner import build_units, make_optimizer, update  # noqa: E402
-from tempflow_core.models import build_tiny_pipeline, load_pipeline_meta  # noqa: E402
-from tempflow_core.policy import make_policy  # noqa: E402
-from tempflow_core.rollout import branched_rollout  # noqa: E402
-from tempflow_core.tiny_flux import build_tiny_flux_pipeline  # noqa: E402
+from tempflow_core.algorithm.learner import build_units, make_optimizer, update  # noqa: E402
+from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline_meta  # noqa: E402
+from tempflow_core.policies.sd3 import make_policy  # noqa: E402
+from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
+from tempflow_core.policies.tiny_flux import build_tiny_flux_pipeline  # noqa: E402
 
 C_BLOCK = 16  # live tensors of one block, in units of tokens x width (see the docstring)
 

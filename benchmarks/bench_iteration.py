@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from tempflow_core.config import load_config
-from tempflow_core.session import setup
-from tempflow_core.train import run_rollout, run_update, score_rollout
+from tempflow_core.algorithm.session import setup
+from tempflow_core.algorithm.train import run_rollout, run_update, score_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,11 +29,11 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.train import train_flow
-    from tempflow_core import stages
-    from tempflow_core.layout import RunLayout
-    from tempflow_core.session import setup
+    from tempflow_core.run import stages
+    from tempflow_core.run.layout import RunLayout
+    from tempflow_core.algorithm.session import setup
     from tempflow_core.config import load_config
-    from tempflow_core.train import train_in_process
+    from tempflow_core.algorithm.train import train_in_process
 
     tmp = tempfile.mkdtemp(prefix="tempflow-bench-")
     base = ["rollout.prompts_per_iter=4", "rollout.group_size=6", "sampling.num_steps=10", "lora.rank=8",

@@ -1,7 +1,7 @@
 """The reward stage through a reward server against the in-process reward (issue 14).
 
 One real rollout of the embedded default's batch (4 prompts x K 4 on the shipped base model)
-is written to a local store once; then the reward stage (`tempflow_core.stages.reward_stage`:
+is written to a local store once; then the reward stage (`tempflow_core.run.stages.reward_stage`:
 read the shards with their images, score, write the scores) runs `--repeats` times with
 `reward.name=shapes` in-process and with `reward.name=remote` against a `tempflow
 reward-server --reward shapes` process on 127.0.0.1, alternating, each mode with its own
@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.reward_server import reward_server_process  # noqa: E402
-from tempflow_core import stages  # noqa: E402
+from tempflow_core.run import stages  # noqa: E402
 from tempflow_core.config import load_config  # noqa: E402
-from tempflow_core.layout import RunLayout  # noqa: E402
-from tempflow_core.session import SessionCache  # noqa: E402
+from tempflow_core.run.layout import RunLayout  # noqa: E402
+from tempflow_core.algorithm.session import SessionCache  # noqa: E402
 from tempflow_core.shards import read_rollouts, read_scores  # noqa: E402
 
 

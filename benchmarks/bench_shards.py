@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from flows import children  # noqa: E402
 
-from tempflow_core.rollout import RolloutBatch  # noqa: E402
+from tempflow_core.batches import RolloutBatch  # noqa: E402
 from tempflow_core.shards import iter_samples, read_rollouts, write_rollouts  # noqa: E402
 from tempflow_core.storage import ObjectStore, open_store  # noqa: E402
 
@@ -45,10 +45,10 @@ def make_rollout(prompts: int, k: int, steps: int, seed: int,
                  workdir: str) -> tuple[Callable[[], RolloutBatch], float]:
     """(run, build seconds): `run()` does one branched rollout of the tiny model (default
     TinyModelConfig, CPU), every step a branch step, images decoded, as a rollout stage does."""
-    from tempflow_core.models import build_tiny_pipeline
-    from tempflow_core.policy import Policy
-    from tempflow_core.rollout import branched_rollout
-    from tempflow_core.schedule import make_schedule
+    from tempflow_core.policies.models import build_tiny_pipeline
+    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.algorithm.rollout import branched_rollout
+    from tempflow_core.algorithm.schedule import make_schedule
 
     t0 = time.perf_counter()
     policy = Policy(build_tiny_pipeline(workdir=workdir), None, device="cpu")

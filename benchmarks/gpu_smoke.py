@@ -36,11 +36,11 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from tempflow_core.config import LossConfig, LoraSettings, TrainConfig  # noqa: E402
-from tempflow_core.learner import build_units, evaluate_units, make_optimizer, update  # noqa: E402
-from tempflow_core.policy import Policy  # noqa: E402
-from tempflow_core.policy_base import PromptEmbeds  # noqa: E402
-from tempflow_core.rollout import branched_rollout  # noqa: E402
-from tempflow_core.steps import noise_aware_weights, step_pool  # noqa: E402
+from tempflow_core.algorithm.learner import build_units, evaluate_units, make_optimizer, update  # noqa: E402
+from tempflow_core.policies.sd3 import Policy  # noqa: E402
+from tempflow_core.batches import PromptEmbeds  # noqa: E402
+from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
+from tempflow_core.algorithm.steps import noise_aware_weights, step_pool  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1] / "tests" / "flux" / "fixtures" / "sd35m"
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # dense, SXM
@@ -74,7 +74,7 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     if size == "toy":
-        from tempflow_core.models import build_tiny_pipeline
+        from tempflow_core.policies.models import build_tiny_pipeline
 
         tiny = build_tiny_pipeline()
         transformer, vae, tokens, resolution = tiny.transformer, tiny.vae, 16, None

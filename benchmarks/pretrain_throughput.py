@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--eval", action="store_true", help="also time one evaluation (39 test prompts x 6, 20 steps, CFG)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from tempflow_core.models import build_tiny_pipeline
+    from tempflow_core.policies.models import build_tiny_pipeline
     from tempflow_core.pretrain import SHIPPED_MODEL, PretrainConfig, evaluate_pipeline, flow_loss, to_pixels
 
     cfg = PretrainConfig()

@@ -19,12 +19,12 @@ import time
 import numpy as np
 import torch
 
-from tempflow_core.advantages import compute_advantages
+from tempflow_core.algorithm.advantages import compute_advantages
 from tempflow_core.config import load_config
-from tempflow_core.learner import build_units, evaluate_units, trained_steps
+from tempflow_core.algorithm.learner import build_units, evaluate_units, trained_steps
 from tempflow_core.prompts import load_prompts
-from tempflow_core.session import setup
-from tempflow_core.train import run_rollout, score_rollout, step_weights_for
+from tempflow_core.algorithm.session import setup
+from tempflow_core.algorithm.train import run_rollout, score_rollout, step_weights_for
 
 
 def grads_by_step(s, batch, rewards, cfg) -> dict[int, torch.Tensor]:

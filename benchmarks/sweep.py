@@ -1,7 +1,7 @@
 """Short in-process training runs with held-out evaluation: the budget sweep of issue 10.
 
 Each `--run NAME:override,override,...` trains the config with those overrides (no Prefect,
-no MLflow: `tempflow_core.train` and `tempflow_core.evaluation` directly) and evaluates the
+no MLflow: `tempflow_core.algorithm.train` and `tempflow_core.algorithm.evaluation` directly) and evaluates the
 base model and every `--eval-every` iterations under the config's evaluation protocol.
 Prints the curve with standard errors and appends one JSON line per run to `--out`; each
 evaluated point also carries the cumulative rollout and learner NFEs (rows through the
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.evaluation import eval_prompts, evaluate_policy
-from tempflow_core.report import eval_score, eval_se
-from tempflow_core.session import setup
-from tempflow_core.train import run_rollout, run_update, score_rollout
+from tempflow_core.algorithm.evaluation import eval_prompts, evaluate_policy
+from tempflow_core.reports.report import eval_score, eval_se
+from tempflow_core.algorithm.session import setup
+from tempflow_core.algorithm.train import run_rollout, run_update, score_rollout
 
 
 def evaluate(s, cfg) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 `benchmarks/sweep_parallel.sh` runs the variants as in-process sweeps and appends every
 evaluated point to `points.jsonl`; this turns those points into the same report
-`tempflow ablation` writes (`tempflow_core.report`, `tempflow_core.figures`), for runs named
+`tempflow ablation` writes (`tempflow_core.reports.report`, `tempflow_core.reports.figures`), for runs named
 `VARIANT-sSEED`. Runs stopped at a deadline reach different iterations: every curve is cut at
 `--at` (default: the last iteration every run evaluated), so the variants are compared at
 equal iterations.
@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tempflow_core import figures, report  # noqa: E402
+from tempflow_core.reports import figures, report  # noqa: E402
 
 NAME = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
 ORDER = ["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]  # the ablation's; other names after

@@ -19,10 +19,11 @@ from prefect.cache_policies import NONE
 from flows.evaluate import eval_flow
 from flows.train import train_flow
 from tasks.tracking_task import track_ablation
-from tempflow_core import figures, report, stages
+from tempflow_core.reports import figures, report
+from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.layout import RunLayout
-from tempflow_core.schedule import Schedule, make_schedule
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.schedule import Schedule, make_schedule
 
 VARIANTS = ["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 

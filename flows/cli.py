@@ -60,9 +60,9 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 def _preflight(cfg) -> None:
-    """tempflow_core.preflight on a resolved config, and the HTTP tracking server's health: exit 2
+    """tempflow_core.run.preflight on a resolved config, and the HTTP tracking server's health: exit 2
     with a one-line message naming the field and the fix."""
-    from tempflow_core.preflight import PreflightError, preflight
+    from tempflow_core.run.preflight import PreflightError, preflight
 
     from flows.ray_head import ray_preflight
     from tasks.tracking.uri import TrackingUnavailable, probe_configured
@@ -103,10 +103,10 @@ def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] 
 
 def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
     """The config a run was made with (from its run.json), with any new overrides."""
-    from tempflow_core.layout import RunLayout
-    from tempflow_core.runs import read_run
+    from tempflow_core.run.layout import RunLayout
+    from tempflow_core.run.runs import read_run
 
-    from tempflow_core.preflight import PreflightError, check_store_access
+    from tempflow_core.run.preflight import PreflightError, check_store_access
 
     probe = _resolve(config, [o for o in overrides if o.startswith("pipeline.")])
     try:
@@ -148,7 +148,7 @@ def train(
     typer.echo(f"tempflow: {cfg.algorithm}, {cfg.train.iterations} iterations, reward {cfg.reward.name!r}, "
                f"model {cfg.model.path or 'tiny (random init)'}")
     if in_process:
-        from tempflow_core.train import train_in_process
+        from tempflow_core.algorithm.train import train_in_process
 
         out = Path(cfg.output_dir) / (run_id or f"{cfg.algorithm}-{cfg.digest()[:8]}")
         result = train_in_process(cfg, out, progress=sys.stderr.isatty(), on_iteration=_report)
@@ -158,12 +158,12 @@ def train(
     from flows.train import DegenerateRewardError, tracking_credentials_to_env, train_flow
 
     cfg = tracking_credentials_to_env(cfg)  # never into the flow parameters Prefect stores
-    from tempflow_core import report
-    from tempflow_core.preflight import PreflightError
+    from tempflow_core.reports import report
+    from tempflow_core.run.preflight import PreflightError
     from tempflow_core.rewards import RewardError
     from flows.local_api import local_api
-    from tempflow_core.runlock import RunLocked
-    from tempflow_core.runs import RunError
+    from tempflow_core.run.runlock import RunLocked
+    from tempflow_core.run.runs import RunError
 
     try:
         with local_api():  # Prefect's temporary server, ended with this process even by kill -9
@@ -229,8 +229,8 @@ def _report(it: int, m: dict) -> None:
 
 def _run_config(run: str, store: Optional[str]):
     from tempflow_core.config import RunConfig
-    from tempflow_core.layout import RunLayout
-    from tempflow_core.runs import read_run
+    from tempflow_core.run.layout import RunLayout
+    from tempflow_core.run.runs import read_run
 
     probe = _resolve(None, [f"pipeline.store={store}"] if store else [])
     lay = RunLayout.open(probe, run)
@@ -274,7 +274,7 @@ def export_lora_cmd(
     store: Optional[str] = typer.Option(None, "--store"),
 ) -> None:
     """Write a checkpoint's LoRA with its sampling recipe and the diffusers lines that load it."""
-    from tempflow_core.export import export_lora
+    from tempflow_core.run.export import export_lora
 
     cfg, lay = _run_config(run, store)
     if iteration < 0:
@@ -358,9 +358,9 @@ def serve(
 
 def _serve_read_roots(cfg) -> None:
     """Runs started from the served deployments read local files only under the read roots
-    (tempflow_core.preflight.read_roots: $TEMPFLOW_READ_ROOTS, else the checkout and a data
+    (tempflow_core.run.preflight.read_roots: $TEMPFLOW_READ_ROOTS, else the checkout and a data
     folder); the files the operator named in serve's own config join them."""
-    from tempflow_core.preflight import READ_ROOTS_ENV, read_roots
+    from tempflow_core.run.preflight import READ_ROOTS_ENV, read_roots
 
     if os.environ.get(READ_ROOTS_ENV):
         return
@@ -453,7 +453,7 @@ def compare(
 ) -> None:
     """Plot a run's evaluation curve over the reference curves of an ablation (seed bands), and
     print where it ends against the same variant there."""
-    from tempflow_core import figures, report
+    from tempflow_core.reports import figures, report
 
     if x not in ("iteration", "nfe"):
         _fail(f"--x must be 'iteration' or 'nfe', not {x!r}")
@@ -517,7 +517,7 @@ def reward_server(
         tempflow train --set reward.name=remote --set reward.options.remote.url=http://127.0.0.1:8701
     """
     from tempflow_core.config import ConfigError, apply_overrides
-    from tempflow_core.preflight import PreflightError, check_reward, reward_registry
+    from tempflow_core.run.preflight import PreflightError, check_reward, reward_registry
     from tempflow_core.rewards.server import RewardServer
 
     if parent_pid is not None:

@@ -11,10 +11,11 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 
 from tasks.stages import eval_task
-from tempflow_core import evaluation, stages
+from tempflow_core.algorithm import evaluation
+from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.layout import RunLayout
-from tempflow_core.session import SessionCache
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.session import SessionCache
 
 
 @flow(name="tempflow-eval", validate_parameters=True)
@@ -23,7 +24,7 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
     evaluate the base model and return the scores."""
     from prefect.runtime import deployment
 
-    from tempflow_core.preflight import preflight, read_roots
+    from tempflow_core.run.preflight import preflight, read_roots
 
     log = get_run_logger()
     roots = read_roots() if deployment.id else None  # a deployment run reads local files under these only
@@ -35,7 +36,7 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
         result, _ = evaluation.evaluate_policy(config, s.policy, s.reward_fn, evaluation.eval_prompts(config))
         log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
         return result
-    from tempflow_core.runs import read_run
+    from tempflow_core.run.runs import read_run
 
     record = read_run(RunLayout.open(config, run_id))
     if record is None:

@@ -45,7 +45,7 @@ def command_line() -> str:
 def _param_counts(folder: Path) -> dict[str, int]:
     """Parameters per module of the saved pipeline ({} when it does not load)."""
     try:
-        from tempflow_core.models import load_pipeline
+        from tempflow_core.policies.models import load_pipeline
 
         pipe = load_pipeline(folder)
         return {k: sum(p.numel() for p in getattr(pipe, k).parameters())
@@ -64,7 +64,7 @@ shape scenes (4 colours x circle/square/triangle, captions in GenEval's six task
 base model of TempFlow-GRPO runs: its GenEval-like strict score is kept inside the band
 {cfg.band[0]:.2f}-{cfg.band[1]:.2f} on purpose, so RL has headroom (position and counting are weakest).
 
-Load it offline with `tempflow_core.models.load_pipeline("models/{name}")`; sample with
+Load it offline with `tempflow_core.policies.models.load_pipeline("models/{name}")`; sample with
 `max_sequence_length=0`, {m.resolution} px, CFG ~4 (`pipe("a red circle", height={m.resolution}, width={m.resolution},
 max_sequence_length=0, guidance_scale=4.0, num_inference_steps=20)`).
 """
@@ -118,7 +118,7 @@ AdamW lr {cfg.lr} ({cfg.warmup} warm-up steps, then constant), betas {cfg.betas}
 grad-norm clip {cfg.grad_clip}, fp32, no EMA.
 
 ### Evaluation protocol
-ODE sampling (`tempflow_core.rollout.sample_images`), {cfg.eval_steps} Euler steps on the shift-{cfg.eval_shift:g} grid of
+ODE sampling (`tempflow_core.algorithm.rollout.sample_images`), {cfg.eval_steps} Euler steps on the shift-{cfg.eval_shift:g} grid of
 `make_schedule` (the pipeline scheduler's shift, and the RL default), CFG {cfg.eval_cfg:g}, noise seeded per prompt id;
 scored with the shapes detector's strict GenEval rules (`shapes.evaluate`; overall = mean of the six task accuracies).
 During training: the {cfg.eval_split} split, {cfg.eval_per_prompt} images per prompt, every {cfg.eval_every} steps, the same

@@ -37,7 +37,7 @@ from typing import Iterator, Mapping
 
 from flows.children import free_port, spawn, stop
 from tempflow_core.config import RunConfig
-from tempflow_core.preflight import PreflightError
+from tempflow_core.run.preflight import PreflightError
 from tempflow_core.redaction import redact_text
 
 LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -166,7 +166,7 @@ def check_access(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 def ray_preflight(cfg: RunConfig) -> None:
     """With pipeline.engine=ray and RAY_ADDRESS set: check_access (a RayAccessError names
     RAY_ADDRESS); nothing otherwise. (That every node sees the config's local paths is checked
-    when the engine connects: tempflow_core.ray_engine.check_nodes_see.)"""
+    when the engine connects: tempflow_core.engines.ray_engine.check_nodes_see.)"""
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if cfg.pipeline.engine == "ray" and address:
         check_access(address)

@@ -3,7 +3,7 @@
     tempflow train                         # this flow on the embedded default
     prefect flow-run retry <run>           # or the UI's Retry: finished stages are skipped
 
-Stages talk only through URIs on the object store (see tempflow_core.stages); this flow
+Stages talk only through URIs on the object store (see tempflow_core.run.stages); this flow
 wires them, tracks the run in MLflow and stops a run whose reward has gone degenerate. The
 flow owns the model: one SessionCache per flow run, shared by its tasks, dropped at the end.
 """
@@ -23,15 +23,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.stages import eval_task, gpu_slot, init_task, learner_task, reward_task, rollout_task
 from flows.ray_head import ray_preflight
 from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
-from tempflow_core import report, stages
+from tempflow_core.reports import report
+from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.engine import Engine, LocalEngine
-from tempflow_core.layout import RunLayout
-from tempflow_core.preflight import preflight, read_roots
+from tempflow_core.engines.engine import Engine, LocalEngine
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.run.preflight import preflight, read_roots
 from tempflow_core.prompts import load_prompts
-from tempflow_core.runlock import run_lock
-from tempflow_core.runs import branch_run, config_yaml, display_name, new_run_id, open_run, write_run
-from tempflow_core.session import SessionCache
+from tempflow_core.run.runlock import run_lock
+from tempflow_core.run.runs import branch_run, config_yaml, display_name, new_run_id, open_run, write_run
+from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.storage import join_key
 
 
@@ -59,7 +60,7 @@ def guard_check(cfg: RunConfig, history: list[dict[str, float]]) -> None:
 
 
 def preflight_check(config: RunConfig) -> None:
-    """tempflow_core.preflight before any stage, so a run started from the Prefect UI or API fails
+    """tempflow_core.run.preflight before any stage, so a run started from the Prefect UI or API fails
     on a bad input the way the CLI does. A run started from a deployment reads local files only
     under the configured roots (preflight.read_roots: the checkout and a data folder by default)."""
     from prefect.runtime import deployment
@@ -129,7 +130,7 @@ def _engine(config: RunConfig, stack: contextlib.ExitStack) -> Engine:
     if config.pipeline.engine != "ray":
         return LocalEngine(hold=functools.partial(gpu_slot, config))
     from flows.ray_head import ray_cluster
-    from tempflow_core.ray_engine import RayEngine
+    from tempflow_core.engines.ray_engine import RayEngine
 
     address = stack.enter_context(ray_cluster(max(os.cpu_count() or 1, RayEngine.cpus_needed(config))))
     engine = RayEngine(config, address)

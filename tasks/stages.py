@@ -1,11 +1,11 @@
-"""Prefect tasks for the pipeline stages: thin wrappers over tempflow_core.stages.
+"""Prefect tasks for the pipeline stages: thin wrappers over tempflow_core.run.stages.
 
 Each task takes the run config, a run id and the flow's `SessionCache` (the flow owns the
 model; tasks of one flow run share it), calls one core stage, and returns the URI of what
 it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
 `tempflow train --resume`) never redo finished work; I/O-bound stages retry with a delay on
 transient faults. The rollout, reward and learner tasks run their stage on the flow's engine
-(tempflow_core.engine: here, or on Ray's actors and Ray Train group) without asking which it
+(tempflow_core.engines.engine: here, or on Ray's actors and Ray Train group) without asking which it
 is; the local engine holds a slot of the GPU concurrency limit (`gpu_slot`, which the flow
 hands it) around rollout and learner, and the eval task holds one itself.
 """
@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterator, TypeVar
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tempflow_core import stages
+from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.engine import Engine
-from tempflow_core.layout import RunLayout
-from tempflow_core.session import SessionCache
+from tempflow_core.engines.engine import Engine
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.storage.retry import is_retryable_failure
 
 T = TypeVar("T")

@@ -20,12 +20,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.tracking import RunTracker, resolve_tracking_uri
-from tempflow_core import stages
-from tempflow_core.checkpoint import ADAPTER
+from tempflow_core.run import stages
+from tempflow_core.algorithm.checkpoint import ADAPTER
 from tempflow_core.config import RunConfig
-from tempflow_core.layout import RunLayout
-from tempflow_core.report import eval_score
-from tempflow_core.runs import config_yaml, display_name
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.reports.report import eval_score
+from tempflow_core.run.runs import config_yaml, display_name
 from tempflow_core.shards import manifest_key, read_rollouts, read_scores
 from tempflow_core.storage import ObjectNotFound, join_key
 
@@ -134,7 +134,7 @@ def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: Run
 def score_key(config: RunConfig) -> str:
     """What a held-out score measures, so that only comparable checkpoints compete for the
     alias 'best': the experiment, the base model, the objective and the evaluation protocol."""
-    from tempflow_core.preflight import eval_prompt_source
+    from tempflow_core.run.preflight import eval_prompt_source
 
     what = {"experiment": config.pipeline.experiment, "model": config.model.path, "resolution": config.model.resolution,
             "reward": config.reward.name, "weights": config.reward.weights, "eval_prompts": eval_prompt_source(config)[1],

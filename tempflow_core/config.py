@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .families import ModelFamily, detect_family, family_defaults
+from tempflow_core.families import ModelFamily, detect_family, family_defaults
 
 Algorithm = Literal["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 

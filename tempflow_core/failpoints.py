@@ -9,12 +9,12 @@ FailpointError there instead (a stage that fails once, as a flaky reward would).
 restarts, retries and processes, and the marker says that it fired. Without the variable
 (always, outside tests), `hit` reads one environment variable and returns.
 
-Points (the Ray learner, tempflow_core.ray_engine and data_parallel):
+Points (the Ray learner, tempflow_core.engines.ray_engine and data_parallel):
     learner.job/rank{r}         a rank has taken a stage's job, before any work on it
     learner.minibatch/rank{r}   a rank starts a minibatch of the update
     learner.allreduce/rank{r}   a rank enters the gradient all-reduce
     learner.checkpoint/rank0    rank 0 has written the advantages, not yet checkpoint i
-    reward.score/{run}          the reward stage of run {run} starts scoring (tempflow_core.stages)
+    reward.score/{run}          the reward stage of run {run} starts scoring (tempflow_core.run.stages)
 """
 
 from __future__ import annotations

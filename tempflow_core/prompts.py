@@ -90,7 +90,7 @@ def _load(source: str) -> list[PromptRecord]:
 def _builtin_loaders():
     loaders = {name: (lambda items=items: [PromptRecord(f"{i:06d}", t) for i, t in enumerate(items)])
                for name, items in BUILTIN.items()}
-    from .shapes.prompts import BUILTIN_SPLITS, load_split
+    from tempflow_core.shapes.prompts import BUILTIN_SPLITS, load_split
 
     for split in BUILTIN_SPLITS:  # the shapes benchmark's splits: builtin:shapes_train, _test, _eval
         loaders[f"shapes_{split}"] = lambda split=split: [PromptRecord(r["id"], r["prompt"], r)
@@ -112,7 +112,7 @@ class PromptStream:
     def _order(self, epoch: int) -> list[int]:
         import torch
 
-        from .seeding import derive_seed
+        from tempflow_core.seeding import derive_seed
 
         g = torch.Generator().manual_seed(derive_seed(self.seed, "prompt-epoch", epoch))
         return torch.randperm(len(self.records), generator=g).tolist()

@@ -36,7 +36,7 @@ def moto_s3():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A random tiny StableDiffusion3Pipeline written with save_pretrained (built once)."""
-    from tempflow_core.models import build_tiny_pipeline, save_pipeline
+    from tempflow_core.policies.models import build_tiny_pipeline, save_pipeline
 
     root = tmp_path_factory.mktemp("tiny-sd3")
     return save_pipeline(build_tiny_pipeline(workdir=root / "tok"), root / "model")
@@ -45,6 +45,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_pipe(tiny_model_dir):
     """A fresh pipeline per test (Policy attaches its LoRA in place)."""
-    from tempflow_core.models import load_pipeline
+    from tempflow_core.policies.models import load_pipeline
 
     return load_pipeline(tiny_model_dir)

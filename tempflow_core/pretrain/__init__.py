@@ -33,14 +33,14 @@ threads, a second busy process on the same 2 cores slowed training 5-10x in our 
 
 from __future__ import annotations
 
-from .config import SHIPPED_MODEL, PretrainConfig
-from .data import render_scenes, to_pixels
-from .evaluation import evaluate_pipeline, sample_split
-from .progress import LogFn
-from .record import PretrainResult
-from .run import pretrain
-from .transformer import encode_text, flow_loss
-from .vae import encode_latents, train_vae
+from tempflow_core.pretrain.config import SHIPPED_MODEL, PretrainConfig
+from tempflow_core.pretrain.data import render_scenes, to_pixels
+from tempflow_core.pretrain.evaluation import evaluate_pipeline, sample_split
+from tempflow_core.pretrain.progress import LogFn
+from tempflow_core.pretrain.record import PretrainResult
+from tempflow_core.pretrain.run import pretrain
+from tempflow_core.pretrain.transformer import encode_text, flow_loss
+from tempflow_core.pretrain.vae import encode_latents, train_vae
 
 __all__ = [
     "SHIPPED_MODEL", "LogFn", "PretrainConfig", "PretrainResult", "encode_latents", "encode_text", "evaluate_pipeline",

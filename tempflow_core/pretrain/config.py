@@ -7,7 +7,7 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import TinyModelConfig
+from tempflow_core.config import TinyModelConfig
 
 SHIPPED_MODEL = TinyModelConfig(
     resolution=64, vae_channels=[32, 64, 64], latent_channels=4, layers=6, heads=4, head_dim=32,
@@ -67,7 +67,7 @@ class PretrainConfig(BaseModel):
         Overrides apply on top of the defaults' values, so `model.resolution=32` keeps the
         shipped model's other sizes (validating {"model": {"resolution": 32}} alone would
         reset them to TinyModelConfig's class defaults)."""
-        from ..config import apply_overrides
+        from tempflow_core.config import apply_overrides
 
         data = apply_overrides(cls().model_dump(mode="json"), overrides)
         data.update({k: v for k, v in fields.items() if v is not None})

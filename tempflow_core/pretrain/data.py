@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PretrainConfig
+from tempflow_core.pretrain.config import PretrainConfig
 
 
 def render_scenes(cfg: PretrainConfig) -> tuple[np.ndarray, list[str]]:
     """Phase 1: cfg.images captioned scenes, uint8 [N, H, W, 3] and N captions (split "all")."""
-    from ..shapes import generate_dataset
+    from tempflow_core.shapes import generate_dataset
 
     images, captions, _ = generate_dataset(cfg.images, cfg.seed, resolution=cfg.model.resolution, split="all")
     return images, captions

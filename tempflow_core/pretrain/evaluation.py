@@ -1,6 +1,6 @@
 """The evaluation protocol of pretraining, and the final report's scores.
 
-ODE sampling (``tempflow_core.rollout.sample_images``) of every prompt of a shapes split,
+ODE sampling (``tempflow_core.algorithm.rollout.sample_images``) of every prompt of a shapes split,
 ``per_prompt`` images each, noise seeded per prompt id, scored with the shapes detector's
 strict GenEval rules (``shapes.evaluate``: overall = mean of the six task accuracies).
 Evaluation draws its own seeded noise, so it never perturbs training.
@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import PretrainConfig
+from tempflow_core.pretrain.config import PretrainConfig
 
 
 def _eval_records(split: str, per_prompt: int) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """Prompts, noise ids and metadata of every prompt of split, each repeated per_prompt times."""
-    from ..shapes import load_split
+    from tempflow_core.shapes import load_split
 
     prompts, ids, meta = [], [], []
     for rec in load_split(split):
@@ -36,9 +36,9 @@ def _eval_records(split: str, per_prompt: int) -> tuple[list[str], list[str], li
 def sample_split(pipe, split: str, per_prompt: int, steps: int, shift: float, cfg_scale: float, seed: int,
                  max_batch: int = 128) -> tuple[np.ndarray, list[dict[str, Any]], list[str]]:
     """The evaluation protocol's samples: uint8 [N, H, W, 3], their records and prompts."""
-    from ..policy import Policy
-    from ..rollout import sample_images
-    from ..schedule import make_schedule
+    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.algorithm.rollout import sample_images
+    from tempflow_core.algorithm.schedule import make_schedule
 
     prompts, ids, meta = _eval_records(split, per_prompt)
     policy = Policy(pipe, None, "cpu")
@@ -49,7 +49,7 @@ def sample_split(pipe, split: str, per_prompt: int, steps: int, shift: float, cf
 def evaluate_pipeline(pipe, split: str = "test", per_prompt: int = 6, steps: int = 20, shift: float = 3.0,
                       cfg_scale: float = 4.0, seed: int = 1234) -> tuple[dict[str, Any], np.ndarray, list[str]]:
     """evaluate() of the shapes detector on sample_split; also returns the images and prompts."""
-    from ..shapes import evaluate
+    from tempflow_core.shapes import evaluate
 
     images, meta, prompts = sample_split(pipe, split, per_prompt, steps, shift, cfg_scale, seed)
     return evaluate(images, meta), images, prompts

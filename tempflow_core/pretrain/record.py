@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PretrainConfig
+from tempflow_core.pretrain.config import PretrainConfig
 
 
 @dataclass
@@ -40,7 +40,7 @@ def write_record(res: PretrainResult, cfg: PretrainConfig, images: np.ndarray | 
     """curve.json (config, curve, timings, final scores), curve.png and, given the final
     report's samples (uint8 [N, H, W, 3] and N prompts), samples.png: the first image of each
     of the first 24 prompts."""
-    from ..shapes import image_grid
+    from tempflow_core.shapes import image_grid
 
     out = res.out_dir
     (out / "curve.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "curve": res.curve,

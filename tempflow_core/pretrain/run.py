@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PretrainConfig
-from .data import LatentCache, render_scenes, split_train_val
-from .evaluation import FinalScores, final_scores
-from .progress import Clock, LogFn
-from .record import PretrainResult, dir_size_mb, write_record
-from .transformer import Training, ValSet, train_transformer
-from .vae import encode_latents, normalise_latents, reconstruction_psnr, train_vae
+from tempflow_core.pretrain.config import PretrainConfig
+from tempflow_core.pretrain.data import LatentCache, render_scenes, split_train_val
+from tempflow_core.pretrain.evaluation import FinalScores, final_scores
+from tempflow_core.pretrain.progress import Clock, LogFn
+from tempflow_core.pretrain.record import PretrainResult, dir_size_mb, write_record
+from tempflow_core.pretrain.transformer import Training, ValSet, train_transformer
+from tempflow_core.pretrain.vae import encode_latents, normalise_latents, reconstruction_psnr, train_vae
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True, log: LogFn | None = None) -> PretrainResult:
@@ -58,7 +58,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, progress: bool = True, lo
 
 def _build_pipeline(cfg: PretrainConfig):
     """The randomly initialised tiny pipeline, seeded by cfg.seed."""
-    from ..models import build_tiny_pipeline
+    from tempflow_core.policies.models import build_tiny_pipeline
 
     torch.manual_seed(cfg.seed)
     pipe = build_tiny_pipeline(cfg.model.model_copy(update={"seed": cfg.seed}))
@@ -95,7 +95,7 @@ def _vae_info(vae, images: np.ndarray, latents: np.ndarray, mses: list[float]) -
 def _save(pipe, cfg: PretrainConfig, out_dir: Path, training: Training, scores: FinalScores,
           vae_info: dict[str, float], clock: Clock) -> PretrainResult:
     """Save the pipeline (safetensors) and the run's record; returns the result."""
-    from ..models import save_pipeline
+    from tempflow_core.policies.models import save_pipeline
 
     wall = clock.elapsed()
     pipe.transformer.eval()

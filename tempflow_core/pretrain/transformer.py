@@ -25,10 +25,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .config import PretrainConfig
-from .data import LatentSet
-from .evaluation import evaluate_pipeline
-from .progress import Clock
+from tempflow_core.pretrain.config import PretrainConfig
+from tempflow_core.pretrain.data import LatentSet
+from tempflow_core.pretrain.evaluation import evaluate_pipeline
+from tempflow_core.pretrain.progress import Clock
 
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")  # the pipeline's modules that train here
 

@@ -15,9 +15,9 @@ import math
 import numpy as np
 import torch
 
-from .config import PretrainConfig
-from .data import to_pixels
-from .progress import LogFn
+from tempflow_core.pretrain.config import PretrainConfig
+from tempflow_core.pretrain.data import to_pixels
+from tempflow_core.pretrain.progress import LogFn
 
 
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .registry import BUILTIN, Entry, RewardError, RewardFn, RewardRegistry, checked, reward_servers  # noqa: F401
+from tempflow_core.rewards.registry import BUILTIN, Entry, RewardError, RewardFn, RewardRegistry, checked, reward_servers  # noqa: F401
 
 
 def build_reward(name: str, weights: Mapping[str, float] | None = None,

@@ -23,7 +23,7 @@ from PIL import Image
 def _shapes_metadata(prompts: list[str], metadata: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The GenEval record per image: the metadata given, else looked up from the prompt text
     (so plain-text prompt sets from the shapes grammar work too)."""
-    from ..shapes.prompts import record_for_prompt
+    from tempflow_core.shapes.prompts import record_for_prompt
 
     metadata = metadata if metadata is not None else [{}] * len(prompts)
     if len(metadata) != len(prompts):
@@ -33,8 +33,8 @@ def _shapes_metadata(prompts: list[str], metadata: list[dict[str, Any]] | None) 
 
 def _shapes_scores(images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    from ..shapes.score import score_images
-    from ..shapes.world import TAGS
+    from tempflow_core.shapes.score import score_images
+    from tempflow_core.shapes.world import TAGS
 
     meta = _shapes_metadata(prompts, metadata)
     strict, partial = score_images(np.asarray(images), meta)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import RewardFn
+from tempflow_core.rewards.registry import RewardFn
 
 _QUOTED = re.compile(r'"([^"]+)"|\u201c([^\u201d]+)\u201d')
 WHEEL_MODELS = {"det": "PP-OCRv6_det_small.onnx", "rec": "PP-OCRv6_rec_small.onnx"}  # in rapidocr 3.10's wheel

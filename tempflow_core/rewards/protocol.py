@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..shards.png import decode_png as decode_png_bytes
-from ..shards.png import encode_png as encode_png_bytes
+from tempflow_core.shards.png import decode_png as decode_png_bytes
+from tempflow_core.shards.png import encode_png as encode_png_bytes
 
 PROTOCOL = 1
 MAX_BODY_BYTES = 512 * 1024 * 1024  # a request larger than this is refused with 413

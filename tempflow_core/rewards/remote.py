@@ -34,10 +34,10 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..redaction import redact_text, redact_uri, split_credentials
-from ..storage.retry import RetryPolicy
-from .registry import RewardError
-from .protocol import PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, decode_health, decode_response, encode_request
+from tempflow_core.redaction import redact_text, redact_uri, split_credentials
+from tempflow_core.storage.retry import RetryPolicy
+from tempflow_core.rewards.registry import RewardError
+from tempflow_core.rewards.protocol import PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, decode_health, decode_response, encode_request
 
 
 class RemoteRewardError(RewardError):

@@ -16,12 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .protocol import (
+from tempflow_core import __version__
+from tempflow_core.rewards.protocol import (
     MAX_BODY_BYTES, PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, _error, _json, decode_request,
     encode_response,
 )
-from .registry import RewardError, RewardRegistry
+from tempflow_core.rewards.registry import RewardError, RewardRegistry
 
 log = logging.getLogger("tempflow.rewards.service")
 

@@ -8,14 +8,14 @@ report helpers (evaluate, grid). Pure numpy/scipy/PIL: no torch, no model weight
 
 from __future__ import annotations
 
-from .detect import Detection, detect
-from .evaluate import evaluate, format_table
-from .geometry import relative_position
-from .grid import image_grid
-from .prompts import BUILTIN_SPLITS, generate_records, load_split, record_for_prompt, split_records, write_prompt_files
-from .render import SceneObject, generate_dataset, render_batch, render_scene
-from .score import ImageScore, score_images, score_objects
-from .world import COLORS, RELATIONS, SHAPES, TAGS
+from tempflow_core.shapes.detect import Detection, detect
+from tempflow_core.shapes.evaluate import evaluate, format_table
+from tempflow_core.shapes.geometry import relative_position
+from tempflow_core.shapes.grid import image_grid
+from tempflow_core.shapes.prompts import BUILTIN_SPLITS, generate_records, load_split, record_for_prompt, split_records, write_prompt_files
+from tempflow_core.shapes.render import SceneObject, generate_dataset, render_batch, render_scene
+from tempflow_core.shapes.score import ImageScore, score_images, score_objects
+from tempflow_core.shapes.world import COLORS, RELATIONS, SHAPES, TAGS
 
 __all__ = [
     "COLORS", "RELATIONS", "SHAPES", "TAGS", "Detection", "ImageScore", "SceneObject", "BUILTIN_SPLITS",

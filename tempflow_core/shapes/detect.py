@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .world import COLOR_CUTOFF, COLORS, palette_array
+from tempflow_core.shapes.world import COLOR_CUTOFF, COLORS, palette_array
 
 MIN_AREA_FRACTION = 0.01
 """Minimum component area as a fraction of H*W (41 px at 64x64, 10 px at 32x32): under half

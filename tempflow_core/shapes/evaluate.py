@@ -10,8 +10,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .score import score_images
-from .world import TAGS
+from tempflow_core.shapes.score import score_images
+from tempflow_core.shapes.world import TAGS
 
 TABLE_COLUMNS: dict[str, str] = {
     "single_object": "Single Obj.", "two_object": "Two Obj.", "counting": "Counting",

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .world import POSITION_THRESHOLD
+from tempflow_core.shapes.world import POSITION_THRESHOLD
 
 Box = Sequence[float]  # (x1, y1, x2, y2), x2/y2 exclusive pixel edges
 

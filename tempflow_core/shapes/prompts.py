@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .world import COLORS, COUNT_WORDS, COUNTS, RELATIONS, SHAPES, TAGS, plural
+from tempflow_core.shapes.world import COLORS, COUNT_WORDS, COUNTS, RELATIONS, SHAPES, TAGS, plural
 
 DATA_DIR = Path(__file__).parent / "data"
 SPLITS: tuple[str, ...] = ("train", "test")

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .world import COLOR_JITTER, COLORS, PALETTE, POSITION_THRESHOLD, RADIUS_RANGE, SHAPES, TAGS
+from tempflow_core.shapes.world import COLOR_JITTER, COLORS, PALETTE, POSITION_THRESHOLD, RADIUS_RANGE, SHAPES, TAGS
 
 _MAX_TRIES = 400
 _REL_MARGIN = 0.05  # renderer wants the named relation's component beyond 0.55, the others within 0.45
@@ -187,7 +187,7 @@ def generate_dataset(n: int, seed: int, resolution: int = 64, split: str = "all"
         images uint8 [n, H, W, 3], captions (the prompts), metadata (the prompts' records;
         images of the same prompt share one dict, so copy before mutating).
     """
-    from .prompts import load_split
+    from tempflow_core.shapes.prompts import load_split
 
     records = load_split(split)
     unknown = set(tags) - set(TAGS)

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .detect import Detection, detect
-from .geometry import relative_position
+from tempflow_core.shapes.detect import Detection, detect
+from tempflow_core.shapes.geometry import relative_position
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,20 @@ Modules: `schema` (layout, names, key rules), `manifest` (Manifest, provenance),
 webdataset), `scores` (write_scores, read_scores), `errors`.
 """
 
-from ..storage import StoreLike
-from .errors import SchemaError, ShardError, ShardIntegrityError, StageExists, StageNotFound, UnsafeMemberError
-from .gopen import S3GopenHandler, register_s3_gopen
-from .manifest import (
+from tempflow_core.storage import StoreLike
+from tempflow_core.shards.errors import SchemaError, ShardError, ShardIntegrityError, StageExists, StageNotFound, UnsafeMemberError
+from tempflow_core.shards.gopen import S3GopenHandler, register_s3_gopen
+from tempflow_core.shards.manifest import (
     Manifest, ObjectInfo, ShardInfo, manifest_key, read_manifest, require_manifest, stage_complete, write_manifest,
 )
-from .png import auto_png_level
-from .reading import iter_samples, read_embeds, read_rollouts, shard_urls
-from .samples import decode_sample, encode_branch_point, encode_trajectory, sample_to_dataclass
-from .schema import (
+from tempflow_core.shards.png import auto_png_level
+from tempflow_core.shards.reading import iter_samples, read_embeds, read_rollouts, shard_urls
+from tempflow_core.shards.samples import decode_sample, encode_branch_point, encode_trajectory, sample_to_dataclass
+from tempflow_core.shards.schema import (
     EMBEDS_NAME, FORBIDDEN_EXTENSIONS, MANIFEST_NAME, PROMPTS_NAME, SCHEMA_VERSION, SCORES_NAME, SHARD_PATTERN,
 )
-from .scores import Scores, read_scores, scores_complete, write_scores
-from .writing import RolloutPart, publish_rollouts, write_rollout_part, write_rollouts, write_shards
+from tempflow_core.shards.scores import Scores, read_scores, scores_complete, write_scores
+from tempflow_core.shards.writing import RolloutPart, publish_rollouts, write_rollout_part, write_rollouts, write_shards
 
 __all__ = [
     "EMBEDS_NAME", "FORBIDDEN_EXTENSIONS", "MANIFEST_NAME", "PROMPTS_NAME", "SCHEMA_VERSION", "SCORES_NAME",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..storage import ObjectNotFound, StoreError
+from tempflow_core.storage import ObjectNotFound, StoreError
 
 
 class ShardError(StoreError):

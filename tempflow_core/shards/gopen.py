@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from webdataset.gopen import gopen_schemes
 
-from ..redaction import redact_uri
-from ..storage import InvalidStoreURI, S3Store, validate_key
+from tempflow_core.redaction import redact_uri
+from tempflow_core.storage import InvalidStoreURI, S3Store, validate_key
 
 
 class S3GopenHandler:

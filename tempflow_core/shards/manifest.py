@@ -16,10 +16,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from ..redaction import redact_uri, scrub_mapping, secret_key_paths
-from ..storage import ObjectNotFound, ObjectStore, StoreLike, join_key, open_store, validate_key
-from .errors import SchemaError, ShardIntegrityError, StageExists, StageNotFound
-from .schema import MANIFEST_NAME, SCHEMA_VERSION
+from tempflow_core.redaction import redact_uri, scrub_mapping, secret_key_paths
+from tempflow_core.storage import ObjectNotFound, ObjectStore, StoreLike, join_key, open_store, validate_key
+from tempflow_core.shards.errors import SchemaError, ShardIntegrityError, StageExists, StageNotFound
+from tempflow_core.shards.schema import MANIFEST_NAME, SCHEMA_VERSION
 
 log = logging.getLogger("tempflow.shards")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SchemaError
+from tempflow_core.shards.errors import SchemaError
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> gray, gray+alpha, RGB, RGBA

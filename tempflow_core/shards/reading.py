@@ -10,24 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import safetensors.torch
 import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ..redaction import redact_uri
-from ..storage import ObjectStore, S3Store, StoreLike, iter_chunks, join_key, open_store
-from .errors import SchemaError, ShardError, ShardIntegrityError
-from .gopen import register_s3_gopen
-from .manifest import Manifest, get_listed_object, require_manifest
-from .samples import decode_sample, sample_to_dataclass
-from .schema import EMBEDS_NAME
+from tempflow_core.redaction import redact_uri
+from tempflow_core.storage import ObjectStore, S3Store, StoreLike, iter_chunks, join_key, open_store
+from tempflow_core.shards.errors import SchemaError, ShardError, ShardIntegrityError
+from tempflow_core.shards.gopen import register_s3_gopen
+from tempflow_core.shards.manifest import Manifest, get_listed_object, require_manifest
+from tempflow_core.shards.samples import decode_sample, sample_to_dataclass
+from tempflow_core.shards.schema import EMBEDS_NAME
+from tempflow_core.batches import PromptEmbeds, RolloutBatch
 
-if TYPE_CHECKING:
-    from ..policy import PromptEmbeds
-    from ..rollout import RolloutBatch
 
 _SPOOL_BYTES = 64 << 20  # shards up to this size are verified in memory, larger ones spill to disk
 _DEFAULT = object()  # "use webdataset's splitter" (None means: no split)
@@ -163,7 +161,6 @@ def iter_samples(
 def read_embeds(store: StoreLike, prefix: str, manifest: Manifest | None = None,
                 verify: bool = True) -> tuple[PromptEmbeds, torch.Tensor]:
     """(PromptEmbeds, sigmas) of a rollout stage output."""
-    from ..policy import PromptEmbeds
 
     store = open_store(store)
     m = manifest or require_manifest(store, prefix, kind="rollouts")
@@ -180,7 +177,6 @@ def read_rollouts(store: StoreLike, prefix: str, *, images: bool = True, verify:
     Reads every shard in this process (no node/worker split): for the learner's sharded
     streaming use `iter_samples`.
     """
-    from ..rollout import RolloutBatch
 
     store = open_store(store)
     m = require_manifest(store, prefix, kind="rollouts")

@@ -8,22 +8,19 @@ sample holding a pickle-based member (.pth/.pt/.pickle/.pkl/.pyd) is refused whe
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors.numpy
 import safetensors.torch
 import torch
 
-from ..redaction import redact_uri
-from .errors import SchemaError, UnsafeMemberError
-from .png import decode_png, encode_png
-from .schema import FORBIDDEN_EXTENSIONS, SCHEMA_VERSION, check_sample_key, is_forbidden_member, json_bytes
+from tempflow_core.redaction import redact_uri
+from tempflow_core.shards.errors import SchemaError, UnsafeMemberError
+from tempflow_core.shards.png import decode_png, encode_png
+from tempflow_core.shards.schema import FORBIDDEN_EXTENSIONS, SCHEMA_VERSION, check_sample_key, is_forbidden_member, json_bytes
+from tempflow_core.batches import BranchPoint, PromptEmbeds, Trajectory
 
-if TYPE_CHECKING:  # at run time imported where needed: rollout pulls in diffusers (~2 s), which a
-    # DataLoader worker or a reward task that only streams samples does not need
-    from ..policy_base import PromptEmbeds
-    from ..rollout import BranchPoint, Trajectory
 
 _NUMPY_SAFE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
                torch.uint8, torch.bool}
@@ -173,7 +170,6 @@ def decode_sample(sample: Mapping[str, Any], *, images: bool = True) -> dict[str
 
 def sample_to_dataclass(d: Mapping[str, Any]) -> BranchPoint | Trajectory:
     """Decoded sample -> the BranchPoint / Trajectory it was written from (tensors bit-identical)."""
-    from ..rollout import BranchPoint, Trajectory
 
     meta = d["meta"]
     try:

@@ -27,7 +27,7 @@ import json
 import re
 from typing import Any
 
-from .errors import SchemaError
+from tempflow_core.shards.errors import SchemaError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -14,14 +14,14 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from ..canonical import canonical_safetensors
-from ..storage import StoreLike, join_key, open_store, validate_key
-from .errors import SchemaError
-from .manifest import (
+from tempflow_core.canonical import canonical_safetensors
+from tempflow_core.storage import StoreLike, join_key, open_store, validate_key
+from tempflow_core.shards.errors import SchemaError
+from tempflow_core.shards.manifest import (
     Manifest, get_listed_object, now, prepare_prefix, provenance, put_listed_object, require_manifest, scrub_metadata,
     stage_complete, write_manifest,
 )
-from .schema import SAMPLE_KEY, SCHEMA_VERSION, SCORES_NAME, check_sample_key
+from tempflow_core.shards.schema import SAMPLE_KEY, SCHEMA_VERSION, SCORES_NAME, check_sample_key
 
 
 @dataclass

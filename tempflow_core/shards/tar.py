@@ -13,9 +13,9 @@ import os
 import tarfile
 from typing import Any, Mapping
 
-from .errors import SchemaError
-from .manifest import ShardInfo
-from .schema import SHARD_PATTERN, check_sample_key, is_forbidden_member
+from tempflow_core.shards.errors import SchemaError
+from tempflow_core.shards.manifest import ShardInfo
+from tempflow_core.shards.schema import SHARD_PATTERN, check_sample_key, is_forbidden_member
 
 _BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 _MTIME = 0  # fixed int mtime: same samples -> same shard bytes; a float mtime costs a PAX header per member

@@ -12,23 +12,21 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..storage import ObjectStore, StoreLike, join_key, open_store, validate_key
-from .errors import SchemaError
-from .manifest import (
+from tempflow_core.storage import ObjectStore, StoreLike, join_key, open_store, validate_key
+from tempflow_core.shards.errors import SchemaError
+from tempflow_core.shards.manifest import (
     Manifest, ShardInfo, now, prepare_prefix, provenance, put_listed_object, scrub_metadata, write_manifest,
 )
-from .png import auto_png_level
-from .samples import encode_branch_point, encode_embeds, encode_trajectory
-from .schema import EMBEDS_NAME, PROMPTS_NAME, SCHEMA_VERSION, json_bytes
-from .tar import ShardFile
+from tempflow_core.shards.png import auto_png_level
+from tempflow_core.shards.samples import encode_branch_point, encode_embeds, encode_trajectory
+from tempflow_core.shards.schema import EMBEDS_NAME, PROMPTS_NAME, SCHEMA_VERSION, json_bytes
+from tempflow_core.shards.tar import ShardFile
+from tempflow_core.batches import PromptEmbeds, RolloutBatch
 
-if TYPE_CHECKING:
-    from ..policy_base import PromptEmbeds
-    from ..rollout import RolloutBatch
 
 log = logging.getLogger("tempflow.shards")
 
@@ -189,7 +187,6 @@ def publish_rollouts(parts: Sequence[RolloutPart], store: StoreLike, prefix: str
     and embeddings, then the manifest (last) listing every part's shards in slice order."""
     import torch
 
-    from ..policy_base import PromptEmbeds
 
     store = open_store(store)
     prefix = validate_key(prefix, what="stage prefix")

@@ -16,15 +16,15 @@ Modules: `errors`, `keys` (validation), `interface` (ObjectStore), `local` (Loca
 (open_store).
 """
 
-from ..redaction import redact_uri
-from .errors import InvalidKey, InvalidStoreURI, ObjectNotFound, StoreError, StoreUnavailable
-from .factory import StoreLike, open_s3_store, open_store
-from .interface import ObjectStore, iter_chunks
-from .keys import MAX_KEY_BYTES, join_key, validate_key
-from .local import LocalStore
-from .retry import RetryPolicy
-from .s3 import S3Store
-from .s3_config import S3Credentials, S3Settings
+from tempflow_core.redaction import redact_uri
+from tempflow_core.storage.errors import InvalidKey, InvalidStoreURI, ObjectNotFound, StoreError, StoreUnavailable
+from tempflow_core.storage.factory import StoreLike, open_s3_store, open_store
+from tempflow_core.storage.interface import ObjectStore, iter_chunks
+from tempflow_core.storage.keys import MAX_KEY_BYTES, join_key, validate_key
+from tempflow_core.storage.local import LocalStore
+from tempflow_core.storage.retry import RetryPolicy
+from tempflow_core.storage.s3 import S3Store
+from tempflow_core.storage.s3_config import S3Credentials, S3Settings
 
 __all__ = [
     "MAX_KEY_BYTES", "InvalidKey", "InvalidStoreURI", "LocalStore", "ObjectNotFound", "ObjectStore", "RetryPolicy",

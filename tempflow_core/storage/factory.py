@@ -6,14 +6,14 @@ import os
 from typing import Any, Union
 from urllib.parse import urlsplit
 
-from ..redaction import redact_uri
-from .errors import InvalidKey, InvalidStoreURI
-from .interface import ObjectStore
-from .keys import validate_key
-from .local import LocalStore
-from .retry import RetryPolicy
-from .s3 import S3Store
-from .s3_config import S3Credentials, S3Settings
+from tempflow_core.redaction import redact_uri
+from tempflow_core.storage.errors import InvalidKey, InvalidStoreURI
+from tempflow_core.storage.interface import ObjectStore
+from tempflow_core.storage.keys import validate_key
+from tempflow_core.storage.local import LocalStore
+from tempflow_core.storage.retry import RetryPolicy
+from tempflow_core.storage.s3 import S3Store
+from tempflow_core.storage.s3_config import S3Credentials, S3Settings
 
 StoreLike = Union[ObjectStore, str, os.PathLike]  # what every data-plane function accepts as a store
 

@@ -10,9 +10,9 @@ import abc
 import os
 from typing import BinaryIO, Iterator
 
-from ..redaction import redact_uri
-from .errors import InvalidKey
-from .keys import validate_key
+from tempflow_core.redaction import redact_uri
+from tempflow_core.storage.errors import InvalidKey
+from tempflow_core.storage.keys import validate_key
 
 
 class ObjectStore(abc.ABC):

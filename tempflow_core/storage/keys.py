@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import InvalidKey
+from tempflow_core.storage.errors import InvalidKey
 
 MAX_KEY_BYTES = 1024  # S3's limit on key length
 

@@ -8,9 +8,9 @@ import uuid
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Callable
 
-from .errors import InvalidKey, ObjectNotFound
-from .interface import ObjectStore
-from .keys import validate_key
+from tempflow_core.storage.errors import InvalidKey, ObjectNotFound
+from tempflow_core.storage.interface import ObjectStore
+from tempflow_core.storage.keys import validate_key
 
 _TMP_MARK = ".tmp-"  # temp files: ".{name}.tmp-{hex}" beside their target; never listed as objects
 

@@ -93,7 +93,7 @@ def is_retryable_failure(exc: BaseException) -> bool:
     5xx, throttling, timeouts, dropped connections). Everything else (a bad key, a schema or
     integrity error, a missing object, a config error) fails the same way every time.
     """
-    from .errors import StoreUnavailable
+    from tempflow_core.storage.errors import StoreUnavailable
 
     return isinstance(exc, StoreUnavailable) or is_transient(exc)
 

@@ -16,14 +16,14 @@ import threading
 import time
 from typing import Any, BinaryIO, Callable, TypeVar
 
-from ..redaction import redact_text, redact_uri
-from .errors import InvalidStoreURI, ObjectNotFound, StoreError, StoreUnavailable
-from .interface import ObjectStore
-from .keys import folder_prefix, validate_key
-from .retry import NOT_FOUND_CODES, client_error_code, describe, is_transient
-from .s3_config import S3Credentials, S3Settings
-from .s3_logs import protect_logs
-from .s3_reader import S3ObjectReader
+from tempflow_core.redaction import redact_text, redact_uri
+from tempflow_core.storage.errors import InvalidStoreURI, ObjectNotFound, StoreError, StoreUnavailable
+from tempflow_core.storage.interface import ObjectStore
+from tempflow_core.storage.keys import folder_prefix, validate_key
+from tempflow_core.storage.retry import NOT_FOUND_CODES, client_error_code, describe, is_transient
+from tempflow_core.storage.s3_config import S3Credentials, S3Settings
+from tempflow_core.storage.s3_logs import protect_logs
+from tempflow_core.storage.s3_reader import S3ObjectReader
 
 log = logging.getLogger("tempflow.storage")
 

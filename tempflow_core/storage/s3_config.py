@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..redaction import redact_uri
-from .errors import InvalidStoreURI
-from .retry import RetryPolicy
+from tempflow_core.redaction import redact_uri
+from tempflow_core.storage.errors import InvalidStoreURI
+from tempflow_core.storage.retry import RetryPolicy
 
 RETRY_MODES = ("standard", "adaptive", "legacy")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from ..redaction import redact_text
+from tempflow_core.redaction import redact_text
 
 DUMPING_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.httpsession", "botocore.parsers",
                    "botocore.hooks", "botocore.credentials", "botocore.retryhandler", "botocore.utils",

@@ -12,11 +12,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import StoreError, StoreUnavailable
-from .retry import client_error_code, describe, is_transient
+from tempflow_core.storage.errors import StoreError, StoreUnavailable
+from tempflow_core.storage.retry import client_error_code, describe, is_transient
 
 if TYPE_CHECKING:
-    from .s3 import S3Store
+    from tempflow_core.storage.s3 import S3Store
 
 log = logging.getLogger("tempflow.storage")
 

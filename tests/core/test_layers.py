@@ -3,9 +3,15 @@ functions; `if TYPE_CHECKING:` blocks are not imports at run time):
 
     tempflow_core  <  tasks.tracking (the MLflow adapter)  <  tasks  <  flows
 
+and inside tempflow_core, by concept (CORE_LAYERS):
+
+    base modules (config, families, seeding, batches, ...) < data plane (storage, shards)
+    < shapes, rewards, prompts < algorithm.schedule, algorithm.sde < policies
+    < algorithm, pretrain < run < engines < reports
+
 A module imports only from its own layer or lower ones; tempflow_core imports neither Prefect
 nor MLflow, the MLflow adapter no Prefect; Ray is imported only by the Ray engine
-(tempflow_core/ray_engine.py) and the Ray head of the flows (flows/ray_head.py); and no group
+(tempflow_core/engines/ray_engine.py) and the Ray head of the flows (flows/ray_head.py); and no group
 of project modules imports itself around a cycle.
 """
 
@@ -17,7 +23,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tempflow_core", "tasks", "flows")
-RAY_MODULES = {"tempflow_core.ray_engine", "flows.ray_head"}
+RAY_MODULES = {"tempflow_core.engines.ray_engine", "flows.ray_head"}
+CORE_LAYERS = [  # tempflow_core's packages and top-level modules, lowest first; one layer may hold several
+    {"tempflow_core", "config", "families", "seeding", "redaction", "failpoints", "executables", "canonical",
+     "batches"},
+    {"storage", "shards"},
+    {"shapes", "rewards", "prompts"},
+    {"algorithm.schedule", "algorithm.sde"},  # the paper's grid and steps, which a policy's schedule builds on
+    {"policies"},
+    {"algorithm", "pretrain"},
+    {"run"},
+    {"engines"},
+    {"reports"},
+]
 
 
 def _modules() -> dict[str, Path]:
@@ -79,6 +97,16 @@ def _layer(module: str) -> int:
     return 2 if module.startswith("tasks") else 3
 
 
+def _core_layer(module: str) -> int:
+    """The CORE_LAYERS index of a tempflow_core module (by its own name, else its top-level package)."""
+    parts = module.split(".")[1:] or ["tempflow_core"]
+    for name in (".".join(parts[:2]), parts[0]):
+        for i, names in enumerate(CORE_LAYERS):
+            if name in names:
+                return i
+    raise AssertionError(f"{module} has no place in CORE_LAYERS")
+
+
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan, iterative)."""
     index: dict[str, int] = {}
@@ -127,6 +155,15 @@ def test_no_module_imports_a_higher_layer():
     assert upward == []
 
 
+def test_inside_the_core_no_concept_imports_a_higher_one():
+    edges, _ = _graph()
+    core = [m for m in _modules() if m.startswith("tempflow_core")]
+    assert all(_core_layer(m) >= 0 for m in core)  # every module of the core has its place
+    upward = sorted(f"{a} -> {b}" for a in core for b in edges[a]
+                    if b.startswith("tempflow_core") and _core_layer(b) > _core_layer(a))
+    assert upward == []
+
+
 def test_orchestration_and_ray_are_imported_only_where_they_belong():
     _, outside = _graph()
     assert sorted(m for m, pk in outside.items() if "prefect" in pk and _layer(m) <= 1) == []
@@ -143,8 +180,8 @@ def test_the_checks_see_cycles_and_upward_imports():
     """The graph reader finds what it is for (a guard that sees nothing passes vacuously)."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     edges, outside = _graph()
-    assert "tempflow_core.schedule" in edges["tempflow_core.train"]
+    assert "tempflow_core.algorithm.schedule" in edges["tempflow_core.algorithm.train"]
     assert "tasks.tracking" in edges["tasks.tracking_task"] and "tasks.stages" in edges["flows.train"]
-    assert "ray" in outside["tempflow_core.ray_engine"] and "mlflow" in outside["tasks.tracking.runs"]
+    assert "ray" in outside["tempflow_core.engines.ray_engine"] and "mlflow" in outside["tasks.tracking.runs"]
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flows\ndef f():\n    import tasks\n")
     assert [_targets("x", False, n) for n in _runtime_imports(tree)] == [["typing.TYPE_CHECKING"], ["tasks"]]

@@ -7,8 +7,8 @@ import uuid
 import numpy as np
 import torch
 
-from tempflow_core.policy import PromptEmbeds
-from tempflow_core.rollout import BranchPoint, RolloutBatch, Trajectory
+from tempflow_core.batches import PromptEmbeds
+from tempflow_core.batches import BranchPoint, RolloutBatch, Trajectory
 
 from moto_s3 import KEY_ID as TEST_KEY_ID, SECRET as TEST_SECRET  # noqa: E402,F401  (the S3 fixture's env credentials)
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tempflow_core.layout import RunLayout
-from tempflow_core.runlock import RunLocked, acquire, clean_after_kill, release, run_lock
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.run.runlock import RunLocked, acquire, clean_after_kill, release, run_lock
 
 
 def test_put_if_absent_creates_once(store):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from dp_helpers import assert_batches_identical, make_branch_batch, make_plain_batch
 
-from tempflow_core.data_parallel import DataParallel, read_share, sample_keys_of
-from tempflow_core.policy import PromptEmbeds
-from tempflow_core.rollout import RolloutBatch, branch_step_of_group, group_of_key
-from tempflow_core.rollout_slices import slice_bounds
+from tempflow_core.algorithm.data_parallel import DataParallel, read_share, sample_keys_of
+from tempflow_core.batches import PromptEmbeds
+from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_key
+from tempflow_core.run.rollout_slices import slice_bounds
 from tempflow_core.shards import SchemaError, publish_rollouts, read_rollouts, require_manifest, write_rollout_part
 from tempflow_core.storage import open_store
 

@@ -7,7 +7,7 @@ import pytest
 
 from tempflow_core.config import RunConfig, load_config
 from tempflow_core.families import detect_family, family_defaults
-from tempflow_core.invalidation import plan_branch
+from tempflow_core.run.invalidation import plan_branch
 
 # digests written by the code before model families (sampling.shift / noise_level were 3.0 / 0.7)
 PRE_FAMILY_DIGESTS = {

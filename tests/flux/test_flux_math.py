@@ -1,5 +1,5 @@
 """The SDE math on FLUX's grid (dynamic shift, a = 0.9). The marginals check runs on this grid in
-tests/core/test_sde.py (parametrised over SD3 and FLUX)."""
+tests/algorithm/test_sde.py (parametrised over SD3 and FLUX)."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from tempflow_core.schedule import make_schedule
-from tempflow_core.sde import gaussian_kl, sde_log_prob, sde_mean_std, sde_step
+from tempflow_core.algorithm.schedule import make_schedule
+from tempflow_core.algorithm.sde import gaussian_kl, sde_log_prob, sde_mean_std, sde_step
 
 MU_512 = calculate_shift(1024, 256, 4096, 0.5, 1.15)  # FLUX.1-dev at 512 px: (512 / 16)^2 = 1024 tokens
 

@@ -7,11 +7,11 @@ import torch
 
 from tempflow_core.config import LoraSettings
 from tempflow_core.families import detect_family
-from tempflow_core.flux import FluxPolicy, image_ids, pack_latents, unpack_latents
-from tempflow_core.models import load_pipeline
-from tempflow_core.policy import Policy, make_policy
-from tempflow_core.rollout import _ode_from, _begin, initial_noise  # noqa: F401  (ODE of evaluation)
-from tempflow_core.schedule import make_schedule
+from tempflow_core.policies.flux import FluxPolicy, image_ids, pack_latents, unpack_latents
+from tempflow_core.policies.models import load_pipeline
+from tempflow_core.policies.sd3 import Policy, make_policy
+from tempflow_core.algorithm.rollout import _ode_from, _begin, initial_noise  # noqa: F401  (ODE of evaluation)
+from tempflow_core.algorithm.schedule import make_schedule
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -69,7 +69,7 @@ def test_velocity_equals_flux_transformer_on_packed_latents(flux_pipe):
 
 
 def test_one_transformer_call_per_step_without_cfg(flux_pipe):
-    from tempflow_core.rollout import sample_images
+    from tempflow_core.algorithm.rollout import sample_images
 
     pol = FluxPolicy(flux_pipe, None, "cpu")
     T = 3

@@ -1,5 +1,5 @@
 """Rollouts, the learner, evaluation, export and a short training run on the tiny FLUX model:
-the checks of tests/core/test_rollout.py and test_learner.py, for the FLUX policy."""
+the checks of tests/algorithm/test_rollout.py and test_learner.py, for the FLUX policy."""
 
 import json
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tempflow_core.config import LoraSettings, LossConfig, TrainConfig, load_config
-from tempflow_core.flux import FluxPolicy
-from tempflow_core.learner import build_units, evaluate_units, make_optimizer, update
-from tempflow_core.rollout import branched_rollout, branched_rollout_loop, plain_rollout
-from tempflow_core.sde import sde_log_prob
+from tempflow_core.policies.flux import FluxPolicy
+from tempflow_core.algorithm.learner import build_units, evaluate_units, make_optimizer, update
+from tempflow_core.algorithm.rollout import branched_rollout, branched_rollout_loop, plain_rollout
+from tempflow_core.algorithm.sde import sde_log_prob
 
 PROMPTS, IDS = ["a red circle", "two blue squares", "a green triangle"], ["p0", "p1", "p2"]
 G = 3.5  # FLUX.1-dev's guidance value
@@ -123,7 +123,7 @@ def _cfg(tmp_path, *extra: str):
 
 
 def test_train_in_process_tempflow_on_tiny_flux(tmp_path):
-    from tempflow_core.train import train_in_process
+    from tempflow_core.algorithm.train import train_in_process
 
     cfg = _cfg(tmp_path, "algorithm=tempflow", "train.lr=0.01")
     assert cfg.family() == "flux"
@@ -141,11 +141,11 @@ def test_train_in_process_tempflow_on_tiny_flux(tmp_path):
 def test_stages_evaluation_and_export_reproduce_eval_images_with_plain_flux_pipeline(tmp_path, tiny_flux_dir):
     """Stages on a saved tiny FLUX folder; the exported README's snippet runs as written, and
     plain FluxPipeline + the exported LoRA draws the evaluated images from the recorded seeds."""
-    from tempflow_core import stages
-    from tempflow_core.export import export_lora
-    from tempflow_core.layout import RunLayout
-    from tempflow_core.models import load_pipeline
-    from tempflow_core.session import SessionCache
+    from tempflow_core.run import stages
+    from tempflow_core.run.export import export_lora
+    from tempflow_core.run.layout import RunLayout
+    from tempflow_core.policies.models import load_pipeline
+    from tempflow_core.algorithm.session import SessionCache
 
     # model.tiny.family says sd3, but with a path the folder's model_index.json decides
     # train.ema_decay > 0: evaluation scores the EMA and export writes it with FluxPipeline.save_lora_weights

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.export import effective_max_sequence_length, native_resolution
-from tempflow_core.models import load_pipeline_meta
-from tempflow_core.policy import make_policy
+from tempflow_core.run.export import effective_max_sequence_length, native_resolution
+from tempflow_core.policies.models import load_pipeline_meta
+from tempflow_core.policies.sd3 import make_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -60,6 +60,6 @@ def test_model_config_against_real_model_folder(name, folder, family, t5, n_targ
         e = torch.exp(torch.tensor(0.63, dtype=torch.float64))
         assert abs(float(s.sigmas[1]) - float(e * 0.9 / (e * 0.9 + 0.1))) < 1e-6
     else:  # SD3's static shift 3.0, exactly the grid runs had before families
-        from tempflow_core.schedule import make_schedule
+        from tempflow_core.algorithm.schedule import make_schedule
 
         assert torch.equal(s.sigmas, make_schedule(10, 3.0, 0.7).sigmas)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.schedule import make_schedule
+from tempflow_core.algorithm.schedule import make_schedule
 
 from .conftest import tiny_overrides
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import safetensors.torch as st
 import torch
 
-from tempflow_core.train import train_in_process
+from tempflow_core.algorithm.train import train_in_process
 
 from .conftest import tiny_overrides
 
@@ -155,11 +155,11 @@ def test_an_error_raised_while_prefect_handles_a_ctrl_c_exits_as_a_ctrl_c():
 
 def test_a_runs_config_yaml_gives_the_same_config_back_with_credentials_masked(tmp_path):
     """The reproduce command in an MLflow run's description: `tempflow train --config config.yaml`
-    with the run's config.yaml artifact (tempflow_core.runs.config_yaml) runs the same config."""
+    with the run's config.yaml artifact (tempflow_core.run.runs.config_yaml) runs the same config."""
     import json
 
     from tempflow_core.config import RunConfig
-    from tempflow_core.runs import config_yaml, display_name
+    from tempflow_core.run.runs import config_yaml, display_name
 
     cfg = RunConfig.model_validate({
         "algorithm": "reweight", "model": {"path": str(tmp_path / "model")}, "train": {"seed": 3, "betas": [0.8, 0.99]},

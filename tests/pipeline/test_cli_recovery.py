@@ -107,7 +107,7 @@ _REFERENCE: dict[str, bytes] = {}  # config digest -> final adapter bytes of the
 def test_sigkill_in_each_stage_then_resume_gives_the_uninterrupted_adapter_bytes(prefect_api, tiny_model_dir,
                                                                                  tmp_path, stage):
     from tempflow_core.config import RunConfig
-    from tempflow_core.train import train_in_process
+    from tempflow_core.algorithm.train import train_in_process
 
     env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_LOGGING_LEVEL": "WARNING",
            "PREFECT_API_URL": prefect_api}

@@ -62,10 +62,10 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
 
     from flows.train import train_flow
     from tempflow_core.config import load_config
-    from tempflow_core.export import export_lora
-    from tempflow_core.models import load_pipeline
-    from tempflow_core.layout import RunLayout
-    from tempflow_core.stages import read_eval
+    from tempflow_core.run.export import export_lora
+    from tempflow_core.policies.models import load_pipeline
+    from tempflow_core.run.layout import RunLayout
+    from tempflow_core.run.stages import read_eval
 
     from .conftest import tiny_overrides
 
@@ -90,16 +90,16 @@ def test_exported_lora_reproduces_eval_images_with_plain_diffusers(prefect_api, 
                    height=32, width=32, max_sequence_length=0, generator=torch.Generator().manual_seed(s["seed"]),
                    output_type="np").images[0]
         got.append((img * 255).round().astype(np.uint8))
-    from tempflow_core import evaluation
-    from tempflow_core.session import setup
+    from tempflow_core.algorithm import evaluation
+    from tempflow_core.algorithm.session import setup
 
     s_ = setup(cfg)
-    from tempflow_core.checkpoint import load_checkpoint
+    from tempflow_core.algorithm.checkpoint import load_checkpoint
 
     s_.policy.load_lora_state_dict(load_checkpoint(lay.store, lay.prefix(0, "learner")).lora)
     result, _ = evaluation.evaluate_policy(cfg, s_.policy, s_.reward_fn, evaluation.eval_prompts(cfg)[:3])
-    from tempflow_core.rollout import sample_images
-    from tempflow_core.schedule import make_schedule
+    from tempflow_core.algorithm.rollout import sample_images
+    from tempflow_core.algorithm.schedule import make_schedule
 
     ours = sample_images(s_.policy, [x["prompt"] for x in ev["samples"][:3]],
                          [f"{r.id}_s0" for r in evaluation.eval_prompts(cfg)[:3]],

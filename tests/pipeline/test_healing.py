@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tempflow_core.config import load_config
-from tempflow_core.layout import RunLayout
+from tempflow_core.run.layout import RunLayout
 
 from .conftest import tiny_overrides
 
@@ -117,8 +117,8 @@ def test_an_output_whose_input_changed_is_recomputed(finished, quiet_env):
 def test_an_input_found_corrupt_while_a_stage_reads_it_is_healed_and_the_stage_retried(finished):
     """No resume check in front: the learner itself hits the damaged shard, heals its inputs
     (the rollout is moved aside and resampled) and computes the same checkpoint."""
-    from tempflow_core import stages
-    from tempflow_core.session import SessionCache
+    from tempflow_core.run import stages
+    from tempflow_core.algorithm.session import SessionCache
 
     cfg, whole = finished
     lay = _killed_copy(whole, "heal-inside")

@@ -264,7 +264,7 @@ def test_start_a_custom_run_from_the_deployment_page_and_find_its_values(browser
 
 def test_retry_a_run_that_failed_in_its_reward_stage_from_its_page(browser, served, custom_run, snap, tmp_path):
     from tempflow_core.config import RunConfig
-    from tempflow_core.train import train_in_process
+    from tempflow_core.algorithm.train import train_in_process
 
     page = browser.new_page(viewport=VIEWPORT)
     _open_deployment(page, served)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tempflow_core.config import RunConfig, load_config
-from tempflow_core.preflight import PROMPT_ID, PreflightError, check_prompts, preflight
+from tempflow_core.run.preflight import PROMPT_ID, PreflightError, check_prompts, preflight
 
 _SCRIPT = Path(sys.executable).parent / "tempflow"  # the console script a user runs
 CLI = [str(_SCRIPT), "train"] if _SCRIPT.is_file() else [sys.executable, "-m", "flows.cli", "train"]

@@ -8,7 +8,7 @@ def test_pretrain_flow_writes_a_model_and_tracks_it(prefect_api, tmp_path, quiet
 
     from flows.pretrain import pretrain_flow
     from tempflow_core.config import TinyModelConfig
-    from tempflow_core.models import load_pipeline
+    from tempflow_core.policies.models import load_pipeline
     from tempflow_core.pretrain import PretrainConfig
 
     cfg = PretrainConfig(

@@ -40,11 +40,11 @@ import ray
 import torch
 
 from flows.children import free_port
-from tempflow_core import stages
-from tempflow_core.checkpoint import load_checkpoint
+from tempflow_core.run import stages
+from tempflow_core.algorithm.checkpoint import load_checkpoint
 from tempflow_core.config import load_config
-from tempflow_core.layout import RunLayout
-from tempflow_core.session import SessionCache
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import read_rollouts, read_scores, require_manifest
 from tempflow_core.storage import join_key
 
@@ -123,7 +123,7 @@ def _lora_delta_close(got: dict, want: dict, init: dict) -> float:
 
 
 def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_model_dir, tmp_path):
-    from tempflow_core.ray_engine import RayEngine
+    from tempflow_core.engines.ray_engine import RayEngine
 
     sessions = SessionCache()
     ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions, learner=False)
@@ -145,7 +145,7 @@ def test_a_learner_rank_that_finds_a_damaged_shard_makes_the_stage_heal_and_matc
     flow test below. A rollout shard is cut short after its stage: the rank that reads it reports
     the damage, the stage heals its inputs (the rollout resampled to the same bytes) and runs again
     on a new group, ending with the one-process update."""
-    from tempflow_core.ray_engine import RayEngine
+    from tempflow_core.engines.ray_engine import RayEngine
 
     sessions = SessionCache()
     one_step = ["algorithm=flow_grpo", "train.minibatches=1"]  # the moments are the all-reduced gradient
@@ -173,7 +173,7 @@ def test_a_learner_rank_killed_anywhere_in_a_stage_never_fails_it(local_ray, tin
     (gloo's 'Connection closed by peer') restart the group, a group in which no rank dies finishes,
     and the update is the one-process update."""
     from tempflow_core import failpoints
-    from tempflow_core.ray_engine import RayEngine
+    from tempflow_core.engines.ray_engine import RayEngine
 
     sessions = SessionCache()
     ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions)
@@ -189,7 +189,7 @@ def test_a_learner_rank_killed_anywhere_in_a_stage_never_fails_it(local_ray, tin
 
 
 def test_what_a_surviving_rank_raises_when_a_peer_dies_restarts_the_group_and_nothing_else_does():
-    from tempflow_core.ray_engine import peer_lost
+    from tempflow_core.engines.ray_engine import peer_lost
 
     for exc in (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                              "[127.0.0.1]:41952"),
@@ -231,7 +231,7 @@ def _same_update(ref: RunLayout, lay: RunLayout, moment_rtol: float = MOMENT_RTO
 
 def test_a_rollout_actor_killed_mid_stage_is_replaced_and_the_output_is_the_same(local_ray, tiny_model_dir,
                                                                                 tmp_path):
-    from tempflow_core.ray_engine import RayEngine
+    from tempflow_core.engines.ray_engine import RayEngine
 
     sessions = SessionCache()
     ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions, learner=False)

@@ -28,10 +28,10 @@ import pytest
 import ray
 
 from flows.children import spawn, stop
-from tempflow_core import stages
-from tempflow_core.layout import RunLayout
-from tempflow_core.preflight import PreflightError
-from tempflow_core.session import SessionCache
+from tempflow_core.run import stages
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.run.preflight import PreflightError
+from tempflow_core.algorithm.session import SessionCache
 
 from .test_children import _descendants
 from .test_ray_engine import _cfg, _iteration, _same_rollouts, _same_update
@@ -88,7 +88,7 @@ def test_two_nodes_share_the_work_and_survive_the_loss_of_one(two_nodes, tiny_mo
                                                               monkeypatch):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from tempflow_core.ray_engine import RayEngine
+    from tempflow_core.engines.ray_engine import RayEngine
 
     address, node, folder = two_nodes
     head = ray.get_runtime_context().get_node_id()

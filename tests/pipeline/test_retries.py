@@ -11,9 +11,9 @@ import pytest
 from prefect import flow, task
 
 from tasks.stages import STAGE_TASK_OPTIONS, reward_task
-from tempflow_core.engine import LocalEngine
+from tempflow_core.engines.engine import LocalEngine
 from tempflow_core.config import load_config
-from tempflow_core.session import SessionCache
+from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards.errors import SchemaError, ShardIntegrityError, StageExists
 from tempflow_core.storage import InvalidKey, ObjectNotFound
 from tempflow_core.storage.errors import StoreUnavailable

@@ -9,8 +9,8 @@ import safetensors.torch as st
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.layout import RunLayout
-from tempflow_core.train import train_in_process
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.train import train_in_process
 
 from .conftest import KEY_ID, SECRET, tiny_overrides
 
@@ -45,7 +45,7 @@ def _lora(path_or_bytes) -> dict[str, torch.Tensor]:
 
 
 def _final_adapter(cfg, run_id: str) -> dict[str, torch.Tensor]:
-    from tempflow_core.checkpoint import adapter_bytes
+    from tempflow_core.algorithm.checkpoint import adapter_bytes
 
     lay = RunLayout.open(cfg, run_id)
     return _lora(adapter_bytes(lay.store, lay.prefix(cfg.train.iterations - 1, "learner")))
@@ -134,7 +134,7 @@ def test_failed_stage_resumes_without_redoing_finished_stages(prefect_api, tiny_
 
 def test_rerun_from_reward_reuses_rollouts_with_another_reward(prefect_api, tiny_model_dir, tmp_path, quiet_env):
     from flows.train import train_flow
-    from tempflow_core.runs import read_run
+    from tempflow_core.run.runs import read_run
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1))
     train_flow(config=cfg, run_id="base")
@@ -154,7 +154,7 @@ def test_rerun_from_reward_reuses_rollouts_with_another_reward(prefect_api, tiny
     train_flow(config=cfg2, run_id="rescored", resume_from="base", from_stage="reward")
     assert lay.store.get_bytes("rescored/iter-000000/learner/manifest.json") == final
     # a branch whose changed setting reaches a reused output is refused, and writes nothing
-    from tempflow_core.runs import RunError
+    from tempflow_core.run.runs import RunError
 
     cfg7 = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1)
                        + ["sampling.guidance_scale=7"])
@@ -169,7 +169,7 @@ def test_a_run_held_by_a_live_process_is_refused_before_any_work(prefect_api, ti
     import sys
 
     from flows.train import train_flow
-    from tempflow_core.runlock import RunLocked
+    from tempflow_core.run.runlock import RunLocked
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=1))
     lay = RunLayout.open(cfg, "busy")
@@ -199,7 +199,7 @@ def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, 
 
 def test_ema_is_checkpointed_and_matches_in_process(prefect_api, tiny_model_dir, tmp_path, quiet_env):
     from flows.train import train_flow
-    from tempflow_core.checkpoint import load_checkpoint
+    from tempflow_core.algorithm.checkpoint import load_checkpoint
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["train.ema_decay=0.5", "train.lr=0.05"])
     train_flow(config=cfg, run_id="ema")

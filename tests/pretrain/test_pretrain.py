@@ -42,10 +42,10 @@ def tiny_run(tmp_path_factory, one_thread):
 
 
 def test_tiny_run_writes_a_loadable_pipeline_that_samples(tiny_run):
-    from tempflow_core.models import load_pipeline
-    from tempflow_core.policy import Policy
-    from tempflow_core.rollout import sample_images
-    from tempflow_core.schedule import make_schedule
+    from tempflow_core.policies.models import load_pipeline
+    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.algorithm.rollout import sample_images
+    from tempflow_core.algorithm.schedule import make_schedule
 
     out = tiny_run.out_dir
     assert tiny_run.steps == 20 and len(tiny_run.losses) == 20
@@ -81,8 +81,8 @@ def test_loss_decreases(tiny_run):
 
 
 def test_training_prompt_path_is_the_inference_path(tiny_run):
-    from tempflow_core.models import load_pipeline
-    from tempflow_core.policy import Policy
+    from tempflow_core.policies.models import load_pipeline
+    from tempflow_core.policies.sd3 import Policy
 
     pipe = load_pipeline(tiny_run.out_dir)
     prompts = ["a red circle", "", "a blue square left of a yellow triangle", "a red circle"]

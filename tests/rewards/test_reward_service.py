@@ -24,14 +24,14 @@ import pytest
 import torch
 
 from tempflow_core.config import RunConfig
-from tempflow_core.layout import RunLayout
-from tempflow_core.policy import PromptEmbeds
-from tempflow_core.preflight import PreflightError, check_reward
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.batches import PromptEmbeds
+from tempflow_core.run.preflight import PreflightError, check_reward
 from tempflow_core.prompts import load_prompts
 from tempflow_core.rewards import build_reward, reward_servers
 from tempflow_core.rewards.remote import RemoteRewardError, RemoteRewardUnavailable
 from tempflow_core.rewards.protocol import ScoreResponse, decode_request, encode_png, encode_response
-from tempflow_core.rollout import RolloutBatch, Trajectory
+from tempflow_core.batches import RolloutBatch, Trajectory
 from tempflow_core.shapes import render_batch
 from tempflow_core.shards import read_manifest, read_scores, write_rollouts
 from tempflow_core.storage import open_store
@@ -118,7 +118,7 @@ class _Stub:  # the SessionCache of reward_stage: only the reward is used
 
 
 def test_reward_stage_manifest_names_the_server(shapes_url, shapes_batch, tmp_path):
-    from tempflow_core.stages import reward_stage
+    from tempflow_core.run.stages import reward_stage
 
     images, prompts, meta = shapes_batch
     n, steps = 4, 2

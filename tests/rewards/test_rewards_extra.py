@@ -116,7 +116,7 @@ def tiny_clip_dir(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from tempflow_core.tiny_parts import write_clip_tokenizer_files
+    from tempflow_core.policies.tiny_parts import write_clip_tokenizer_files
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     write_clip_tokenizer_files(folder)
@@ -180,7 +180,7 @@ def test_clip_rewards_need_a_local_model(tmp_path):
 
 def test_a_reward_whose_optional_dependency_is_missing_names_the_extra_to_install(monkeypatch):
     """Not an unknown name: the registry knows `ocr` and says which extra brings RapidOCR."""
-    from tempflow_core.preflight import PreflightError, check_reward
+    from tempflow_core.run.preflight import PreflightError, check_reward
 
     monkeypatch.setitem(sys.modules, "rapidocr", None)  # as if not installed
     registry = RewardRegistry.builtin()
@@ -193,7 +193,7 @@ def test_a_reward_whose_optional_dependency_is_missing_names_the_extra_to_instal
 
 def test_a_run_registry_holds_the_plugins_rewards_and_nothing_leaks_between_registries(tmp_path, monkeypatch):
     from tempflow_core.config import load_config
-    from tempflow_core.preflight import PreflightError, reward_registry
+    from tempflow_core.run.preflight import PreflightError, reward_registry
 
     (tmp_path / "my_rewards.py").write_text(
         "import numpy as np\n"
@@ -218,7 +218,7 @@ def test_a_run_registry_holds_the_plugins_rewards_and_nothing_leaks_between_regi
 
 def test_a_run_from_a_deployment_imports_only_the_reward_plugins_the_operator_allows(tmp_path, monkeypatch):
     from tempflow_core.config import load_config
-    from tempflow_core.preflight import PLUGINS_ENV, PreflightError, preflight
+    from tempflow_core.run.preflight import PLUGINS_ENV, PreflightError, preflight
 
     (tmp_path / "served_rewards.py").write_text("REWARDS = {'zero': lambda: (lambda i, p, m: ([0.0] * len(i), {}))}\n")
     monkeypatch.syspath_prepend(str(tmp_path))

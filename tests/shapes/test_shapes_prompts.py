@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from tempflow_core.tiny_parts import TINY_VOCAB_WORDS
+from tempflow_core.policies.tiny_parts import TINY_VOCAB_WORDS
 from tempflow_core.prompts import PromptRecord, load_prompts
 from tempflow_core.shapes.prompts import (DATA_DIR, generate_records, load_split, record_for_prompt,
                                           split_records, to_jsonl)
@@ -97,7 +97,7 @@ def test_record_for_prompt_inverts_the_grammar():
 def test_tag_filter_keeps_exactly_the_named_categories_in_order(tmp_path):
     import pytest
 
-    from tempflow_core.preflight import PreflightError, check_prompts
+    from tempflow_core.run.preflight import PreflightError, check_prompts
 
     wanted = {"single_object", "two_object", "colors"}
     full = load_prompts("builtin:shapes_train")
@@ -116,7 +116,7 @@ def test_tag_filter_keeps_exactly_the_named_categories_in_order(tmp_path):
 
 def test_a_filtered_file_source_fingerprints_the_file_it_reads():
     from tempflow_core.config import load_config
-    from tempflow_core.fingerprints import input_paths
+    from tempflow_core.run.fingerprints import input_paths
 
     path = DATA_DIR / "train.jsonl"
     cfg = load_config(None, [f"prompts.source={path}?tags=colors", "model.path="])

@@ -1,0 +1,109 @@
+"""Data-parallel learner: one GRPO update split over `world` ranks, equal to the one-rank update.
+
+Rank r reads only the shards r, r+world, ... of the rollout stage (webdataset split by
+node) and builds the training units of those samples. Every rank draws the same global
+permutation of all units (same seeded generator), so minibatch m is the same set of units
+as in one process; each rank runs the units of minibatch m that it holds, with the loss
+divided by the global number of terms, and the LoRA gradients are summed over ranks (one
+all-reduce per optimizer step) before clipping and the AdamW step. Every rank therefore
+takes the same step, holds the same LoRA and optimizer state, and the result equals the
+one-rank update up to the float summation order of the all-reduce and of micro-batches
+made of other units. Statistics are summed (min / max for the ratio range) over ranks.
+
+Advantages need every reward of a group (and, for flow_grpo, of the batch): each rank
+computes them over all keys from the reward scores, which are small.
+
+Shapes: S sample keys (children or trajectories) of the whole stage, N units globally,
+n_r units on rank r.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from tempflow_core import failpoints
+from tempflow_core.batches import RolloutBatch
+from tempflow_core.shards import Manifest, iter_samples, read_embeds
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This rank's place in a data-parallel update."""
+
+    rank: int
+    world: int
+    total: int  # N: units of the whole stage
+    owned: torch.Tensor  # [n_r] long: global index of each of this rank's units, in local order
+
+    @functools.cached_property
+    def _position(self) -> torch.Tensor:
+        """[N] long: each global unit's position among this rank's units, -1 where another rank holds it."""
+        where = torch.full((self.total,), -1, dtype=torch.long)
+        where[self.owned] = torch.arange(self.owned.numel())
+        return where
+
+    def local(self, global_index: torch.Tensor) -> torch.Tensor:
+        """Positions in this rank's units of those of `global_index` (a minibatch) it holds, in that order."""
+        failpoints.hit(f"learner.minibatch/rank{self.rank}")
+        pos = self._position[global_index]
+        return pos[pos >= 0]
+
+    def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients of `params` over ranks (a rank without units adds zeros)."""
+        import torch.distributed as dist
+
+        failpoints.hit(f"learner.allreduce/rank{self.rank}")
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        o = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[o:o + n].view_as(p).clone()
+            o += n
+
+    def reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """`values` summed (or min / max) over ranks, in float64."""
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return t.tolist()
+
+
+def sample_keys_of(m: Manifest, group_size: int) -> list[str]:
+    """[S] the stage's sample keys in `RolloutBatch.sample_keys()` order, from its manifest:
+    a branch point's K child keys, or one key per trajectory."""
+    keys = [k for shard in m.shards for k in shard.keys]
+    if m.rollout_kind == "branch":
+        return [f"{k}_c{j:02d}" for k in keys for j in range(group_size)]
+    return keys
+
+
+def _every(rank: int, world: int):
+    def split(src: Iterable[Any]) -> Iterable[Any]:
+        return itertools.islice(src, rank, None, world)
+    return split
+
+
+def read_share(store: Any, prefix: str, m: Manifest, rank: int, world: int,
+               images: bool = False) -> tuple[RolloutBatch, list[int]]:
+    """Rank r's share of a rollout stage: the samples of shards r, r+world, ... (images only
+    when asked) with the stage's embeddings, and the global position of each of those samples."""
+    offsets = list(itertools.accumulate([s.samples for s in m.shards], initial=0))
+    positions = [p for j in range(rank, len(m.shards), world) for p in range(offsets[j], offsets[j + 1])]
+    items = list(iter_samples(store, prefix, manifest=m, nodesplitter=_every(rank, world), workersplitter=None,
+                              images=images, as_dataclass=True))
+    expected = [k for j in range(rank, len(m.shards), world) for k in m.shards[j].keys]
+    got = [it.group_id if m.rollout_kind == "branch" else it.key for it in items]
+    if got != expected:
+        raise ValueError(f"rank {rank}: read samples {got[:3]}... where the manifest lists {expected[:3]}...")
+    emb, sigmas = read_embeds(store, prefix, m)
+    kind = m.rollout_kind or "branch"
+    batch = RolloutBatch(kind, [], [], emb, sigmas, branch_points=items if kind == "branch" else [],
+                         trajectories=items if kind == "plain" else [])
+    return batch, positions

@@ -1,0 +1,217 @@
+"""The learner: one GRPO update over a rollout batch.
+
+A training unit is one state x at one step with the K' next states that left it: a branch
+point (K' = K children sharing x_k) or one step of one plain trajectory (K' = 1). All K'
+log-probs under the current policy come from ONE velocity prediction at x, so a branch point
+costs one forward and backward (two with CFG, in one call), not one per child. The loss is
+the mean over (unit, child) terms, so the shared evaluation gives the same loss and
+gradients as evaluating every child on its own (tests/test_learner.py checks this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tempflow_core.config import LossConfig, TrainConfig
+from tempflow_core.algorithm.data_parallel import DataParallel
+from tempflow_core.algorithm.objective import grpo_terms
+from tempflow_core.batches import PromptEmbeds
+from tempflow_core.policies.base import FlowPolicy
+from tempflow_core.batches import RolloutBatch
+from tempflow_core.algorithm.schedule import Schedule
+from tempflow_core.algorithm.sde import gaussian_kl, gaussian_log_prob, sde_mean_std
+from tempflow_core.algorithm.steps import StepSpec, step_pool
+
+
+@dataclass
+class TrainUnits:
+    x: torch.Tensor  # [N, C, H, W] state the action leaves from
+    x_next: torch.Tensor  # [N, K', C, H, W] next states taken
+    old_log_prob: torch.Tensor  # [N, K']
+    advantages: torch.Tensor  # [N, K']
+    step: torch.Tensor  # [N] long, schedule index
+    prompt_index: torch.Tensor  # [N] long, row in PromptEmbeds
+    weight: torch.Tensor  # [N] float32 step weight
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def children(self) -> int:
+        return int(self.x_next.shape[1])
+
+    def subset(self, idx: torch.Tensor) -> "TrainUnits":
+        return TrainUnits(*(getattr(self, f)[idx] for f in
+                            ("x", "x_next", "old_log_prob", "advantages", "step", "prompt_index", "weight")))
+
+    def to(self, device: torch.device) -> "TrainUnits":
+        return TrainUnits(*(getattr(self, f).to(device) for f in
+                            ("x", "x_next", "old_log_prob", "advantages", "step", "prompt_index", "weight")))
+
+
+def trained_steps(batch: RolloutBatch, train_steps: StepSpec) -> list[int]:
+    """The schedule steps this batch trains: its branch steps, or the configured plain steps
+    ('all' = 0..T-2, see steps.py)."""
+    if batch.kind == "branch":
+        return sorted({bp.step for bp in batch.branch_points})
+    return step_pool(train_steps, batch.sigmas.numel() - 1)
+
+
+def build_units(
+    batch: RolloutBatch,
+    advantages: np.ndarray,  # [S] in batch.sample_keys() order
+    step_weight: dict[int, float],
+    train_steps: list[int] | None = None,
+) -> TrainUnits:
+    """Turn a rollout batch and its advantages into training units."""
+    adv = torch.as_tensor(np.asarray(advantages, dtype=np.float32))
+    if batch.kind == "branch":
+        bps = batch.branch_points
+        K = bps[0].x_next.shape[0]
+        return TrainUnits(
+            x=torch.stack([bp.x_k for bp in bps]).float(),
+            x_next=torch.stack([bp.x_next for bp in bps]).float(),
+            old_log_prob=torch.stack([bp.log_prob for bp in bps]).float(),
+            advantages=adv.view(len(bps), K),
+            step=torch.tensor([bp.step for bp in bps]),
+            prompt_index=torch.tensor([bp.prompt_index for bp in bps]),
+            weight=torch.tensor([step_weight[bp.step] for bp in bps], dtype=torch.float32),
+        )
+    steps = train_steps if train_steps is not None else step_pool("all", batch.sigmas.numel() - 1)
+    trajs = batch.trajectories
+    s = torch.tensor(steps)
+    states = torch.stack([tr.states for tr in trajs]).float()  # [S, T+1, C, H, W]
+    logps = torch.stack([tr.log_probs for tr in trajs]).float()  # [S, T]
+    n_s = len(steps)
+    return TrainUnits(
+        x=states[:, s].flatten(0, 1),
+        x_next=states[:, s + 1].flatten(0, 1).unsqueeze(1),
+        old_log_prob=logps[:, s].reshape(-1, 1),
+        advantages=adv.repeat_interleave(n_s).view(-1, 1),
+        step=s.repeat(len(trajs)),
+        prompt_index=torch.tensor([tr.prompt_index for tr in trajs]).repeat_interleave(n_s),
+        weight=torch.tensor([step_weight[int(k)] for k in steps], dtype=torch.float32).repeat(len(trajs)),
+    )
+
+
+def evaluate_units(
+    policy: FlowPolicy,
+    units: TrainUnits,
+    emb: PromptEmbeds,
+    schedule: Schedule,
+    guidance_scale: float,
+    loss_cfg: LossConfig,
+    shared: bool = True,
+):
+    """Objective terms [N*K'] for a micro-batch of units (with grad through the LoRA).
+
+    shared=True predicts one velocity per unit; shared=False repeats x per child (the
+    per-child evaluation of the paper's public learner), for tests and benchmarks.
+    """
+    dev = policy.device
+    u = units.to(dev)
+    K = u.children  # N = len(u) units
+    sig = schedule.sigmas.to(dev, torch.float32)
+    sde_sigma = schedule.sde_sigma().to(dev, torch.float32)
+    t, t_next, s = sig[u.step], sig[u.step + 1], sde_sigma[u.step]
+    rows = u.prompt_index
+    if shared:
+        x, tt, tn, ss, r = u.x, t, t_next, s, rows
+    else:  # one row per child
+        rep = lambda z: z.repeat_interleave(K, 0)  # noqa: E731
+        x, tt, tn, ss, r = rep(u.x), rep(t), rep(t_next), rep(s), rep(rows)
+    v = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
+    mean, std = sde_mean_std(x, v, tt, tn, ss)  # [N or N*K, C, H, W], [., 1, 1, 1]
+    if loss_cfg.beta > 0:
+        with torch.no_grad(), policy.reference():
+            v_ref = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
+        mean_ref, _ = sde_mean_std(x, v_ref, tt, tn, ss)
+        kl = gaussian_kl(mean, mean_ref, std)
+    else:
+        kl = torch.zeros(mean.shape[0], device=dev)
+    if shared:
+        # x_next [N, K, C, H, W] against mean [N, 1, C, H, W], std [N, 1, 1, 1, 1]: the one mean
+        # broadcasts over the K children
+        log_prob = gaussian_log_prob(u.x_next, mean[:, None], std[:, None], batch_dims=2).reshape(-1)  # [N*K]
+        kl = kl.repeat_interleave(K)
+    else:
+        log_prob = gaussian_log_prob(u.x_next.flatten(0, 1), mean, std)  # [N*K]
+    return grpo_terms(
+        log_prob=log_prob, old_log_prob=u.old_log_prob.reshape(-1), advantages=u.advantages.reshape(-1),
+        weights=u.weight.repeat_interleave(K), kl=kl, clip_range=loss_cfg.clip_range, beta=loss_cfg.beta,
+    )
+
+
+_STAT_NAMES = ("loss", "policy_loss", "kl", "approx_kl", "clip_frac", "ratio_mean")
+
+
+def empty_units(children: int) -> TrainUnits:
+    """No units (a learner rank whose share of a stage is empty): it still joins every all-reduce."""
+    z = torch.zeros(0, 1, 1, 1)
+    return TrainUnits(z, torch.zeros(0, children, 1, 1, 1), torch.zeros(0, children), torch.zeros(0, children),
+                      torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+
+def make_optimizer(policy: FlowPolicy, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(policy.lora_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def update(
+    policy: FlowPolicy,
+    optimizer: torch.optim.Optimizer,
+    units: TrainUnits,
+    emb: PromptEmbeds,
+    schedule: Schedule,
+    guidance_scale: float,
+    train_cfg: TrainConfig,
+    loss_cfg: LossConfig,
+    generator: torch.Generator,
+    shared: bool = True,
+    progress: Callable[[int], None] | None = None,
+    dp: DataParallel | None = None,
+) -> dict[str, float]:
+    """Inner epochs x minibatches of clipped GRPO steps; returns mean statistics.
+
+    With `dp`, `units` are this rank's share of the stage's N = dp.total units: every rank
+    draws the same permutation of all N, runs the units of each minibatch it holds, and the
+    gradients are summed over ranks before the step (data_parallel.py)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sums: dict[str, float] = {}
+    count = 0
+    grad_norms = []
+    ratio_min, ratio_max = float("inf"), float("-inf")
+    N, K = (dp.total if dp is not None else len(units)), units.children
+    for _ in range(train_cfg.inner_epochs):
+        perm = torch.randperm(N, generator=generator)
+        for mb in torch.tensor_split(perm, min(train_cfg.minibatches, N)):
+            optimizer.zero_grad(set_to_none=True)
+            n_terms = len(mb) * K
+            mine = dp.local(mb) if dp is not None else mb
+            for micro in torch.split(mine, train_cfg.micro_batch):
+                terms = evaluate_units(policy, units.subset(micro), emb, schedule, guidance_scale, loss_cfg, shared)
+                (terms.loss.sum() / n_terms).backward()
+                for name, val in zip(_STAT_NAMES, (terms.loss, terms.policy, terms.kl, terms.approx_kl,
+                                                   terms.clipped.float(), terms.ratio)):
+                    sums[name] = sums.get(name, 0.0) + float(val.detach().sum())
+                count += terms.loss.numel()
+                ratio_min = min(ratio_min, float(terms.ratio.min()))
+                ratio_max = max(ratio_max, float(terms.ratio.max()))
+                if progress is not None:
+                    progress(len(micro))
+            if dp is not None:
+                dp.all_reduce_grads(params)
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)))
+            optimizer.step()
+    if dp is not None:  # every rank reports the whole update's statistics
+        total = dp.reduce([sums.get(n, 0.0) for n in _STAT_NAMES] + [float(count)])
+        sums, count = dict(zip(_STAT_NAMES, total[:-1])), int(total[-1])
+        ratio_min, ratio_max = dp.reduce([ratio_min], "min")[0], dp.reduce([ratio_max], "max")[0]
+    stats = {k: v / max(1, count) for k, v in sums.items()}
+    stats.update(ratio_min=ratio_min, ratio_max=ratio_max, grad_norm=float(np.mean(grad_norms)),
+                 units=float(N), optimizer_steps=float(len(grad_norms)))
+    return stats

@@ -1,0 +1,135 @@
+"""The session of a run: everything that lives across its iterations, owned by one caller.
+
+A `Session` holds the loaded model with its LoRA (a `FlowPolicy`: SD3 or FLUX), the schedule, the optimizer,
+the reward, the prompt stream, the minibatch-shuffle RNG and the EMA of the LoRA. Both
+drivers are built from it:
+
+    train.train_in_process     owns one Session for the whole loop (`setup`)
+    stages.*_stage             take a `SessionCache` from their caller and restore the
+                               state they need from the previous checkpoint (`restore`)
+
+There is no module-level cache: whoever runs stages (a Prefect flow, a worker of a
+distributed engine, a notebook) creates a `SessionCache` and passes it in, so the model's
+lifetime is the owner's. A cache holds one model at a time: a new config replaces the old one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tempflow_core.algorithm.checkpoint import CheckpointState
+from tempflow_core.config import RunConfig
+from tempflow_core.algorithm.learner import make_optimizer
+from tempflow_core.policies.models import load_model
+from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.policies.base import FlowPolicy
+from tempflow_core.prompts import PromptStream, load_prompts
+from tempflow_core.rewards import RewardFn, RewardRegistry
+from tempflow_core.algorithm.schedule import Schedule
+from tempflow_core.seeding import derive_seed
+
+
+@dataclass
+class Session:
+    """Everything that lives across iterations of one run."""
+
+    cfg: RunConfig
+    policy: FlowPolicy  # SD3 or FLUX: the family of the model folder (or of model.tiny.family)
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    reward_fn: RewardFn
+    stream: PromptStream
+    generator: torch.Generator  # minibatch shuffling
+    init_lora: dict[str, torch.Tensor] = field(default_factory=dict)  # the adapter before any update
+    ema: dict[str, torch.Tensor] | None = None  # EMA of the LoRA (train.ema_decay > 0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -> Session:
+    """Load the model, attach the LoRA, build reward, prompts, schedule and optimizer.
+
+    Args:
+        workdir: where a tiny random model writes its tokenizer files (cfg.model.path unset).
+        pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
+    """
+    seed_everything(cfg.train.seed)
+    pipe = pipe if pipe is not None else load_model(cfg.model, workdir)
+    # LoRA init draws from the global RNG: seed it here so that a built and a loaded model
+    # start from the same adapter
+    torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
+    policy = make_policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
+                         cfg.train.gradient_checkpointing)
+    # the family's grid: unset shift / noise level take its defaults (SD3 3.0 / 0.7; FLUX
+    # resolution-dependent / 0.9)
+    schedule = policy.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    reward_fn = RewardRegistry.for_config(cfg.reward).build(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
+    stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
+    return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen,
+                   policy.lora_state_dict())
+
+
+def update_ema(s: Session) -> None:
+    """ema <- d * ema + (1 - d) * lora, in float32, after each iteration's update."""
+    d = s.cfg.train.ema_decay
+    if d <= 0:
+        return
+    cur = s.policy.lora_state_dict()
+    if s.ema is None:
+        s.ema = {k: v.float().clone() for k, v in s.init_lora.items()}
+    s.ema = {k: d * s.ema[k] + (1.0 - d) * cur[k].float() for k in cur}
+
+
+def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
+    """Put the session in the state of checkpoint `ck`: LoRA and EMA; with_optimizer also a
+    fresh AdamW loaded with the checkpoint's moments and the shuffling RNG (the learner's state).
+    The prompt stream position is the caller's (the rollout stage sets it)."""
+    s.policy.load_lora_state_dict(ck.lora)
+    s.ema = ck.ema
+    if not with_optimizer:
+        return
+    s.optimizer = make_optimizer(s.policy, s.cfg.train)
+    if ck.optimizer is not None:
+        s.optimizer.load_state_dict(ck.optimizer)
+        # load_state_dict also restores the old hyperparameters; the config decides them
+        # (a run branched from another with a new train.lr must train with the new rate)
+        t = s.cfg.train
+        for group in s.optimizer.param_groups:
+            group.update(lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    s.generator.set_state(ck.generator_state)
+
+
+class SessionCache:
+    """Owns at most one Session: the one of the config last asked for.
+
+    A plain object (not a dataclass) so that orchestration layers can pass it to their tasks
+    by reference. Not thread-safe: one owner drives its stages one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._digest: str | None = None
+        self._session: Session | None = None
+
+    def get(self, cfg: RunConfig) -> Session:
+        """The session of `cfg`, set up on first use; stages of one run share it."""
+        key = cfg.digest()
+        if self._session is None or self._digest != key:
+            self.clear()  # one model at a time: a new config replaces the old one
+            self._session = setup(cfg)
+            self._digest = key
+        return self._session
+
+    def clear(self) -> None:
+        """Drop the session (and with it the model)."""
+        self._session, self._digest = None, None

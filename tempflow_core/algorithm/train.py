@@ -1,0 +1,201 @@
+"""`train_in_process`: the whole TempFlow-GRPO loop without orchestration.
+
+It is what the tests drive, and the baseline the Prefect pipeline's overhead is measured
+against. It owns one `Session` (session.py) for the whole run. The step functions below
+(run_rollout, score_rollout, run_update, reward_metrics) are the same ones the pipeline's
+stages call (stages.py), on a session they get from their caller:
+
+    setup -> for each iteration:
+        1. rollout   (no grad): branched (branch/tempflow) or plain SDE (flow_grpo*)
+        2. rewards   -> advantages (group std, or global std for flow_grpo)
+        3. update    inner epochs x minibatches, micro-batched, clipped + weighted + KL
+        4. log metrics
+    -> save the LoRA (safetensors, loadable by diffusers)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tempflow_core.algorithm.advantages import AdvantageStats, compute_advantages
+from tempflow_core.config import RunConfig
+from tempflow_core.algorithm.data_parallel import DataParallel
+from tempflow_core.algorithm.learner import TrainUnits, build_units, trained_steps, update
+from tempflow_core.batches import PromptEmbeds
+from tempflow_core.prompts import PromptRecord
+from tempflow_core.rewards import RewardFn
+from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_key
+from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
+from tempflow_core.algorithm.schedule import Schedule
+from tempflow_core.seeding import derive_seed
+from tempflow_core.algorithm.session import Session, setup, update_ema
+from tempflow_core.algorithm.steps import noise_aware_weights, select_steps, step_pool
+
+
+def batch_prompt_ids(records: list[PromptRecord], start: int = 0) -> list[str]:
+    """Ids unique within a batch (a prompt may appear twice), stable and dot-free; `start` is
+    the slot of records[0] in the iteration's batch (a slice of it keeps its global slots)."""
+    return [f"b{slot:03d}_{rec.id}" for slot, rec in enumerate(records, start)]
+
+
+def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
+                progress: Callable[[int], None] | None = None, start: int = 0) -> RolloutBatch:
+    """Stage 1: sample this iteration's rollouts with the current policy. `records` may be a
+    slice of the iteration's batch starting at slot `start`: noise is seeded by slot and
+    prompt id, so a slice samples what the whole batch would have for its prompts."""
+    cfg = s.cfg
+    seed = derive_seed(cfg.train.seed, "rollout", iteration)
+    prompts, ids = [r.text for r in records], batch_prompt_ids(records, start)
+    if cfg.branching:
+        steps = select_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
+        return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
+                                cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress)
+    return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.guidance_scale(),
+                         seed, cfg.rollout.max_batch, progress=progress)
+
+
+def score_rollout(reward_fn: RewardFn, batch: RolloutBatch, records: list[PromptRecord]
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Stage 2: rewards [S] in sample_keys order, with per-reward details."""
+    idx = batch.prompt_index_per_sample()
+    return reward_fn(batch.images(), [records[i].text for i in idx], [records[i].metadata for i in idx])
+
+
+def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> dict[int, float]:
+    """Noise-aware weights of `steps` for tempflow and reweight, 1 otherwise. The mean-1
+    normalisation runs over the configured trainable set, so a step's weight never depends
+    on which other steps this iteration drew."""
+    if not cfg.noise_aware:
+        return {k: 1.0 for k in steps}
+    spec = cfg.rollout.branch_steps if cfg.branching else cfg.train.train_steps
+    w = noise_aware_weights(schedule, step_pool(spec, schedule.num_steps), cfg.loss.weight_norm,
+                            cfg.loss.weight_constant)
+    return {k: w[k] for k in steps}
+
+
+def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray,
+               progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Stage 3: advantages, then the clipped GRPO update. Returns metrics."""
+    return run_update_with_advantages(s, batch, rewards, progress)[0]
+
+
+def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndarray,
+                               progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """run_update that also returns the advantages [S] (sample_keys order) it trained on."""
+    cfg = s.cfg
+    adv, astats = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
+    steps = trained_steps(batch, cfg.train.train_steps)
+    weights = step_weights_for(cfg, s.schedule, steps)
+    units = build_units(batch, adv, weights, steps)
+    return update_units(s, units, batch.embeds, weights, astats, progress), adv
+
+
+def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict[int, float], astats: AdvantageStats,
+                 progress: Callable[[int], None] | None = None, dp: DataParallel | None = None) -> dict[str, float]:
+    """The clipped GRPO update over `units` (this rank's share under `dp`), the EMA after it,
+    and the update's metrics."""
+    cfg = s.cfg
+    nfe0 = s.policy.nfe
+    stats = update(s.policy, s.optimizer, units, emb, s.schedule, cfg.guidance_scale(),
+                   cfg.train, cfg.loss, s.generator, progress=progress, dp=dp)
+    learner_nfe = s.policy.nfe - nfe0  # rows through the transformer: with grad, and the KL reference's
+    if dp is not None:
+        learner_nfe = int(dp.reduce([learner_nfe])[0])
+    update_ema(s)
+    out = {f"train/{k}": v for k, v in stats.items()}
+    out["learner/nfe"] = learner_nfe
+    out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
+                "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
+    out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})
+    return out
+
+
+def reward_metrics(batch: RolloutBatch, rewards: np.ndarray, details: dict[str, np.ndarray]) -> dict[str, float]:
+    """Reward mean/std overall and per branch step (the data of the paper's Figure 1)."""
+    return reward_metrics_of(batch.kind, batch.sample_keys(), rewards, details)
+
+
+def reward_metrics_of(kind: str, keys: list[str], rewards: np.ndarray, details: dict[str, np.ndarray]
+                      ) -> dict[str, float]:
+    """reward_metrics from the sample keys [S] alone (their groups and branch steps are in
+    the keys), so a learner rank that holds part of the samples reports the whole stage's."""
+    out = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+           "reward/frac_zero": float(np.mean(rewards == 0)), "reward/frac_nan": float(np.mean(~np.isfinite(rewards)))}
+    for name, v in details.items():
+        out[f"reward/{name}/mean"] = float(np.mean(v))
+    if kind == "branch":
+        groups = np.array([group_of_key(k) for k in keys])
+        steps = np.array([branch_step_of_group(g) for g in groups])
+        for k in sorted(set(steps.tolist())):
+            m = steps == k
+            out[f"reward_step/mean_{k:02d}"] = float(rewards[m].mean())
+            # mean within-group std at this step: the spread a branch point's children show
+            gstd = [rewards[groups == gid].std() for gid in dict.fromkeys(groups[m])]
+            out[f"reward_step/std_{k:02d}"] = float(np.mean(gstd))
+    return out
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    lora_path: Path | None = None
+    out_dir: Path | None = None
+
+
+def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = False,
+                     pipe=None, on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run cfg.train.iterations of the configured algorithm in this process.
+
+    Args:
+        out_dir: where metrics.jsonl and the final LoRA go (cfg.output_dir if None).
+        progress: show tqdm bars for rollouts and learner epochs.
+        pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
+    """
+    out = Path(out_dir or cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    s = setup(cfg, out / "tokenizer", pipe)
+    result = TrainResult(out_dir=out)
+    with (out / "metrics.jsonl").open("w") as metrics_file:
+        _loop(cfg, s, result, metrics_file, progress, on_iteration)
+    result.lora_path = s.policy.save_lora(out / "lora")
+    if s.ema is not None:
+        raw = s.policy.lora_state_dict()
+        s.policy.load_lora_state_dict(s.ema)
+        s.policy.save_lora(out / "lora_ema")
+        s.policy.load_lora_state_dict(raw)
+    return result
+
+
+def _loop(cfg: RunConfig, s: Session, result: TrainResult, metrics_file, progress: bool,
+          on_iteration: Callable[[int, dict[str, float]], None] | None) -> None:
+    from tqdm.auto import tqdm
+
+    for it in range(cfg.train.iterations):
+        t0 = time.perf_counter()
+        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
+        with tqdm(total=cfg.sampling.num_steps, desc=f"iter {it} rollout", disable=not progress, leave=False) as bar:
+            batch = run_rollout(s, records, it, bar.update)
+        t1 = time.perf_counter()
+        rewards, details = score_rollout(s.reward_fn, batch, records)
+        t2 = time.perf_counter()
+        n_units = len(batch.branch_points) if batch.kind == "branch" else \
+            len(batch.trajectories) * len(trained_steps(batch, cfg.train.train_steps))
+        with tqdm(total=n_units * cfg.train.inner_epochs, desc=f"iter {it} learner", disable=not progress,
+                  leave=False) as bar:
+            metrics = run_update(s, batch, rewards, bar.update)
+        t3 = time.perf_counter()
+        metrics.update(reward_metrics(batch, rewards, details))
+        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/forward_calls": batch.forward_calls,
+                        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2})
+        result.history.append(metrics)
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        if on_iteration is not None:
+            on_iteration(it, metrics)

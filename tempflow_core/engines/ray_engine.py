@@ -1,0 +1,475 @@
+"""The Ray engine (pipeline.engine=ray), an implementation of engine.Engine: where a stage's
+work runs, nothing else.
+
+    rollout   `rollout.workers` actors, each with its model resident across iterations; the
+              stage's slices (rollout_slices.py) are handed out to them, each actor loads
+              checkpoint i-1's LoRA from the store and writes its slice's shards itself; the
+              stage merges the parts into one manifest, written last.
+    reward    `reward.workers` actors, the reward loaded once per actor (GPU rewards ask Ray
+              for a GPU); each scores shards r, r+W, ... of the stage.
+    learner   Ray Train's TorchTrainer, `train.workers` ranks (gloo on CPU, NCCL on GPU), started
+              once per run and resident (its fit() runs in a thread of the driver); each
+              learner stage hands every rank the iteration through a Ray queue, each rank runs
+              stages.learner_rank on its share of the shards; rank 0 writes the checkpoint.
+
+Stage prefixes, manifests and resume are those of the local engine (`rollout`, `score` and
+`update` call the same stages, with the runners below as their hooks). A killed actor is restarted by Ray and its task retried; a learner
+group that dies under a stage is started anew and reruns the stage's update from checkpoint
+i-1, which gives the same result. Ray is imported here only: `tempflow train` on the local engine never needs it. The engine
+connects to the cluster at `address` (flows/ray_head.py: RAY_ADDRESS, or a local head on
+127.0.0.1 that ends with the run's process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tempflow_core import failpoints
+
+from tempflow_core.run import stages
+from tempflow_core.config import RunConfig
+from tempflow_core.engines.engine import Bar, Log, no_bar
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.run.preflight import PreflightError, local_paths
+from tempflow_core.rewards import RewardRegistry
+from tempflow_core.algorithm.session import SessionCache
+from tempflow_core.shards import RolloutPart
+from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_share
+from tempflow_core.run.rollout_slices import sample_slice
+
+log = logging.getLogger("tempflow.ray")
+
+ACTOR_RESTARTS = 3  # a killed actor comes back this many times; its task is retried as often
+UNREACHABLE_S = 180.0  # how long a task waits for its actor to be reachable again (a node's death to be seen)
+
+
+# Variables of the driver that its actors and ranks see too: the torch thread count of a worker
+# and the test failpoints (tempflow_core.failpoints).
+FORWARDED_ENV = ("TEMPFLOW_WORKER_THREADS", failpoints.ENV)
+
+# What a surviving rank raises when a peer died under a collective: gloo and NCCL errors
+# (torch.distributed's DistError family, or their text where a backend raises RuntimeError) and
+# Ray's own actor-death errors. Such a failure restarts the group; any other error fails the stage.
+PEER_LOST = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "gloo", "NCCL",
+             "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out",
+             "ActorDiedError", "RayActorError", "ActorUnavailableError")
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k, "").strip()}
+
+
+def _enter(home: tuple[str, str], env: dict[str, str] | None = None) -> None:
+    """On the driver's node (home: its Ray node id and working folder) work in the driver's folder,
+    so that relative paths of the config (model.path, prompt files, a local store) name what they
+    name for the driver. Elsewhere stay in the node's own folder: paths must be absolute or remote
+    there (flows.ray_head.ray_preflight refuses relative ones when the run joins a cluster)."""
+    import ray
+    import torch
+
+    os.environ.update(env or {})
+    node, cwd = home
+    if ray.get_runtime_context().get_node_id() == node and os.path.isdir(cwd):
+        os.chdir(cwd)
+    torch.set_num_threads(int(os.environ.get("TEMPFLOW_WORKER_THREADS", "").strip() or "1"))
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception in its chain) is what a rank raises when a peer died."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = f"{type(e).__name__}: {e}"
+        if any(p in text for p in PEER_LOST):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _RolloutWorker:
+    """One rollout actor: a SessionCache (the model stays loaded across iterations)."""
+
+    def __init__(self, home: tuple[str, str]) -> None:
+        _enter(home)
+        self.sessions = SessionCache()
+
+    def sample(self, cfg: RunConfig, run_id: str, iteration: int, index: int) -> RolloutPart:
+        return sample_slice(cfg, RunLayout.open(cfg, run_id), iteration, index, self.sessions)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        return _node_id()
+
+
+class _RewardWorker:
+    """One reward actor: the reward built once (a reward model loaded once)."""
+
+    def __init__(self, cfg: RunConfig, home: tuple[str, str]) -> None:
+        _enter(home)
+        self.reward_fn = RewardRegistry.for_config(cfg.reward).build(cfg.reward.name, cfg.reward.weights,
+                                                                     cfg.reward.options)
+
+    def score(self, cfg: RunConfig, run_id: str, iteration: int, rank: int, world: int) -> ScoredShare:
+        return score_share(cfg, RunLayout.open(cfg, run_id), iteration, rank, world, self.reward_fn)
+
+    def node(self) -> str:
+        return _node_id()
+
+
+def _on_actors(actors: list[Any], calls: list[Callable[[Any], Any]], done: Callable[[int, Any], None]) -> None:
+    """Run every call (actor -> ObjectRef) on the actors, each call on the next free actor, and
+    give each result to `done` (with the call's index) as it comes. A call whose actor died or became unreachable under
+    it (the actor's node died) runs again on the next free actor, which Ray restarts
+    (max_restarts) if it was the dead one, up to ACTOR_RESTARTS times per call; any other error is raised."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    todo, tries = list(range(len(calls))), [0] * len(calls)
+    unreachable_since: dict[int, float] = {}
+    free, running = list(actors), {}
+    while todo or running:
+        while todo and free:
+            actor, i = free.pop(0), todo.pop(0)
+            running[calls[i](actor)] = (actor, i)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        actor, i = running.pop(ready[0])
+        free.append(actor)
+        try:
+            result = ray.get(ready[0])
+        except ActorUnavailableError:  # restarting, or its node is not yet known dead: wait, bounded
+            first = unreachable_since.setdefault(i, time.monotonic())
+            if time.monotonic() - first > UNREACHABLE_S:
+                raise
+            time.sleep(1.0)
+            todo.append(i)
+            continue
+        except RayActorError as e:  # died under the task (ActorDiedError): Ray restarts it
+            tries[i] += 1
+            if tries[i] > ACTOR_RESTARTS:
+                raise
+            log.warning("an actor died under its task (%s); running the task again", type(e).__name__)
+            todo.append(i)
+            continue
+        done(i, result)
+
+
+def check_nodes_see(cfg: RunConfig, home: tuple[str, str], timeout: float = 120.0) -> None:
+    """Raise PreflightError naming the first setting of `cfg` (preflight.local_paths: model folder,
+    prompt files, reward model folders, a local store) that a node other than the driver's
+    (`home`) cannot see from its workers' folder: relative paths there are relative to that
+    folder, and absolute ones must be on a folder every node shares."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    paths = local_paths(cfg)
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != home[0]]
+    if not paths or not others:
+        return
+
+    def missing(paths: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+        return os.getcwd(), [(f, p) for f, p in paths if not os.path.exists(os.path.expanduser(p))]
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(missing)
+    refs = {n: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(paths)
+            for n in others}
+    for node, ref in refs.items():
+        cwd, gone = ray.get(ref, timeout=timeout)
+        if gone:
+            field, path = gone[0]
+            raise PreflightError(field, f"{path!r} is not there on Ray node {node[:12]} (its workers run in {cwd})",
+                                 "give a path every node can read (absolute, on a folder the nodes share) or put it "
+                                 "on the store (pipeline.store=s3://...)")
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _learner_loop(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: a resident learner rank. It keeps its model across
+    iterations and runs one learner stage per job it takes from its queue, (cfg, run_id,
+    iteration), answering (rank, iteration, None or RankError, its node id); None ends it."""
+    import traceback
+
+    import ray.train
+
+    _enter(config["home"], config.get("env"))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    sessions = SessionCache()
+    while (job := config["jobs"][rank].get()) is not None:
+        cfg, run_id, iteration = job
+        failpoints.hit(f"learner.job/rank{rank}")
+        try:
+            learner_rank(cfg, RunLayout.open(cfg, run_id), iteration, sessions, rank, world)
+            config["done"].put((rank, iteration, None, _node_id()))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it in the stage
+            damaged = exc if isinstance(exc, DAMAGED_INPUT) else None
+            error = RankError(traceback.format_exc(limit=8), damaged, peer_lost(exc))
+            config["done"].put((rank, iteration, error, _node_id()))
+            raise
+
+
+@dataclass(frozen=True)
+class RankError:
+    """What a learner rank reports of a failed stage."""
+
+    traceback: str
+    damaged: Exception | None  # the exception itself when it is a damaged input (the stage heals those)
+    peer_lost: bool  # raised because another rank died under a collective (the group is restarted)
+
+
+def _uses_gpu(cfg: RunConfig) -> bool:
+    import torch
+
+    return cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+
+
+class RayEngine:
+    """The Ray side of one flow run: the connection, the run's actors and its learner group;
+    `close` ends them and disconnects (the cluster itself is the caller's: flows/ray_head.py)."""
+
+    def __init__(self, cfg: RunConfig, address: str | None = None) -> None:
+        """Connect to the cluster at `address` (None: the one this process is connected to),
+        check that its other nodes see the config's local paths (check_nodes_see: a
+        PreflightError before any actor starts), and start the run's actors."""
+        import ray
+
+        self.cfg = cfg
+        self._connected = not ray.is_initialized()
+        if self._connected:
+            if address is None:
+                raise ValueError("RayEngine needs the address of a Ray cluster (flows.ray_head.ray_cluster)")
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        self.home = (ray.get_runtime_context().get_node_id(), os.getcwd())  # the driver's node and folder
+        try:
+            check_nodes_see(cfg, self.home)
+        except Exception:
+            if self._connected:
+                ray.shutdown()
+            raise
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpu = 1 if _uses_gpu(cfg) else 0
+        opts = dict(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, num_cpus=1, num_gpus=gpu)
+        env = _forwarded_env()
+        self.rank_nodes: dict[int, str] = {}  # learner rank -> node id of its last finished stage
+        # each stage's actors in a SPREAD placement group: over as many nodes as have room (Ray moves
+        # the bundles of a node that dies, and the actors restart there)
+        self._groups = [placement_group([{"CPU": 1, **({"GPU": gpu} if gpu else {})}] * n, strategy="SPREAD")
+                        for n in (cfg.rollout.workers, cfg.reward.workers)]
+
+        def placed(cls: type, group: Any, index: int) -> Any:
+            where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+            return ray.remote(**opts)(cls).options(scheduling_strategy=where, runtime_env={"env_vars": env})
+
+        self.rollout_workers = [placed(_RolloutWorker, self._groups[0], i).remote(self.home)
+                                for i in range(cfg.rollout.workers)]
+        self.reward_workers = [placed(_RewardWorker, self._groups[1], i).remote(cfg, self.home)
+                               for i in range(cfg.reward.workers)]
+        self._storage = tempfile.mkdtemp(prefix="tempflow-raytrain-")
+        self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
+        self._groups_started = 0
+        self._last_group_error: str | None = None
+
+    @staticmethod
+    def cpus_needed(cfg: RunConfig) -> int:
+        """Logical CPUs the run holds at once: one per actor while it lives, plus the learner's ranks."""
+        return cfg.rollout.workers + cfg.reward.workers + cfg.train.workers
+
+    # -- the Engine interface (engine.py): the same stages, their work on the actors and the group
+
+    def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
+                bar: Bar = no_bar, log: Log | None = None) -> str:
+        """Slices sampled by the rollout actors (one tick per finished slice)."""
+        with bar(cfg.rollout.slices, f"iter {iteration} rollout slices") as tick:
+            return stages.rollout_stage(cfg, layout, iteration, sessions,
+                                        run_slices=self.rollout_runner(cfg, layout.run_id, iteration, tick, log))
+
+    def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
+        """Shares of the shards scored by the reward actors."""
+        return stages.reward_stage(cfg, layout, iteration, sessions,
+                                   run_scoring=self.reward_runner(cfg, layout.run_id, iteration))
+
+    def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
+               bar: Bar = no_bar) -> str:
+        """The update, data-parallel on the run's Ray Train group (its ranks log their own progress)."""
+        return stages.learner_stage(cfg, layout, iteration, sessions,
+                                    run_ranks=self.learner_runner(cfg, layout.run_id, iteration))
+
+    # -- the runners the stages call
+
+    def rollout_runner(self, cfg: RunConfig, run_id: str, iteration: int,
+                       progress: Callable[[int], None] | None = None,
+                       report: Callable[[str], None] | None = None) -> Callable[[list[int]], list[RolloutPart]]:
+        """stages.SliceRunner: slices handed to the rollout actors as they free up; `progress`
+        ticks once per finished slice and `report` gets a line for it (the Prefect log). A slice
+        whose actor died under it (its node too) is handed out again (_on_actors)."""
+
+        def run(indices: list[int]) -> list[RolloutPart]:
+            parts, t0 = [], time.perf_counter()
+
+            def done(_: int, part: RolloutPart) -> None:
+                parts.append(part)
+                line = (f"iteration {iteration}: rollout slice {part.index + 1}/{len(indices)} written "
+                        f"({part.num_samples} samples, {len(parts)}/{len(indices)} done, "
+                        f"{time.perf_counter() - t0:.1f} s)")
+                (report or log.info)(line)
+                if progress is not None:
+                    progress(1)
+
+            _on_actors(self.rollout_workers, [lambda a, j=j: a.sample.remote(cfg, run_id, iteration, j) for j in indices],
+                       done)
+            return sorted(parts, key=lambda p: p.index)
+
+        return run
+
+    def reward_runner(self, cfg: RunConfig, run_id: str, iteration: int) -> Callable[[], list[ScoredShare]]:
+        """stages.ScoreRunner: the reward actors score the W shares of the shards (share r: shards
+        r, r+W, ...); a share whose actor died under it is scored again."""
+
+        def run() -> list[ScoredShare]:
+            W, shares = len(self.reward_workers), {}
+            _on_actors(self.reward_workers, [lambda a, r=r: a.score.remote(cfg, run_id, iteration, r, W)
+                                             for r in range(W)], shares.__setitem__)
+            return [shares[r] for r in range(W)]
+
+        return run
+
+    def learner_runner(self, cfg: RunConfig, run_id: str, iteration: int) -> Callable[[], None]:
+        """stages.RankRunner: the run's resident Ray Train group (started at the first learner
+        stage) runs this stage; a group that died is started anew and given the stage again."""
+
+        def run() -> None:
+            for attempt in range(ACTOR_RESTARTS + 1):
+                group = self._learner_group(cfg)
+                for q in group["jobs"]:
+                    q.put((cfg, run_id, iteration))
+                answers = self._await_ranks(group, iteration)
+                errors = [e for e in answers.values() if e is not None]
+                damaged = next((e.damaged for e in errors if e.damaged is not None), None)
+                if damaged is not None:  # learner_stage heals its inputs and runs the stage again (a new group)
+                    self._stop_learner_group()
+                    raise damaged
+                failed = [e for e in errors if not e.peer_lost]
+                if failed:  # an error of the stage itself (a survivor may have lost it as a peer): fail
+                    self._stop_learner_group()
+                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{failed[0].traceback}")
+                if len(answers) < len(group["jobs"]) or errors:
+                    # a rank died (or lost a peer) under the stage: a new group reruns it from checkpoint i-1
+                    log.warning("iteration %d: a learner rank died during the stage (attempt %d, %d of %d ranks "
+                                "answered); restarting the group", iteration, attempt + 1, len(answers),
+                                len(group["jobs"]))
+                    if errors:
+                        self._last_group_error = errors[0].traceback[-2000:]
+                    self._stop_learner_group()
+                    continue
+                return
+            raise RuntimeError(f"the learner group kept failing in iteration {iteration}: "
+                               f"{self._last_group_error or 'no rank reported an error'}")
+
+        return run
+
+    def _learner_group(self, cfg: RunConfig) -> dict[str, Any]:
+        """The resident TorchTrainer of train.workers ranks, its fit() running in a thread."""
+        if self._group is not None and self._group["thread"].is_alive():
+            return self._group
+        from ray.train import FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        gpu = _uses_gpu(cfg)
+        # the queues live on the driver's node: a node that dies takes its ranks, not the group's mail
+        here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.home[0], soft=True)}
+        jobs, done = [Queue(actor_options=here) for _ in range(cfg.train.workers)], Queue(actor_options=here)
+        self._groups_started += 1
+        trainer = TorchTrainer(
+            _learner_loop, train_loop_config={"jobs": jobs, "done": done, "home": self.home, "env": _forwarded_env()},
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1},
+                                         placement_strategy="SPREAD"),
+            run_config=TrainRunConfig(name=f"learner-{os.getpid()}-{self._groups_started}", storage_path=self._storage,
+                                      failure_config=FailureConfig(max_failures=0)),
+        )
+        outcome: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except Exception as exc:  # noqa: BLE001 - the waiting stage sees the thread end
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=fit, name="ray-train-learner", daemon=True)
+        thread.start()
+        self._group = {"jobs": jobs, "done": done, "thread": thread, "outcome": outcome}
+        return self._group
+
+    def _await_ranks(self, group: dict[str, Any], iteration: int) -> dict[int, RankError | None]:
+        """Each rank's answer for `iteration` (None: it finished), until every rank answered or
+        the group ended (then the ranks that died are missing)."""
+        from ray.util.queue import Empty
+
+        answers: dict[int, RankError | None] = {}
+        while len(answers) < len(group["jobs"]):
+            try:
+                rank, it, error, node = group["done"].get(timeout=2.0)
+            except Empty:
+                if not group["thread"].is_alive():  # a rank that died or failed took the group down with it
+                    return answers
+                continue
+            except Exception:  # noqa: BLE001 - the queue's actor died with its node: the group is lost too
+                return answers
+            if it == iteration:
+                answers[rank] = error
+                self.rank_nodes[rank] = node
+        return answers
+
+    def _stop_learner_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        if "error" in group["outcome"]:
+            self._last_group_error = repr(group["outcome"]["error"])[:2000]
+        if group["thread"].is_alive():
+            for q in group["jobs"]:
+                with contextlib.suppress(Exception):  # a queue whose node died
+                    q.put(None, timeout=10)
+            group["thread"].join(timeout=120)
+        for q in group["jobs"] + [group["done"]]:
+            with contextlib.suppress(Exception):
+                q.shutdown(force=True)
+
+    def close(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        self._stop_learner_group()
+        for a in self.rollout_workers + self.reward_workers:
+            ray.kill(a)
+        for g in self._groups:
+            remove_placement_group(g)
+        self.rollout_workers, self.reward_workers, self._groups = [], [], []
+        shutil.rmtree(self._storage, ignore_errors=True)
+        if self._connected:
+            ray.shutdown()
+
+    def __enter__(self) -> "RayEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

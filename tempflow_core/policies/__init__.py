@@ -1,0 +1,11 @@
+"""The policy: a flow-matching transformer with its LoRA, behind one interface.
+
+    base.py        FlowPolicy, the interface (velocity, prompt encoding, LoRA state, reference)
+    sd3.py         StableDiffusion3Pipeline + peft LoRA (SD3.5-M and the tiny SD3)
+    flux.py        FluxPipeline (FLUX.1-dev and the tiny FLUX): guidance-distilled, no CFG pair
+    models.py      loading any SD3 or FLUX folder offline; building the tiny SD3 pipeline
+    tiny_flux.py   the tiny FLUX pipeline
+    tiny_parts.py  what both tiny pipelines share (CLIP BPE tokenizer files, the tiny VAE)
+
+Imports: the base modules (config, families, seeding) only.
+"""

@@ -1,0 +1,189 @@
+"""What every model family's policy shares: the peft LoRA, the reference, decoding, the grid.
+
+A policy wraps one loaded diffusers pipeline with a LoRA on its transformer. Rollouts, the
+learner, evaluation, session setup and export use only this interface, so they never know
+which family they hold:
+
+    encode_prompts(prompts)                       -> PromptEmbeds
+    velocity(x, t, embeds, pooled, neg, guidance) -> v  [N, C, H, W] float32
+    decode(latents [N, C, H, W])                  -> uint8 images [N, H', W', 3]
+    latent_shape()                                -> (C, H, W)
+    schedule(num_steps, shift, noise_level)       -> the family's sampling grid
+    lora_* / save_lora / load_lora / reference()  -> adapter handling
+
+Latents are [N, C, H, W] at the interface for every family (FLUX packs them inside its
+velocity). The reference policy is the same transformer with the adapter disabled, so no
+second copy of the model is held. Text encoders and the VAE stay frozen; only LoRA trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from tempflow_core.config import LoraSettings
+from tempflow_core.families import ModelFamily, family_defaults
+from tempflow_core.policies.models import resolve_device
+from tempflow_core.algorithm.schedule import Schedule, make_schedule
+from tempflow_core.batches import PromptEmbeds  # noqa: F401  (the type encode_prompts returns)
+
+
+class FlowPolicy:
+    """The family-independent half of a policy; subclasses set `family` and implement
+    `encode_prompts`, `velocity`, `latent_shape`, `_text_encoders` and `_mu`.
+
+    Args:
+        pipe: a loaded diffusers pipeline of the subclass's family.
+        lora: LoRA settings; None leaves the transformer without an adapter (pure sampling).
+        device: 'auto', 'cpu' or 'cuda[:i]'.
+        resolution: pixels of rollouts and evaluation; None: the model's native size.
+        gradient_checkpointing: recompute transformer activations in backward.
+    """
+
+    family: ModelFamily
+
+    def __init__(self, pipe: Any, lora: LoraSettings | None, device: str = "auto", resolution: int | None = None,
+                 gradient_checkpointing: bool = False):
+        self.pipe = pipe
+        self.device = resolve_device(device)
+        self.resolution = resolution  # pixels; None: the transformer's native sample size
+        pipe.to(self.device)
+        for module in (pipe.vae, *self._text_encoders(), pipe.transformer):
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
+        self.transformer = pipe.transformer
+        self.forward_calls = 0  # transformer calls (one per chunk; CFG rides in the same call)
+        self.nfe = 0  # sample-steps evaluated (a CFG pair counts once)
+        self.has_lora = lora is not None
+        if lora is not None:
+            from peft import LoraConfig
+
+            init = {"gaussian": "gaussian", "default": True}[lora.init]
+            self.transformer.add_adapter(LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=init,
+                target_modules=list(lora.target_modules),
+            ))
+            for p in self.lora_parameters():
+                p.data = p.data.float()
+        if gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ family hooks
+    def _text_encoders(self) -> list[torch.nn.Module | None]:
+        raise NotImplementedError
+
+    def _mu(self) -> float:
+        """FLUX-style time shift of this model at the policy's resolution (families with a static shift don't use it)."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        raise NotImplementedError
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                 neg: PromptEmbeds | None, guidance_scale: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, num_steps: int, shift: float | None = None, noise_level: float | None = None) -> Schedule:
+        """The family's grid: unset shift / noise level take the family's defaults (SD3: static
+        shift 3.0, a = 0.7; FLUX: exp(mu) with mu from the resolution, a = 0.9). A set shift on
+        FLUX is used as exp(mu) on FLUX's own grid."""
+        d = family_defaults(self.family)
+        a = d.noise_level if noise_level is None else noise_level
+        if self.family == "sd3":
+            return make_schedule(num_steps, d.shift if shift is None else shift, a)
+        mu = self._mu() if shift is None else float(np.log(shift))
+        return make_schedule(num_steps, noise_level=a, mu=mu)
+
+    # ------------------------------------------------------------------ parameters
+    def pipeline_class(self) -> Any:
+        """The diffusers pipeline class whose save/load_lora_weights this family uses."""
+        return type(self.pipe)
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        own = set(get_peft_model_state_dict(self.transformer))
+        missing = sorted(own - set(state))
+        if missing:  # a partial state would silently keep the previous weights of those layers
+            raise ValueError(f"LoRA state lacks {len(missing)} of this adapter's tensors, e.g. {missing[:2]}")
+        result = set_peft_model_state_dict(self.transformer, {k: v.to(self.device) for k, v in state.items()})
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"LoRA state has keys this model does not know: {unexpected[:3]}...")
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """Write pytorch_lora_weights.safetensors that the pipeline class's load_lora_weights accepts."""
+        from tempflow_core.canonical import canonicalize_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        # the adapter config (rank, alpha, targets) travels in the safetensors metadata, so
+        # plain diffusers applies the same alpha / r scale the policy trained with
+        self.pipeline_class().save_lora_weights(
+            save_directory=str(folder), transformer_lora_layers=self.lora_state_dict(), safe_serialization=True,
+            transformer_lora_adapter_metadata=self.lora_metadata(),
+        )
+        return canonicalize_file(folder / "pytorch_lora_weights.safetensors")  # same tensors, same bytes
+
+    def lora_metadata(self) -> dict:
+        """The adapter config (rank, alpha, targets), JSON-ready, as diffusers stores it with the weights."""
+        meta = self.transformer.peft_config["default"].to_dict()
+        return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+
+    def load_lora(self, folder: str | Path) -> None:
+        """Load an adapter written by save_lora (safetensors only) into this policy's LoRA."""
+        from safetensors.torch import load_file
+
+        path = Path(folder)
+        path = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+        if path.suffix != ".safetensors":
+            raise ValueError(f"refusing to load {str(path)!r}: LoRA checkpoints are read from .safetensors only")
+        raw = load_file(str(path))
+        prefix = "transformer."
+        self.load_lora_state_dict({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw.items()})
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the base model (adapter disabled): the KL reference policy."""
+        if not self.has_lora:
+            yield
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    # ------------------------------------------------------------------ images
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, chunk: int = 64) -> np.ndarray:
+        """Latents [N, C, H, W] -> uint8 images [N, H', W', 3]."""
+        vae = self.pipe.vae
+        out = []
+        for i in range(0, latents.shape[0], chunk):
+            z = latents[i:i + chunk].to(self.device, vae.dtype)
+            z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            img = vae.decode(z, return_dict=False)[0].float()
+            img = ((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            out.append(img.permute(0, 2, 3, 1).cpu().numpy())
+        return np.concatenate(out, 0)

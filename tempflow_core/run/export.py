@@ -1,0 +1,139 @@
+"""Export a checkpoint's LoRA with the recipe it was trained and evaluated with.
+
+The folder loads with plain diffusers (`load_lora_weights`), and recipe.json + README.md
+say how to sample so the exported model reproduces the evaluated images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from tempflow_core.canonical import canonicalize_file
+from tempflow_core.algorithm.checkpoint import adapter_bytes, load_checkpoint
+from tempflow_core.config import RunConfig
+from tempflow_core.families import family_defaults
+from tempflow_core.run.fingerprints import folder_sha256
+from tempflow_core.policies.models import absent_components
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.run.runs import read_run
+
+
+def effective_max_sequence_length(cfg: RunConfig) -> int:
+    """What the policy uses: the configured value, else SD3: 256 with a T5 encoder and 0 without;
+    FLUX: 512 capped by the T5 tokenizer's model_max_length (tokenizer_2/tokenizer_config.json)."""
+    if cfg.model.max_sequence_length is not None:
+        return cfg.model.max_sequence_length
+    family = cfg.family()
+    if family == "flux":
+        if not cfg.model.path:
+            return min(family_defaults("flux").t5_tokens, cfg.model.tiny.max_tokens)
+        tok = Path(cfg.model.path) / "tokenizer_2" / "tokenizer_config.json"
+        cap = json.loads(tok.read_text()).get("model_max_length", 512) if tok.is_file() else 512
+        return int(min(family_defaults("flux").t5_tokens, cap))
+    has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / "text_encoder_3").is_dir()
+    return family_defaults("sd3").t5_tokens if has_t5 else 0
+
+
+def native_resolution(cfg: RunConfig) -> int:
+    """The pixels the model samples at when model.resolution is unset."""
+    if cfg.model.resolution:
+        return cfg.model.resolution
+    if not cfg.model.path:
+        return cfg.model.tiny.resolution
+    root = Path(cfg.model.path)
+    v = json.loads((root / "vae" / "config.json").read_text())
+    if cfg.family() == "flux":  # FluxTransformer2DModel has no sample_size; the VAE's is FluxPipeline's default
+        return int(v["sample_size"])
+    t = json.loads((root / "transformer" / "config.json").read_text())
+    return int(t["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
+
+
+def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None,
+           inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The sampling recipe; unset shift / noise level are written as the family's values (FLUX's
+    shift is resolution-dependent: "dynamic", which FluxPipeline computes itself).
+    `base_model_sha256` is `folder_sha256` of the model folder, reusing the file digests of the
+    run's record (`inputs`)."""
+    s = cfg.sampling
+    family = cfg.family()
+    d = family_defaults(family)
+    resolution = resolution or native_resolution(cfg)
+    shift = s.shift if s.shift is not None else (d.shift if d.shift is not None else "dynamic")
+    return {
+        "base_model": cfg.model.path or f"tiny random {family.upper()} (seed {cfg.model.tiny.seed})",
+        "base_model_sha256": folder_sha256(cfg.model.path, inputs) if cfg.model.path else "tiny-random",
+        "num_inference_steps": s.eval_num_steps, "guidance_scale": cfg.guidance_scale(), "shift": shift,
+        "sampler": "FlowMatchEulerDiscreteScheduler (ODE)",
+        "train_noise_level": s.noise_level if s.noise_level is not None else d.noise_level,
+        "train_num_steps": s.num_steps, "resolution": resolution, "max_sequence_length": effective_max_sequence_length(cfg),
+        "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)},
+        "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
+        "algorithm": cfg.algorithm, "reward": cfg.reward.name, "run": run_id, "iteration": iteration,
+        "config_digest": cfg.digest(),
+    }
+
+
+def _lora_meta(cfg: RunConfig) -> dict[str, Any]:
+    return {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
+            "init_lora_weights": cfg.lora.init if cfg.lora.init == "gaussian" else True}
+
+
+def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Path,
+                resolution: int | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = layout.prefix(iteration, "learner")
+    ck = load_checkpoint(layout.store, prefix)
+    family = cfg.family()
+    if ck.ema is not None:  # the evaluated weights: the EMA, in diffusers' format
+        import diffusers
+
+        pipeline = getattr(diffusers, family_defaults(family).pipeline_class)
+        pipeline.save_lora_weights(str(out), transformer_lora_layers=ck.ema, safe_serialization=True,
+                                   transformer_lora_adapter_metadata=_lora_meta(cfg))
+        canonicalize_file(out / "pytorch_lora_weights.safetensors")  # same tensors, same bytes
+    else:
+        (out / "pytorch_lora_weights.safetensors").write_bytes(adapter_bytes(layout.store, prefix))
+    record = read_run(layout) or {}
+    r = recipe(cfg, layout.run_id, iteration, resolution, record.get("inputs"))
+    (out / "recipe.json").write_text(json.dumps(r, indent=2, sort_keys=True))
+    none_kwargs = "".join(f", {k}=None" for k in absent_components(cfg.model.path)) \
+        if cfg.model.path and family == "sd3" else ""
+    (out / "README.md").write_text(_readme(cfg, layout, iteration, out, r, family, none_kwargs))
+    return out
+
+
+def _readme(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dict[str, Any], family: str,
+            none_kwargs: str) -> str:
+    """The exported README: how to sample the LoRA with plain diffusers as it was evaluated."""
+    pipeline = family_defaults(family).pipeline_class
+    if family == "sd3":
+        note = f"The scheduler must keep shift {r['shift']} (the model folder's scheduler config sets it)."
+    else:  # FLUX: guidance input, no CFG pair; the grid's shift
+        note = "FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG.\n" + (
+            "The scheduler keeps its dynamic, resolution-dependent shift (the model folder's scheduler "
+            "config sets it)." if r["shift"] == "dynamic" else
+            f"Trained with a fixed shift {r['shift']}: set the scheduler's base_shift and max_shift to "
+            f"ln({r['shift']}) to sample on the same grid.")
+    return f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
+
+Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`
+(fingerprint `{r['base_model_sha256'][:16]}`). Sample it as it was evaluated:
+
+```python
+import torch
+from diffusers import {pipeline}
+
+pipe = {pipeline}.from_pretrained("{r['base_model']}"{none_kwargs})
+pipe.load_lora_weights("{out.resolve()}")
+image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
+             num_inference_steps={r['num_inference_steps']},
+             guidance_scale={r['guidance_scale']}, max_sequence_length={r['max_sequence_length']},
+             generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+{note}
+Full recipe: recipe.json.
+"""

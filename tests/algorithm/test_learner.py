@@ -1,0 +1,95 @@
+"""The learner: shared-x_k evaluation equals per-child evaluation; LoRA and reference behaviour."""
+
+import numpy as np
+import pytest
+import torch
+
+from tempflow_core.config import LoraSettings, LossConfig, TrainConfig
+from tempflow_core.algorithm.learner import build_units, evaluate_units, make_optimizer, update
+from tempflow_core.policies.sd3 import Policy
+from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
+from tempflow_core.algorithm.schedule import make_schedule
+
+PROMPTS, IDS = ["a red circle", "two blue squares"], ["p0", "p1"]
+
+
+@pytest.fixture
+def policy(tiny_pipe):
+    torch.manual_seed(0)  # the gaussian LoRA init draws from the global RNG: the same A in every process
+    pol = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
+    with torch.no_grad():  # move off the zero-init LoRA so that gradients reach A and B
+        for i, (n, p) in enumerate(pol.transformer.named_parameters()):
+            if "lora_B" in n:  # a seed per parameter that is the same in every process
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
+    return pol
+
+
+def _units(policy, s, K=4):
+    b = branched_rollout(policy, PROMPTS, IDS, s, [0, 2, 3], K, 4.5, seed=2)
+    adv = np.random.default_rng(0).normal(size=len(b.sample_keys())).astype(np.float32)
+    w = dict(zip([0, 2, 3], s.step_weights([0, 2, 3]).tolist()))
+    return b, build_units(b, adv, w)
+
+
+def test_shared_x_k_matches_per_child_loss_and_gradients(policy):
+    s = make_schedule(5)
+    b, units = _units(policy, s)
+    loss_cfg = LossConfig(beta=0.01, clip_range=1e-4)
+    params = policy.lora_parameters()
+    # perturb so that ratios differ from 1 and the KL is non-zero
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+    grads = []
+    for shared in (True, False):
+        for p in params:
+            p.grad = None
+        calls = policy.forward_calls
+        terms = evaluate_units(policy, units, b.embeds, s, 4.5, loss_cfg, shared=shared)
+        terms.loss.mean().backward()
+        grads.append((terms.loss.detach().clone(), [p.grad.clone() for p in params], policy.forward_calls - calls))
+    (l1, g1, c1), (l2, g2, c2) = grads
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    num = sum(((a - b) ** 2).sum() for a, b in zip(g1, g2)) ** 0.5
+    den = sum((a**2).sum() for a in g1) ** 0.5
+    assert den > 0 and num / den < 1e-5
+    assert len(units) == 6 and units.children == 4
+    assert not torch.allclose(terms.ratio, torch.ones_like(terms.ratio))
+    assert c1 == c2 == 2  # one policy call and one reference call per batch
+
+
+def test_update_changes_policy_but_not_reference(policy):
+    s = make_schedule(4)
+    b, units = _units(policy, s, K=3)
+    x = units.x[:2]
+    r = units.prompt_index[:2]
+    t = s.sigmas[units.step[:2]].float()
+    emb = b.embeds
+
+    def predict(ref: bool):
+        with torch.no_grad():
+            if ref:
+                with policy.reference():
+                    return policy.velocity(x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+            return policy.velocity(x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+
+    ref0, pol0 = predict(True), predict(False)
+    opt = make_optimizer(policy, TrainConfig(lr=1e-2))
+    stats = update(policy, opt, units, emb, s, 4.5, TrainConfig(lr=1e-2, minibatches=2, micro_batch=2),
+                   LossConfig(beta=0.01), torch.Generator().manual_seed(0))
+    ref1, pol1 = predict(True), predict(False)
+    assert torch.equal(ref0, ref1)  # the adapter-disabled base model never moves
+    assert (pol1 - pol0).abs().max() > 1e-4
+    assert stats["optimizer_steps"] == 2
+    assert np.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+
+
+def test_plain_units_one_per_trajectory_step(policy):
+    s = make_schedule(4)
+    b = plain_rollout(policy, PROMPTS, IDS, s, 3, 4.5, seed=0)
+    adv = np.arange(6, dtype=np.float32)
+    u = build_units(b, adv, {k: 1.0 for k in range(4)}, [1, 3])
+    assert len(u) == 6 * 2 and u.children == 1
+    torch.testing.assert_close(u.x[1], b.trajectories[0].states[3])
+    torch.testing.assert_close(u.x_next[1, 0], b.trajectories[0].states[4])
+    assert u.advantages[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
