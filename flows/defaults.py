@@ -44,17 +44,18 @@ def reasons(path: Path = EMBEDDED) -> dict[str, str]:
     return out
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dump as {"section.field": value} (empty mappings stay values)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
 
 
 def table(path: Path = EMBEDDED) -> list[tuple[str, str, str, str]]:
     """(setting, the code's default, the embedded default, why) for every setting the file makes."""
-    code = _flat(RunConfig().model_dump(mode="json"))
-    embedded = _flat(yaml.safe_load(path.read_text(encoding="utf-8")))
+    code = flat(RunConfig().model_dump(mode="json"))
+    embedded = flat(yaml.safe_load(path.read_text(encoding="utf-8")))
     return [(k, json.dumps(code.get(k)), json.dumps(embedded[k]), why) for k, why in reasons(path).items()]
 
 

@@ -198,23 +198,17 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
             "evals": evals}
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
 def _config_artifact(cfg: RunConfig, run_id: str) -> None:
     """The run's config as a Prefect artifact a person reads (the flow run's Artifacts tab): the
     settings that differ from the code's defaults first, then the whole config as YAML (the
     Parameters tab holds the same as one JSON document)."""
     import yaml
 
+    from flows.defaults import flat
     from tempflow_core.redaction import scrub_mapping
 
-    mine = _flat(yaml.safe_load(config_yaml(cfg)))
-    defaults = _flat(scrub_mapping(RunConfig().model_dump(mode="json")))
+    mine = flat(yaml.safe_load(config_yaml(cfg)))
+    defaults = flat(scrub_mapping(RunConfig().model_dump(mode="json")))
     rows = [f"| `{k}` | `{json.dumps(v)}` | `{json.dumps(defaults.get(k))}` |" for k, v in mine.items()
             if defaults.get(k) != v]
     md = [f"# Config of run `{run_id}`", "", f"{display_name(cfg, run_id)}; the same config again: "
