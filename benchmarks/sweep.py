@@ -1,8 +1,9 @@
-"""Short in-process training runs with held-out evaluation: the budget sweep of issue 10.
+"""Short in-process training runs with held-out evaluation: the budget sweep.
 
-Each `--run NAME:override,override,...` trains the config with those overrides (no Prefect,
-no MLflow: `tempflow_core.algorithm.train` and `tempflow_core.algorithm.evaluation` directly) and evaluates the
-base model and every `--eval-every` iterations under the config's evaluation protocol.
+Each `--run NAME:override,override,...` trains the config with those overrides through the
+product's training loop in process (`train_in_process`: no Prefect, no MLflow, no store) and
+evaluates the base model and every `--eval-every` iterations under the config's evaluation
+protocol (the EMA weights when EMA is on, as the pipeline does).
 Prints the curve with standard errors and appends one JSON line per run to `--out`; each
 evaluated point also carries the cumulative rollout and learner NFEs (rows through the
 transformer, a CFG pair counted once; the learner's include the KL reference's forward) and
@@ -17,59 +18,62 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from tempflow_core.config import load_config
-from tempflow_core.algorithm.evaluation import eval_prompts, evaluate_policy
+from tempflow_core.algorithm.train import train_in_process
 from tempflow_core.reports.report import eval_score, eval_se
-from tempflow_core.algorithm.session import setup
-from tempflow_core.algorithm.train import run_rollout, run_update, score_rollout
 
 
-def evaluate(s, cfg) -> dict[str, float]:
-    lora = s.policy.lora_state_dict()
-    if s.ema is not None:  # evaluate the EMA weights when EMA is on, as the pipeline does
-        s.policy.load_lora_state_dict(s.ema)
-    result, _ = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
-    s.policy.load_lora_state_dict(lora)
-    return {"score": eval_score(cfg.reward.name, result), "se": eval_se(cfg.reward.name, result),
-            "reward": result["reward"], "reward_se": result["reward_se"],
-            "categories": result.get("geneval", {})}
-
-
-def run(name: str, cfg, eval_every: int, log, point=lambda name, p: None) -> dict:
-    s = setup(cfg)
-    curve = [{"iteration": 0, **evaluate(s, cfg)}]
-    point(name, curve[-1])
-    log(f"{name}: it 0 score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}")
-    t0 = time.perf_counter()
+def run(name: str, cfg, eval_every: int, log, point=lambda name, p: None, out_dir: str | None = None) -> dict:
+    """The product's in-process training loop (train_in_process) with an evaluation of the base
+    model first and every `eval_every` iterations and after the last, each a point of the curve."""
+    curve: list[dict] = []
     cost = {"nfe": 0, "learner_nfe": 0, "rollout_s": 0.0, "reward_s": 0.0, "learner_s": 0.0}  # cumulative, training
-    for it in range(cfg.train.iterations):
-        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
-        t = time.perf_counter()
-        batch = run_rollout(s, records, it)
-        cost["rollout_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        rewards, _ = score_rollout(s.reward_fn, batch, records)
-        cost["reward_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        m = run_update(s, batch, rewards)
-        cost["learner_s"] += time.perf_counter() - t
-        cost["nfe"] += batch.nfe
+    last_train = {}
+
+    def scored(result: dict) -> dict[str, float]:
+        return {"score": eval_score(cfg.reward.name, result), "se": eval_se(cfg.reward.name, result),
+                "reward": result["reward"], "reward_se": result["reward_se"], "categories": result.get("geneval", {})}
+
+    def base(steps) -> None:
+        curve.append({"iteration": 0, **scored(steps.evaluate(-1))})
+        point(name, curve[-1])
+        log(f"{name}: it 0 score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}")
+
+    def iterated(it: int, m: dict[str, float]) -> None:
+        cost["rollout_s"] += m["time/rollout_s"]
+        cost["reward_s"] += m["time/reward_s"]
+        cost["learner_s"] += m["time/learner_s"]
+        cost["nfe"] += int(m["rollout/nfe"])
         cost["learner_nfe"] += int(m["learner/nfe"])
-        line = (f"{name}: it {it + 1} train reward {rewards.mean():.3f} ratio [{m['train/ratio_min']:.3f}, "
-                f"{m['train/ratio_max']:.3f}] clip {m['train/clip_frac']:.3f} kl {m['train/kl']:.2e} "
-                f"|g| {m['train/grad_norm']:.2e}")
+        last_train["reward"] = m["reward/mean"]
+        log(f"{name}: it {it + 1} train reward {m['reward/mean']:.3f} ratio [{m['train/ratio_min']:.3f}, "
+            f"{m['train/ratio_max']:.3f}] clip {m['train/clip_frac']:.3f} kl {m['train/kl']:.2e} "
+            f"|g| {m['train/grad_norm']:.2e}")
+
+    started = {}
+
+    def due(it: int) -> bool:
         if (it + 1) % eval_every == 0 or it + 1 == cfg.train.iterations:
-            t = time.perf_counter()
-            curve.append({"iteration": it + 1, "train_reward": float(rewards.mean()), **cost, **evaluate(s, cfg)})
-            curve[-1]["eval_s"] = time.perf_counter() - t
-            point(name, curve[-1])
-            line += f" | eval score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} reward {curve[-1]['reward']:.3f}"
-        log(line)
+            started["eval"] = time.perf_counter()  # the evaluation runs next
+            return True
+        return False
+
+    def evaluated(it: int, result: dict) -> None:
+        curve.append({"iteration": it + 1, "train_reward": last_train["reward"], **cost, **scored(result),
+                      "eval_s": time.perf_counter() - started["eval"]})
+        point(name, curve[-1])
+        log(f"{name}: it {it + 1} eval score {curve[-1]['score']:.3f} ± {curve[-1]['se']:.3f} "
+            f"reward {curve[-1]['reward']:.3f}")
+
+    t0 = time.perf_counter()
+    train_in_process(cfg, out_dir or tempfile.mkdtemp(prefix=f"sweep-{name}-"), on_iteration=iterated, eval_at=due,
+                     on_eval=evaluated, before=base)
     return {"name": name, "curve": curve, "minutes": (time.perf_counter() - t0) / 60,
             "config": cfg.model_dump(mode="json")}
 

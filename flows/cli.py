@@ -155,7 +155,8 @@ def train(
         typer.echo(f"done: metrics {out / 'metrics.jsonl'}, LoRA {result.lora_path}")
         return
     _local_state()
-    from flows.train import DegenerateRewardError, tracking_credentials_to_env, train_flow
+    from flows.train import tracking_credentials_to_env, train_flow
+    from tempflow_core.algorithm.loop import DegenerateRewardError
 
     cfg = tracking_credentials_to_env(cfg)  # never into the flow parameters Prefect stores
     from tempflow_core.reports import report

@@ -3,9 +3,11 @@
     tempflow train                         # this flow on the embedded default
     prefect flow-run retry <run>           # or the UI's Retry: finished stages are skipped
 
-Stages talk only through URIs on the object store (see tempflow_core.run.stages); this flow
-wires them, tracks the run in MLflow and stops a run whose reward has gone degenerate. The
-flow owns the model: one SessionCache per flow run, shared by its tasks, dropped at the end.
+Stages talk only through URIs on the object store (see tempflow_core.run.stages). The flow
+runs the training loop (tempflow_core.algorithm.loop, the same one `train_in_process` runs)
+with the stage tasks as its steps and MLflow tracking as its hooks; the loop stops a run whose
+reward has gone degenerate. The flow owns the model: one SessionCache per flow run, shared by
+its tasks, dropped at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flows.ray_head import ray_preflight
 from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
 from tempflow_core.reports import report
 from tempflow_core.run import stages
+from tempflow_core.algorithm.loop import Hooks, LoopResult, train_loop
 from tempflow_core.config import RunConfig
 from tempflow_core.engines.engine import Engine, LocalEngine
 from tempflow_core.run.layout import RunLayout
@@ -34,29 +37,6 @@ from tempflow_core.run.runlock import run_lock
 from tempflow_core.run.runs import branch_run, config_yaml, display_name, new_run_id, open_run, write_run
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.storage import join_key
-
-
-class DegenerateRewardError(RuntimeError):
-    """The reward gave no learning signal for too long (all zero, NaN-free but flat groups)."""
-
-
-def guard_check(cfg: RunConfig, history: list[dict[str, float]]) -> None:
-    """Stop when the last max_bad_iterations+1 iterations were all degenerate."""
-    g = cfg.guard
-    recent = history[-(g.max_bad_iterations + 1):]
-    if len(recent) <= g.max_bad_iterations:
-        return
-
-    def bad(m: dict[str, float]) -> bool:
-        return m.get("adv/frac_zero_std_groups", 0.0) >= g.zero_spread_fraction or m.get("reward/frac_zero", 0.0) >= 1.0
-
-    if all(bad(m) for m in recent):
-        last = recent[-1]
-        raise DegenerateRewardError(
-            f"reward {cfg.reward.name!r} gave no learning signal for {len(recent)} consecutive iterations "
-            f"(share of groups with zero reward spread {last.get('adv/frac_zero_std_groups', 0):.2f}, "
-            f"share of zero rewards {last.get('reward/frac_zero', 0):.2f}); check the reward setup "
-            f"(guard.max_bad_iterations={g.max_bad_iterations})")
 
 
 def preflight_check(config: RunConfig) -> None:
@@ -83,11 +63,6 @@ def tracking_credentials_to_env(config: RunConfig) -> RunConfig:
     if plain == config.pipeline.mlflow_uri:
         return config
     return config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"mlflow_uri": plain})})
-
-
-def eval_due(cfg: RunConfig, iteration: int) -> bool:
-    last = iteration == cfg.train.iterations - 1
-    return last or (cfg.eval.every > 0 and (iteration + 1) % cfg.eval.every == 0)
 
 
 def flow_run_name() -> str:
@@ -167,35 +142,47 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         describe_run(config, lay, tracker)
     log.info("run %s: store %s, MLflow run %s", run_id, lay.store.uri_for(run_id), tracker.run_id)
     _config_artifact(config, run_id)
-    history: list[dict[str, float]] = []
-    evals: dict[int, dict[str, Any]] = {}
+    loop = LoopResult()  # filled as the loop goes: the artifacts show what finished, also after a failure
     status = "FAILED"
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
     try:
         init_task(config, run_id, sessions)
-        for it in range(config.train.iterations):
-            rollout_task(config, run_id, it, sessions, engine)
-            reward_task(config, run_id, it, sessions, engine)
-            learner_task(config, run_id, it, sessions, engine)
-            metrics = stages.checkpoint_metrics(lay, it)
-            history.append(metrics)
+
+        def tracked(it: int, metrics: dict[str, float]) -> None:
             track_iteration(config, run_id, it, tracker)
             log.info("iteration %d: reward %.4f ± %.4f, loss %+.4f, clip %.2f", it, metrics["reward/mean"],
                      metrics["reward/std"], metrics["train/loss"], metrics["train/clip_frac"])
-            guard_check(config, history)
-            if eval_due(config, it):
-                eval_task(config, run_id, it, sessions)
-                evals[it] = stages.read_eval(lay, it)
-                track_eval(config, run_id, it, tracker, evals[it])
+
+        train_loop(config, _FlowSteps(config, lay, sessions, engine),
+                   Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, run_id, it, tracker, e)), loop)
         status = "FINISHED"
     finally:
         sessions.clear()
         tracker.finish(status)
-        _artifacts(config, run_id, lay, history, evals, tracker)
+        _artifacts(config, run_id, lay, loop.history, loop.evals, tracker)
     final = lay.uri(config.train.iterations - 1, "learner")
     return {"run_id": run_id, "checkpoint": final, "mlflow_run_id": tracker.run_id,
             "mlflow_ui": tracker.ui_command(), "mlflow_page": tracker.ui_page(), "store": lay.store.uri_for(run_id),
-            "evals": evals}
+            "evals": loop.evals}
+
+
+class _FlowSteps:
+    """loop.Steps of a flow run: the stage tasks on the run's engine, metrics and evaluations
+    read back from the store."""
+
+    def __init__(self, config: RunConfig, lay: RunLayout, sessions: SessionCache, engine: Engine) -> None:
+        self.config, self.lay, self.sessions, self.engine = config, lay, sessions, engine
+
+    def iterate(self, it: int) -> dict[str, float]:
+        args = (self.config, self.lay.run_id, it, self.sessions, self.engine)
+        rollout_task(*args)
+        reward_task(*args)
+        learner_task(*args)
+        return stages.checkpoint_metrics(self.lay, it)
+
+    def evaluate(self, it: int) -> dict[str, Any]:
+        eval_task(self.config, self.lay.run_id, it, self.sessions)
+        return stages.read_eval(self.lay, it)
 
 
 def _config_artifact(cfg: RunConfig, run_id: str) -> None:

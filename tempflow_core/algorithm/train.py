@@ -1,15 +1,16 @@
-"""`train_in_process`: the whole TempFlow-GRPO loop without orchestration.
+"""`train_in_process`: the training loop (loop.py) without orchestration or a store.
 
-It is what the tests drive, and the baseline the Prefect pipeline's overhead is measured
-against. It owns one `Session` (session.py) for the whole run. The step functions below
-(run_rollout, score_rollout, run_update, reward_metrics) are the same ones the pipeline's
-stages call (stages.py), on a session they get from their caller:
+It is what the tests drive, the baseline the Prefect pipeline's overhead is measured against,
+and what the experiment runner (benchmarks/sweep.py) trains with. It owns one `Session`
+(session.py) for the whole run. The step functions below (run_rollout, score_rollout,
+run_update, reward_metrics) are the same ones the pipeline's stages call (run/stages.py), on a
+session they get from their caller; InProcessSteps is the loop's steps on one session:
 
-    setup -> for each iteration:
+    setup -> train_loop, each iteration:
         1. rollout   (no grad): branched (branch/tempflow) or plain SDE (flow_grpo*)
         2. rewards   -> advantages (group std, or global std for flow_grpo)
         3. update    inner epochs x minibatches, micro-batched, clipped + weighted + KL
-        4. log metrics
+        4. metrics   (metrics.jsonl), the reward guard, evaluations where asked
     -> save the LoRA (safetensors, loadable by diffusers)
 """
 
@@ -19,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from tempflow_core.algorithm.advantages import AdvantageStats, compute_advantage
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.data_parallel import DataParallel
 from tempflow_core.algorithm.learner import TrainUnits, build_units, trained_steps, update
+from tempflow_core.algorithm.loop import Hooks, LoopResult, train_loop
 from tempflow_core.batches import PromptEmbeds
 from tempflow_core.prompts import PromptRecord
 from tempflow_core.rewards import RewardFn
@@ -144,26 +146,90 @@ def reward_metrics_of(kind: str, keys: list[str], rewards: np.ndarray, details: 
 @dataclass
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
+    evals: dict[int, dict[str, Any]] = field(default_factory=dict)  # iteration -> evaluation (when asked)
     lora_path: Path | None = None
     out_dir: Path | None = None
 
 
+class InProcessSteps:
+    """loop.Steps on one in-memory session: the step functions the stages share, no store."""
+
+    def __init__(self, s: Session, progress: bool = False) -> None:
+        self.s, self.progress = s, progress
+
+    def iterate(self, it: int) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        s, cfg = self.s, self.s.cfg
+        t0 = time.perf_counter()
+        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
+        with tqdm(total=cfg.sampling.num_steps, desc=f"iter {it} rollout", disable=not self.progress,
+                  leave=False) as bar:
+            batch = run_rollout(s, records, it, bar.update)
+        t1 = time.perf_counter()
+        rewards, details = score_rollout(s.reward_fn, batch, records)
+        t2 = time.perf_counter()
+        n_units = len(batch.branch_points) if batch.kind == "branch" else \
+            len(batch.trajectories) * len(trained_steps(batch, cfg.train.train_steps))
+        with tqdm(total=n_units * cfg.train.inner_epochs, desc=f"iter {it} learner", disable=not self.progress,
+                  leave=False) as bar:
+            metrics = run_update(s, batch, rewards, bar.update)
+        t3 = time.perf_counter()
+        metrics.update(reward_metrics(batch, rewards, details))
+        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/forward_calls": batch.forward_calls,
+                        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2})
+        return metrics
+
+    def evaluate(self, it: int) -> dict[str, Any]:
+        """The held-out evaluation of the current LoRA (its EMA when EMA is on, as the pipeline's)."""
+        from tempflow_core.algorithm.evaluation import eval_prompts, evaluate_policy
+
+        s = self.s
+        lora = s.policy.lora_state_dict()
+        if s.ema is not None:
+            s.policy.load_lora_state_dict(s.ema)
+        try:
+            result, _ = evaluate_policy(s.cfg, s.policy, s.reward_fn, eval_prompts(s.cfg))
+        finally:
+            s.policy.load_lora_state_dict(lora)
+        return result
+
+
 def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress: bool = False,
-                     pipe=None, on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Run cfg.train.iterations of the configured algorithm in this process.
+                     pipe=None, on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+                     eval_at: Callable[[int], bool] | None = None,
+                     on_eval: Callable[[int, dict[str, Any]], None] | None = None,
+                     before: Callable[[InProcessSteps], None] | None = None) -> TrainResult:
+    """Run cfg.train.iterations of the configured algorithm in this process: the training loop
+    (loop.train_loop) on InProcessSteps.
 
     Args:
         out_dir: where metrics.jsonl and the final LoRA go (cfg.output_dir if None).
         progress: show tqdm bars for rollouts and learner epochs.
         pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
+        on_iteration: called with each iteration's metrics.
+        eval_at: which iterations end with a held-out evaluation (default: none), `on_eval` gets it.
+        before: called with the steps before the first iteration (e.g. to evaluate the base model).
     """
     out = Path(out_dir or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     s = setup(cfg, out / "tokenizer", pipe)
+    steps = InProcessSteps(s, progress)
+    if before is not None:
+        before(steps)
     result = TrainResult(out_dir=out)
     with (out / "metrics.jsonl").open("w") as metrics_file:
-        _loop(cfg, s, result, metrics_file, progress, on_iteration)
+
+        def logged(it: int, metrics: dict[str, float]) -> None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if on_iteration is not None:
+                on_iteration(it, metrics)
+
+        hooks = Hooks(on_iteration=logged, on_eval=on_eval or Hooks().on_eval, eval_at=eval_at or (lambda it: False))
+        loop = train_loop(cfg, steps, hooks, LoopResult(result.history, result.evals))
+    result.history, result.evals = loop.history, loop.evals
     result.lora_path = s.policy.save_lora(out / "lora")
     if s.ema is not None:
         raw = s.policy.lora_state_dict()
@@ -171,31 +237,3 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
         s.policy.save_lora(out / "lora_ema")
         s.policy.load_lora_state_dict(raw)
     return result
-
-
-def _loop(cfg: RunConfig, s: Session, result: TrainResult, metrics_file, progress: bool,
-          on_iteration: Callable[[int, dict[str, float]], None] | None) -> None:
-    from tqdm.auto import tqdm
-
-    for it in range(cfg.train.iterations):
-        t0 = time.perf_counter()
-        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
-        with tqdm(total=cfg.sampling.num_steps, desc=f"iter {it} rollout", disable=not progress, leave=False) as bar:
-            batch = run_rollout(s, records, it, bar.update)
-        t1 = time.perf_counter()
-        rewards, details = score_rollout(s.reward_fn, batch, records)
-        t2 = time.perf_counter()
-        n_units = len(batch.branch_points) if batch.kind == "branch" else \
-            len(batch.trajectories) * len(trained_steps(batch, cfg.train.train_steps))
-        with tqdm(total=n_units * cfg.train.inner_epochs, desc=f"iter {it} learner", disable=not progress,
-                  leave=False) as bar:
-            metrics = run_update(s, batch, rewards, bar.update)
-        t3 = time.perf_counter()
-        metrics.update(reward_metrics(batch, rewards, details))
-        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/forward_calls": batch.forward_calls,
-                        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2})
-        result.history.append(metrics)
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        if on_iteration is not None:
-            on_iteration(it, metrics)
