@@ -1,7 +1,8 @@
 """Seconds per training iteration, by stage, in-process (no Prefect, no MLflow).
 
 Loads the ablation config (flows/configs/ablation.yaml over the embedded default), applies the
-overrides and times `run_rollout`, `score_rollout` and `run_update` for a few iterations.
+overrides and times the rollout, reward and update of a few iterations of the product's
+in-process training loop (`train_in_process`).
 Used to pick the ablation's world (README "Results": the 32 px base against the 64 px one):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_iteration.py --set model.path=models/tiny-shapes-sd3 &
@@ -12,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
 from tempflow_core.config import load_config
-from tempflow_core.algorithm.session import setup
-from tempflow_core.algorithm.train import run_rollout, run_update, score_rollout
+from tempflow_core.algorithm.train import train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,23 +35,21 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer's forward first")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, args.set, base=yaml.safe_load(Path(args.base).read_text()))
-    s = setup(cfg)
-    if args.compile:
-        s.policy.transformer.forward = torch.compile(s.policy.transformer.forward, dynamic=True)
+    cfg = load_config(args.config, [*args.set, f"train.iterations={args.iterations}"],
+                      base=yaml.safe_load(Path(args.base).read_text()))
     rows = []
-    for it in range(args.iterations):
-        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
-        t0 = time.perf_counter()
-        batch = run_rollout(s, records, it)
-        t1 = time.perf_counter()
-        rewards, _ = score_rollout(s.reward_fn, batch, records)
-        t2 = time.perf_counter()
-        run_update(s, batch, rewards)
-        t3 = time.perf_counter()
-        rows.append((t1 - t0, t2 - t1, t3 - t2))
-        print(f"{cfg.model.path} {cfg.algorithm} iteration {it}: rollout {t1 - t0:.1f} s, reward {t2 - t1:.1f} s, "
-              f"learner {t3 - t2:.1f} s ({batch.nfe} rollout rows)", flush=True)
+
+    def before(steps) -> None:
+        if args.compile:
+            steps.s.policy.transformer.forward = torch.compile(steps.s.policy.transformer.forward, dynamic=True)
+
+    def timed(it: int, m: dict[str, float]) -> None:
+        rows.append((m["time/rollout_s"], m["time/reward_s"], m["time/learner_s"]))
+        print(f"{cfg.model.path} {cfg.algorithm} iteration {it}: rollout {rows[-1][0]:.1f} s, reward {rows[-1][1]:.1f} s, "
+              f"learner {rows[-1][2]:.1f} s ({int(m['rollout/nfe'])} rollout rows)", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-iteration-") as out:
+        train_in_process(cfg, out, on_iteration=timed, before=before)
     mean = [statistics.mean(c) for c in zip(*rows)]
     print(f"mean over {len(rows)}: rollout {mean[0]:.1f} s, reward {mean[1]:.1f} s, learner {mean[2]:.1f} s, "
           f"iteration {sum(mean):.1f} s")
