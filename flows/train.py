@@ -72,7 +72,10 @@ def flow_run_name() -> str:
 
     params = flow_run.parameters
     raw = params.get("config")
-    config = raw if isinstance(raw, RunConfig) else RunConfig.model_validate(raw or {})
+    try:
+        config = raw if isinstance(raw, RunConfig) else RunConfig.model_validate(raw or {})
+    except ValueError:  # an invalid config: the parameter validation that follows names the field
+        return f"invalid config {flow_run.get_id()[:8]}"
     return display_name(config, params.get("run_id") or new_run_id(config, flow_run.get_id()))
 
 

@@ -75,7 +75,8 @@ def served(tiny_model_dir, tmp_path_factory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("journeys")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
-    env.update(TEMPFLOW_HOME=str(root / "home"), PREFECT_RUNNER_POLL_FREQUENCY="1",
+    env.update(TEMPFLOW_HOME=str(root / "home"), PREFECT_HOME=str(root / "home" / "prefect"),  # a database of its own
+               PREFECT_RUNNER_POLL_FREQUENCY="1",
                TEMPFLOW_FAILPOINTS=f"reward.score/tempflow-*=raise:{root / 'reward-failed-once'}")
     sets = sum((["--set", o] for o in tiny_overrides(root, tiny_model_dir, iterations=1)), [])
     with open(root / "serve.log", "w") as log:

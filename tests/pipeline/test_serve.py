@@ -23,7 +23,10 @@ def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     # the runner polls for scheduled runs every second here (Prefect's default: 10 s)
-    env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="WARNING", PREFECT_RUNNER_POLL_FREQUENCY="1")
+    # a Prefect database of its own (a PREFECT_HOME shared with another served deployment set, as CI's
+    # one for the whole session, lets that one's runner take this test's runs)
+    env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "home" / "prefect"),
+               PREFECT_LOGGING_LEVEL="WARNING", PREFECT_RUNNER_POLL_FREQUENCY="1")
     sets = sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir, iterations=1)), [])
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)] + sets, env=env,
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
