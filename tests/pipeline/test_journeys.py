@@ -124,17 +124,40 @@ def _open_deployment(page, served: Served) -> None:
     page.get_by_text("At 02:00 AM every day").first.wait_for()  # its schedule (serve's default cron)
 
 
+def _known_runs(page, served: Served) -> set[str]:
+    """The flow runs the Runs page lists now (its default range ends now: no scheduled run of the
+    future is among them)."""
+    page.goto(f"{served.url}/runs")
+    page.get_by_text(re.compile(r"^\d+ (Flow )?runs?$", re.I)).first.wait_for()
+    return {a.get_attribute("href") for a in page.locator("a[href*='/runs/flow-run/']").all()}
+
+
 def _start(page, how: str) -> None:
     """The deployment page's Run menu: "Quick run" or "Custom run"."""
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text(how).first.click()
 
 
-def _view_started_run(page) -> str:
-    """Follow the toast's "View run" to the new flow run's page; returns its URL."""
-    button = page.locator("#prefect-design-toast-app button", has_text="View run").first
-    button.wait_for()
-    button.dispatch_event("click")  # (the toast slides in; a click event, not a pointer at a moving target)
+def _view_started_run(page, served: Served, known: set[str], timeout: float = 120.0) -> str:
+    """Open the page of the run just started: the toast's "View run" (a click event: the toast
+    slides in, and two can overlap), else, when no toast came in 30 s (it comes and goes on a
+    loaded machine), the new run on the Runs page."""
+    deadline = time.monotonic() + 30
+    toast = page.locator("#prefect-design-toast-app button", has_text="View run")
+    while not toast.count() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    if toast.count():
+        toast.first.dispatch_event("click")
+    else:
+        deadline = time.monotonic() + timeout
+        new: list[str] = []
+        while not new and time.monotonic() < deadline:
+            page.goto(f"{served.url}/runs")
+            time.sleep(2)
+            new = [a.get_attribute("href") for a in page.locator("a[href*='/runs/flow-run/']").all()
+                   if a.get_attribute("href") not in known]
+        assert new, f"no new flow run on the Runs page: {page.inner_text('body')[-1500:]}"
+        page.goto(served.url + new[0])
     page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]+$"))
     return page.url
 
@@ -175,6 +198,7 @@ def custom_run(browser, served, request) -> dict[str, str]:
     docs = request.config.getoption("--screenshots")
     page = browser.new_page(viewport=VIEWPORT)
     try:
+        known = _known_runs(page, served)
         _open_deployment(page, served)
         shoot(page, served.root, "prefect-deployment", None)
         _start(page, "Custom run")
@@ -182,7 +206,7 @@ def custom_run(browser, served, request) -> dict[str, str]:
         _choose(page, _form_field(page, "Algorithm"), "branch")
         shoot(page, served.root, "prefect-custom-run", docs)  # a page the docs show
         page.get_by_role("button", name="Submit").click()
-        url = _view_started_run(page)
+        url = _view_started_run(page, served, known)
         _wait_state(page, "Completed")
         name = page.get_by_text(re.compile(r"^branch-[0-9a-f]{12} · shapes · seed 0$")).first
         name.wait_for()
@@ -268,9 +292,10 @@ def test_retry_a_run_that_failed_in_its_reward_stage_from_its_page(browser, serv
     from tempflow_core.algorithm.train import train_in_process
 
     page = browser.new_page(viewport=VIEWPORT)
+    known = _known_runs(page, served)
     _open_deployment(page, served)
     _start(page, "Quick run")  # the deployment's parameters: tempflow, 1 iteration
-    _view_started_run(page)
+    _view_started_run(page, served, known)
     _wait_state(page, "Failed")
     page.get_by_text("FailpointError").first.wait_for()  # the log says why
     name = page.get_by_text(re.compile(r"^tempflow-[0-9a-f]{12} · shapes · seed 0$")).first.inner_text()
