@@ -547,24 +547,6 @@ def reward_server(
         server.shutdown()
 
 
-def _experiment_page(uri: str, cfg, port: int) -> str:
-    """The MLflow UI page of the config's experiment (its training runs), or of the experiment
-    list while no run has been tracked."""
-    from tasks.tracking.uri import sqlite_path
-    from tasks.tracking.values import experiment_page
-
-    server, db = f"http://127.0.0.1:{port}", sqlite_path(uri)
-    if db is not None and not db.exists():  # nothing tracked yet (and `mlflow ui` creates the database)
-        return experiment_page(server)
-    try:
-        from mlflow import MlflowClient
-
-        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.pipeline.experiment)
-    except Exception:  # noqa: BLE001 - a server that does not answer: the list
-        exp = None
-    return experiment_page(server, exp.experiment_id if exp else None)
-
-
 @app.command()
 def ui(
     prefect_port: int = typer.Option(4200, help="Prefect UI port on 127.0.0.1."),
@@ -572,6 +554,7 @@ def ui(
 ) -> None:
     """Start the Prefect and MLflow UIs on the local state (127.0.0.1) until Ctrl-C."""
     from tasks.tracking import resolve_tracking_uri
+    from tasks.tracking.uri import experiment_ui_page
 
     for flag, port in (("--prefect-port", prefect_port), ("--mlflow-port", mlflow_port)):
         if children.port_in_use(port):
@@ -580,7 +563,8 @@ def ui(
     _local_state()
     bindir = Path(sys.executable).parent
     uri = resolve_tracking_uri(cfg.pipeline.mlflow_uri, Path(cfg.output_dir).resolve())
-    mlflow_page = _experiment_page(uri, cfg, mlflow_port)  # before `mlflow ui` opens (or creates) the database
+    # before `mlflow ui` opens (or creates) the database
+    mlflow_page = experiment_ui_page(uri, cfg.pipeline.experiment, f"http://127.0.0.1:{mlflow_port}")
     procs = [  # each under a watchdog: a kill -9 of this CLI takes the servers and their workers down too
         children.prefect_server(prefect_port),
         children.spawn([str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",

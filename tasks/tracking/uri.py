@@ -14,7 +14,7 @@ import urllib.request
 
 from tempflow_core.redaction import split_credentials
 
-from .values import redact
+from .values import experiment_page, redact
 
 # Health probe of an HTTP tracking server: attempts x (timeout + pause) stays well under 20 s.
 _PROBE_ATTEMPTS = 3
@@ -163,3 +163,19 @@ def is_connection_error(e: BaseException) -> bool:
             return True
         chain = chain.__cause__ or chain.__context__
     return False
+
+
+def experiment_ui_page(uri: str, experiment: str, server: str) -> str:
+    """The page at `server` (an MLflow UI on the tracking store `uri`) of `experiment`'s training
+    runs, or of the experiment list while nothing has been tracked (a sqlite database is not
+    created here: `mlflow ui` does, and a second creator beside it kept its UI from coming up)."""
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return experiment_page(server)
+    try:
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - a server that does not answer: the list
+        exp = None
+    return experiment_page(server, exp.experiment_id if exp else None)
