@@ -29,7 +29,12 @@ class RewardFn(Protocol):
 
 
 class RewardError(RuntimeError):
-    """A reward returned something unusable, or cannot be built; the message names the reward."""
+    """A reward returned something unusable, or cannot be built; the message names the reward
+    (`problem`, and the `fix` when one is known: '<problem>; fix: <fix>')."""
+
+    def __init__(self, problem: str, fix: str | None = None) -> None:
+        self.problem, self.fix = problem, fix
+        super().__init__(f"{problem}; fix: {fix}" if fix else problem)
 
 
 Factory = Callable[..., RewardFn]
@@ -57,7 +62,7 @@ BUILTIN: Mapping[str, Entry] = MappingProxyType({
 
 def _missing(name: str, entry: Entry, module: str | None) -> RewardError:
     fix = f"pip install 'tempflow[{entry.extra}]'" if entry.extra else f"pip install {module or 'the missing package'}"
-    return RewardError(f"reward {name!r} needs the package {module or '?'}, which is not installed; fix: {fix}")
+    return RewardError(f"reward {name!r} needs the package {module or '?'}, which is not installed", fix)
 
 
 def _importable(module: str) -> bool:
@@ -161,8 +166,8 @@ def plugin_rewards(module: str) -> Mapping[str, Factory]:
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise RewardError(f"reward plugin {module!r} cannot be imported ({e}); fix: put it on the Python path "
-                          "or remove it from reward.plugins") from e
+        raise RewardError(f"reward plugin {module!r} cannot be imported ({e})",
+                          "put it on the Python path or remove it from reward.plugins") from e
     rewards = getattr(mod, "REWARDS", None)
     if not isinstance(rewards, Mapping) or not all(isinstance(k, str) and callable(v) for k, v in rewards.items()):
         raise RewardError(f"reward plugin {module!r} defines no REWARDS = {{name: factory}}")

@@ -220,7 +220,7 @@ def reward_registry(plugins: list[str]) -> RewardRegistry:
     try:
         return RewardRegistry.with_plugins(plugins)
     except RewardError as e:
-        raise PreflightError("reward.plugins", str(e).split("; fix: ")[0],
+        raise PreflightError("reward.plugins", e.problem,
                              "put the module on the Python path (it defines REWARDS = {name: factory}) or remove it") from None
 
 
@@ -251,8 +251,7 @@ def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[s
         try:
             factory = rewards.factory(reward)
         except RewardError as e:
-            message, _, fix = str(e).partition("; fix: ")
-            raise PreflightError(field if reward == name else f"reward.weights.{reward}", message, fix) from None
+            raise PreflightError(field if reward == name else f"reward.weights.{reward}", e.problem, e.fix or "") from None
         opts = options.get(reward, {})
         params = inspect.signature(factory).parameters
         for key in opts:
