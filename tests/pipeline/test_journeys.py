@@ -38,10 +38,7 @@ from flows.children import executable, free_port, spawn, stop
 from .browser import VIEWPORT, browser, needs_browser, shoot, snap  # noqa: F401  (fixtures)
 from .conftest import tiny_overrides
 
-# Excluded from the default run (-m slow runs them) until they pass in CI: there a Submit of the
-# custom-run form started no flow run (twice, on a loaded machine), while they pass here alone and
-# beside test_serve.py with an empty HOME.
-pytestmark = [needs_browser, pytest.mark.slow]
+pytestmark = [needs_browser]
 RUN_TIMEOUT_MS = 400_000  # a bound on a hang (a 2-iteration tiny run takes seconds), not a timing claim
 ADAPTER = "adapter/pytorch_lora_weights.safetensors"
 
@@ -127,13 +124,13 @@ def _open_deployment(page, served: Served) -> None:
     page.get_by_text("At 02:00 AM every day").first.wait_for()  # its schedule (serve's default cron)
 
 
-def _known_runs(page, served: Served) -> set[str]:
-    """The flow runs the Runs page lists now (its default range ends now: no scheduled run of the
-    future is among them)."""
-    page.goto(f"{served.url}/runs")
-    page.wait_for_load_state("load")
-    time.sleep(3)  # the list loads after the frame (an empty one shows no count to wait for)
-    return {a.get_attribute("href") for a in page.locator("a[href*='/runs/flow-run/']").all()}
+def _flow_runs(served: Served) -> set[str]:
+    """The ids of the server's flow runs, from its API (the Runs page's list loads late on a
+    loaded machine: a page reloaded every few seconds may never show it)."""
+    request = urllib.request.Request(f"{served.url}/api/flow_runs/filter", data=b'{"limit": 200}', method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return {run["id"] for run in json.loads(r.read())}
 
 
 def _start(page, how: str) -> None:
@@ -145,7 +142,7 @@ def _start(page, how: str) -> None:
 def _view_started_run(page, served: Served, known: set[str], timeout: float = 120.0) -> str:
     """Open the page of the run just started: the toast's "View run" (a click event: the toast
     slides in, and two can overlap), else, when no toast came in 30 s (it comes and goes on a
-    loaded machine), the new run on the Runs page."""
+    loaded machine), the page of the run the server has now and had not before."""
     deadline = time.monotonic() + 30
     toast = page.locator("#prefect-design-toast-app button", has_text="View run")
     while not toast.count() and time.monotonic() < deadline:
@@ -154,14 +151,12 @@ def _view_started_run(page, served: Served, known: set[str], timeout: float = 12
         toast.first.dispatch_event("click")
     else:
         deadline = time.monotonic() + timeout
-        new: list[str] = []
+        new: set[str] = set()
         while not new and time.monotonic() < deadline:
-            page.goto(f"{served.url}/runs")
-            time.sleep(2)
-            new = [a.get_attribute("href") for a in page.locator("a[href*='/runs/flow-run/']").all()
-                   if a.get_attribute("href") not in known]
-        assert new, f"no new flow run on the Runs page: {page.inner_text('body')[-1500:]}"
-        page.goto(served.url + new[0])
+            new = _flow_runs(served) - known
+            time.sleep(1)
+        assert len(new) == 1, f"{len(new)} new flow runs on the server, not 1: {page.inner_text('body')[-1500:]}"
+        page.goto(f"{served.url}/runs/flow-run/{new.pop()}")
     page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]+$"))
     return page.url
 
@@ -201,8 +196,12 @@ def custom_run(browser, served, request) -> dict[str, str]:
     the module's folder)."""
     docs = request.config.getoption("--screenshots")
     page = browser.new_page(viewport=VIEWPORT)
+    calls: list[str] = []  # what the page asked the API to change, and what the console said
+    page.on("response", lambda r: calls.append(f"{r.request.method} {r.url} -> {r.status}")
+            if r.request.method != "GET" else None)
+    page.on("console", lambda m: calls.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
     try:
-        known = _known_runs(page, served)
+        known = _flow_runs(served)
         for attempt in range(2):  # a Submit on a loaded machine before the form was ready started nothing once
             _open_deployment(page, served)
             shoot(page, served.root, "prefect-deployment", None)
@@ -216,10 +215,11 @@ def custom_run(browser, served, request) -> dict[str, str]:
             try:
                 url = _view_started_run(page, served, known, timeout=60 if attempt == 0 else 120)
                 break
-            except AssertionError:
+            except AssertionError as e:
                 shoot(page, served.root, f"no-run-after-submit-{attempt}", None)
+                known = _flow_runs(served)  # a run that came late is not taken for the next Submit's
                 if attempt:
-                    raise
+                    raise AssertionError(f"{e}\nthe page's requests and console:\n" + "\n".join(calls[-60:])) from e
         _wait_state(page, "Completed")
         name = page.get_by_text(re.compile(r"^branch-[0-9a-f]{12} · shapes · seed 0$")).first
         name.wait_for()
@@ -305,7 +305,7 @@ def test_retry_a_run_that_failed_in_its_reward_stage_from_its_page(browser, serv
     from tempflow_core.algorithm.train import train_in_process
 
     page = browser.new_page(viewport=VIEWPORT)
-    known = _known_runs(page, served)
+    known = _flow_runs(served)
     _open_deployment(page, served)
     _start(page, "Quick run")  # the deployment's parameters: tempflow, 1 iteration
     _view_started_run(page, served, known)
