@@ -96,6 +96,7 @@ class LossConfig(_Section):
     clip_range: float = Field(1e-4, gt=0, description="PPO clip epsilon on the per-step likelihood ratio (Flow-GRPO uses 1e-4).")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clipped to [-max, max].")
     beta: float = Field(0.004, ge=0, description="KL weight (paper: 0.004 GenEval, 0.001 PickScore).")
+    kl_form: Literal["exact", "flow_grpo"] = Field("exact", description="KL to the reference per step: 'exact' is the Gaussian transitions' KL, |mean gap|^2 / (2 s_t^2 |dt|) (paper eq. 6); 'flow_grpo' divides by 2 s_t^2 as Flow-GRPO's code does (the exact KL times |dt|: weaker at the same beta).")
     weight_norm: Literal["mean1", "constant"] = Field("mean1", description="Noise-aware weight normalisation: mean 1 over the configured trainable steps (paper), or constant * s_k sqrt(dt_k) (authors' code).")
     weight_constant: float = Field(2.25, gt=0, description="Multiplier for weight_norm='constant'.")
 
@@ -111,7 +112,8 @@ class TrainConfig(_Section):
     minibatches: int = Field(1, ge=1, description="Optimizer steps per inner epoch: units are split into this many minibatches.")
     micro_batch: int = Field(16, ge=1, description="Training units per forward/backward (gradient accumulation fills the minibatch). What fits in memory.")
     train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained; 'all' = 0..T-2 (as Flow-GRPO's int(0.99 T)), a list may name T-1.")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the LoRA weights, updated after every iteration (0: off); evaluation and export use the EMA when on.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the LoRA weights (0: off), as Flow-GRPO's: its decay warms up as min((1+n)/(10+n), ema_decay) at optimizer step n; evaluation and export use the EMA when on.")
+    ema_update_interval: int = Field(8, ge=1, description="The EMA takes the weights every this many optimizer steps (Flow-GRPO: 8).")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: data-parallel learner ranks (Ray Train, gloo on CPU, NCCL on GPU); the global batch, minibatches and update do not depend on it (up to the all-reduce's float summation order).")

@@ -130,7 +130,9 @@ def evaluate_units(
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
         mean_ref, _ = sde_mean_std(x, v_ref, tt, tn, ss)
-        kl = gaussian_kl(mean, mean_ref, std)
+        kl = gaussian_kl(mean, mean_ref, std)  # [N or N*K]
+        if loss_cfg.kl_form == "flow_grpo":  # Flow-GRPO's code divides by 2 s_t^2, not 2 s_t^2 |dt|
+            kl = kl * (tt - tn).abs()
     else:
         kl = torch.zeros(mean.shape[0], device=dev)
     if shared:
@@ -174,8 +176,10 @@ def update(
     shared: bool = True,
     progress: Callable[[int], None] | None = None,
     dp: DataParallel | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Inner epochs x minibatches of clipped GRPO steps; returns mean statistics.
+    """Inner epochs x minibatches of clipped GRPO steps; returns mean statistics. `after_step`
+    runs after every optimizer step (the EMA).
 
     With `dp`, `units` are this rank's share of the stage's N = dp.total units: every rank
     draws the same permutation of all N, runs the units of each minibatch it holds, and the
@@ -207,6 +211,8 @@ def update(
                 dp.all_reduce_grads(params)
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)))
             optimizer.step()
+            if after_step is not None:
+                after_step()
     if dp is not None:  # every rank reports the whole update's statistics
         total = dp.reduce([sums.get(n, 0.0) for n in _STAT_NAMES] + [float(count)])
         sums, count = dict(zip(_STAT_NAMES, total[:-1])), int(total[-1])

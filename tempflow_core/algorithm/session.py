@@ -80,11 +80,29 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
                    policy.lora_state_dict())
 
 
-def update_ema(s: Session) -> None:
-    """ema <- d * ema + (1 - d) * lora, in float32, after each iteration's update."""
-    d = s.cfg.train.ema_decay
-    if d <= 0:
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """How many steps the optimizer has taken (AdamW keeps the count per parameter; resumed
+    with its state)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def ema_decay_at(n: int, max_decay: float) -> float:
+    """The EMA's decay at optimizer step n (1-based), warmed up as Flow-GRPO's:
+    min((1 + n) / (10 + n), max_decay)."""
+    return min((1 + n) / (10 + n), max_decay)
+
+
+def update_ema(s: Session, n: int) -> None:
+    """After optimizer step n (1-based): ema <- d ema + (1 - d) lora with d = ema_decay_at(n),
+    in float32, on the steps where (n + 1) is a multiple of train.ema_update_interval (the
+    reference's schedule). The EMA starts from the initial adapter."""
+    t = s.cfg.train
+    if t.ema_decay <= 0 or (n + 1) % t.ema_update_interval:
         return
+    d = ema_decay_at(n, t.ema_decay)
     cur = s.policy.lora_state_dict()
     if s.ema is None:
         s.ema = {k: v.float().clone() for k, v in s.init_lora.items()}

@@ -36,7 +36,7 @@ from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_k
 from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
 from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.seeding import derive_seed
-from tempflow_core.algorithm.session import Session, setup, update_ema
+from tempflow_core.algorithm.session import Session, optimizer_steps, setup, update_ema
 from tempflow_core.algorithm.steps import noise_aware_weights, select_steps, step_pool
 
 
@@ -100,16 +100,16 @@ def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndar
 
 def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict[int, float], astats: AdvantageStats,
                  progress: Callable[[int], None] | None = None, dp: DataParallel | None = None) -> dict[str, float]:
-    """The clipped GRPO update over `units` (this rank's share under `dp`), the EMA after it,
+    """The clipped GRPO update over `units` (this rank's share under `dp`), the EMA along it,
     and the update's metrics."""
     cfg = s.cfg
     nfe0 = s.policy.nfe
     stats = update(s.policy, s.optimizer, units, emb, s.schedule, cfg.guidance_scale(),
-                   cfg.train, cfg.loss, s.generator, progress=progress, dp=dp)
+                   cfg.train, cfg.loss, s.generator, progress=progress, dp=dp,
+                   after_step=lambda: update_ema(s, optimizer_steps(s.optimizer)))
     learner_nfe = s.policy.nfe - nfe0  # rows through the transformer: with grad, and the KL reference's
     if dp is not None:
         learner_nfe = int(dp.reduce([learner_nfe])[0])
-    update_ema(s)
     out = {f"train/{k}": v for k, v in stats.items()}
     out["learner/nfe"] = learner_nfe
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,

@@ -47,13 +47,14 @@ AFFECTS: dict[str, frozenset[str]] = {
                                                       "slices")},
     # where work runs (pipeline.engine=ray), not what it computes (the learner's ranks: up to float summation order)
     **{f"{section}.workers": _NONE for section in ("rollout", "reward", "train")},
-    **{f"loss.{f}": frozenset({LEARNER}) for f in ("clip_range", "adv_clip_max", "beta", "weight_norm",
-                                                   "weight_constant")},
+    **{f"loss.{f}": frozenset({LEARNER}) for f in ("clip_range", "adv_clip_max", "beta", "kl_form",
+                                                   "weight_norm", "weight_constant")},
     "train.iterations": _NONE,  # no schedule depends on the total: outputs of iteration i stay the same
     **{f"train.{f}": frozenset({LEARNER}) for f in ("lr", "betas", "weight_decay", "eps", "grad_clip", "inner_epochs",
                                                     "minibatches", "micro_batch", "train_steps",
                                                     "gradient_checkpointing")},
     "train.ema_decay": frozenset({LEARNER, EVAL}),  # checkpoints hold the EMA; eval scores it
+    "train.ema_update_interval": frozenset({LEARNER, EVAL}),
     "train.seed": frozenset({INIT, ROLLOUT, LEARNER}),  # LoRA init, prompt order and noise, shuffling
     "reward.name": frozenset({REWARD, EVAL}),
     "reward.weights": frozenset({REWARD, EVAL}),

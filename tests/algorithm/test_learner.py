@@ -58,6 +58,36 @@ def test_shared_x_k_matches_per_child_loss_and_gradients(policy):
     assert c1 == c2 == 2  # one policy call and one reference call per batch
 
 
+def test_kl_forms_are_the_exact_gaussian_kl_and_flow_grpos(policy):
+    """loss.kl_form=exact is the KL of the two Gaussian transitions, |mean gap|^2 / (2 s^2 |dt|)
+    averaged over elements; flow_grpo divides by 2 s^2 only (Flow-GRPO's code), computed here
+    from the policy's and the reference's velocities directly."""
+    from tempflow_core.algorithm.sde import sde_mean_std
+
+    s = make_schedule(5)
+    b, units = _units(policy, s, K=3)
+    with torch.no_grad():
+        for p in policy.lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kls = {}
+    for form in ("exact", "flow_grpo"):
+        with torch.no_grad():
+            terms = evaluate_units(policy, units, b.embeds, s, 4.5, LossConfig(beta=0.01, kl_form=form))
+        kls[form] = terms.kl.reshape(len(units), units.children)[:, 0]  # one KL per unit, repeated over children
+    sig, sde = s.sigmas.float(), s.sde_sigma().float()
+    t, tn, sk = sig[units.step], sig[units.step + 1], sde[units.step]
+    emb, r = b.embeds, units.prompt_index
+    with torch.no_grad():
+        v = policy.velocity(units.x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+        with policy.reference():
+            v_ref = policy.velocity(units.x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+    gap2 = ((sde_mean_std(units.x, v, t, tn, sk)[0] - sde_mean_std(units.x, v_ref, t, tn, sk)[0]) ** 2).flatten(1).mean(1)
+    dt = (t - tn).abs()
+    torch.testing.assert_close(kls["exact"], gap2 / (2 * sk**2 * dt), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(kls["flow_grpo"], gap2 / (2 * sk**2), rtol=1e-4, atol=1e-9)
+    assert (kls["exact"] > kls["flow_grpo"]).all()  # |dt| < 1: the exact KL is the stronger penalty
+
+
 def test_update_changes_policy_but_not_reference(policy):
     s = make_schedule(4)
     b, units = _units(policy, s, K=3)

@@ -150,7 +150,7 @@ def test_stages_evaluation_and_export_reproduce_eval_images_with_plain_flux_pipe
     # model.tiny.family says sd3, but with a path the folder's model_index.json decides
     # train.ema_decay > 0: evaluation scores the EMA and export writes it with FluxPipeline.save_lora_weights
     cfg = _cfg(tmp_path, f"model.path={tiny_flux_dir}", "model.tiny.family=sd3", "train.lr=0.05", "reward.name=brightness",
-               "train.ema_decay=0.5")
+               "train.ema_decay=0.5", "train.ema_update_interval=1")
     assert cfg.family() == "flux"
     lay, sessions = RunLayout.open(cfg, "flux"), SessionCache()
     stages.init_stage(cfg, lay, sessions)

@@ -202,18 +202,22 @@ def test_ema_is_checkpointed_and_matches_in_process(prefect_api, tiny_model_dir,
     from flows.train import train_flow
     from tempflow_core.algorithm.checkpoint import load_checkpoint
 
-    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir) + ["train.ema_decay=0.5", "train.lr=0.05"])
+    # Flow-GRPO's EMA: after optimizer step n (here one per iteration) the decay is
+    # min((1 + n) / (10 + n), 0.5), and the EMA takes the weights when (n + 1) % 2 == 0
+    cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=3)
+                      + ["train.ema_decay=0.5", "train.ema_update_interval=2", "train.minibatches=1", "train.lr=0.05"])
     train_flow(config=cfg, run_id="ema")
     lay = RunLayout.open(cfg, "ema")
-    ck0, ck1 = (load_checkpoint(lay.store, lay.prefix(i, "learner")) for i in (0, 1))
+    ck0, ck1, ck2 = (load_checkpoint(lay.store, lay.prefix(i, "learner")) for i in (0, 1, 2))
     init = load_checkpoint(lay.store, lay.prefix(-1, "learner")).lora
-    for k in ck1.lora:  # ema_1 = 0.5 ema_0 + 0.5 lora_1 with ema_0 = 0.5 init + 0.5 lora_0
-        torch.testing.assert_close(ck0.ema[k], 0.5 * init[k] + 0.5 * ck0.lora[k])
-        torch.testing.assert_close(ck1.ema[k], 0.5 * ck0.ema[k] + 0.5 * ck1.lora[k])
-    assert any(not torch.equal(ck1.ema[k], ck1.lora[k]) for k in ck1.lora)
+    for k in ck1.lora:
+        torch.testing.assert_close(ck0.ema[k], 2 / 11 * init[k].float() + 9 / 11 * ck0.lora[k].float())  # n = 1
+        assert torch.equal(ck1.ema[k], ck0.ema[k])  # n = 2: not an update step
+        torch.testing.assert_close(ck2.ema[k], 4 / 13 * ck1.ema[k] + 9 / 13 * ck2.lora[k].float())  # n = 3
+    assert any(not torch.equal(ck2.ema[k], ck2.lora[k]) for k in ck2.lora)
     ref = train_in_process(cfg, tmp_path / "inproc")
     want = _lora(ref.lora_path.parent.parent / "lora_ema" / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(ck1.ema[k], want[k]) for k in want)
+    assert all(torch.equal(ck2.ema[k], want[k]) for k in want)
 
 
 def test_a_run_resumed_on_another_tracking_server_is_logged_there_in_full(prefect_api, tiny_model_dir, tmp_path,
