@@ -1,4 +1,4 @@
-"""Benchmark the rollout engine and the learner on the tiny SD3 model (issue: core).
+"""Benchmark the rollout engine and the learner on the tiny SD3 model.
 
     .venv/bin/python benchmarks/bench_core.py [--prompts 4] [--k 6] [--steps 10] [--repeats 3] [--device cpu]
 

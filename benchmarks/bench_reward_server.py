@@ -1,4 +1,4 @@
-"""The reward stage through a reward server against the in-process reward (issue 14).
+"""The reward stage through a reward server against the in-process reward.
 
 One real rollout of the embedded default's batch (4 prompts x K 4 on the shipped base model)
 is written to a local store once; then the reward stage (`tempflow_core.run.stages.reward_stage`:

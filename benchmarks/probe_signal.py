@@ -1,4 +1,4 @@
-"""Does one iteration's batch carry a policy-gradient signal? (issue 10, part 4)
+"""Does one iteration's batch carry a policy-gradient signal?
 
 Two independent rollout batches of the same prompts (different noise), scored and turned into
 advantages as in training; the policy-gradient of each at the current LoRA; their cosine,

@@ -5,7 +5,7 @@ point (K' = K children sharing x_k) or one step of one plain trajectory (K' = 1)
 log-probs under the current policy come from ONE velocity prediction at x, so a branch point
 costs one forward and backward (two with CFG, in one call), not one per child. The loss is
 the mean over (unit, child) terms, so the shared evaluation gives the same loss and
-gradients as evaluating every child on its own (tests/test_learner.py checks this).
+gradients as evaluating every child on its own (tests/algorithm/test_learner.py checks this).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""The cluster files parse and agree with each other and with the README section naming them.
+"""The cluster files parse and agree with each other and with the docs page naming them.
 
 Docker and Kubernetes do not run here: these tests read infra/Dockerfile,
 infra/docker-compose.yaml, infra/.env.example, infra/k8s/ and infra/cluster_deployments.py, and
 check what a `docker compose up`, a `kubectl apply` or a `prefect work-pool create` would first
 trip over. No network, no Docker, no Prefect import (a second or so in all).
 
-The README section "## On a cluster: Docker Compose and Kubernetes" names the services (its
-table), images, ports and environment variables; `test_readme_section_*` checks every one of
-them against the files once README.md holds the section. TEMPFLOW_CLUSTER_README=<file> points
-those tests at a draft of the section instead. The names are also listed once below
-(SERVICES, PORTS, ...), so that the files are held to them even before the section is merged.
+The docs page docs/cluster.md ("# On a cluster: Docker Compose and Kubernetes") names the
+services (its table), images, ports and environment variables; `test_readme_section_*` checks
+every one of them against the files. TEMPFLOW_CLUSTER_README=<file> points those tests at a
+draft of the page instead. The names are also listed once below (SERVICES, PORTS, ...), so that
+the files are held to them whatever the page says.
 The Prefect deployments of infra/prefect.yaml themselves are loaded by
 tests/pipeline/test_deploy_export.py.
 """
@@ -36,7 +36,7 @@ ENV_EXAMPLE = INFRA / ".env.example"
 RAYCLUSTER = INFRA / "k8s" / "raycluster.yaml"
 WORK_POOL = INFRA / "k8s" / "prefect-work-pool.json"
 PREFECT_FILE = INFRA / "prefect.yaml"
-SECTION_HEADING = "## On a cluster: Docker Compose and Kubernetes"
+SECTION_HEADING = "# On a cluster: Docker Compose and Kubernetes"
 
 # What the README section names; its table lists exactly SERVICES.
 SERVICES = {"postgres", "minio", "minio-init", "prefect-server", "mlflow", "prefect-deploy",
@@ -178,7 +178,7 @@ _DROP = object()
 
 
 def readme_section() -> tuple[Path, str] | None:
-    path = Path(os.environ.get("TEMPFLOW_CLUSTER_README", ROOT / "README.md"))
+    path = Path(os.environ.get("TEMPFLOW_CLUSTER_README", ROOT / "docs" / "cluster.md"))
     text = path.read_text() if path.is_file() else ""
     start = text.find(SECTION_HEADING)
     if start < 0:
@@ -190,7 +190,7 @@ def readme_section() -> tuple[Path, str] | None:
 def section_or_skip() -> tuple[Path, str]:
     found = readme_section()
     if found is None:
-        pytest.skip(f"README.md has no section {SECTION_HEADING!r} yet")
+        pytest.fail(f"docs/cluster.md has no section {SECTION_HEADING!r}")
     return found
 
 

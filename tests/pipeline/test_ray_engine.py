@@ -258,17 +258,19 @@ def test_a_rollout_actor_killed_mid_stage_is_replaced_and_the_output_is_the_same
 
 
 def _readme_ray_overrides() -> list[str]:
-    """The `--set` overrides of the README's Ray command (section "Scaling out on Ray")."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Scaling out on Ray", 1)[1]
-    block = section.split("```bash", 1)[1].split("```", 1)[0]
+    """The `--set` overrides of the docs' Ray command (docs/ray.md, its first bash block), which
+    the README's section "Scaling out" shows too."""
+    root = Path(__file__).resolve().parents[2]
+    block = (root / "docs" / "ray.md").read_text().split("```bash", 1)[1].split("```", 1)[0]
     assert "tempflow train" in block
+    readme = (root / "README.md").read_text().split("## Scaling out", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert block.strip() in readme, "the README's Ray command is not the one docs/ray.md shows"
     return re.findall(r"--set (\S+)", block)
 
 
 def test_train_flow_on_ray_ends_with_the_local_lora(local_ray, prefect_api, tiny_model_dir, tmp_path, quiet_env,
                                                     monkeypatch):
-    """The README's Ray command (its overrides on the tiny model), through Prefect and MLflow; rank 0
+    """The docs' Ray command (its overrides on the tiny model), through Prefect and MLflow; rank 0
     is SIGKILLed while it writes iteration 0's checkpoint (after the advantages, before the
     checkpoint), and the run still ends with the local run's LoRA."""
     from flows.train import train_flow
