@@ -19,11 +19,10 @@ from prefect.cache_policies import NONE
 from flows.evaluate import eval_flow
 from flows.train import train_flow
 from tasks.tracking_task import track_ablation
-from tempflow_core.reports import figures, report
+from tempflow_core.reports import redraw, report
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
-from tempflow_core.algorithm.schedule import Schedule, make_schedule
 
 VARIANTS = ["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
@@ -65,35 +64,12 @@ def collect(base: RunConfig, runs: dict[str, dict[str, str]], base_eval: dict[st
 @task(name="figures", cache_policy=NONE)
 def make_figures(base: RunConfig, data: dict[str, Any], base_eval: dict[str, Any], out: str,
                  runs: dict[str, dict[str, str]]) -> dict[str, str]:
-    """Figures 1, 4, 2, 5, Table 1's form, the headline verdicts and the reproduction bundle."""
+    """Figures 1, 4, 2, 5, Table 1's form, the headline verdicts (tempflow_core.reports.redraw,
+    which `tempflow report` redraws them with from curves.json) and the reproduction bundle."""
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    T = base.sampling.num_steps
-    made: dict[str, str] = {}
-    std = {int(k): v for k, v in data["std_by_step"].items()}
-    if std:
-        made["fig1"] = str(figures.reward_std_per_step(std, folder / "fig1_reward_std_per_step.png"))
-        grid = data.get("grid") or {}
-        schedule = Schedule.from_sigmas(grid["sigmas"], grid["noise_level"]) if grid else \
-            make_schedule(T, base.sampling.shift, base.sampling.noise_level)  # bundles from before the grid was kept
-        made["fig4_left"] = str(figures.noise_vs_reward_std(std, schedule, folder / "fig4_noise_vs_reward_std.png"))
-    made["fig4_right"] = str(figures.scale_terms(T, folder / "fig4_scale_terms.png", base.sampling.noise_level))
+    made, head = redraw.write_curves_report(folder, data, base_eval, base.reward.name,
+                                            base.sampling.model_dump(mode="json"))
     label = report.score_label(base.reward.name)
-    if data["curves"]:
-        made["fig2"] = str(figures.score_curves(data["curves"], "iteration", folder / "fig2_score_vs_iteration.png", label))
-        made["fig5"] = str(figures.score_curves(data["curves"], "nfe", folder / "fig5_score_vs_nfe.png", label))
-    head = report.headline(data["curves"])
-    extra = ""
-    if base.reward.name in report.SHAPES_REWARDS:  # the trained dense reward, the steadier second view
-        dense = report.rescore(data["curves"], "reward")
-        made["fig2_reward"] = str(figures.score_curves(dense, "iteration", folder / "fig2_reward_vs_iteration.png",
-                                                       f"eval {base.reward.name} reward (held-out)"))
-        head["by_eval_reward"] = report.headline(dense)
-        extra = "\n## Judged by the held-out shapes reward (partial credit)\n\n" + \
-            report.headline_markdown(head["by_eval_reward"])
-    table = report.category_table(base_eval, data["finals"], base.reward.name)
-    report.write_text(folder / "table.md", table + "\n")
-    report.write_text(folder / "summary.md", f"## Judged by {label}\n\n" + report.headline_markdown(head) + extra)
     configs = {f"{variant}-s{seed}": variant_config(base, variant, base.reward.name, int(seed))
                for variant, by_seed in runs.items() for seed in by_seed}
     prompts = report.write_bundle(folder, configs)

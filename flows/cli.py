@@ -341,7 +341,7 @@ def serve(
     from flows.train import train_flow
 
     params = {"config": cfg.model_dump(mode="json")}
-    ablation_base = _resolve(ABLATION_CONFIG, [])  # the shipped ablation's settings (README "Results")
+    ablation_base = _resolve(ABLATION_CONFIG, [])  # the shipped ablation's settings (docs: Results)
     typer.echo(f"serving tempflow-train/nightly ({cron}), tempflow-eval/evaluate and tempflow-ablation/paper-ablation; "
                f"UI at {api[:-4]} (Ctrl-C stops)")
     try:
@@ -482,6 +482,18 @@ def compare(
         typer.echo(f"reference {cfg.algorithm} at iteration {last['iteration']}: {r['mean']:.3f} ± {r['std']:.3f} "
                    f"over {r['n']} seeds (min {r['min']:.3f}, max {r['max']:.3f})")
     typer.echo(f"wrote {out}")
+
+
+@app.command("report")
+def report_cmd(folder: Path = typer.Argument(..., help="Experiment folder, e.g. results/gpu/ablation-64px.")) -> None:
+    """Redraw a results folder's figures and tables in place from its committed records alone."""
+    from tempflow_core.reports.records import RecordsError, read_records
+    from tempflow_core.reports.redraw import redraw
+    try:
+        records = read_records(folder)
+    except RecordsError as e:
+        _fail(str(e))
+    typer.echo("\n".join(f"{name}: {path}" for name, path in redraw(records).items()))
 
 
 @app.command("show-config")

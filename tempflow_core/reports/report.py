@@ -33,7 +33,7 @@ def write_text(path: Path, text: str) -> Path:
 
 def eval_score(reward_name: str, result: dict[str, Any]) -> float:
     """What a run is judged by: GenEval's strict overall when it trains a shapes reward (the
-    paper's headline metric), otherwise the mean held-out value of the reward it trains, never
+    paper's headline metric), otherwise the mean evaluation value of the reward it trains, never
     a metric of another objective (a JPEG run is not ranked by GenEval)."""
     if reward_name in SHAPES_REWARDS and "geneval_overall" in result:
         return float(result["geneval_overall"])
@@ -53,8 +53,8 @@ def eval_summary(result: dict[str, Any]) -> str:
 
 def score_label(reward_name: str) -> str:
     if reward_name in SHAPES_REWARDS:
-        return "GenEval-style overall (held-out)"
-    return f"eval {reward_name} (held-out)"
+        return "GenEval-style overall (evaluation prompts)"
+    return f"eval {reward_name} (evaluation prompts)"
 
 
 def eval_se(reward_name: str, result: dict[str, Any]) -> float | None:
@@ -140,8 +140,16 @@ def _se_of_difference(a: float | None, b: float | None) -> float:
     return 0.0 if a is None or b is None else float(np.hypot(a, b))
 
 
+def noise_floor(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """The verdicts' threshold for a gap between two finals (``headline``'s ``finals`` entries):
+    the larger of the two seed standard deviations and the evaluation's standard error of the
+    difference, sqrt(se_a^2 + se_b^2) (each se that of a seed mean; 0 where not recorded). A gap
+    beyond it is 'beyond the seed spread and evaluation error'."""
+    return max(a["std"], b["std"], _se_of_difference(a.get("se"), b.get("se")))
+
+
 def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """The paper's claims on these curves (issue 6's goal), as numbers and verdicts:
+    """The paper's claims on these curves as numbers and verdicts:
     tempflow ends above the base model, reaches flow_grpo_fixed's final score in at most half
     the iterations and ends above it; flow_grpo_fixed ends above flow_grpo. Final = last evaluation, mean over seeds;
     'clear' means the gap, either way, exceeds the larger of the two seed standard deviations
@@ -174,7 +182,7 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         d = finals[a]["mean"] - finals[b]["mean"]
         wins = sum(finals[a]["per_seed"].get(s, -np.inf) > v for s, v in finals[b]["per_seed"].items())
         several = min(len(finals[a]["per_seed"]), len(finals[b]["per_seed"])) > 1
-        noise = max(finals[a]["std"], finals[b]["std"], _se_of_difference(finals[a].get("se"), finals[b].get("se")))
+        noise = noise_floor(finals[a], finals[b])
         return {"diff": d, "holds": d > 0, "clear": abs(d) > noise if several else None,
                 "seeds_won": f"{wins}/{len(finals[b]['per_seed'])}"}
 
@@ -251,7 +259,7 @@ def headline_markdown(h: dict[str, Any]) -> str:
 
 
 def category_table(base_eval: dict[str, Any], finals: dict[str, list[dict[str, Any]]], reward_name: str) -> str:
-    """Table 1's form: the held-out value of the trained reward, GenEval's overall and its
+    """Table 1's form: the evaluation value of the trained reward, GenEval's overall and its
     categories, mean over seeds (for a non-shapes reward GenEval shows what the reward costs)."""
     rows = {"base model": [base_eval], **finals}
     if all("geneval" in e for es in rows.values() for e in es):
