@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ablation's variants x seeds as parallel in-process sweeps (benchmarks/sweep.py, no
 # Prefect, no MLflow), one process and one torch thread per run, all sharing the machine's
-# accelerator: how the GPU ablation of issue 10 was run. Each evaluated point is appended to
+# accelerator (results/gpu/ablation-64px was made so). Each evaluated point is appended to
 # OUT/points.jsonl as it is measured, so a run stopped at the deadline keeps its curve;
 # finished runs also land in OUT/runs.jsonl (benchmarks/sweep_table.py reads it).
 #

@@ -265,6 +265,10 @@ class RunConfig(_Section):
             del data["rollout"]["slices"]
         if not data["reward"]["plugins"]:  # the built-in rewards: the configs from before plugins
             del data["reward"]["plugins"]
+        if data["loss"]["kl_form"] == "exact":  # the KL every config had before the option
+            del data["loss"]["kl_form"]
+        if data["train"]["ema_decay"] == 0:  # no EMA: its interval computes nothing
+            del data["train"]["ema_update_interval"]
         return data
 
     def digest(self) -> str:

@@ -76,8 +76,19 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
     reward_fn = RewardRegistry.for_config(cfg.reward).build(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
     stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))
-    return Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen,
-                   policy.lora_state_dict())
+    s = Session(cfg, policy, schedule, make_optimizer(policy, cfg.train), reward_fn, stream, gen,
+                policy.lora_state_dict())
+    s.ema = initial_ema(s)
+    return s
+
+
+def initial_ema(s: Session) -> dict[str, torch.Tensor] | None:
+    """The EMA before any update: the initial adapter in float32 (as Flow-GRPO's starts as a copy
+    of the trained weights), so evaluation and export use the EMA from the first iteration;
+    None when EMA is off."""
+    if s.cfg.train.ema_decay <= 0:
+        return None
+    return {k: v.float().clone() for k, v in s.init_lora.items()}
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
@@ -104,9 +115,8 @@ def update_ema(s: Session, n: int) -> None:
         return
     d = ema_decay_at(n, t.ema_decay)
     cur = s.policy.lora_state_dict()
-    if s.ema is None:
-        s.ema = {k: v.float().clone() for k, v in s.init_lora.items()}
-    s.ema = {k: d * s.ema[k] + (1.0 - d) * cur[k].float() for k in cur}
+    ema = s.ema if s.ema is not None else initial_ema(s)
+    s.ema = {k: d * ema[k] + (1.0 - d) * cur[k].float() for k in cur}
 
 
 def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
@@ -114,7 +124,7 @@ def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
     fresh AdamW loaded with the checkpoint's moments and the shuffling RNG (the learner's state).
     The prompt stream position is the caller's (the rollout stage sets it)."""
     s.policy.load_lora_state_dict(ck.lora)
-    s.ema = ck.ema
+    s.ema = ck.ema if ck.ema is not None else initial_ema(s)
     if not with_optimizer:
         return
     s.optimizer = make_optimizer(s.policy, s.cfg.train)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,23 @@ def test_core_imports_no_orchestration():
     count, bad = out.stdout.strip().split(" ", 1)
     assert int(count) >= 30, out.stdout  # the walk reached the subpackages (rewards, shapes, shards, ...)
     assert bad == "[]", out.stdout
+
+
+def test_the_committed_ablation_runs_keep_their_digests():
+    """A run's id embeds its config's digest, and resuming compares digests: a new setting at its
+    default must leave the digest of every existing config as it was. The committed ablation's
+    run ids (results/ablation/runs.json) recompute from its committed configs."""
+    import json
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "results" / "ablation"
+    runs = json.loads((root / "runs.json").read_text())
+    checked = 0
+    for reward, record in runs.items():
+        for path in sorted((root / reward / "configs").glob("*.yaml")):
+            variant, seed = path.stem.rsplit("-s", 1)
+            cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()))
+            assert f"abl-{reward}-{variant}-s{seed}-{cfg.digest()[:6]}" == record["runs"][variant][seed], path
+            checked += 1
+    assert checked == 30

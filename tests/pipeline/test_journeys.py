@@ -125,12 +125,13 @@ def _open_deployment(page, served: Served) -> None:
 
 
 def _flow_runs(served: Served) -> set[str]:
-    """The ids of the server's flow runs, from its API (the Runs page's list loads late on a
-    loaded machine: a page reloaded every few seconds may never show it)."""
+    """The ids of the server's flow runs that a person started, from its API (the Runs page's
+    list loads late on a loaded machine: a page reloaded every few seconds may never show it).
+    The runs the scheduler adds for the nightly schedule are left out."""
     request = urllib.request.Request(f"{served.url}/api/flow_runs/filter", data=b'{"limit": 200}', method="POST",
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as r:
-        return {run["id"] for run in json.loads(r.read())}
+        return {run["id"] for run in json.loads(r.read()) if not run.get("auto_scheduled")}
 
 
 def _start(page, how: str) -> None:

@@ -121,3 +121,18 @@ def test_a_records_json_naming_a_missing_points_file_is_refused(tmp_path):
     (tmp_path / "points.jsonl").write_text("")
     with pytest.raises(records.RecordsError, match="which does not exist"):
         records.read_records(tmp_path)
+
+
+@pytest.mark.parametrize("experiment", ["ablation/shapes", "ablation/jpeg_compressibility", "gpu/ablation-64px",
+                                        "gpu/ablation-64px-more-seeds", "cpu/64px-48it", "gpu/smoke"])
+def test_every_committed_folders_tables_are_what_its_records_give(tmp_path, experiment):
+    """The committed tables of every results folder agree with its records: a table edited by
+    hand, or records changed without redrawing, fails here."""
+    copy = tmp_path / "results"
+    shutil.copytree(RESULTS, copy, ignore=shutil.ignore_patterns("*.png"))
+    folder = copy / experiment
+    tables = sorted(p.name for p in (RESULTS / experiment).glob("*.md") if p.name != "README.md")
+    assert tables, f"results/{experiment} holds no tables"
+    redraw.redraw(records.read_records(folder))
+    for name in tables:
+        assert (folder / name).read_text() == (RESULTS / experiment / name).read_text(), f"{experiment}/{name}"
