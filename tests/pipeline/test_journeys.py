@@ -97,6 +97,14 @@ def served(tiny_model_dir, tmp_path_factory) -> Iterator[Served]:
             proc.wait(timeout=30)
 
 
+def _new_page(browser):
+    """A page whose waits allow for a loaded machine: 120 s is a bound on a hang, not a timing
+    claim (Playwright's default, 30 s, is short when the suite's other files load both cores)."""
+    page = browser.new_page(viewport=VIEWPORT)
+    page.set_default_timeout(120_000)
+    return page
+
+
 def _state(page) -> str:
     badge = page.locator("[class*=state-badge]").first
     return badge.inner_text() if badge.count() else ""
@@ -141,24 +149,23 @@ def _start(page, how: str) -> None:
 
 
 def _view_started_run(page, served: Served, known: set[str], timeout: float = 120.0) -> str:
-    """Open the page of the run just started: the toast's "View run" (a click event: the toast
-    slides in, and two can overlap), else, when no toast came in 30 s (it comes and goes on a
-    loaded machine), the page of the run the server has now and had not before."""
-    deadline = time.monotonic() + 30
-    toast = page.locator("#prefect-design-toast-app button", has_text="View run")
-    while not toast.count() and time.monotonic() < deadline:
-        time.sleep(0.25)
-    if toast.count():
-        toast.first.dispatch_event("click")
+    """Open the page of the run just started: the run the server has now and had not before
+    (its API is asked: the toast that links to it comes and goes, and a click on it raced the
+    page's own move to the deployment's Runs tab on a loaded machine), by its link where the
+    page lists it, as a person would click it, else by its address."""
+    deadline = time.monotonic() + timeout
+    new: set[str] = set()
+    while not new and time.monotonic() < deadline:
+        new = _flow_runs(served) - known
+        time.sleep(1)
+    assert len(new) == 1, f"{len(new)} new flow runs on the server, not 1: {page.inner_text('body')[-1500:]}"
+    run = new.pop()
+    link = page.locator(f"a[href$='/runs/flow-run/{run}']")
+    if link.count():
+        link.first.click()
     else:
-        deadline = time.monotonic() + timeout
-        new: set[str] = set()
-        while not new and time.monotonic() < deadline:
-            new = _flow_runs(served) - known
-            time.sleep(1)
-        assert len(new) == 1, f"{len(new)} new flow runs on the server, not 1: {page.inner_text('body')[-1500:]}"
-        page.goto(f"{served.url}/runs/flow-run/{new.pop()}")
-    page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]+$"))
+        page.goto(f"{served.url}/runs/flow-run/{run}")
+    page.wait_for_url(re.compile(rf".*/runs/flow-run/{run}$"), timeout=60_000)
     return page.url
 
 
@@ -196,7 +203,7 @@ def custom_run(browser, served, request) -> dict[str, str]:
     algorithm `branch` in the form -> Submit -> the run's page until Completed (screenshots in
     the module's folder)."""
     docs = request.config.getoption("--screenshots")
-    page = browser.new_page(viewport=VIEWPORT)
+    page = _new_page(browser)
     calls: list[str] = []  # what the page asked the API to change, and what the console said
     page.on("response", lambda r: calls.append(f"{r.request.method} {r.url} -> {r.status}")
             if r.request.method != "GET" else None)
@@ -250,7 +257,7 @@ def mlflow_ui(custom_run, served) -> Iterator[str]:
 
 def _mlflow_page(browser, server: str, path: str):
     """A page of the MLflow UI with its assistant side panel closed (it covers a third of the page)."""
-    page = browser.new_page(viewport=VIEWPORT)
+    page = _new_page(browser)
     page.goto(f"{server}/#/{path}")
     return page
 
@@ -265,7 +272,7 @@ def test_start_a_custom_run_from_the_deployment_page_and_find_its_values(browser
                                                                         snap):
     from tasks.tracking.values import experiment_page
 
-    page = browser.new_page(viewport=VIEWPORT)
+    page = _new_page(browser)
     page.goto(custom_run["url"])
     page.get_by_text(custom_run["name"]).first.wait_for()  # the run's name says what ran
     assert _state(page) == "Completed"
@@ -305,7 +312,7 @@ def test_retry_a_run_that_failed_in_its_reward_stage_from_its_page(browser, serv
     from tempflow_core.config import RunConfig
     from tempflow_core.algorithm.train import train_in_process
 
-    page = browser.new_page(viewport=VIEWPORT)
+    page = _new_page(browser)
     known = _flow_runs(served)
     _open_deployment(page, served)
     _start(page, "Quick run")  # the deployment's parameters: tempflow, 1 iteration
