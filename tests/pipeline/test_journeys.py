@@ -62,11 +62,16 @@ def _wait_for(probe, what: str, timeout: float = 180.0):
     raise AssertionError(f"{what} within {timeout:.0f} s")
 
 
-def _deployments(api: str) -> list[str]:
-    request = urllib.request.Request(f"{api}/deployments/filter", data=b"{}", method="POST",
+def _filter(api: str, what: str, body: bytes = b"{}", timeout: float = 10) -> list[dict]:
+    """POST {api}/{what}/filter: the Prefect server's objects of one kind."""
+    request = urllib.request.Request(f"{api}/{what}/filter", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return [d["name"] for d in json.loads(r.read())]
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _deployments(api: str) -> list[str]:
+    return [d["name"] for d in _filter(api, "deployments")]
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +141,8 @@ def _flow_runs(served: Served) -> set[str]:
     """The ids of the server's flow runs that a person started, from its API (the Runs page's
     list loads late on a loaded machine: a page reloaded every few seconds may never show it).
     The runs the scheduler adds for the nightly schedule are left out."""
-    request = urllib.request.Request(f"{served.url}/api/flow_runs/filter", data=b'{"limit": 200}', method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return {run["id"] for run in json.loads(r.read()) if not run.get("auto_scheduled")}
+    runs = _filter(f"{served.url}/api", "flow_runs", b'{"limit": 200}', timeout=30)
+    return {run["id"] for run in runs if not run.get("auto_scheduled")}
 
 
 def _start(page, how: str) -> None:
