@@ -23,7 +23,16 @@ from tempflow_core.prompts import PromptRecord, load_prompts
 from tempflow_core.rewards import RewardFn, RewardRegistry
 from tempflow_core.algorithm.rollout import sample_images
 from tempflow_core.seeding import derive_seed
+from tempflow_core.shapes.detect import DetectorRules, rules_named
 from tempflow_core.shapes.evaluate import standard_error
+
+
+def detector_rules(cfg: RunConfig) -> DetectorRules:
+    """The shapes detector's rules of the run: those its shapes reward is configured with
+    (reward.options.<shapes or shapes_strict>.rules, default v2), so evaluation reads images as
+    training does."""
+    name = cfg.reward.name if cfg.reward.name in ("shapes", "shapes_strict") else "shapes"
+    return rules_named(str(cfg.reward.options.get(name, {}).get("rules", "v2")))
 
 
 def eval_prompts(cfg: RunConfig) -> list[PromptRecord]:
@@ -84,7 +93,8 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
     if all("include" in m for m in meta):
         from tempflow_core.shapes import evaluate
 
-        geneval = evaluate(images, [r for r, _ in samples])
+        geneval = evaluate(images, [r for r, _ in samples], detector_rules(cfg))
+        result["detector_rules"] = detector_rules(cfg).name
         result["geneval_overall"] = float(geneval["overall"])
         result["geneval_overall_se"] = float(geneval["overall_se"])
         result["geneval"] = {k: float(v) for k, v in geneval["per_category"].items()}

@@ -48,11 +48,14 @@ def sample_split(pipe, split: str, per_prompt: int, steps: int, shift: float, cf
 
 def evaluate_pipeline(pipe, split: str = "test", per_prompt: int = 6, steps: int = 20, shift: float = 3.0,
                       cfg_scale: float = 4.0, seed: int = 1234) -> tuple[dict[str, Any], np.ndarray, list[str]]:
-    """evaluate() of the shapes detector on sample_split; also returns the images and prompts."""
-    from tempflow_core.shapes import evaluate
+    """evaluate() of the shapes detector on sample_split; also returns the images and prompts.
+    Pretraining reads its images with the detector's rules before the audit (RULES_V1): the
+    committed base models were stopped and selected by them, and rerunning their command makes
+    them again."""
+    from tempflow_core.shapes import RULES_V1, evaluate
 
     images, meta, prompts = sample_split(pipe, split, per_prompt, steps, shift, cfg_scale, seed)
-    return evaluate(images, meta), images, prompts
+    return evaluate(images, meta, RULES_V1), images, prompts
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -31,13 +31,13 @@ def _shapes_metadata(prompts: list[str], metadata: list[dict[str, Any]] | None) 
     return [m if m.get("include") else record_for_prompt(p) for p, m in zip(prompts, metadata)]
 
 
-def _shapes_scores(images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]]
+def _shapes_scores(images: np.ndarray, prompts: list[str], metadata: list[dict[str, Any]], rules: Any
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     from tempflow_core.shapes.score import score_images
     from tempflow_core.shapes.world import TAGS
 
     meta = _shapes_metadata(prompts, metadata)
-    strict, partial = score_images(np.asarray(images), meta)
+    strict, partial = score_images(np.asarray(images), meta, rules)
     tags = np.array([m.get("tag", "") for m in meta])
     details = {"strict": strict, "partial": partial}
     for tag in TAGS:  # NaN where the image's prompt is another task: average with np.nanmean
@@ -45,24 +45,33 @@ def _shapes_scores(images: np.ndarray, prompts: list[str], metadata: list[dict[s
     return strict, partial, details
 
 
-def shapes():
+def shapes(rules: Literal["v1", "v2"] = "v2"):
     """Flow-GRPO's dense GenEval reward on the shapes world (partial credit in [0, 1]).
 
+    rules: the detector's rules (`tempflow_core.shapes.detect.RULE_SETS`): v2, the default, or
+    v1, the rules before the detector's audit (to recompute results scored with them).
     details: strict, partial, and strict_<tag> per GenEval task (NaN for other tasks' images).
     """
+    from tempflow_core.shapes.detect import rules_named
+
+    chosen = rules_named(rules)
 
     def fn(images, prompts, metadata):
-        _, partial, details = _shapes_scores(images, prompts, metadata)
+        _, partial, details = _shapes_scores(images, prompts, metadata, chosen)
         return partial, details
 
     return fn
 
 
-def shapes_strict():
-    """GenEval's strict 0/1 correctness on the shapes world (sparse; for evaluation or ablations)."""
+def shapes_strict(rules: Literal["v1", "v2"] = "v2"):
+    """GenEval's strict 0/1 correctness on the shapes world (sparse; for evaluation or ablations);
+    rules as for `shapes`."""
+    from tempflow_core.shapes.detect import rules_named
+
+    chosen = rules_named(rules)
 
     def fn(images, prompts, metadata):
-        strict, _, details = _shapes_scores(images, prompts, metadata)
+        strict, _, details = _shapes_scores(images, prompts, metadata, chosen)
         return strict, details
 
     return fn

@@ -6,7 +6,9 @@ A finished stage output (manifest present) is used only when
   * the inputs it was computed from are still the ones on the store: each stage records,
     in its manifest's `producer.inputs`, the content digest of every upstream output it
     read (rollout <- checkpoint i-1; reward <- rollout i; learner <- checkpoint i-1,
-    rollout i, reward i; eval <- checkpoint i).
+    rollout i, reward i; eval <- checkpoint i), and reward and eval the shapes detector's
+    rules they read images with (`ASSUMED`: what an output recorded before an input was
+    added was made with).
 
 Anything else is moved aside, whole, under `{run}/quarantine/{iter-i|init}/{stage}/{nn}/`
 (with `heal.json` saying why) and the stage is recomputed. Rollouts, rewards and updates
@@ -29,6 +31,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from tempflow_core.run.layout import RunLayout
@@ -107,14 +110,22 @@ def damage(layout: RunLayout, m: Manifest, prefix: str) -> str | None:
     return None
 
 
+ASSUMED: Mapping[str, str] = MappingProxyType({"detector": "v1"})
+"""Inputs added after outputs were first recorded, and the value an output that does not record
+them was made with: reward and eval outputs written before the detector's audit read images
+with its rules v1."""
+
+
 def stale_inputs(m: Manifest, inputs: Mapping[str, str | None]) -> str | None:
     """Which recorded input differs from the current one (None: all agree, or none recorded:
-    outputs written before inputs were recorded are trusted)."""
+    outputs written before inputs were recorded are trusted; an input the manifest does not
+    record counts as its `ASSUMED` value, else as agreeing)."""
     recorded = (m.producer or {}).get("inputs")
     if not isinstance(recorded, dict):
         return None
     for name, digest in inputs.items():
-        if name in recorded and recorded[name] != digest:
+        was = recorded.get(name, ASSUMED.get(name, digest))
+        if was != digest:
             return f"its input {name!r} changed since it was computed (recomputed or replaced upstream)"
     return None
 

@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import re
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,15 @@ def reward_registry(plugins: list[str]) -> RewardRegistry:
                              "put the module on the Python path (it defines REWARDS = {name: factory}) or remove it") from None
 
 
+def _choices(factory: Any, key: str) -> tuple[Any, ...]:
+    """The values a factory's Literal-typed option takes (empty: any)."""
+    try:
+        hint = typing.get_type_hints(factory).get(key)
+    except Exception:  # an annotation that does not resolve: no choices known
+        return ()
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+
+
 def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[str, Any]], field: str,
                  roots: list[Path] | None = None, rewards: RewardRegistry | None = None) -> None:
     """A registered reward (or 'weighted' over registered ones) whose options its factory takes,
@@ -259,6 +269,10 @@ def check_reward(name: str, weights: dict[str, float], options: dict[str, dict[s
                 takes = ", ".join(params) or "none"
                 raise PreflightError(f"reward.options.{reward}.{key}", f"reward {reward!r} takes no option {key!r}",
                                      f"remove it (options of {reward!r}: {takes})")
+            choices = _choices(factory, key)
+            if choices and opts[key] not in choices:
+                raise PreflightError(f"reward.options.{reward}.{key}", f"{opts[key]!r} is not a value of option {key!r} "
+                                     f"of reward {reward!r}", f"use one of: {', '.join(map(str, choices))}")
         if "model" in params and params["model"].default is None and not opts.get("model"):
             raise PreflightError(f"reward.options.{reward}.model", f"reward {reward!r} needs a local model folder",
                                  f"set reward.options={{{reward}: {{model: /path/to/folder}}}}")

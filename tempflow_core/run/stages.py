@@ -45,7 +45,7 @@ from tempflow_core.algorithm.advantages import compute_advantages
 from tempflow_core.algorithm.checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.data_parallel import DataParallel, read_share, sample_keys_of
-from tempflow_core.algorithm.evaluation import eval_prompts, evaluate_policy
+from tempflow_core.algorithm.evaluation import detector_rules, eval_prompts, evaluate_policy
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.learner import build_units, empty_units
 from tempflow_core.prompts import PromptRecord
@@ -218,7 +218,7 @@ def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     base = layout.iteration_prefix(iteration)
 
     def inputs() -> dict[str, str | None]:
-        return {"rollout": healing.stage_digest(layout, iteration, "rollout")}
+        return {"rollout": healing.stage_digest(layout, iteration, "rollout"), "detector": detector_rules(cfg).name}
 
     def compute() -> None:
         failpoints.hit(f"reward.score/{layout.run_id}")
@@ -388,7 +388,7 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Sess
     prefix = layout.prefix(iteration, "eval")
 
     def inputs() -> dict[str, str | None]:
-        return {"checkpoint": healing.stage_digest(layout, iteration, "learner")}
+        return {"checkpoint": healing.stage_digest(layout, iteration, "learner"), "detector": detector_rules(cfg).name}
 
     def compute() -> None:
         s, ck = _at_checkpoint(sessions, cfg, layout, iteration, with_optimizer=False)

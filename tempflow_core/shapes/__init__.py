@@ -8,7 +8,7 @@ report helpers (evaluate, grid). Pure numpy/scipy/PIL: no torch, no model weight
 
 from __future__ import annotations
 
-from tempflow_core.shapes.detect import Detection, detect
+from tempflow_core.shapes.detect import RULES, RULES_V1, Detection, DetectorRules, detect, rules_named
 from tempflow_core.shapes.evaluate import evaluate, format_table
 from tempflow_core.shapes.geometry import relative_position
 from tempflow_core.shapes.grid import image_grid
@@ -18,7 +18,8 @@ from tempflow_core.shapes.score import ImageScore, score_images, score_objects
 from tempflow_core.shapes.world import COLORS, RELATIONS, SHAPES, TAGS
 
 __all__ = [
-    "COLORS", "RELATIONS", "SHAPES", "TAGS", "Detection", "ImageScore", "SceneObject", "BUILTIN_SPLITS",
+    "COLORS", "RELATIONS", "RULES", "RULES_V1", "SHAPES", "TAGS", "Detection", "DetectorRules", "ImageScore",
+    "SceneObject", "BUILTIN_SPLITS", "rules_named",
     "detect", "evaluate", "format_table", "generate_dataset", "generate_records", "image_grid", "load_split",
     "record_for_prompt", "relative_position", "render_batch", "render_scene", "score_images", "score_objects",
     "split_records", "write_prompt_files",

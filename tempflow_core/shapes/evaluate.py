@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tempflow_core.shapes.detect import RULES, DetectorRules
 from tempflow_core.shapes.score import score_images
 from tempflow_core.shapes.world import TAGS
 
@@ -23,9 +24,9 @@ def _metadata(records: Sequence[Any]) -> list[dict[str, Any]]:
     return [r.metadata if hasattr(r, "metadata") else r for r in records]
 
 
-def evaluate(images: np.ndarray, records: Sequence[Any]) -> dict[str, Any]:
+def evaluate(images: np.ndarray, records: Sequence[Any], rules: DetectorRules = RULES) -> dict[str, Any]:
     """Strict and partial GenEval-like scores of images [N, H, W, 3] uint8 against their
-    records (PromptRecord or metadata dicts with 'tag' and 'include').
+    records (PromptRecord or metadata dicts with 'tag' and 'include'), detected under `rules`.
 
     Returns:
         {"overall": mean over the tags present of their strict accuracy,
@@ -41,7 +42,7 @@ def evaluate(images: np.ndarray, records: Sequence[Any]) -> dict[str, Any]:
     missing = [i for i, m in enumerate(meta) if "tag" not in m]
     if missing:
         raise ValueError(f"records {missing[:5]} have no GenEval 'tag'")
-    strict, partial = score_images(images, meta)
+    strict, partial = score_images(images, meta, rules)
     tags = np.array([m["tag"] for m in meta])
     order = [t for t in TAGS if t in set(tags)] + sorted(set(tags) - set(TAGS))
     per = {t: float(strict[tags == t].mean()) for t in order}

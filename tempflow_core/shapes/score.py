@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tempflow_core.shapes.detect import Detection, detect
+from tempflow_core.shapes.detect import RULES, Detection, DetectorRules, detect
 from tempflow_core.shapes.geometry import relative_position
 
 
@@ -99,15 +99,16 @@ def score_objects(objects: Sequence[Detection], metadata: dict[str, Any]) -> Ima
     return ImageScore(strict, float(np.mean(terms)), reasons)
 
 
-def score_images(images: np.ndarray, metadata: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Strict (float32 0/1) and partial (float32 in [0, 1]) scores for a batch.
+def score_images(images: np.ndarray, metadata: Sequence[dict[str, Any]], rules: DetectorRules = RULES
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Strict (float32 0/1) and partial (float32 in [0, 1]) scores for a batch, detected under `rules`.
 
     Raises:
         ValueError: when the numbers of images and records differ.
     """
     if len(images) != len(metadata):
         raise ValueError(f"{len(images)} images but {len(metadata)} metadata records")
-    detections = detect(images) if len(images) else []
+    detections = detect(images, rules=rules) if len(images) else []
     results = [score_objects(d, m) for d, m in zip(detections, metadata)]
     return (np.array([r.strict for r in results], dtype=np.float32),
             np.array([r.partial for r in results], dtype=np.float32))

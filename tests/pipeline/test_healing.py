@@ -27,13 +27,13 @@ def finished(prefect_api, tiny_model_dir, tmp_path_factory):
     return cfg, RunLayout.open(cfg, "whole")
 
 
-def _killed_copy(lay: RunLayout, run_id: str) -> RunLayout:
+def _killed_copy(lay: RunLayout, run_id: str, killed: bool = True) -> RunLayout:
     """A copy of the finished run as a SIGKILL during iteration 1's learner leaves it: no
-    checkpoint 1 (its manifest was never written), no evaluation."""
+    checkpoint 1 (its manifest was never written), no evaluation (killed=False: all of it)."""
     dst = RunLayout(lay.store, run_id)
     for key in lay.store.list("whole"):
         rel = key[len("whole/"):]
-        if rel.startswith(("iter-000001/learner/", "iter-000001/eval/")) and rel.endswith("manifest.json"):
+        if killed and rel.startswith(("iter-000001/learner/", "iter-000001/eval/")) and rel.endswith("manifest.json"):
             continue
         data = lay.store.get_bytes(key)
         if rel == "run.json":
@@ -112,6 +112,32 @@ def test_an_output_whose_input_changed_is_recomputed(finished, quiet_env):
     assert lay.store.get_bytes(f"{run}/{final}") == whole.store.get_bytes(f"whole/{final}")
     assert lay.store.get_bytes(f"{run}/iter-000001/reward/scores.safetensors") == \
         whole.store.get_bytes("whole/iter-000001/reward/scores.safetensors")
+
+
+def test_rewards_and_evaluations_made_before_the_detectors_audit_are_made_again(finished, quiet_env):
+    """Reward and eval outputs record the detector's rules they read images with; one that does
+    not record them was made with the rules before the audit (v1), so a resume under v2 moves it
+    aside and makes it again instead of mixing the two readings in one run."""
+    from flows.train import train_flow
+
+    cfg, whole = finished
+    run = "heal-detector"
+    lay = _killed_copy(whole, run, killed=False)
+    for stage in ("iter-000001/reward", "iter-000001/eval"):
+        key = f"{run}/{stage}/manifest.json"
+        m = json.loads(lay.store.get_bytes(key))
+        assert m["producer"]["inputs"]["detector"] == "v2"
+        del m["producer"]["inputs"]["detector"]  # as written before the audit
+        lay.store.put_bytes(key, json.dumps(m).encode())
+
+    train_flow(config=cfg, run_id=run)
+
+    for stage in ("iter-000001/reward", "iter-000001/eval"):
+        record = json.loads(lay.store.get_bytes(f"{run}/quarantine/{stage}/01/heal.json"))
+        assert "input 'detector' changed" in record["reason"], stage
+        assert json.loads(lay.store.get_bytes(f"{run}/{stage}/manifest.json"))["producer"]["inputs"]["detector"] == "v2"
+    for key in (f"iter-000001/learner/{ADAPTER}", "iter-000001/eval/eval.json"):  # made again, the same
+        assert lay.store.get_bytes(f"{run}/{key}") == whole.store.get_bytes(f"whole/{key}"), key
 
 
 def test_an_input_found_corrupt_while_a_stage_reads_it_is_healed_and_the_stage_retried(finished):
