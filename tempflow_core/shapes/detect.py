@@ -11,18 +11,18 @@ up less than the rules' minimum colour share of the coloured pixels of the non-b
 lie in (a part of a multicoloured blob, or an object merged with another).
 
 The rules (`DetectorRules`) were tightened after an audit of trained images: `RULES_V1`, the
-rules before it, passed parts of multicoloured blobs and shapeless blobs (template IoU 0.5-0.7)
-that training learns to make; `RULES` is the default, `RULES_V1` stays selectable
-(`reward.options.shapes.rules: v1`) so that results scored with it can be recomputed.
+rules before it, passed parts of multicoloured blobs and shapeless blobs (template IoU 0.5-0.7),
+which the base model and trained models both make; `RULES` is the default, `RULES_V1` stays
+selectable (`reward.options.shapes.rules: v1`) so that results scored with it can be recomputed.
 
 Colour is part of segmentation rather than a separate classifier (GenEval uses CLIP on the
-masked crop): on flat synthetic colours this is exact, and two touching objects of different
-colours still come out as two objects.
+masked crop): on flat synthetic colours this is exact. Under v1 two touching objects of
+different colours come out as two objects; under v2 they are one blob and neither counts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -62,8 +62,9 @@ class DetectorRules:
 RULES_V1 = DetectorRules()
 RULES = DetectorRules(min_confidence=0.7, min_color_share=0.8)
 """The default: a template IoU of at least 0.7 (rendered shapes score >= 0.88 at 64x64 and
->= 0.71 at 32x32) and at least 80% of its blob's coloured pixels. Chosen on the audit's base
-images, before the trained ones were scored (docs/experiments/detector-audit.md)."""
+>= 0.71 at 32x32) and at least 80% of its blob's coloured pixels. Chosen from rendered scenes
+and the base model's images; docs/experiments/detector-audit.md shows what each threshold does
+to a trained run's gain."""
 RULE_SETS: Mapping[str, DetectorRules] = MappingProxyType({"v1": RULES_V1, "v2": RULES})
 
 
