@@ -14,7 +14,11 @@ before the audit (`RULES_V1`) and by the current ones (`RULES`). Writes to `--ou
   partial score under each rule set, and why the current rules reject what the old passed);
 * `summary.md`: the GenEval-style overall and per-category scores of base and trained under
   both rule sets, and how much of each run's gain over the base holds under the current rules;
-* `rejected.png`: images the old rules passed and the current ones reject, with their reasons.
+* `rejected.png`: trained images the old rules passed and the current ones reject (the first 48);
+* `accepted-iou-0.7-0.8.png`: trained images with an object the current rules accept at a
+  template IoU of 0.7-0.8, which a threshold of 0.8 would reject (the first 48).
+
+`--report-only` writes summary.md again from `images.jsonl` alone.
 
 The images themselves are kept in `--cache` (default: a `cache/` folder beside the records,
 not meant for committing), so a rescoring after a change of the rules samples nothing again.
@@ -194,6 +198,20 @@ def rejected_sheet(records: list[dict], sets: dict[str, tuple[np.ndarray, list[d
     return len(picks)
 
 
+def band_sheet(sets: dict[str, tuple[np.ndarray, list[dict]]], path: Path, band: tuple[float, float] = (0.7, 0.8),
+               limit: int = 48) -> int:
+    """A grid of trained images with an object the current rules accept at a template IoU in
+    `band`: what a stricter IoU threshold would reject."""
+    picks = []
+    for name, (im, _) in sets.items():
+        if name != "base":
+            picks += [im[i] for i, ds in enumerate(detect(im)) if any(band[0] <= d.confidence < band[1] for d in ds)]
+    if picks:
+        grid = image_grid(np.stack(picks[:limit]), ncols=8)
+        grid.resize((grid.width * 2, grid.height * 2), resample=0).save(path)
+    return len(picks)
+
+
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -230,8 +248,10 @@ def main() -> None:
     summary = summarize(records)
     (args.out / "summary.md").write_text(summary)
     n = rejected_sheet(records, sets, args.out / "rejected.png")
+    k = band_sheet(sets, args.out / "accepted-iou-0.7-0.8.png")
     print(summary)
-    print(f"{n} trained images pass v1 and fail v2 ({args.out / 'rejected.png'} shows the first 48)")
+    print(f"{n} trained images pass v1 and fail v2 ({args.out / 'rejected.png'} shows the first 48); "
+          f"{k} hold an object v2 accepts at IoU 0.7-0.8 ({args.out / 'accepted-iou-0.7-0.8.png'})")
 
 
 if __name__ == "__main__":

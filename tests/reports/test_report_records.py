@@ -127,7 +127,7 @@ def test_a_records_json_naming_a_missing_points_file_is_refused(tmp_path):
                                         "gpu/ablation-64px-more-seeds", "cpu/64px-48it", "gpu/smoke",
                                         "weighting/jpeg-T6-plain", "weighting/jpeg-T10-plain",
                                         "weighting/jpeg-T6-branch", "weighting/jpeg-T10-branch",
-                                        "ema/jpeg-T6-flow_grpo_fixed"])
+                                        "ema/jpeg-T6-flow_grpo_fixed", "cpu/64px-product"])
 def test_every_committed_folders_tables_are_what_its_records_give(tmp_path, experiment):
     """The committed tables of every results folder agree with its records: a table edited by
     hand, or records changed without redrawing, fails here."""
