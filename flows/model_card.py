@@ -120,7 +120,7 @@ grad-norm clip {cfg.grad_clip}, fp32, no EMA.
 ### Evaluation protocol
 ODE sampling (`tempflow_core.algorithm.rollout.sample_images`), {cfg.eval_steps} Euler steps on the shift-{cfg.eval_shift:g} grid of
 `make_schedule` (the pipeline scheduler's shift, and the RL default), CFG {cfg.eval_cfg:g}, noise seeded per prompt id;
-scored with the shapes detector's strict GenEval rules (`shapes.evaluate`; overall = mean of the six task accuracies).
+scored with the shapes detector's strict GenEval rules under its rules v1 (`shapes.evaluate` with `RULES_V1`, as pretraining selects; overall = mean of the six task accuracies).
 During training: the {cfg.eval_split} split, {cfg.eval_per_prompt} images per prompt, every {cfg.eval_every} steps, the same
 noise every time (seed {cfg.eval_seed}). Final report: {cfg.final_per_prompt} images per {cfg.eval_split} prompt
 (seed {cfg.eval_seed + 1}){f" and {cfg.final_train_per_prompt} per train prompt" if cfg.final_train_per_prompt else ""}.
