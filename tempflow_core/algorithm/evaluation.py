@@ -69,7 +69,9 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
         (result, grid PNG): result holds the trained reward's mean and standard error
         ("reward", "reward_se"), the number of images, every image's prompt, seed and reward,
         the extra reward when configured, and for shapes records the GenEval-style overall
-        score with its standard error and the per-category scores, errors and image counts.
+        score with its standard error, the per-category scores, errors and image counts, the
+        detector's rules, and every image's category and strict score (so two checkpoints
+        compare image by image: tempflow_core.reports.paired).
     """
     sched = policy.schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
     samples = eval_samples(records, images_per_prompt(records, cfg.eval.images_per_prompt,
@@ -93,8 +95,10 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
     if all("include" in m for m in meta):
         from tempflow_core.shapes import evaluate
 
-        geneval = evaluate(images, [r for r, _ in samples], detector_rules(cfg))
+        geneval = evaluate(images, [r for r, _ in samples], detector_rules(cfg), per_image=True)
         result["detector_rules"] = detector_rules(cfg).name
+        for sample, (r, _), strict in zip(result["samples"], samples, geneval["strict"]):
+            sample.update(category=category(r), strict=strict)  # per image: comparisons pair by it
         result["geneval_overall"] = float(geneval["overall"])
         result["geneval_overall_se"] = float(geneval["overall_se"])
         result["geneval"] = {k: float(v) for k, v in geneval["per_category"].items()}

@@ -24,7 +24,8 @@ def _metadata(records: Sequence[Any]) -> list[dict[str, Any]]:
     return [r.metadata if hasattr(r, "metadata") else r for r in records]
 
 
-def evaluate(images: np.ndarray, records: Sequence[Any], rules: DetectorRules = RULES) -> dict[str, Any]:
+def evaluate(images: np.ndarray, records: Sequence[Any], rules: DetectorRules = RULES,
+             per_image: bool = False) -> dict[str, Any]:
     """Strict and partial GenEval-like scores of images [N, H, W, 3] uint8 against their
     records (PromptRecord or metadata dicts with 'tag' and 'include'), detected under `rules`.
 
@@ -32,7 +33,8 @@ def evaluate(images: np.ndarray, records: Sequence[Any], rules: DetectorRules = 
         {"overall": mean over the tags present of their strict accuracy,
          "per_category": {tag: strict accuracy}, "counts": {tag: images},
          "partial_overall": same mean of partial scores, "partial_per_category": {tag: ...},
-         "n": images, "overall_se" and "per_category_se": standard errors (see standard_error)}
+         "n": images, "overall_se" and "per_category_se": standard errors (see standard_error),
+         with per_image also "strict": [N] 0/1 per image, for comparisons paired by image}
     Raises:
         ValueError: when lengths differ, a record has no tag, or there are no images.
     """
@@ -48,7 +50,7 @@ def evaluate(images: np.ndarray, records: Sequence[Any], rules: DetectorRules = 
     per = {t: float(strict[tags == t].mean()) for t in order}
     per_partial = {t: float(partial[tags == t].mean()) for t in order}
     per_se = {t: standard_error(strict[tags == t]) for t in order}
-    return {
+    out = {
         "overall_se": float(np.sqrt(sum(se**2 for se in per_se.values())) / len(per_se)),
         "per_category_se": per_se,
         "overall": float(np.mean(list(per.values()))),
@@ -58,6 +60,9 @@ def evaluate(images: np.ndarray, records: Sequence[Any], rules: DetectorRules = 
         "partial_per_category": per_partial,
         "n": int(len(images)),
     }
+    if per_image:
+        out["strict"] = [int(x) for x in strict]
+    return out
 
 
 def standard_error(scores: np.ndarray) -> float:

@@ -75,6 +75,12 @@ def test_policy_evaluation_scores_every_category_with_its_error(tiny_pipe):
     assert result["reward_se"] == pytest.approx(rewards.std(ddof=1) / math.sqrt(rewards.size))
     assert set(result["geneval_se"]) == set(counts) and result["geneval_overall_se"] >= 0
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # every image's category and strict score: the per-category scores are their means
+    assert result["detector_rules"] == "v2"
+    for tag, n in counts.items():
+        mine = [x["strict"] for x in result["samples"] if x["category"] == tag]
+        assert len(mine) == n and set(mine) <= {0, 1}
+        assert result["geneval"][tag] == pytest.approx(np.mean(mine))
 
 
 def test_eval_summary_line():
