@@ -123,3 +123,22 @@ def test_plain_units_one_per_trajectory_step(policy):
     torch.testing.assert_close(u.x[1], b.trajectories[0].states[3])
     torch.testing.assert_close(u.x_next[1, 0], b.trajectories[0].states[4])
     assert u.advantages[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+
+
+def test_at_the_rollouts_weights_the_learner_reads_the_rollouts_log_probs_back(policy):
+    """No log-prob is computed twice: the learner takes the rollout's as the old ones, and at the
+    weights that sampled them (the first minibatch) its own, from other batches (micro-batches
+    of 2 units against the rollout's one call), give a ratio of 1 to float precision, far inside
+    the clip range, so nothing is clipped there."""
+    s = make_schedule(5)
+    b, units = _units(policy, s)
+    loss_cfg = LossConfig(beta=0.0, clip_range=1e-4)
+    ratios = []
+    with torch.no_grad():
+        for i in range(0, len(units), 2):
+            terms = evaluate_units(policy, units.subset(torch.arange(i, min(i + 2, len(units)))), b.embeds, s, 4.5,
+                                   loss_cfg)
+            ratios.append(terms.ratio)
+            assert not terms.clipped.any()
+    r = torch.cat(ratios)
+    assert r.numel() == 6 * 4 and (r - 1).abs().max() < 1e-5
