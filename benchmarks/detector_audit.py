@@ -20,14 +20,17 @@ before the audit (`RULES_V1`) and by the current ones (`RULES`). Writes to `--ou
 
 `--report-only` writes summary.md again from `images.jsonl` alone.
 
-The images themselves are kept in `--cache` (default: a `cache/` folder beside the records,
-not meant for committing), so a rescoring after a change of the rules samples nothing again.
+The images themselves are kept in `--cache` (default: `tempflow-detector-audit/` in the
+system's temporary folder, outside the checkout), so a rescoring after a change of the rules
+samples nothing again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +54,8 @@ def run_config(store: str, run: str) -> tuple[RunConfig, RunLayout]:
     probe = RunConfig.model_validate({"pipeline": {"store": store}})
     record = read_run(RunLayout.open(probe, run))
     if record is None:
-        raise SystemExit(f"run {run!r} not found in store {store}: pass the store the run lives in (--store)")
+        print(f"run {run!r} not found in store {store}: pass the store the run lives in (--store)", file=sys.stderr)
+        raise SystemExit(2)
     cfg = RunConfig.model_validate(record["config"])
     return cfg, RunLayout.open(cfg, run)
 
@@ -233,7 +237,7 @@ def main() -> None:
     if not args.store or not args.run:
         ap.error("--store and at least one --run are needed (or --report-only)")
     torch.set_num_threads(args.threads)
-    cache = args.cache or args.out / "cache"
+    cache = args.cache or Path(tempfile.gettempdir()) / "tempflow-detector-audit"
     sets = {}
     for run in args.run:
         cfg, layout = run_config(args.store, run)
