@@ -43,6 +43,7 @@ from tempflow_core.algorithm.session import restore, setup
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.runs import read_run
+from tempflow_core.reports.paired import compare
 from tempflow_core.seeding import derive_seed
 from tempflow_core.shapes import RULES, RULES_V1, DetectorRules, detect, image_grid, score_objects
 from tempflow_core.shapes.world import TAGS
@@ -129,15 +130,6 @@ def _overall(by_cat: dict[str, dict[str, float]]) -> float:
     return float(np.mean([np.mean(list(v.values())) for v in by_cat.values()]))
 
 
-def _paired(diffs: dict[str, dict[str, float]]) -> tuple[float, float]:
-    """(mean, standard error) of an overall score difference from per-image differences paired
-    by prompt and noise: the mean over categories, its error sqrt(sum of squared category
-    errors) / categories."""
-    means = [np.mean(list(v.values())) for v in diffs.values()]
-    ses = [np.std(list(v.values()), ddof=1) / np.sqrt(len(v)) for v in diffs.values()]
-    return float(np.mean(means)), float(np.sqrt(np.sum(np.square(ses))) / len(ses))
-
-
 def _gain(records: list[dict], runs: list[str], field: str, minus: str | None = None) -> tuple[float, float]:
     """The runs' mean gain over the base under `field`, paired by image; with `minus`, the
     difference of that gain and the gain under `minus`."""
@@ -149,7 +141,9 @@ def _gain(records: list[dict], runs: list[str], field: str, minus: str | None = 
     if minus is not None:
         h = gain_of(minus)
         g = {c: {i: v - h[c][i] for i, v in g[c].items()} for c in g}
-    return _paired(g)
+    groups = [c for c in g for _ in g[c]]
+    r = compare(np.array([[v for c in g for v in g[c].values()]]), np.zeros((1, len(groups))), groups)
+    return r.diff, r.se  # one row: the error is the evaluation set's, paired by image
 
 
 def summarize(records: list[dict]) -> str:
