@@ -5,7 +5,12 @@ and every live child of every (prompt, branch step) sit at the same timestep, so
 through the transformer together (chunked to `max_batch`). The K children leaving one
 branch point share x_k, so their SDE step reuses the backbone's velocity at x_k: no forward
 pass is spent per child at the branch step. Per prompt that is T + K*T(T-1)/2 NFEs when every
-step branches, the floor for this estimator.
+step branches, the floor for this estimator at full completion.
+
+Coarse completion (`stride` s > 1): after its SDE step a child finishes with ODE steps over
+every s-th node of the backbone's grid (`completion_nodes`), always ending at t = 0. Its
+log-prob and the learner's work are untouched (they live at the branch step); only the reward
+of the child's image comes from a coarser solve. s = 1 is the full completion, bit for bit.
 
 `branched_rollout_loop` is the structure of the paper's public code (a separate inner loop
 finishes each branch step's children). It is kept as the reference for tests and benchmarks.
@@ -88,6 +93,20 @@ def _finish(policy: FlowPolicy, su: _Setup, kind: Literal["branch", "plain"], pr
     return batch
 
 
+def completion_nodes(step: int, T: int, stride: int) -> list[int]:
+    """Grid indices a child of branch step `step` visits after its SDE step: step+1, then every
+    `stride`-th node, then T (t = 0). stride 1: step+1..T, the backbone's own grid."""
+    if stride < 1:
+        raise ValueError(f"completion stride must be >= 1, got {stride}")
+    return list(range(step + 1, T, stride)) + [T]
+
+
+def completion_rows(steps: list[int], T: int, group_size: int, stride: int = 1) -> int:
+    """Transformer rows (CFG pairs as one) the children of one prompt take to finish: K per
+    ODE step of each branch step's completion."""
+    return group_size * sum(len(completion_nodes(k, T, stride)) - 1 for k in steps)
+
+
 def _branch_steps(branch_steps: list[int], T: int) -> list[int]:
     steps = sorted(set(int(k) for k in branch_steps))
     if not steps or steps[-1] >= T or steps[0] < 0:
@@ -109,12 +128,13 @@ def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, 
                        seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample)
 
 
-def _ode_from(policy: FlowPolicy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, start: int, guidance_scale: float,
-              max_batch: int) -> torch.Tensor:
-    """Finish states x [N, C, H, W] (at t_start) with ODE steps start..T-1; rows [N] pick prompts."""
-    for j in range(start, su.T):
-        v = _chunked_velocity(policy, x, su.sig[j], rows, su.emb, guidance_scale, max_batch)
-        x = ode_step(x, v, su.sig[j], su.sig[j + 1])
+def _ode_from(policy: FlowPolicy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, nodes: list[int],
+              guidance_scale: float, max_batch: int) -> torch.Tensor:
+    """Finish states x [N, C, H, W] (at t_{nodes[0]}) with one ODE step between each pair of
+    consecutive grid nodes; rows [N] pick prompts."""
+    for a, b in zip(nodes[:-1], nodes[1:]):
+        v = _chunked_velocity(policy, x, su.sig[a], rows, su.emb, guidance_scale, max_batch)
+        x = ode_step(x, v, su.sig[a], su.sig[b])
     return x
 
 
@@ -134,8 +154,10 @@ def branched_rollout(
     max_batch: int = 64,
     decode: bool = True,
     progress: Callable[[int], None] | None = None,
+    stride: int = 1,
 ) -> RolloutBatch:
-    """Wavefront branched rollouts for B prompts; see the module docstring."""
+    """Wavefront branched rollouts for B prompts; children finish over every `stride`-th grid
+    node (see the module docstring)."""
     su = _begin(policy, prompts, schedule)
     sig, B = su.sig, len(prompts)
     steps = _branch_steps(branch_steps, su.T)
@@ -143,26 +165,28 @@ def branched_rollout(
     backbone = initial_noise(seed, prompt_ids, su.shape, su.device)  # [B, C, H, W]
     groups: list[BranchPoint] = []
     live: list[torch.Tensor] = []  # per group: [K, C, H, W] child states
+    path: list[list[int]] = []  # per group: the grid nodes still ahead, the current one first
 
     for i in range(su.T):
-        # 1. gather the wavefront: backbones still needed + every live child
+        # 1. gather the wavefront: backbones still needed + every child whose current node is i
         parts, rows = [], []
         if i <= last_branch:
             parts.append(backbone)
             rows.append(torch.arange(B, device=su.device))
-        for g, xs in zip(groups, live):
-            parts.append(xs)
-            rows.append(torch.full((xs.shape[0],), g.prompt_index, device=su.device))
-        if not parts:
-            break
-        v_all = _chunked_velocity(policy, torch.cat(parts, 0), sig[i], torch.cat(rows), su.emb, guidance_scale,
-                                  max_batch)
-        # 2. children take ODE steps
-        offset = B if i <= last_branch else 0
-        for gi, xs in enumerate(live):
-            n = xs.shape[0]
-            live[gi] = ode_step(xs, v_all[offset:offset + n], sig[i], sig[i + 1])
-            offset += n
+        here = [gi for gi, nodes in enumerate(path) if nodes[0] == i]
+        for gi in here:
+            parts.append(live[gi])
+            rows.append(torch.full((live[gi].shape[0],), groups[gi].prompt_index, device=su.device))
+        if parts:
+            v_all = _chunked_velocity(policy, torch.cat(parts, 0), sig[i], torch.cat(rows), su.emb, guidance_scale,
+                                      max_batch)
+            # 2. those children take an ODE step to their next node
+            offset = B if i <= last_branch else 0
+            for gi in here:
+                n, nxt = live[gi].shape[0], path[gi][1]
+                live[gi] = ode_step(live[gi], v_all[offset:offset + n], sig[i], sig[nxt])
+                path[gi] = path[gi][1:]
+                offset += n
         # 3. the backbone spawns children at branch steps (reusing its velocity), then moves on
         if i <= last_branch:
             v_b = v_all[:B]
@@ -170,6 +194,7 @@ def branched_rollout(
                 for p in range(B):
                     groups.append(_spawn(su, backbone[p], v_b[p], p, prompt_ids[p], i, group_size, seed))
                     live.append(groups[-1].final_latents)
+                    path.append(completion_nodes(i, su.T, stride))
             backbone = ode_step(backbone, v_b, sig[i], sig[i + 1])
         if progress is not None:
             progress(1)
@@ -191,6 +216,7 @@ def branched_rollout_loop(
     seed: int,
     max_batch: int = 64,
     decode: bool = True,
+    stride: int = 1,
 ) -> RolloutBatch:
     """Reference structure of the paper's public code: at each branch step the children
     leave the backbone with its velocity, then an inner loop of their own finishes them.
@@ -207,7 +233,8 @@ def branched_rollout_loop(
             new = [_spawn(su, backbone[p], v_b[p], p, prompt_ids[p], i, K, seed) for p in range(B)]
             xs = torch.cat([g.final_latents for g in new], 0)  # [B*K, C, H, W]
             rows = torch.cat([torch.full((K,), p, device=su.device) for p in range(B)])
-            xs = _ode_from(policy, su, xs, rows, i + 1, guidance_scale, max_batch)  # this step's own inner loop
+            xs = _ode_from(policy, su, xs, rows, completion_nodes(i, su.T, stride), guidance_scale,
+                           max_batch)  # this step's own inner loop
             for p, g in enumerate(new):
                 g.final_latents = xs[p * K:(p + 1) * K]
             groups.extend(new)
@@ -277,4 +304,4 @@ def sample_images(policy: FlowPolicy, prompts: list[str], prompt_ids: list[str],
     su = _begin(policy, prompts, schedule)
     x = initial_noise(seed, prompt_ids, su.shape, su.device)  # [B, C, H, W]
     rows = torch.arange(len(prompts), device=su.device)
-    return policy.decode(_ode_from(policy, su, x, rows, 0, guidance_scale, max_batch))
+    return policy.decode(_ode_from(policy, su, x, rows, list(range(su.T + 1)), guidance_scale, max_batch))

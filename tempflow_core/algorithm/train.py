@@ -57,7 +57,8 @@ def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
     if cfg.branching:
         steps = select_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
-                                cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress)
+                                cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress,
+                                stride=cfg.rollout.completion_stride)
     return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.guidance_scale(),
                          seed, cfg.rollout.max_batch, progress=progress)
 

@@ -92,3 +92,59 @@ def test_plain_rollout_trajectories(policy):
     assert np.isfinite(tr.log_probs.numpy()).all()
     again = plain_rollout(policy, PROMPTS[:2], IDS[:2], s, 3, 4.5, seed=1)
     assert torch.equal(again.trajectories[4].states, b.trajectories[4].states)
+
+
+def _finish_by_hand(policy, b, bp, nodes, guidance):
+    """A child's ODE completion computed one row at a time from its SDE step's output."""
+    sig = b.sigmas.tolist()
+    r = torch.tensor([bp.prompt_index])
+    out = []
+    for x in bp.x_next:
+        x = x[None]
+        for a, c in zip(nodes[:-1], nodes[1:]):
+            v = policy.velocity(x, torch.tensor(sig[a]), b.embeds.embeds[r], b.embeds.pooled[r], b.embeds, guidance)
+            x = x + (sig[c] - sig[a]) * v
+        out.append(x[0])
+    return torch.stack(out)
+
+
+def test_completion_nodes_and_rows():
+    from tempflow_core.algorithm.rollout import completion_nodes, completion_rows
+
+    assert completion_nodes(0, 6, 1) == [1, 2, 3, 4, 5, 6]
+    assert completion_nodes(0, 6, 2) == [1, 3, 5, 6]
+    assert completion_nodes(1, 6, 3) == [2, 5, 6]
+    assert completion_nodes(4, 6, 9) == [5, 6]
+    assert completion_nodes(5, 6, 2) == [6]  # a branch at the last step has nothing left to finish
+    # T = 6, K = 4, steps 0..4: 4 * (5+4+3+2+1) full; stride 2: 4 * (3+2+2+1+1)
+    assert completion_rows(list(range(5)), 6, 4) == 60
+    assert completion_rows(list(range(5)), 6, 4, stride=2) == 36
+    with pytest.raises(ValueError, match="stride"):
+        completion_nodes(0, 6, 0)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_coarse_completion_finishes_children_over_every_stride_th_node(policy, stride):
+    from tempflow_core.algorithm.rollout import completion_nodes, completion_rows
+
+    T, K, steps = 6, 3, [0, 1, 3]
+    s = make_schedule(T)
+    b = branched_rollout(policy, PROMPTS[:2], IDS[:2], s, steps, K, 4.5, seed=4, max_batch=5, stride=stride)
+    full = branched_rollout(policy, PROMPTS[:2], IDS[:2], s, steps, K, 4.5, seed=4, max_batch=5)
+    # the backbone takes T - ... steps up to the last branch step; children take their nodes
+    assert b.nfe == 2 * (steps[-1] + 1) + 2 * completion_rows(steps, T, K, stride)
+    for bp, fb in zip(b.branch_points, full.branch_points):
+        # what the learner reads is the same whatever the stride
+        assert torch.equal(bp.x_k, fb.x_k) and torch.equal(bp.x_next, fb.x_next)
+        assert torch.equal(bp.log_prob, fb.log_prob)
+        want = _finish_by_hand(policy, b, bp, completion_nodes(bp.step, T, stride), 4.5)
+        torch.testing.assert_close(bp.final_latents, want, rtol=1e-4, atol=1e-4)
+        if stride == 1:
+            assert torch.equal(bp.final_latents, fb.final_latents)
+        elif len(completion_nodes(bp.step, T, stride)) < T - bp.step:  # a coarser solve lands elsewhere
+            assert not torch.allclose(bp.final_latents, fb.final_latents, atol=1e-4)
+    loop = branched_rollout_loop(policy, PROMPTS[:2], IDS[:2], s, steps, K, 4.5, seed=4, stride=stride)
+    assert loop.nfe == b.nfe
+    key = lambda g: (g.step, g.prompt_index)  # noqa: E731
+    for w, l in zip(sorted(b.branch_points, key=key), loop.branch_points):
+        torch.testing.assert_close(w.final_latents, l.final_latents, rtol=1e-4, atol=1e-4)

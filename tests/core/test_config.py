@@ -16,6 +16,7 @@ from tempflow_core.config import ConfigError, RunConfig, load_config
     ("rollout.bogus=1", "rollout.bogus"),
     ("rollout.branch_steps=[12]", "branch_steps"),
     ("sampling.guidance_scale=0.5", "sampling.guidance_scale"),
+    ("rollout.completion_stride=0", "rollout.completion_stride"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -38,6 +39,14 @@ def test_variants():
     assert [v[a].std_mode for a in v] == ["global", "group", "group", "group", "group"]
     assert [v[a].noise_aware for a in v] == [False, False, True, False, True]
     assert v["tempflow"].digest() != v["branch"].digest()
+
+
+def test_cost_options_name_their_field_and_change_the_digest_only_when_set():
+    with pytest.raises(ConfigError, match=r"rollout\.completion_stride \(2\).*'flow_grpo_fixed' does not branch"):
+        load_config(overrides=["algorithm=flow_grpo_fixed", "rollout.completion_stride=2"])
+    base = RunConfig(algorithm="tempflow")
+    assert RunConfig(algorithm="tempflow", rollout={"completion_stride": 1}).digest() == base.digest()
+    assert RunConfig(algorithm="tempflow", rollout={"completion_stride": 2}).digest() != base.digest()
 
 
 def test_core_imports_no_orchestration():

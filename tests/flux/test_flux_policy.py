@@ -98,7 +98,7 @@ def test_grid_is_flux_pipelines(flux_pipe):
 def _ode_latents(pol, prompts, ids, schedule, guidance, seed):
     su = _begin(pol, prompts, schedule)
     x = initial_noise(seed, ids, su.shape, su.device)
-    return x, _ode_from(pol, su, x, torch.arange(len(prompts)), 0, guidance, 64)
+    return x, _ode_from(pol, su, x, torch.arange(len(prompts)), list(range(su.T + 1)), guidance, 64)
 
 
 def _perturb_lora(pol, scale=0.05):
