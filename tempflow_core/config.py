@@ -75,6 +75,7 @@ class RolloutConfig(_Section):
     prompts_per_iter: int = Field(4, ge=1, description="Prompts per iteration (global).")
     group_size: int = Field(6, ge=2, description="K children per branch point (branching) or G trajectories per prompt (plain).")
     branch_steps: Literal["all"] | list[int] | int = Field("all", description="Branch points: 'all' = steps 0..T-2 (the last, nearly noise-free step is left out, as in the reference code), a fixed list of step indices (may name T-1), or an int m: m of 0..T-2 drawn per iteration.")
+    branch_draw: Literal["uniform", "weighted", "window"] = Field("uniform", description="How branch_steps: m draws its m steps each iteration: 'uniform' (m distinct, equally likely), 'weighted' (m draws with replacement, probability proportional to the step's noise s_k sqrt(dt_k), importance-corrected so the expected loss is that of all steps), 'window' (m consecutive steps sliding one step per iteration, as MixGRPO's SDE window). Needs branch_steps to be a count.")
     completion_stride: int = Field(1, ge=1, description="Coarse completion of children: after its SDE step a child finishes with ODE steps over every s-th node of the rollout grid (always ending at t = 0). 1 = every node (paper). Fewer child rows; the log-probs and the learner are unchanged, only the children's rewards come from a coarser solve.")
     max_batch: int = Field(64, ge=1, description="Max samples per transformer forward (CFG doubles it internally).")
     slices: int = Field(1, ge=1, description="Contiguous slices the iteration's prompts are cut into, each sampled as one batch and written as its own shards. The unit of work of rollout workers: with slices fixed, rollouts are the same whatever the worker count. 1: one batch.")
@@ -208,6 +209,10 @@ class RunConfig(_Section):
         if self.pipeline.engine == "ray" and self.rollout.workers > self.rollout.slices:
             raise ValueError(f"rollout.workers ({self.rollout.workers}) exceeds rollout.slices ({self.rollout.slices}): "
                              f"a worker samples whole slices, so set rollout.slices to a multiple of rollout.workers")
+        if self.rollout.branch_draw != "uniform" and not (isinstance(self.rollout.branch_steps, int)
+                                                          and not isinstance(self.rollout.branch_steps, bool)):
+            raise ValueError(f"rollout.branch_draw={self.rollout.branch_draw!r} draws m steps per iteration, and "
+                             f"rollout.branch_steps is {self.rollout.branch_steps!r}: set branch_steps to a count m")
         if self.rollout.completion_stride > 1 and not self.branching:
             raise ValueError(f"rollout.completion_stride ({self.rollout.completion_stride}) finishes branched children, "
                              f"and algorithm {self.algorithm!r} does not branch: use 1, or algorithm tempflow or branch")
@@ -269,6 +274,8 @@ class RunConfig(_Section):
             del data["rollout"]["slices"]
         if not data["reward"]["plugins"]:  # the built-in rewards: the configs from before plugins
             del data["reward"]["plugins"]
+        if data["rollout"]["branch_draw"] == "uniform":  # the draw every config had before the option
+            del data["rollout"]["branch_draw"]
         if data["rollout"]["completion_stride"] == 1:  # full completion: the configs from before the option
             del data["rollout"]["completion_stride"]
         if data["loss"]["kl_form"] == "exact":  # the KL every config had before the option

@@ -35,7 +35,8 @@ class TrainUnits:
     advantages: torch.Tensor  # [N, K']
     step: torch.Tensor  # [N] long, schedule index
     prompt_index: torch.Tensor  # [N] long, row in PromptEmbeds
-    weight: torch.Tensor  # [N] float32 step weight
+    weight: torch.Tensor  # [N] float32 policy weight: noise-aware step weight x the draw's importance
+    kl_weight: torch.Tensor  # [N] float32 the draw's importance I_k (1 unless branch_draw is weighted)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -46,11 +47,14 @@ class TrainUnits:
 
     def subset(self, idx: torch.Tensor) -> "TrainUnits":
         return TrainUnits(*(getattr(self, f)[idx] for f in
-                            ("x", "x_next", "old_log_prob", "advantages", "step", "prompt_index", "weight")))
+                            _FIELDS))
 
     def to(self, device: torch.device) -> "TrainUnits":
         return TrainUnits(*(getattr(self, f).to(device) for f in
-                            ("x", "x_next", "old_log_prob", "advantages", "step", "prompt_index", "weight")))
+                            _FIELDS))
+
+
+_FIELDS = ("x", "x_next", "old_log_prob", "advantages", "step", "prompt_index", "weight", "kl_weight")
 
 
 def trained_steps(batch: RolloutBatch, train_steps: StepSpec) -> list[int]:
@@ -66,9 +70,12 @@ def build_units(
     advantages: np.ndarray,  # [S] in batch.sample_keys() order
     step_weight: dict[int, float],
     train_steps: list[int] | None = None,
+    importance: dict[int, float] | None = None,
 ) -> TrainUnits:
-    """Turn a rollout batch and its advantages into training units."""
+    """Turn a rollout batch and its advantages into training units; `importance` (per step,
+    default 1) scales both the policy and the KL terms of a step (steps.importance)."""
     adv = torch.as_tensor(np.asarray(advantages, dtype=np.float32))
+    imp = importance or {}
     if batch.kind == "branch":
         bps = batch.branch_points
         K = bps[0].x_next.shape[0]
@@ -79,7 +86,8 @@ def build_units(
             advantages=adv.view(len(bps), K),
             step=torch.tensor([bp.step for bp in bps]),
             prompt_index=torch.tensor([bp.prompt_index for bp in bps]),
-            weight=torch.tensor([step_weight[bp.step] for bp in bps], dtype=torch.float32),
+            weight=torch.tensor([step_weight[bp.step] * imp.get(bp.step, 1.0) for bp in bps], dtype=torch.float32),
+            kl_weight=torch.tensor([imp.get(bp.step, 1.0) for bp in bps], dtype=torch.float32),
         )
     steps = train_steps if train_steps is not None else step_pool("all", batch.sigmas.numel() - 1)
     trajs = batch.trajectories
@@ -94,7 +102,9 @@ def build_units(
         advantages=adv.repeat_interleave(n_s).view(-1, 1),
         step=s.repeat(len(trajs)),
         prompt_index=torch.tensor([tr.prompt_index for tr in trajs]).repeat_interleave(n_s),
-        weight=torch.tensor([step_weight[int(k)] for k in steps], dtype=torch.float32).repeat(len(trajs)),
+        weight=torch.tensor([step_weight[int(k)] * imp.get(int(k), 1.0) for k in steps],
+                            dtype=torch.float32).repeat(len(trajs)),
+        kl_weight=torch.tensor([imp.get(int(k), 1.0) for k in steps], dtype=torch.float32).repeat(len(trajs)),
     )
 
 
@@ -145,6 +155,7 @@ def evaluate_units(
     return grpo_terms(
         log_prob=log_prob, old_log_prob=u.old_log_prob.reshape(-1), advantages=u.advantages.reshape(-1),
         weights=u.weight.repeat_interleave(K), kl=kl, clip_range=loss_cfg.clip_range, beta=loss_cfg.beta,
+        kl_weights=u.kl_weight.repeat_interleave(K),
     )
 
 
@@ -155,7 +166,7 @@ def empty_units(children: int) -> TrainUnits:
     """No units (a learner rank whose share of a stage is empty): it still joins every all-reduce."""
     z = torch.zeros(0, 1, 1, 1)
     return TrainUnits(z, torch.zeros(0, children, 1, 1, 1), torch.zeros(0, children), torch.zeros(0, children),
-                      torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+                      torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0))
 
 
 def make_optimizer(policy: FlowPolicy, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -3,8 +3,10 @@
 Per term (one sample's action at one step):
     ratio  = exp(logp_new - logp_old)
     policy = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) * w_step
-    loss   = policy + beta * KL(pi_theta || pi_ref)
-where w_step is the noise-aware weight for `tempflow` and 1 otherwise.
+    loss   = policy + beta * KL(pi_theta || pi_ref) * I_step
+where w_step is the noise-aware weight for `tempflow` and 1 otherwise, times I_step, the
+importance of a step drawn by a weighted branch draw (steps.importance; 1 otherwise), which
+scales the KL term too.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ def grpo_terms(
     kl: torch.Tensor,  # [N] closed-form KL to the reference (zeros when beta = 0)
     clip_range: float,
     beta: float,
+    kl_weights: torch.Tensor | None = None,  # [N] the draw's importance (None: 1)
 ) -> ObjectiveTerms:
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     policy = torch.maximum(unclipped, clipped) * weights
-    loss = policy + beta * kl
+    loss = policy + beta * (kl if kl_weights is None else kl * kl_weights)
     return ObjectiveTerms(
         loss=loss, policy=policy, kl=kl, ratio=ratio.detach(),
         clipped=((ratio.detach() - 1.0).abs() > clip_range), approx_kl=0.5 * log_ratio.detach() ** 2,

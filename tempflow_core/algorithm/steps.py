@@ -8,6 +8,20 @@ advantages. It stays trainable, but only when a step list names it explicitly.
 
 A step's weight is a function of that step's noise only: the mean-1 normalisation runs once
 over the configured trainable set (the pool), never over the steps one iteration drew.
+
+Drawing m of the N pool steps per iteration (`branch_steps: m`) is a Monte Carlo estimate of
+training all of them; how the m are drawn (`BranchDraw`):
+
+* "uniform": m distinct steps, each equally likely (without replacement): every step is in a
+  draw with probability m/N, so the mean over the drawn steps is unbiased as it is.
+* "weighted": m draws with replacement, step k with probability p_k proportional to its noise
+  term s_k sqrt(|dt_k|), so the steps that carry the most noise branch most often. Each drawn
+  step's terms are scaled by `importance`, I_k = d n_k / (N m p_k) (n_k: times drawn, d:
+  distinct steps drawn), which makes the expected loss, a mean over the d drawn steps, equal
+  the mean over all N (tests/algorithm/test_steps.py checks it by Monte Carlo).
+* "window": m consecutive steps starting at (iteration mod (N - m + 1)): a window sliding
+  from the noisiest steps to the cleanest, one step per iteration, then again (MixGRPO's
+  sliding SDE window; not a Monte Carlo estimate of all steps, no correction).
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from tempflow_core.algorithm.schedule import Schedule, WeightNorm
 from tempflow_core.seeding import derive_seed
 
 StepSpec = Literal["all"] | list[int] | int  # 'all', an explicit list, or m steps drawn per iteration
+BranchDraw = Literal["uniform", "weighted", "window"]
 
 
 def default_steps(num_steps: int) -> list[int]:
@@ -37,14 +52,43 @@ def step_pool(spec: StepSpec, num_steps: int) -> list[int]:
     raise ValueError(f"unknown step spec {spec!r}; expected 'all', a list of steps or a count")
 
 
-def select_steps(spec: StepSpec, num_steps: int, seed: int, iteration: int) -> list[int]:
-    """The steps of one iteration: the whole pool, or m of it drawn from (seed, iteration)."""
+def draw_counts(spec: StepSpec, num_steps: int, seed: int, iteration: int, draw: BranchDraw = "uniform",
+                noise: dict[int, float] | None = None) -> dict[int, int]:
+    """The steps of one iteration with how often each was drawn: the whole pool once each, or m
+    draws from it by `draw`, seeded by (seed, iteration). `noise` (the pool's noise terms or
+    any positive multiple of them) is needed by "weighted" only."""
     pool = step_pool(spec, num_steps)
     if spec == "all" or isinstance(spec, list):
-        return pool
+        return {k: 1 for k in pool}
+    m = int(spec)
+    if draw == "window":
+        start = iteration % (len(pool) - m + 1)
+        return {k: 1 for k in pool[start:start + m]}
     g = torch.Generator().manual_seed(derive_seed(seed, "branch-steps", iteration))
-    pick = torch.randperm(len(pool), generator=g)[: int(spec)].tolist()
-    return sorted(pool[i] for i in pick)
+    if draw == "uniform":
+        return {pool[i]: 1 for i in sorted(torch.randperm(len(pool), generator=g)[:m].tolist())}
+    if draw != "weighted":
+        raise ValueError(f"unknown branch draw {draw!r}; expected uniform, weighted or window")
+    if noise is None:
+        raise ValueError("a weighted draw needs the pool's noise terms")
+    p = torch.tensor([noise[k] for k in pool], dtype=torch.float64)
+    idx = torch.multinomial(p, m, replacement=True, generator=g).tolist()
+    return {pool[i]: idx.count(i) for i in sorted(set(idx))}
+
+
+def select_steps(spec: StepSpec, num_steps: int, seed: int, iteration: int, draw: BranchDraw = "uniform",
+                 noise: dict[int, float] | None = None) -> list[int]:
+    """The distinct steps of one iteration (see draw_counts)."""
+    return sorted(draw_counts(spec, num_steps, seed, iteration, draw, noise))
+
+
+def importance(counts: dict[int, int], noise: dict[int, float], draw: BranchDraw) -> dict[int, float]:
+    """I_k of every drawn step: d n_k / (N m p_k) for a weighted draw over the N steps of
+    `noise` (p_k = noise_k / sum(noise)), 1 otherwise. See the module docstring."""
+    if draw != "weighted":
+        return {k: 1.0 for k in counts}
+    total, n, m, d = sum(noise.values()), len(noise), sum(counts.values()), len(counts)
+    return {k: d * c / (n * m * noise[k] / total) for k, c in counts.items()}
 
 
 def noise_aware_weights(schedule: Schedule, pool: list[int], norm: WeightNorm = "mean1",

@@ -37,7 +37,7 @@ from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
 from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.seeding import derive_seed
 from tempflow_core.algorithm.session import Session, optimizer_steps, setup, update_ema
-from tempflow_core.algorithm.steps import noise_aware_weights, select_steps, step_pool
+from tempflow_core.algorithm.steps import draw_counts, importance, noise_aware_weights, step_pool
 
 
 def batch_prompt_ids(records: list[PromptRecord], start: int = 0) -> list[str]:
@@ -55,7 +55,7 @@ def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
     seed = derive_seed(cfg.train.seed, "rollout", iteration)
     prompts, ids = [r.text for r in records], batch_prompt_ids(records, start)
     if cfg.branching:
-        steps = select_steps(cfg.rollout.branch_steps, s.schedule.num_steps, cfg.train.seed, iteration)
+        steps = sorted(branch_counts(cfg, s.schedule, iteration))
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
                                 cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress,
                                 stride=cfg.rollout.completion_stride)
@@ -70,6 +70,31 @@ def score_rollout(reward_fn: RewardFn, batch: RolloutBatch, records: list[Prompt
     return reward_fn(batch.images(), [records[i].text for i in idx], [records[i].metadata for i in idx])
 
 
+def _pool_noise(cfg: RunConfig, schedule: Schedule) -> dict[int, float]:
+    """The branch pool's noise terms s_k sqrt(|dt_k|) (mean 1 over the pool)."""
+    return noise_aware_weights(schedule, step_pool(cfg.rollout.branch_steps, schedule.num_steps))
+
+
+def branch_counts(cfg: RunConfig, schedule: Schedule, iteration: int) -> dict[int, int]:
+    """Iteration i's branch steps and how often each was drawn (steps.draw_counts)."""
+    draw = cfg.rollout.branch_draw
+    return draw_counts(cfg.rollout.branch_steps, schedule.num_steps, cfg.train.seed, iteration, draw,
+                       _pool_noise(cfg, schedule) if draw == "weighted" else None)
+
+
+def importance_for(cfg: RunConfig, schedule: Schedule, steps: list[int], iteration: int) -> dict[int, float]:
+    """I_k of the steps a batch of iteration i trains (steps.importance): 1 unless the branch
+    draw is weighted. Raises ValueError when `steps` are not what iteration i drew (shards from
+    another config)."""
+    if not cfg.branching or cfg.rollout.branch_draw != "weighted":
+        return {k: 1.0 for k in steps}
+    counts = branch_counts(cfg, schedule, iteration)
+    if sorted(counts) != sorted(steps):
+        raise ValueError(f"iteration {iteration}'s batch branches at steps {sorted(steps)}, and the weighted draw "
+                         f"of this config picks {sorted(counts)}: the rollouts were made with another config")
+    return importance(counts, _pool_noise(cfg, schedule), "weighted")
+
+
 def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> dict[int, float]:
     """Noise-aware weights of `steps` for tempflow and reweight, 1 otherwise. The mean-1
     normalisation runs over the configured trainable set, so a step's weight never depends
@@ -82,25 +107,27 @@ def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> di
     return {k: w[k] for k in steps}
 
 
-def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray,
+def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: int,
                progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Stage 3: advantages, then the clipped GRPO update. Returns metrics."""
-    return run_update_with_advantages(s, batch, rewards, progress)[0]
+    """Stage 3: advantages, then the clipped GRPO update of iteration i. Returns metrics."""
+    return run_update_with_advantages(s, batch, rewards, iteration, progress)[0]
 
 
-def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndarray,
+def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: int,
                                progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], np.ndarray]:
     """run_update that also returns the advantages [S] (sample_keys order) it trained on."""
     cfg = s.cfg
     adv, astats = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
     steps = trained_steps(batch, cfg.train.train_steps)
     weights = step_weights_for(cfg, s.schedule, steps)
-    units = build_units(batch, adv, weights, steps)
-    return update_units(s, units, batch.embeds, weights, astats, progress), adv
+    imp = importance_for(cfg, s.schedule, steps, iteration)
+    units = build_units(batch, adv, weights, steps, imp)
+    return update_units(s, units, batch.embeds, weights, astats, progress, importance=imp), adv
 
 
 def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict[int, float], astats: AdvantageStats,
-                 progress: Callable[[int], None] | None = None, dp: DataParallel | None = None) -> dict[str, float]:
+                 progress: Callable[[int], None] | None = None, dp: DataParallel | None = None,
+                 importance: dict[int, float] | None = None) -> dict[str, float]:
     """The clipped GRPO update over `units` (this rank's share under `dp`), the EMA along it,
     and the update's metrics."""
     cfg = s.cfg
@@ -116,6 +143,8 @@ def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
                 "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
     out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})
+    if importance is not None and any(v != 1.0 for v in importance.values()):
+        out.update({f"importance/step_{k:02d}": v for k, v in importance.items()})
     return out
 
 
@@ -174,7 +203,7 @@ class InProcessSteps:
             len(batch.trajectories) * len(trained_steps(batch, cfg.train.train_steps))
         with tqdm(total=n_units * cfg.train.inner_epochs, desc=f"iter {it} learner", disable=not self.progress,
                   leave=False) as bar:
-            metrics = run_update(s, batch, rewards, bar.update)
+            metrics = run_update(s, batch, rewards, it, bar.update)
         t3 = time.perf_counter()
         metrics.update(reward_metrics(batch, rewards, details))
         metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/forward_calls": batch.forward_calls,

@@ -54,7 +54,9 @@ def update_units(cfg: RunConfig, iteration: int) -> int:
     trained step of each trajectory; times the inner epochs."""
     T, B = cfg.sampling.num_steps, cfg.rollout.prompts_per_iter
     if cfg.branching:
-        units = B * len(select_steps(cfg.rollout.branch_steps, T, cfg.train.seed, iteration))
+        draw, spec = cfg.rollout.branch_draw, cfg.rollout.branch_steps
+        # a weighted draw needs the model's schedule: count its m draws, at most that many distinct steps
+        units = B * (int(spec) if draw == "weighted" else len(select_steps(spec, T, cfg.train.seed, iteration, draw)))
     else:
         units = B * cfg.rollout.group_size * len(step_pool(cfg.train.train_steps, T))
     return units * cfg.train.inner_epochs

@@ -44,7 +44,8 @@ AFFECTS: dict[str, frozenset[str]] = {
     "sampling.shift": _SAMPLER | {EVAL},
     "sampling.eval_num_steps": frozenset({EVAL}),
     **{f"rollout.{f}": frozenset({ROLLOUT}) for f in ("prompts_per_iter", "group_size", "branch_steps", "max_batch",
-                                                      "slices")},
+                                                      "slices", "completion_stride")},
+    "rollout.branch_draw": frozenset({ROLLOUT, LEARNER}),  # which steps branch, and their importance in the loss
     # where work runs (pipeline.engine=ray), not what it computes (the learner's ranks: up to float summation order)
     **{f"{section}.workers": _NONE for section in ("rollout", "reward", "train")},
     **{f"loss.{f}": frozenset({LEARNER}) for f in ("clip_range", "adv_clip_max", "beta", "kl_form",

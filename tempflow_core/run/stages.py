@@ -62,8 +62,8 @@ from tempflow_core.shards.manifest import prepare_prefix
 from tempflow_core.algorithm.steps import step_pool
 from tempflow_core.storage import join_key
 from tempflow_core.algorithm.train import (
-    reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout, step_weights_for,
-    update_units,
+    importance_for, reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout,
+    step_weights_for, update_units,
 )
 
 log = logging.getLogger("tempflow.stages")
@@ -285,7 +285,7 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
         keys = batch.sample_keys()
         rewards, details = _rewards(layout, iteration, keys)
         t0 = time.perf_counter()
-        metrics, adv = run_update_with_advantages(s, batch, rewards, progress)
+        metrics, adv = run_update_with_advantages(s, batch, rewards, iteration, progress)
         metrics.update(reward_metrics(batch, rewards, details))
         _write_learner(cfg, layout, iteration, s, m, keys, adv, metrics, time.perf_counter() - t0)
 
@@ -322,11 +322,12 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
         steps = step_pool(cfg.train.train_steps, T)
         owned = [p * len(steps) + j for p in positions for j in range(len(steps))]
     weights = step_weights_for(cfg, s.schedule, steps)
-    units = build_units(share, local_adv, weights, steps) if positions else empty_units(
+    imp = importance_for(cfg, s.schedule, steps, iteration)
+    units = build_units(share, local_adv, weights, steps, imp) if positions else empty_units(
         cfg.rollout.group_size if m.rollout_kind == "branch" else 1)
     total = m.num_samples * (1 if m.rollout_kind == "branch" else len(steps))
     dp = DataParallel(rank, world, total, torch.tensor(owned, dtype=torch.long))
-    metrics = update_units(s, units, share.embeds, weights, astats, progress, dp)
+    metrics = update_units(s, units, share.embeds, weights, astats, progress, dp, importance=imp)
     metrics.update(reward_metrics_of(m.rollout_kind or "branch", keys, rewards, details))
     if rank == 0:
         _write_learner(cfg, layout, iteration, s, m, keys, adv, metrics, time.perf_counter() - t0)
