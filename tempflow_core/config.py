@@ -247,6 +247,16 @@ class RunConfig(_Section):
             return self.sampling.guidance_scale
         return family_defaults(self.family()).guidance_scale
 
+    def rows_per_sample(self) -> int:
+        """Transformer rows one sample-step costs: 2 under SD3's classifier-free guidance (the
+        conditional and unconditional rows of a CFG pair), 1 without it (guidance 1, or FLUX,
+        whose guidance is an input)."""
+        try:
+            family = self.family()
+        except (OSError, ValueError):
+            family = "sd3"
+        return 2 if family == "sd3" and self.guidance_scale() > 1.0 else 1
+
     def canonical_dump(self) -> dict[str, Any]:
         """The JSON dump with family defaults made explicit: an unset sampling.guidance_scale /
         shift / noise_level reads as the family's default number (FLUX's resolution-dependent

@@ -140,6 +140,7 @@ def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict
         learner_nfe = int(dp.reduce([learner_nfe])[0])
     out = {f"train/{k}": v for k, v in stats.items()}
     out["learner/nfe"] = learner_nfe
+    out["learner/rows"] = learner_nfe * cfg.rows_per_sample()  # a CFG pair as two rows
     out.update({"adv/mean": astats.mean, "adv/std": astats.std, "adv/abs_max": astats.abs_max,
                 "adv/frac_zero_std_groups": astats.frac_zero_std_groups})
     out.update({f"weight/step_{k:02d}": w for k, w in weights.items()})
@@ -206,7 +207,8 @@ class InProcessSteps:
             metrics = run_update(s, batch, rewards, it, bar.update)
         t3 = time.perf_counter()
         metrics.update(reward_metrics(batch, rewards, details))
-        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/forward_calls": batch.forward_calls,
+        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/rows": batch.nfe * cfg.rows_per_sample(),
+                        "rollout/forward_calls": batch.forward_calls,
                         "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2})
         return metrics
 

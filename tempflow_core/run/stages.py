@@ -350,6 +350,7 @@ def _write_learner(cfg: RunConfig, layout: RunLayout, iteration: int, s: Session
     """The learner stage's outputs: the advantages it trained on, then checkpoint i (manifest last)."""
     prev, rp = layout.prefix(iteration - 1, "learner"), layout.prefix(iteration, "rollout")
     metrics.update({"iteration": iteration, "rollout/nfe": m.extra.get("nfe", 0),
+                    "rollout/rows": m.extra.get("nfe", 0) * cfg.rows_per_sample(),
                     "rollout/forward_calls": m.extra.get("forward_calls", 0),
                     "time/rollout_s": m.extra.get("seconds", 0.0), "time/learner_s": seconds})
     write_scores(layout.store, layout.iteration_prefix(iteration), "advantages", keys, {"advantage": adv},

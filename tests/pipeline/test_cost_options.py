@@ -40,5 +40,18 @@ def test_weighted_draw_and_coarse_children_through_the_stages(tiny_model_dir, tm
         steps = sorted(counts)
         # backbone up to the last branch step, children over every 2nd node
         assert m["rollout/nfe"] == 2 * (steps[-1] + 1) + 2 * completion_rows(steps, T, 3, stride=2)
+        # transformer rows: SD3 under CFG runs a conditional and an unconditional row per sample-step
+        assert m["rollout/rows"] == 2 * m["rollout/nfe"] and m["learner/rows"] == 2 * m["learner/nfe"] > 0
         imp = {int(k.rsplit("_", 1)[1]): v for k, v in m.items() if k.startswith("importance/step_")}
         assert sorted(imp) == steps and all(v > 0 for v in imp.values())
+
+
+def test_rows_count_a_cfg_pair_as_two_and_a_guidance_free_row_as_one(tiny_model_dir, tmp_path):
+    base = tiny_overrides(tmp_path, tiny_model_dir, iterations=1)
+    assert load_config(overrides=base).rows_per_sample() == 2
+    cfg = load_config(overrides=base + ["sampling.guidance_scale=1.0"])
+    assert cfg.rows_per_sample() == 1
+    train_in_process(cfg, tmp_path / "cfg-free")
+    m = json.loads((tmp_path / "cfg-free" / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["rollout/rows"] == m["rollout/nfe"] > 0 and m["learner/rows"] == m["learner/nfe"] > 0
+    assert load_config(overrides=["model.tiny.family=flux"]).rows_per_sample() == 1  # guidance is an input
