@@ -69,6 +69,7 @@ class SamplingConfig(_Section):
     shift: float | None = Field(None, gt=0, description="Flow shift of the timestep grid; unset: the family's (SD3: 3.0; FLUX: resolution-dependent, diffusers' calculate_shift over the scheduler config's base/max shift and the image's token count). Set on FLUX: a fixed shift exp(mu) on FLUX's grid.")
     noise_level: float | None = Field(None, gt=0, description="a in s_t = a sqrt(t/(1-t)); unset: the family's (0.7 for SD3, as for SD3.5-M in the paper; 0.9 for FLUX).")
     eval_num_steps: int = Field(20, ge=1, description="ODE steps for evaluation images.")
+    sde_type: Literal["flow_grpo", "cps"] = Field("flow_grpo", description="The stochastic step rollouts take and the learner scores: 'flow_grpo' (the SDE of paper eq. 5, std s_t sqrt(dt)) or 'cps' (coefficients-preserving sampling: from the predicted data and noise with fresh noise of std t_next sin(a pi/2), as Flow-GRPO's sde_type='cps'; log-probs are the exact Gaussian's, noise-aware weights follow its std).")
 
 
 class RolloutConfig(_Section):
@@ -213,6 +214,11 @@ class RunConfig(_Section):
                                                           and not isinstance(self.rollout.branch_steps, bool)):
             raise ValueError(f"rollout.branch_draw={self.rollout.branch_draw!r} draws m steps per iteration, and "
                              f"rollout.branch_steps is {self.rollout.branch_steps!r}: set branch_steps to a count m")
+        if self.sampling.sde_type == "cps":
+            for name, spec in (("rollout.branch_steps", self.rollout.branch_steps), ("train.train_steps", self.train.train_steps)):
+                if isinstance(spec, list) and T - 1 in spec:
+                    raise ValueError(f"{name} {spec} names the last step {T - 1}, and sampling.sde_type=cps has no "
+                                     f"noise there (its std is t_next sin(a pi/2) = 0 at t = 0): leave step {T - 1} out")
         if self.rollout.completion_stride > 1 and not self.branching:
             raise ValueError(f"rollout.completion_stride ({self.rollout.completion_stride}) finishes branched children, "
                              f"and algorithm {self.algorithm!r} does not branch: use 1, or algorithm tempflow or branch")
@@ -284,6 +290,8 @@ class RunConfig(_Section):
             del data["rollout"]["slices"]
         if not data["reward"]["plugins"]:  # the built-in rewards: the configs from before plugins
             del data["reward"]["plugins"]
+        if data["sampling"]["sde_type"] == "flow_grpo":  # the step every config had before the option
+            del data["sampling"]["sde_type"]
         if data["rollout"]["branch_draw"] == "uniform":  # the draw every config had before the option
             del data["rollout"]["branch_draw"]
         if data["rollout"]["completion_stride"] == 1:  # full completion: the configs from before the option

@@ -135,13 +135,14 @@ def evaluate_units(
         rep = lambda z: z.repeat_interleave(K, 0)  # noqa: E731
         x, tt, tn, ss, r = rep(u.x), rep(t), rep(t_next), rep(s), rep(rows)
     v = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
-    mean, std = sde_mean_std(x, v, tt, tn, ss)  # [N or N*K, C, H, W], [., 1, 1, 1]
+    mean, std = sde_mean_std(x, v, tt, tn, ss, schedule.sde_type)  # [N or N*K, C, H, W], [., 1, 1, 1]
     if loss_cfg.beta > 0:
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
-        mean_ref, _ = sde_mean_std(x, v_ref, tt, tn, ss)
+        mean_ref, _ = sde_mean_std(x, v_ref, tt, tn, ss, schedule.sde_type)
         kl = gaussian_kl(mean, mean_ref, std)  # [N or N*K]
-        if loss_cfg.kl_form == "flow_grpo":  # Flow-GRPO's code divides by 2 s_t^2, not 2 s_t^2 |dt|
+        if loss_cfg.kl_form == "flow_grpo" and schedule.sde_type == "flow_grpo":
+            # Flow-GRPO's code divides by 2 s_t^2, not 2 s_t^2 |dt| (under CPS it divides by the step's own std)
             kl = kl * (tt - tn).abs()
     else:
         kl = torch.zeros(mean.shape[0], device=dev)

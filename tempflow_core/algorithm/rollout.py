@@ -66,7 +66,8 @@ class _Setup:
     shape: tuple[int, int, int]  # (C, H, W) of one latent
     device: torch.device
     sig: list[float]  # [T+1] t_0 = 1 .. t_T = 0
-    sde_sigma: list[float]  # [T] s_i of the SDE step from t_i
+    sde_sigma: list[float]  # [T] s_i of the SDE step from t_i (sin(a pi / 2) under CPS)
+    sde_type: str  # "flow_grpo" or "cps"
     calls0: int  # policy counters at the start, to report this rollout's share
     nfe0: int
 
@@ -78,7 +79,7 @@ class _Setup:
 def _begin(policy: FlowPolicy, prompts: list[str], schedule: Schedule) -> _Setup:
     emb = policy.encode_prompts(prompts)
     return _Setup(emb, policy.latent_shape(), policy.device, schedule.sigmas.tolist(), schedule.sde_sigma().tolist(),
-                  policy.forward_calls, policy.nfe)
+                  schedule.sde_type, policy.forward_calls, policy.nfe)
 
 
 def _finish(policy: FlowPolicy, su: _Setup, kind: Literal["branch", "plain"], prompts: list[str], prompt_ids: list[str],
@@ -122,7 +123,8 @@ def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, 
     K, t, t_next = group_size, su.sig[step], su.sig[step + 1]
     seeds = child_seeds(seed, prompt_id, step, K)
     noise = torch.stack([seeded_normal(s, su.shape, su.device) for s in seeds])  # [K, C, H, W]
-    out = sde_step(x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step], noise)
+    out = sde_step(x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step], noise,
+                   su.sde_type)
     return BranchPoint(prompt_index=prompt_index, prompt_id=prompt_id, step=step, sigma=t, sigma_next=t_next,
                        x_k=x_k.clone(), x_next=out.next_sample.clone(), log_prob=out.log_prob.float(),
                        seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample)
@@ -268,7 +270,7 @@ def plain_rollout(
     for i in range(su.T):
         v = _chunked_velocity(policy, x, sig[i], rows, su.emb, guidance_scale, max_batch)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(su.device)
-        out = sde_step(x, v, sig[i], sig[i + 1], su.sde_sigma[i], noise)
+        out = sde_step(x, v, sig[i], sig[i + 1], su.sde_sigma[i], noise, su.sde_type)
         x = out.next_sample
         states.append(x)
         logps.append(out.log_prob.float())

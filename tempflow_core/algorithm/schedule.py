@@ -13,11 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import math
+
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 WeightNorm = Literal["mean1", "constant"]
+SDEType = Literal["flow_grpo", "cps"]  # the stochastic step: Flow-GRPO's SDE (paper eq. 5) or CPS
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,15 @@ class Schedule:
     Attributes:
         sigmas: [T+1] float64, t_0 = 1 (shifted) down to t_T = 0.
         timesteps: [T] float32, sigmas[:-1] * num_train_timesteps: what the transformer sees.
-        noise_level: the `a` of s_t = a * sqrt(t / (1 - t)) (0.7 for SD3.5-M, 0.9 for FLUX).
+        noise_level: the `a` of s_t = a * sqrt(t / (1 - t)) (0.7 for SD3.5-M, 0.9 for FLUX);
+            under CPS the step's std is t_{i+1} * sin(a * pi / 2).
+        sde_type: which stochastic step rollouts take and log-probs score (sde.py).
     """
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     noise_level: float
+    sde_type: SDEType = "flow_grpo"
 
     @property
     def num_steps(self) -> int:
@@ -50,17 +56,23 @@ class Schedule:
         return self.sigmas[1:] - self.sigmas[:-1]
 
     def sde_sigma(self) -> torch.Tensor:
-        """[T] s_t = a * sqrt(t / (1 - t)) at the start of every step.
+        """[T] the noise parameter of every step's transition (sde.sde_mean_std): s_t = a * sqrt(t / (1 - t))
+        at the start of the step for Flow-GRPO's SDE, sin(a * pi / 2) for CPS.
 
         At t = 1 the ratio is infinite; as in Flow-GRPO, sigma_max = sigmas[1] stands in for
         t in the denominator, so the first step's noise stays finite.
         """
+        if self.sde_type == "cps":
+            return torch.full((self.num_steps,), math.sin(self.noise_level * math.pi / 2), dtype=torch.float64)
         t = self.sigmas[:-1]
         denom_t = torch.where(t >= 1.0, self.sigmas[1].expand_as(t), t)
         return self.noise_level * torch.sqrt(t / (1.0 - denom_t))
 
     def step_std(self) -> torch.Tensor:
-        """[T] per-step noise scale s_t * sqrt(|dt|): the std of the SDE transition."""
+        """[T] the std of every step's stochastic transition: s_t * sqrt(|dt|) (Flow-GRPO's SDE),
+        t_{i+1} * sin(a * pi / 2) (CPS)."""
+        if self.sde_type == "cps":
+            return self.sigmas[1:] * self.sde_sigma()
         return self.sde_sigma() * torch.sqrt(self.dt().abs())
 
     def step_weights(

@@ -1,11 +1,19 @@
-"""One denoising step of a flow-matching model: ODE (Euler) and SDE (Flow-GRPO, paper eq. 5).
+"""One denoising step of a flow-matching model: ODE (Euler) and SDE (Flow-GRPO, paper eq. 5, or CPS).
 
 The SDE transition from t to t + dt (dt < 0) is Gaussian:
 
     mean = x + [v + s_t^2 / (2t) * (x + (1 - t) v)] dt
     std  = s_t * sqrt(|dt|)
 
-and keeps the marginals of the probability-flow ODE. Log-probs are those of that Gaussian,
+and keeps the marginals of the probability-flow ODE. The coefficients-preserving step (CPS,
+`kind="cps"`, as Flow-GRPO's `sde_type="cps"`) goes from the predicted data x0 = x - t v and
+noise e = x + (1 - t) v to t' = t + dt with fresh noise of std sigma = t' sin(a pi / 2):
+
+    mean = (1 - t') x0 + sqrt(t'^2 - sigma^2) e
+    std  = t' sin(a pi / 2)
+
+so the state keeps the coefficients (1 - t', t') of data and noise. The `sde_sigma` argument
+is s_t for the SDE and sin(a pi / 2) for CPS (Schedule.sde_sigma gives the run's). Log-probs are those of that Gaussian,
 averaged over all non-batch dimensions (as in Flow-GRPO) so that their scale does not grow
 with the image size. Arithmetic runs in float32 (float64 inputs stay float64) and results
 are cast back to the input dtype where they are states.
@@ -17,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from tempflow_core.algorithm.schedule import SDEType
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -57,13 +67,19 @@ def sde_mean_std(
     t: torch.Tensor | float,
     t_next: torch.Tensor | float,
     sde_sigma: torch.Tensor | float,
+    kind: SDEType = "flow_grpo",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the SDE transition (paper eq. 5 / eq. 9)."""
+    """Mean and std of the stochastic transition (paper eq. 5 / eq. 9, or CPS)."""
     x = _compute(sample)
     v = _compute(velocity)
     t_ = _per_sample(t, x)
-    dt = _per_sample(t_next, x) - t_
+    tn = _per_sample(t_next, x)
+    dt = tn - t_
     s = _per_sample(sde_sigma, x)
+    if kind == "cps":
+        std = tn * s
+        mean = (1.0 - tn) * (x - t_ * v) + torch.sqrt((tn**2 - std**2).clamp_min(0.0)) * (x + (1.0 - t_) * v)
+        return mean, std
     mean = x + (v + s**2 / (2.0 * t_) * (x + (1.0 - t_) * v)) * dt
     std = s * torch.sqrt(dt.abs())
     return mean, std
@@ -90,9 +106,10 @@ def sde_step(
     t_next: torch.Tensor | float,
     sde_sigma: torch.Tensor | float,
     noise: torch.Tensor,
+    kind: SDEType = "flow_grpo",
 ) -> SDEStepOutput:
     """Take one SDE step with the given standard-normal noise (callers own the RNG)."""
-    mean, std = sde_mean_std(sample, velocity, t, t_next, sde_sigma)
+    mean, std = sde_mean_std(sample, velocity, t, t_next, sde_sigma, kind)
     nxt = mean + std * _compute(noise)
     return SDEStepOutput(
         next_sample=nxt.to(sample.dtype), mean=mean, std=std, log_prob=gaussian_log_prob(nxt, mean, std)
@@ -106,9 +123,10 @@ def sde_log_prob(
     t: torch.Tensor | float,
     t_next: torch.Tensor | float,
     sde_sigma: torch.Tensor | float,
+    kind: SDEType = "flow_grpo",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-prob [N] of a given next state under the policy's transition, with its mean and std."""
-    mean, std = sde_mean_std(sample, velocity, t, t_next, sde_sigma)
+    mean, std = sde_mean_std(sample, velocity, t, t_next, sde_sigma, kind)
     return gaussian_log_prob(next_sample, mean, std), mean, std
 
 

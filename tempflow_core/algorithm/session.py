@@ -15,8 +15,9 @@ lifetime is the owner's. A cache holds one model at a time: a new config replace
 
 from __future__ import annotations
 
+
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
                          cfg.train.gradient_checkpointing)
     # the family's grid: unset shift / noise level take its defaults (SD3 3.0 / 0.7; FLUX
     # resolution-dependent / 0.9)
-    schedule = policy.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    schedule = replace(policy.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level),
+                                   sde_type=cfg.sampling.sde_type)
     reward_fn = RewardRegistry.for_config(cfg.reward).build(cfg.reward.name, cfg.reward.weights, cfg.reward.options)
     stream = PromptStream(load_prompts(cfg.prompts.source), cfg.train.seed)
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "minibatch-shuffle"))

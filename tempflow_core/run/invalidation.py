@@ -40,6 +40,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     **{f"lora.{f}": _ALL for f in ("rank", "alpha", "init", "target_modules")},
     "sampling.num_steps": _SAMPLER,
     "sampling.noise_level": _SAMPLER,
+    "sampling.sde_type": _SAMPLER,
     "sampling.guidance_scale": _SAMPLER | {EVAL},  # CFG of rollouts, of the learner's log-probs, of eval
     "sampling.shift": _SAMPLER | {EVAL},
     "sampling.eval_num_steps": frozenset({EVAL}),

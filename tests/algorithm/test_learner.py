@@ -125,12 +125,15 @@ def test_plain_units_one_per_trajectory_step(policy):
     assert u.advantages[:, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 
 
-def test_at_the_rollouts_weights_the_learner_reads_the_rollouts_log_probs_back(policy):
+@pytest.mark.parametrize("sde_type", ["flow_grpo", "cps"])
+def test_at_the_rollouts_weights_the_learner_reads_the_rollouts_log_probs_back(policy, sde_type):
     """No log-prob is computed twice: the learner takes the rollout's as the old ones, and at the
     weights that sampled them (the first minibatch) its own, from other batches (micro-batches
     of 2 units against the rollout's one call), give a ratio of 1 to float precision, far inside
-    the clip range, so nothing is clipped there."""
-    s = make_schedule(5)
+    the clip range, so nothing is clipped there; under either stochastic step."""
+    from dataclasses import replace
+
+    s = replace(make_schedule(5), sde_type=sde_type)
     b, units = _units(policy, s)
     loss_cfg = LossConfig(beta=0.0, clip_range=1e-4)
     ratios = []

@@ -44,7 +44,11 @@ def test_variants():
 def test_cost_options_name_their_field_and_change_the_digest_only_when_set():
     with pytest.raises(ConfigError, match=r"rollout\.completion_stride \(2\).*'flow_grpo_fixed' does not branch"):
         load_config(overrides=["algorithm=flow_grpo_fixed", "rollout.completion_stride=2"])
+    with pytest.raises(ConfigError, match=r"rollout\.branch_steps \[0, 5\] names the last step 5.*sde_type=cps"):
+        load_config(overrides=["sampling.num_steps=6", "sampling.sde_type=cps", "rollout.branch_steps=[0,5]"])
     base = RunConfig(algorithm="tempflow")
+    assert RunConfig(algorithm="tempflow", sampling={"sde_type": "flow_grpo"}).digest() == base.digest()
+    assert RunConfig(algorithm="tempflow", sampling={"sde_type": "cps"}).digest() != base.digest()
     assert RunConfig(algorithm="tempflow", rollout={"completion_stride": 1}).digest() == base.digest()
     assert RunConfig(algorithm="tempflow", rollout={"completion_stride": 2}).digest() != base.digest()
 
