@@ -1,0 +1,25 @@
+"""The scaling model's row counts against counts worked out by hand."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from scaling_model import main, rows_per_iteration  # noqa: E402
+
+
+def test_row_counts_by_hand(capsys):
+    T, K, B = 10, 24, 48
+    # every branch point: T-1 backbone steps + K children finishing 9+8+...+1 steps
+    assert rows_per_iteration(T, K, B, {}) == (B * (9 + K * 45), B * 9)
+    # 3 of the 9 steps drawn uniformly: E[max] + 1 = 3 * 10 / 4 = 7.5 backbone steps, 3 * E[9 - k] = 15 child steps
+    nfe, units = rows_per_iteration(T, K, B, {"m": 3, "draw": "uniform"})
+    assert nfe == pytest.approx(B * (7.5 + K * 15), rel=0.02) and units == B * 3
+    # stride 2: children from step k visit range(k+1, 10, 2) + [10]
+    assert rows_per_iteration(T, K, B, {"stride": 2})[0] == B * (9 + K * sum(len(range(k + 1, 10, 2)) for k in range(9)))
+    assert rows_per_iteration(T, K, B, {"plain": True}) == (B * K * T, B * K * 9)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "| tempflow (all branch points) | 52,272 | 432 |" in out
