@@ -128,6 +128,7 @@ class RewardConfig(_Section):
     options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-reward keyword options, e.g. {'clipscore': {'model': '/path'}}.")
     plugins: list[str] = Field(default_factory=list, description="Modules that add rewards, each defining REWARDS = {name: factory} (a module of yours on the Python path); their names join the built-in ones.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: reward actors, each loading the reward once and scoring whole shards. Does not change what a run computes.")
+    stream: bool = Field(False, description="Score each rollout slice as soon as it is written, while the next slices are sampled, so an iteration waits for the last slice's reward only (needs rollout.slices >= 2). The scores and the update are the same as without; pays off when the reward is slow and runs elsewhere (a reward server, a GPU reward model, reward actors).")
 
 
 class PromptsConfig(_Section):
@@ -214,6 +215,9 @@ class RunConfig(_Section):
                                                           and not isinstance(self.rollout.branch_steps, bool)):
             raise ValueError(f"rollout.branch_draw={self.rollout.branch_draw!r} draws m steps per iteration, and "
                              f"rollout.branch_steps is {self.rollout.branch_steps!r}: set branch_steps to a count m")
+        if self.reward.stream and self.rollout.slices < 2:
+            raise ValueError(f"reward.stream scores each rollout slice while the next is sampled, and rollout.slices is "
+                             f"{self.rollout.slices}: set rollout.slices to 2 or more, or turn reward.stream off")
         if self.sampling.sde_type == "cps":
             for name, spec in (("rollout.branch_steps", self.rollout.branch_steps), ("train.train_steps", self.train.train_steps)):
                 if isinstance(spec, list) and T - 1 in spec:
@@ -286,6 +290,7 @@ class RunConfig(_Section):
             del data["model"]["tiny"]["family"]
         for section in ("rollout", "reward", "train"):  # where work runs, not what it computes
             data[section].pop("workers")
+        data["reward"].pop("stream")  # when scoring runs, not what it computes
         if data["rollout"]["slices"] == 1:  # one batch: the configs from before slices
             del data["rollout"]["slices"]
         if not data["reward"]["plugins"]:  # the built-in rewards: the configs from before plugins

@@ -42,7 +42,7 @@ from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import RolloutPart
-from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_share
+from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_part, score_share
 from tempflow_core.run.rollout_slices import sample_slice
 
 log = logging.getLogger("tempflow.ray")
@@ -122,6 +122,9 @@ class _RewardWorker:
 
     def score(self, cfg: RunConfig, run_id: str, iteration: int, rank: int, world: int) -> ScoredShare:
         return score_share(cfg, RunLayout.open(cfg, run_id), iteration, rank, world, self.reward_fn)
+
+    def score_part(self, cfg: RunConfig, run_id: str, iteration: int, part: RolloutPart) -> ScoredShare:
+        return score_part(cfg, RunLayout.open(cfg, run_id), iteration, part, self.reward_fn)
 
     def node(self) -> str:
         return _node_id()
@@ -285,6 +288,7 @@ class RayEngine:
         self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
         self._groups_started = 0
         self._last_group_error: str | None = None
+        self._streamed: dict[tuple[str, int], list[Any]] = {}  # reward.stream: (run, iteration) -> each slice's scores
 
     @staticmethod
     def cpus_needed(cfg: RunConfig) -> int:
@@ -322,9 +326,15 @@ class RayEngine:
 
         def run(indices: list[int]) -> list[RolloutPart]:
             parts, t0 = [], time.perf_counter()
+            streamed: list[Any] = []
+            if cfg.reward.stream:  # each written slice goes to the next reward actor at once
+                self._streamed[(run_id, iteration)] = streamed
 
             def done(_: int, part: RolloutPart) -> None:
                 parts.append(part)
+                if cfg.reward.stream:
+                    actor = self.reward_workers[len(streamed) % len(self.reward_workers)]
+                    streamed.append(actor.score_part.remote(cfg, run_id, iteration, part))
                 line = (f"iteration {iteration}: rollout slice {part.index + 1}/{len(indices)} written "
                         f"({part.num_samples} samples, {len(parts)}/{len(indices)} done, "
                         f"{time.perf_counter() - t0:.1f} s)")
@@ -343,6 +353,16 @@ class RayEngine:
         r, r+W, ...); a share whose actor died under it is scored again."""
 
         def run() -> list[ScoredShare]:
+            import ray
+            from ray.exceptions import ActorUnavailableError, RayActorError
+
+            streamed = self._streamed.pop((run_id, iteration), None)
+            if streamed is not None and len(streamed) == cfg.rollout.slices:
+                try:
+                    return ray.get(streamed)  # the slices scored while the rollout went on
+                except (RayActorError, ActorUnavailableError) as e:
+                    log.warning("a reward actor died scoring a streamed slice (%s); scoring the stage in shares",
+                                type(e).__name__)
             W, shares = len(self.reward_workers), {}
             _on_actors(self.reward_workers, [lambda a, r=r: a.score.remote(cfg, run_id, iteration, r, W)
                                              for r in range(W)], shares.__setitem__)

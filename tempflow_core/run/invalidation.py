@@ -49,6 +49,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     "rollout.branch_draw": frozenset({ROLLOUT, LEARNER}),  # which steps branch, and their importance in the loss
     # where work runs (pipeline.engine=ray), not what it computes (the learner's ranks: up to float summation order)
     **{f"{section}.workers": _NONE for section in ("rollout", "reward", "train")},
+    "reward.stream": _NONE,  # when the slices are scored, not what they score
     **{f"loss.{f}": frozenset({LEARNER}) for f in ("clip_range", "adv_clip_max", "beta", "kl_form",
                                                    "weight_norm", "weight_constant")},
     "train.iterations": _NONE,  # no schedule depends on the total: outputs of iteration i stay the same

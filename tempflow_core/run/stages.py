@@ -50,13 +50,13 @@ from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.learner import build_units, empty_units
 from tempflow_core.prompts import PromptRecord
 from tempflow_core.rewards import reward_servers
-from tempflow_core.batches import branch_step_of_group, group_of_key
+from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_key
 from tempflow_core.run.rollout_slices import iteration_records, sample_slice
 from tempflow_core.seeding import derive_seed
 from tempflow_core.algorithm.session import Session, SessionCache, restore
 from tempflow_core.shards import (
-    Manifest, ObjectInfo, RolloutPart, SchemaError, ShardIntegrityError, StageNotFound, publish_rollouts, read_embeds,
-    read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
+    Manifest, ObjectInfo, RolloutPart, SchemaError, ShardIntegrityError, StageNotFound, iter_samples, publish_rollouts,
+    read_embeds, read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
 )
 from tempflow_core.shards.manifest import prepare_prefix
 from tempflow_core.algorithm.steps import step_pool
@@ -209,6 +209,21 @@ def score_share(cfg: RunConfig, layout: RunLayout, iteration: int, rank: int, wo
         return ScoredShare([], {}, servers)
     rewards, details = score_rollout(reward_fn, share, _records_from(m))
     return ScoredShare(share.sample_keys(), {"reward": rewards, **details}, servers)
+
+
+def score_part(cfg: RunConfig, layout: RunLayout, iteration: int, part: RolloutPart, reward_fn: Any) -> ScoredShare:
+    """Score one rollout slice from the shards it wrote, before the stage's manifest exists
+    (reward.stream): the share of the reward stage that slice's samples are."""
+    records, _ = iteration_records(cfg, layout, iteration)
+    rp = layout.prefix(iteration, "rollout")
+    m = Manifest(kind="rollouts", rollout_kind=part.kind, shards=list(part.shards))
+    items = list(iter_samples(layout.store, rp, manifest=m, nodesplitter=None, workersplitter=None, images=True,
+                              as_dataclass=True))
+    batch = RolloutBatch(part.kind, [], [], part.embeds, part.sigmas,
+                         branch_points=items if part.kind == "branch" else [],
+                         trajectories=items if part.kind == "plain" else [])
+    rewards, details = score_rollout(reward_fn, batch, records)
+    return ScoredShare(batch.sample_keys(), {"reward": rewards, **details}, reward_servers(reward_fn))
 
 
 def reward_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,

@@ -137,6 +137,17 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_
         assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
         parts = {s.name.split("-shard-")[0] for s in require_manifest(lay.store, lay.prefix(0, "rollout")).shards}
         assert parts == {"part-000", "part-001"}  # each slice's own shards, merged into one manifest
+    # reward.stream: each slice goes to a reward actor as soon as it is written; the same scores
+    cfg = _cfg(tmp_path, tiny_model_dir, "ray-stream", 2, extra=["reward.stream=true"])
+    with RayEngine(cfg) as eng:
+        lay = RunLayout.open(cfg, "r")
+        stages.init_stage(cfg, lay, sessions)
+        stages.rollout_stage(cfg, lay, 0, sessions, run_slices=eng.rollout_runner(cfg, "r", 0))
+        assert len(eng._streamed[("r", 0)]) == 2  # both slices handed to the reward actors already
+        stages.reward_stage(cfg, lay, 0, sessions, run_scoring=eng.reward_runner(cfg, "r", 0))
+        assert eng._streamed == {}
+    a, b = (read_scores(x.store, x.iteration_prefix(0), "reward") for x in (ref, lay))
+    assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
 
 
 def test_a_learner_rank_that_finds_a_damaged_shard_makes_the_stage_heal_and_match_one_process(
