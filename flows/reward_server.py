@@ -25,15 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def reward_server_process(reward: str, options: Sequence[str] = (), threads: int = 1,
-                          timeout: float = 60.0) -> Iterator[str]:
-    """Serve `reward` (with `--option` KEY=VALUE `options`, `threads` torch threads) on a free
-    port; yields its URL.
+                          timeout: float = 60.0, plugins: Sequence[str] = ()) -> Iterator[str]:
+    """Serve `reward` (with `--option` KEY=VALUE `options`, `--plugin` modules, `threads` torch
+    threads) on a free port; yields its URL.
 
     Raises:
         RuntimeError: the server did not print its URL within `timeout` s (its last line is named).
     """
     cmd = [sys.executable, "-m", "flows.cli", "reward-server", "--reward", reward, "--port", "0",
-           "--parent-pid", str(os.getpid())] + [a for o in options for a in ("--option", o)]
+           "--parent-pid", str(os.getpid())] + [a for o in options for a in ("--option", o)] + \
+        [a for m in plugins for a in ("--plugin", m)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
