@@ -14,7 +14,9 @@ Welch-Satterthwaite degrees of freedom (S - 1 for the seeds', items - categories
 items'): "beyond the noise" needs at least `min_seeds` seeds and a two-sided p below `alpha`.
 
 `bootstrap_se` resamples seeds and items (both with replacement, the items once for all seeds)
-as an independent check of the formula.
+as an independent check of the formula. `from_seeds` is the same test where only each seed's
+overall score and the evaluation's standard error are recorded (results from before per-image
+records): the items' term is then the unpaired one, sqrt(se_a^2 + se_b^2), the wide side again.
 """
 
 from __future__ import annotations
@@ -77,11 +79,27 @@ def compare(a: np.ndarray, b: np.ndarray, groups: Sequence[str] | None = None, m
         members = e[index == g]
         if members.size > 1:
             var_items += float(w[index == g][0] ** 2 * members.size * members.var(ddof=1))
-    se_items = float(np.sqrt(var_items))
+    return _test(d, float(np.sqrt(var_items)), max(n - (index.max() + 1), 1), min_seeds, alpha)
+
+
+def from_seeds(d: Sequence[float], se_items: float, min_seeds: int = MIN_SEEDS, alpha: float = ALPHA) -> Paired:
+    """a - b from the per-seed differences d [S] of the two arms' overall scores (paired by seed)
+    and the evaluation's standard error of the difference `se_items` (taken as known: its
+    degrees of freedom are the evaluation set's hundreds of images)."""
+    return _test(np.asarray(d, dtype=float), float(se_items), float("inf"), min_seeds, alpha)
+
+
+def _test(d: np.ndarray, se_items: float, df_items: float, min_seeds: int, alpha: float) -> Paired:
+    """The t-test of mean(d) with the seeds' and the items' standard errors (module docstring)."""
+    s = len(d)
+    if s == 0:
+        raise ValueError("a paired comparison needs at least one seed")
+    diff = float(d.mean())
+    se_seeds = float(d.std(ddof=1) / np.sqrt(s)) if s > 1 else 0.0
     se = float(np.hypot(se_seeds, se_items))
     if s > 1 and se > 0:
-        df_items = max(n - (index.max() + 1), 1)
-        df = se**4 / (se_seeds**4 / (s - 1) + se_items**4 / df_items)
+        den = se_seeds**4 / (s - 1) + se_items**4 / df_items
+        df = se**4 / den if den > 0 else float("inf")  # identical seeds, the items' error known
         p = float(2 * stats.t.sf(abs(diff) / se, df=df))
     elif s > 1:
         p = 0.0 if diff != 0 else 1.0

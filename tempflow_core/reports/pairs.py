@@ -3,8 +3,8 @@ iteration, paired by seed, and the headline pair (tempflow against flow_grpo_fix
 evaluated iteration.
 
 Inputs are the plain dicts of report.py (``headline``'s finals, the curves' points); outputs
-rows of numbers and their markdown. The threshold is the verdicts' own
-(``report.noise_floor``), so a pair called 'beyond' here is one the verdicts would call clear.
+rows of numbers and their markdown. The test is the verdicts' own (``report.paired_verdict``),
+so a pair called 'beyond' here is one the verdicts would call clear.
 """
 
 from __future__ import annotations
@@ -35,28 +35,18 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float]) -> dict[st
 def all_pairs(finals: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every pair of variants of ``headline(curves)["finals"]``, later minus earlier in the
     finals' order (for the ablation: flow_grpo, flow_grpo_fixed, reweight, branch, tempflow),
-    paired by seed, with the verdicts' threshold and whether the difference lies beyond it
-    (None with a single shared seed: no spread to judge by)."""
+    by the verdicts' paired test (``report.paired_verdict``: 'clear' None below 4 seeds)."""
     names = list(finals)
     rows = []
     for j, a in enumerate(names):
         for b in names[:j]:
-            p = paired_difference(finals[a]["per_seed"], finals[b]["per_seed"])
-            if p is None:
+            res = report.paired_verdict(finals[a]["per_seed"], finals[b]["per_seed"], finals[a].get("se"),
+                                        finals[b].get("se"))
+            if res is None:
                 continue
-            threshold = report.noise_floor(finals[a], finals[b])
-            rows.append({"a": a, "b": b, **p, "threshold": threshold,
-                         "clear": abs(p["diff"]) > threshold if p["n"] > 1 else None,
-                         "iteration": finals[a]["iteration"]})
+            rows.append({"a": a, "b": b, "diff": res.diff, "won": res.won, "n": res.seeds,
+                         **report.verdict_fields(res), "iteration": finals[a]["iteration"]})
     return rows
-
-
-def _beyond(clear: bool | None) -> str:
-    return "one seed" if clear is None else ("beyond" if clear else "within")
-
-
-def _se(x: float | None) -> str:
-    return "" if x is None else f"{x:.4f}"
 
 
 def all_pairs_markdown(rows: list[dict[str, Any]]) -> str:
@@ -66,14 +56,13 @@ def all_pairs_markdown(rows: list[dict[str, Any]]) -> str:
     its = sorted({r["iteration"] for r in rows})
     where = f"at iteration {its[0]:g}" if len(its) == 1 else "at each variant's last evaluation"
     lines = [f"### Every pair of variants {where}", "",
-             ("First named minus second: the mean over the seeds both ran of the per-seed difference, its "
-              "standard error over those seeds, the seeds the first won, and the verdicts' threshold (the larger "
-              "of the two seed standard deviations and the evaluation's standard error of the difference)."), "",
-             ("| pair | difference | standard error over seeds | seeds won | threshold "
-              "| against the seed spread and evaluation error |"), "|---|---|---|---|---|---|"]
+             ("First named minus second: the mean over the seeds both ran of the per-seed difference, its standard "
+              "error (the seeds' spread and the evaluation's, sqrt(se_a^2 + se_b^2)), the t-test's p and the seeds "
+              "the first won; beyond the noise only from 4 seeds and p < 0.05."), "",
+             "| pair | difference | standard error | p | seeds won | verdict |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['a']} - {r['b']} | {r['diff']:+.4f} | {_se(r['se'])} | {r['won']}/{r['n']} | "
-                     f"{r['threshold']:.4f} | {_beyond(r['clear'])} |")
+        lines.append(f"| {r['a']} - {r['b']} | {r['diff']:+.4f} | {r['se']:.4f} | {r['p']:.3f} | {r['won']}/{r['n']} | "
+                     f"{report.noise_words(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,7 @@ from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.prompts import load_prompts, split_source
+from tempflow_core.reports.paired import MIN_SEEDS, Paired, from_seeds
 
 SHAPES_REWARDS = ("shapes", "shapes_strict")
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -140,25 +141,33 @@ def _se_of_difference(a: float | None, b: float | None) -> float:
     return 0.0 if a is None or b is None else float(np.hypot(a, b))
 
 
-def noise_floor(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """The verdicts' threshold for a gap between two finals (``headline``'s ``finals`` entries):
-    the larger of the two seed standard deviations and the evaluation's standard error of the
-    difference, sqrt(se_a^2 + se_b^2) (each se that of a seed mean; 0 where not recorded). A gap
-    beyond it is 'beyond the seed spread and evaluation error'."""
-    return max(a["std"], b["std"], _se_of_difference(a.get("se"), b.get("se")))
+def paired_verdict(a: dict[str, float], b: dict[str, float], se_a: float | None, se_b: float | None) -> Paired | None:
+    """a - b over the seeds both have (seed -> score), paired by seed, with the evaluation's
+    standard error of the difference sqrt(se_a^2 + se_b^2) (each the se of a seed mean; 0 where
+    not recorded): `paired.from_seeds`, "beyond the noise" only from 4 seeds and p < 0.05.
+    None when no seed is shared."""
+    seeds = sorted(set(a) & set(b), key=str)
+    if not seeds:
+        return None
+    return from_seeds([a[k] - b[k] for k in seeds], _se_of_difference(se_a, se_b))
+
+
+def verdict_fields(res: Paired) -> dict[str, Any]:
+    """What the verdicts record of a paired test: 'clear' is None below MIN_SEEDS seeds (no verdict)."""
+    return {"clear": res.beyond if res.seeds >= MIN_SEEDS else None, "p": res.p, "se": res.se,
+            "seeds_won": f"{res.won}/{res.seeds}"}
 
 
 def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """The paper's claims on these curves as numbers and verdicts:
     tempflow ends above the base model, reaches flow_grpo_fixed's final score in at most half
     the iterations and ends above it; flow_grpo_fixed ends above flow_grpo. Final = last evaluation, mean over seeds;
-    'clear' means the gap, either way, exceeds the larger of the two seed standard deviations
-    and, where the points carry one, the evaluation's standard error of the difference
-    (sqrt(se_a^2 + se_b^2), each se that of a seed mean)
-    (None with a single seed, where there is no spread to judge by). Reaching a target is only
-    a claim when the target lies above the base model (iteration 0) by more than
-    flow_grpo_fixed's seed std: otherwise every curve starts at it, 'reaching' it is vacuous
-    and the verdict says so."""
+    'clear' means the gap is beyond the noise by the paired test (`paired_verdict`: paired by
+    seed, the seeds' spread and the evaluation's error, p < 0.05), None below 4 seeds, where
+    no verdict is given. Reaching a target is only a claim when the target lies above the base
+    model (iteration 0) by more than flow_grpo_fixed's seed std (otherwise every curve starts
+    at it, 'reaching' it is vacuous and the verdict says so), and, like every verdict, from 4
+    seeds."""
     base_points = [p for pts in curves.values() for p in pts if p["iteration"] == 0]
     base = float(np.mean([p["score"] for p in base_points])) if base_points else None
     base_se = base_points[0].get("se") if base_points else None
@@ -179,20 +188,15 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     def gap(a: str, b: str) -> dict[str, Any] | None:
         if a not in finals or b not in finals:
             return None
-        d = finals[a]["mean"] - finals[b]["mean"]
-        wins = sum(finals[a]["per_seed"].get(s, -np.inf) > v for s, v in finals[b]["per_seed"].items())
-        several = min(len(finals[a]["per_seed"]), len(finals[b]["per_seed"])) > 1
-        noise = noise_floor(finals[a], finals[b])
-        return {"diff": d, "holds": d > 0, "clear": abs(d) > noise if several else None,
-                "seeds_won": f"{wins}/{len(finals[b]['per_seed'])}"}
+        res = paired_verdict(finals[a]["per_seed"], finals[b]["per_seed"], finals[a].get("se"), finals[b].get("se"))
+        if res is None:
+            return None
+        return {"diff": res.diff, "holds": res.diff > 0, **verdict_fields(res)}
 
     if "tempflow" in finals and base is not None:  # the gain over the model every variant starts from
         f = finals["tempflow"]
-        d = f["mean"] - base
-        out["tempflow_above_base"] = {
-            "diff": d, "holds": d > 0,
-            "clear": abs(d) > max(f["std"], _se_of_difference(f.get("se"), base_se)) if len(f["per_seed"]) > 1 else None,
-            "seeds_won": f"{sum(v > base for v in f['per_seed'].values())}/{len(f['per_seed'])}"}
+        res = paired_verdict(f["per_seed"], {k: base for k in f["per_seed"]}, f.get("se"), base_se)
+        out["tempflow_above_base"] = {"diff": res.diff, "holds": res.diff > 0, **verdict_fields(res)}
     if "tempflow" in finals and "flow_grpo_fixed" in finals:
         target = finals["flow_grpo_fixed"]["mean"]
         total = finals["tempflow"]["iteration"]
@@ -201,9 +205,11 @@ def headline(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         fixed_nfe = max(p["nfe"] for p in curves["flow_grpo_fixed"])
         # the target must stand above the base model by more than its own seed spread
         vacuous = base is not None and target <= base + finals["flow_grpo_fixed"]["std"]
+        seeds = min(len(finals["tempflow"]["per_seed"]), len(finals["flow_grpo_fixed"]["per_seed"]))
         out["tempflow_reaches_fixed_final"] = {
             "target": target, "iteration": reach, "of": total, "nfe": reach_nfe, "fixed_total_nfe": fixed_nfe,
-            "vacuous": vacuous, "holds": (not vacuous) and reach is not None and reach <= total / 2}
+            "vacuous": vacuous, "seeds": seeds,
+            "holds": (not vacuous) and reach is not None and reach <= total / 2 and seeds >= MIN_SEEDS}
         out["tempflow_above_fixed"] = gap("tempflow", "flow_grpo_fixed")
     out["fixed_above_flow_grpo"] = gap("flow_grpo_fixed", "flow_grpo")
     out["branch_above_fixed"] = gap("branch", "flow_grpo_fixed")
@@ -240,6 +246,9 @@ def headline_markdown(h: dict[str, Any]) -> str:
                          f"iterations: not measurable here, flow_grpo_fixed did not end above the base model "
                          f"({base:.3f}) by more than its seed spread, so any curve starting there 'reaches' it; "
                          f"tempflow did {when}.")
+        elif r.get("seeds", MIN_SEEDS) < MIN_SEEDS:
+            lines.append(f"- tempflow reaches flow_grpo_fixed's final score ({r['target']:.3f}) {when}: "
+                         f"'in at most half the iterations' has no verdict (fewer than {MIN_SEEDS} seeds).")
         else:
             lines.append(f"- tempflow reaches flow_grpo_fixed's final score ({r['target']:.3f}) {when}: "
                          f"'in at most half the iterations' {yn(r['holds'])}.")
@@ -251,11 +260,16 @@ def headline_markdown(h: dict[str, Any]) -> str:
                       ("tempflow_above_branch", "tempflow ends above branch")):
         g = h.get(key)
         if g:
-            spread = ("one seed: no spread to compare with" if g["clear"] is None
-                      else ("beyond" if g["clear"] else "within") + " the seed spread and evaluation error")
-            lines.append(f"- {text}: {yn(g['holds'])} (difference {g['diff']:+.3f}, {spread}; "
+            lines.append(f"- {text}: {yn(g['holds'])} (difference {g['diff']:+.3f}, {noise_words(g)}; "
                          f"seeds won {g['seeds_won']}).")
     return "\n".join(lines) + "\n"
+
+
+def noise_words(g: dict[str, Any]) -> str:
+    """A verdict's words: no verdict below 4 seeds, else beyond or within the noise with its p."""
+    if g["clear"] is None:
+        return f"fewer than {MIN_SEEDS} seeds: no verdict"
+    return f"{'beyond' if g['clear'] else 'within'} the noise, p = {g['p']:.3f}"
 
 
 def category_table(base_eval: dict[str, Any], finals: dict[str, list[dict[str, Any]]], reward_name: str) -> str:

@@ -1,9 +1,11 @@
-"""Every pair of variants at the final iteration, paired by seed, against the verdicts'
-threshold; the headline pair per iteration."""
+"""Every pair of variants at the final iteration by the verdicts' paired test; the headline pair
+per iteration."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from tempflow_core.reports import pairs, report
 
@@ -25,28 +27,32 @@ def test_paired_difference_is_the_mean_of_per_seed_differences_with_its_standard
     assert pairs.paired_difference({"0": 0.4}, {"1": 0.5}) is None
 
 
-def test_all_pairs_are_later_minus_earlier_judged_by_the_verdicts_threshold():
-    curves = {
-        "flow_grpo": _points({0: {0: 0.3, 8: 0.31}, 1: {0: 0.3, 8: 0.33}}),
-        "flow_grpo_fixed": _points({0: {0: 0.3, 8: 0.32}, 1: {0: 0.3, 8: 0.34}}),
-        "tempflow": _points({0: {0: 0.3, 8: 0.45}, 1: {0: 0.3, 8: 0.47}}),
-    }
+def test_all_pairs_are_later_minus_earlier_judged_by_the_verdicts_paired_test():
+    ends = {"flow_grpo": [0.31, 0.33, 0.32, 0.30], "flow_grpo_fixed": [0.33, 0.32, 0.335, 0.288],
+            "tempflow": [0.46, 0.44, 0.475, 0.418]}
+    curves = {v: _points({s: {0: 0.3, 8: e} for s, e in enumerate(xs)}) for v, xs in ends.items()}
     h = report.headline(curves)
     rows = pairs.all_pairs(h["finals"])
     assert [(r["a"], r["b"]) for r in rows] == [("flow_grpo_fixed", "flow_grpo"), ("tempflow", "flow_grpo"),
                                                 ("tempflow", "flow_grpo_fixed")]
     fixed, tempflow = rows[0], rows[2]
-    assert fixed["diff"] == pytest.approx(0.01) and fixed["se"] == pytest.approx(0.0, abs=1e-12)
-    assert fixed["clear"] is False  # 0.01 is inside the seed std (0.0141)
-    assert tempflow["diff"] == pytest.approx(0.13) and tempflow["clear"] is True and tempflow["won"] == 2
-    # the same threshold and verdict as the headline's fixed pair
-    assert tempflow["threshold"] == pytest.approx(report.noise_floor(h["finals"]["tempflow"],
-                                                                      h["finals"]["flow_grpo_fixed"]))
-    assert h["tempflow_above_fixed"]["clear"] is tempflow["clear"]
+    # no evaluation error recorded: the test is a one-sample t-test of the per-seed differences
+    d_fixed = np.subtract(ends["flow_grpo_fixed"], ends["flow_grpo"])
+    d_temp = np.subtract(ends["tempflow"], ends["flow_grpo_fixed"])
+    assert fixed["diff"] == pytest.approx(d_fixed.mean()) and fixed["p"] == pytest.approx(stats.ttest_1samp(d_fixed, 0).pvalue)
+    assert fixed["clear"] is False and fixed["p"] > 0.5
+    assert tempflow["p"] == pytest.approx(stats.ttest_1samp(d_temp, 0).pvalue) and tempflow["clear"] is True
+    assert tempflow["won"] == 4 and tempflow["n"] == 4
+    assert h["tempflow_above_fixed"]["clear"] is tempflow["clear"] and h["tempflow_above_fixed"]["p"] == tempflow["p"]
     md = pairs.all_pairs_markdown(rows)
     assert "### Every pair of variants at iteration 8" in md
-    assert "| tempflow - flow_grpo_fixed | +0.1300 | 0.0000 | 2/2 | 0.0141 | beyond |" in md
+    assert f"| tempflow - flow_grpo_fixed | +{d_temp.mean():.4f} | {tempflow['se']:.4f} | {tempflow['p']:.3f} | 4/4 | " \
+           f"beyond the noise, p = {tempflow['p']:.3f} |" in md
     assert pairs.all_pairs_markdown([]) == ""
+    # the same differences on three seeds give no verdict at all
+    three = pairs.all_pairs(report.headline({v: [p for p in pts if p["seed"] < 3] for v, pts in curves.items()})["finals"])
+    assert all(r["clear"] is None for r in three)
+    assert "fewer than 4 seeds: no verdict" in pairs.all_pairs_markdown(three)
 
 
 def test_per_iteration_uses_the_seeds_each_variant_reached():

@@ -47,7 +47,8 @@ def test_report_redraws_a_committed_sweep_folder_as_committed(tmp_path):
         assert (folder / name).stat().st_size > 0, name
     assert not list(folder.glob("*.tmp")) and not (tmp_path / "home").exists()  # no state, no half files
     summary = (folder / "summary.md").read_text()
-    assert "| tempflow - flow_grpo_fixed | +0.0101 | 0.0061 | 2/2 |" in summary  # the all-pairs table
+    assert "| tempflow - flow_grpo_fixed | +0.0101 | 0.0189 | 0.593 | 2/2 | fewer than 4 seeds: no verdict |" \
+        in summary  # the all-pairs table
     assert "| 24 | 0.388 ± 0.020 (2) | 0.335 ± 0.005 (2) | +0.0529 (0.0145) |" in summary  # per iteration
 
 
