@@ -1,7 +1,7 @@
 """Cost against score: what each arm of a comparison spent (transformer rows, seconds) to reach
 its held-out score, paired by training seed and evaluation image.
 
-    python benchmarks/cost_report.py --store STORE --reference tempflow --out results/cost/<name>
+    python benchmarks/cost_report.py --store STORE [--base CURVES_JSON] --reference tempflow --out results/cost/<name>
     python benchmarks/cost_report.py --out results/cost/<name>          # summary from the records
 
 An arm is one algorithm with its cost settings (`rollout.branch_steps`, `rollout.branch_draw`,
@@ -10,7 +10,9 @@ differ by `train.seed` only. Writes to `--out`:
 
 * `points.jsonl`: one line per evaluated point (arm, its settings, seed, iteration, cumulative
   rollout rows, learner rows and stage seconds, the held-out GenEval-style overall with its
-  standard error, the shapes reward, the run id). Rows are transformer rows with a CFG pair
+  standard error, the shapes reward, the run id); with `--base` (the `curves.json` of a
+  `tempflow ablation` over these runs, which holds the base model's evaluation) every arm and
+  seed also starts with the base model at iteration 0, 0 rows. Rows are transformer rows with a CFG pair
   counted as two; seconds are the rollout and learner stages' (the reward stage's are not
   recorded in the store);
 * `images.jsonl`: one line per evaluated image (arm, seed, iteration, prompt, category, noise
@@ -47,10 +49,15 @@ def cost_settings(config: dict) -> dict:
 
 
 def label_arms(points: list[dict]) -> None:
-    """Name each point's arm by its algorithm and the cost settings that differ between the runs."""
+    """Name each point's arm by its algorithm and those of its cost settings that differ between
+    the runs and from the code's default."""
+    from tempflow_core.config import RunConfig
+
+    default = cost_settings(RunConfig().model_dump(mode="json"))
     varying = [k for k in points[0]["settings"] if k != "algorithm" and len({json.dumps(p["settings"][k]) for p in points}) > 1]
     for p in points:
-        p["arm"] = " ".join([p["settings"]["algorithm"]] + [f"{k.split('.')[1]}={p['settings'][k]}" for k in varying])
+        p["arm"] = " ".join([p["settings"]["algorithm"]] + [f"{k.split('.')[1]}={p['settings'][k]}" for k in varying
+                                                            if p["settings"][k] != default[k]])
 
 
 def collect(store_uri: str) -> tuple[list[dict], list[dict]]:
@@ -100,6 +107,15 @@ def collect(store_uri: str) -> tuple[list[dict], list[dict]]:
     return points, images
 
 
+def base_points(curves_json: Path, points: list[dict]) -> list[dict]:
+    """The base model's evaluation (an ablation's curves.json) as iteration 0 of every arm and seed."""
+    base = json.loads(curves_json.read_text())["base_eval"]
+    runs = {(p["arm"], p["seed"]): p for p in points}
+    return [{**first, "iteration": 0, "rollout_rows": 0, "learner_rows": 0, "stage_seconds": 0.0,
+             "overall": base["geneval_overall"], "overall_se": base["geneval_overall_se"], "reward": base["reward"],
+             "detector": base.get("detector_rules", "v1"), "run": "base model"} for first in runs.values()]
+
+
 def _matrix(images: list[dict], arm: str, iteration: int, seeds: list[int], items: list[tuple]) -> np.ndarray:
     by = {(r["seed"], r["prompt"], r["noise_seed"]): r["strict"] for r in images
           if r["arm"] == arm and r["iteration"] == iteration}
@@ -136,7 +152,7 @@ def summarize(points: list[dict], images: list[dict], reference: str) -> str:
               "seeds won | verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for arm in arms:
         for it in sorted({p["iteration"] for p in points if p["arm"] == arm}):
-            if arm == reference and it == ref_it:
+            if (arm == reference and it == ref_it) or it == 0:  # the base model has no per-image records here
                 continue
             at = [p for p in points if p["arm"] == arm and p["iteration"] == it]
             seeds = sorted({p["seed"] for p in at} & {p["seed"] for p in ref})
@@ -192,12 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", default=None, help="run store to collect the records from (omit: use --out's records)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reference", default="tempflow", help="the arm the others are compared with (its last point)")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="with --store: an ablation's curves.json whose base-model evaluation starts every curve")
     args = ap.parse_args(argv)
     if args.store:
         points, images = collect(args.store)
         if not points:
             print(f"no evaluated run in store {args.store}: pass the store the runs wrote to (--store)", file=sys.stderr)
             return 2
+        if args.base is not None:
+            if not args.base.is_file():
+                print(f"--base {args.base} does not exist: pass the curves.json of an ablation over these runs",
+                      file=sys.stderr)
+                return 2
+            points = sorted(base_points(args.base, points) + points, key=lambda p: (p["arm"], p["seed"], p["iteration"]))
     else:
         missing = [n for n in ("points.jsonl", "images.jsonl") if not (args.out / n).is_file()]
         if missing:
