@@ -176,7 +176,7 @@ def figure(points: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
     for arm in sorted({p["arm"] for p in points}):
         its = sorted({p["iteration"] for p in points if p["arm"] == arm})
         at = [[p for p in points if p["arm"] == arm and p["iteration"] == it] for it in its]
@@ -186,7 +186,7 @@ def figure(points: list[dict], out: Path) -> Path:
             ax.plot([p["rollout_rows"] + p["learner_rows"] for p in a], [p["overall"] for p in a], ".",
                     color=line.get_color(), alpha=0.3)
     n = len({p["seed"] for p in points})
-    ax.set_xlabel("transformer rows, rollout + learner (cumulative; a CFG pair counts two)")
+    ax.set_xlabel("transformer rows, rollout + learner, cumulative")
     ax.set_ylabel("held-out overall")
     ax.set_title(f"mean over {n} seeds (line), each seed (dots)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -55,3 +55,18 @@ def test_an_unknown_reference_is_refused_with_one_line_and_nothing_written(tmp_p
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "none")], capture_output=True,
                        text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "points.jsonl does not exist" in r.stderr and not (tmp_path / "none").exists()
+
+
+def test_the_committed_comparison_is_what_its_records_give(tmp_path):
+    src = ROOT / "results" / "cost" / "64px-branch-draws"
+    for name in ("points.jsonl", "images.jsonl"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
+    points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
+    # every arm: 4 seeds, starting at the base model with no rows spent
+    for arm in {p["arm"] for p in points}:
+        first = [p for p in points if p["arm"] == arm and p["iteration"] == 0]
+        assert sorted(p["seed"] for p in first) == [20, 21, 22, 23] and all(p["rollout_rows"] == 0 for p in first)
