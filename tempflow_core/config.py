@@ -144,6 +144,7 @@ class EvalConfig(_Section):
     images_per_category: int = Field(0, ge=0, description="At least this many images per category (GenEval tag): a category of n prompts gets ceil(N / n) seeds per prompt (0: images_per_prompt for every prompt).")
     extra_reward: str | None = Field(None, description="A reward the learner is NOT trained on, scored at evaluation to spot reward hacking.")
     seed: int = Field(1234, description="Seed of the evaluation noise (fixed across iterations and runs).")
+    guidance_scale: float | None = Field(None, ge=1.0, description="Guidance of the evaluation images; unset: the run's (sampling.guidance_scale). Lets a run trained without CFG (sampling.guidance_scale=1) be scored as it will be sampled, with CFG.")
 
 
 class GuardConfig(_Section):
@@ -257,6 +258,10 @@ class RunConfig(_Section):
             return self.sampling.guidance_scale
         return family_defaults(self.family()).guidance_scale
 
+    def eval_guidance_scale(self) -> float:
+        """eval.guidance_scale, or the run's guidance when unset."""
+        return self.guidance_scale() if self.eval.guidance_scale is None else self.eval.guidance_scale
+
     def rows_per_sample(self) -> int:
         """Transformer rows one sample-step costs: 2 under SD3's classifier-free guidance (the
         conditional and unconditional rows of a CFG pair), 1 without it (guidance 1, or FLUX,
@@ -295,6 +300,8 @@ class RunConfig(_Section):
             del data["rollout"]["slices"]
         if not data["reward"]["plugins"]:  # the built-in rewards: the configs from before plugins
             del data["reward"]["plugins"]
+        if data["eval"]["guidance_scale"] is None:  # the run's guidance: the configs from before the option
+            del data["eval"]["guidance_scale"]
         if data["sampling"]["sde_type"] == "flow_grpo":  # the step every config had before the option
             del data["sampling"]["sde_type"]
         if data["rollout"]["branch_draw"] == "uniform":  # the draw every config had before the option

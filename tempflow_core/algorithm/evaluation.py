@@ -2,7 +2,7 @@
 
 The protocol is fixed per run and shared by every checkpoint and the base model: the same
 prompts, the same seeds (image j of prompt p starts from the noise of `{p.id}_s{j}`), ODE
-sampling with the run's CFG (FLUX: its guidance value). With `eval.images_per_category = N` every category (the
+sampling with the run's CFG (FLUX: its guidance value), or `eval.guidance_scale` when set. With `eval.images_per_category = N` every category (the
 GenEval `tag` of a record, one category for records without) gets at least N images: a
 category of n prompts draws ceil(N / n) seeds per prompt, so a category of three prompts is
 scored on as many images as one of thirty. Scores come with their standard errors, so a
@@ -78,7 +78,7 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
                                                       cfg.eval.images_per_category))
     texts, ids = [r.text for r, _ in samples], [i for _, i in samples]
     images = np.concatenate([  # [N, H, W, 3] uint8
-        sample_images(policy, texts[i:i + 64], ids[i:i + 64], sched, cfg.guidance_scale(),
+        sample_images(policy, texts[i:i + 64], ids[i:i + 64], sched, cfg.eval_guidance_scale(),
                       cfg.eval.seed, cfg.rollout.max_batch)
         for i in range(0, len(texts), 64)])
     meta = [r.metadata for r, _ in samples]

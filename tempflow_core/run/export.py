@@ -64,7 +64,7 @@ def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None,
     return {
         "base_model": cfg.model.path or f"tiny random {family.upper()} (seed {cfg.model.tiny.seed})",
         "base_model_sha256": folder_sha256(cfg.model.path, inputs) if cfg.model.path else "tiny-random",
-        "num_inference_steps": s.eval_num_steps, "guidance_scale": cfg.guidance_scale(), "shift": shift,
+        "num_inference_steps": s.eval_num_steps, "guidance_scale": cfg.eval_guidance_scale(), "shift": shift,
         "sampler": "FlowMatchEulerDiscreteScheduler (ODE)",
         "train_noise_level": s.noise_level if s.noise_level is not None else d.noise_level,
         "train_num_steps": s.num_steps, "resolution": resolution, "max_sequence_length": effective_max_sequence_length(cfg),

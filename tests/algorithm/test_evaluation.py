@@ -83,6 +83,25 @@ def test_policy_evaluation_scores_every_category_with_its_error(tiny_pipe):
         assert result["geneval"][tag] == pytest.approx(np.mean(mine))
 
 
+def test_evaluation_samples_with_its_own_guidance_when_set(tiny_pipe, monkeypatch):
+    """eval.guidance_scale: a run trained without CFG is scored with the CFG it will be sampled with."""
+    from tempflow_core.algorithm import evaluation
+
+    seen = []
+    real = evaluation.sample_images
+    monkeypatch.setattr(evaluation, "sample_images", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
+    records = load_prompts("builtin:colors")[:2]
+    policy = Policy(tiny_pipe, None, "cpu")
+    base = {"sampling": {"eval_num_steps": 2, "guidance_scale": 1.0}, "reward": {"name": "brightness"}}
+    a, _ = evaluate_policy(RunConfig(**base), policy, build_reward("brightness"), records)
+    b, _ = evaluate_policy(RunConfig(**base, eval={"guidance_scale": 4.0}), policy, build_reward("brightness"), records)
+    c, _ = evaluate_policy(RunConfig(**base, eval={"guidance_scale": 1.0}), policy, build_reward("brightness"), records)
+    assert seen == [1.0, 4.0, 1.0]
+    assert a["samples"] == c["samples"] and a["reward"] != b["reward"]
+    assert RunConfig(**base, eval={"guidance_scale": 4.0}).digest() != RunConfig(**base).digest()
+    assert RunConfig(**base, eval={"guidance_scale": None}).digest() == RunConfig(**base).digest()
+
+
 def test_eval_summary_line():
     from tempflow_core.reports.report import eval_summary
 
