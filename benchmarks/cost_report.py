@@ -5,8 +5,8 @@ its held-out score, paired by training seed and evaluation image.
     python benchmarks/cost_report.py --out results/cost/<name>          # summary from the records
 
 An arm is one algorithm with its cost settings (`rollout.branch_steps`, `rollout.branch_draw`,
-`rollout.completion_stride`, `sampling.sde_type`, `sampling.guidance_scale`); the runs of an arm
-differ by `train.seed` only. Writes to `--out`:
+`rollout.completion_stride`, `sampling.sde_type`, `sampling.guidance_scale`,
+`eval.guidance_scale`); the runs of an arm differ by `train.seed` only. Writes to `--out`:
 
 * `points.jsonl`: one line per evaluated point (arm, its settings, seed, iteration, cumulative
   rollout rows, learner rows and stage seconds, the held-out GenEval-style overall with its
@@ -15,8 +15,9 @@ differ by `train.seed` only. Writes to `--out`:
   seed also starts with the base model at iteration 0, 0 rows. Rows are transformer rows with a CFG pair
   counted as two; seconds are the rollout and learner stages' (the reward stage's are not
   recorded in the store);
-* `images.jsonl`: one line per evaluated image (arm, seed, iteration, prompt, category, noise
-  seed, strict score, reward);
+* `images.jsonl.gz`: one line per evaluated image (arm, seed, iteration, prompt, category, noise
+  seed, strict score, reward), gzip-compressed (`gzip -dc` reads it);
+* `comparison.json`: the reference arm, so the summary redraws from the records alone;
 * `summary.md`: per arm and iteration the seeds' means, and every other arm's evaluated points
   against the reference arm's last one, paired (`tempflow_core/reports/paired.py`), with the
   share of the reference's rows each spent;
@@ -28,7 +29,9 @@ Everything in summary.md and the figure is recomputed from the two JSONL files a
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from tempflow_core.reports.paired import compare  # noqa: E402
 
+IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: no timestamp)
 COST_SETTINGS = (("rollout", "branch_steps"), ("rollout", "branch_draw"), ("rollout", "completion_stride"),
-                 ("sampling", "sde_type"), ("sampling", "guidance_scale"))
+                 ("sampling", "sde_type"), ("sampling", "guidance_scale"), ("eval", "guidance_scale"))
 
 
 def cost_settings(config: dict) -> dict:
@@ -49,15 +53,15 @@ def cost_settings(config: dict) -> dict:
 
 
 def label_arms(points: list[dict]) -> None:
-    """Name each point's arm by its algorithm and those of its cost settings that differ between
-    the runs and from the code's default."""
-    from tempflow_core.config import RunConfig
-
-    default = cost_settings(RunConfig().model_dump(mode="json"))
-    varying = [k for k in points[0]["settings"] if k != "algorithm" and len({json.dumps(p["settings"][k]) for p in points}) > 1]
+    """Name each point's arm by its run id less the seed and config digest (`tempflow ablation
+    --name NAME` gives NAME-<reward>-<variant>-s<seed>-<digest>): the name its runs were started
+    under. Runs of one arm must share their cost settings."""
     for p in points:
-        p["arm"] = " ".join([p["settings"]["algorithm"]] + [f"{k.split('.')[1]}={p['settings'][k]}" for k in varying
-                                                            if p["settings"][k] != default[k]])
+        p["arm"] = re.sub(r"-s\d+-[0-9a-f]{6}$", "", p["run"])
+    for arm in {p["arm"] for p in points}:
+        settings = {json.dumps(p["settings"], sort_keys=True) for p in points if p["arm"] == arm}
+        if len(settings) > 1:
+            raise SystemExit(f"the runs named {arm!r} differ in their cost settings: start each arm under its own --name")
 
 
 def collect(store_uri: str) -> tuple[list[dict], list[dict]]:
@@ -141,6 +145,13 @@ def summarize(points: list[dict], images: list[dict], reference: str) -> str:
             rows = _mean(at, "rollout_rows") + _mean(at, "learner_rows")
             lines.append(f"| {arm} | {it} | {len(at)} | {_mean(at, 'overall'):.3f} | {_mean(at, 'rollout_rows'):.0f} | "
                          f"{_mean(at, 'learner_rows'):.0f} | {rows:.0f} | {_mean(at, 'stage_seconds'):.0f} |")
+    keys = [k for k in points[0]["settings"] if len({json.dumps(p["settings"].get(k)) for p in points}) > 1]
+    if keys:
+        lines += ["", "## The arms' settings (those that differ between arms)", "",
+                  "| arm | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm in arms:
+            st = next(p["settings"] for p in points if p["arm"] == arm)
+            lines.append(f"| {arm} | " + " | ".join(json.dumps(st.get(k)) for k in keys) + " |")
     ref_it = max(p["iteration"] for p in points if p["arm"] == reference)
     ref = [p for p in points if p["arm"] == reference and p["iteration"] == ref_it]
     ref_rows = _mean(ref, "rollout_rows") + _mean(ref, "learner_rows")
@@ -198,8 +209,12 @@ def figure(points: list[dict], out: Path) -> Path:
 
 
 def _write(path: Path, text: str) -> None:
+    _write_bytes(path, text.encode())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(path)
 
 
@@ -207,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=None, help="run store to collect the records from (omit: use --out's records)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--reference", default="tempflow", help="the arm the others are compared with (its last point)")
+    ap.add_argument("--reference", default=None,
+                    help="the arm the others are compared with (its last point); default: the one the records name "
+                         "(comparison.json), else 'tempflow'")
     ap.add_argument("--base", type=Path, default=None,
                     help="with --store: an ablation's curves.json whose base-model evaluation starts every curve")
     args = ap.parse_args(argv)
@@ -223,13 +240,16 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             points = sorted(base_points(args.base, points) + points, key=lambda p: (p["arm"], p["seed"], p["iteration"]))
     else:
-        missing = [n for n in ("points.jsonl", "images.jsonl") if not (args.out / n).is_file()]
+        missing = [n for n in ("points.jsonl", IMAGES) if not (args.out / n).is_file()]
         if missing:
             print(f"{args.out / missing[0]} does not exist: collect the records with --store first", file=sys.stderr)
             return 2
         points = [json.loads(line) for line in (args.out / "points.jsonl").read_text().splitlines()]
-        images = [json.loads(line) for line in (args.out / "images.jsonl").read_text().splitlines()]
+        images = [json.loads(line) for line in gzip.decompress((args.out / IMAGES).read_bytes()).decode().splitlines()]
     arms = sorted({p["arm"] for p in points})
+    saved = args.out / "comparison.json"
+    if args.reference is None:
+        args.reference = json.loads(saved.read_text())["reference"] if not args.store and saved.is_file() else "tempflow"
     if args.reference not in arms:
         print(f"--reference {args.reference!r} is not an arm of these records: use one of {arms}", file=sys.stderr)
         return 2
@@ -237,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.store:
         args.out.mkdir(parents=True, exist_ok=True)
         _write(args.out / "points.jsonl", "".join(json.dumps(p) + "\n" for p in points))
-        _write(args.out / "images.jsonl", "".join(json.dumps(r) + "\n" for r in images))
+        _write(saved, json.dumps({"reference": args.reference}) + "\n")
+        _write_bytes(args.out / IMAGES, gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode(), mtime=0))
     _write(args.out / "summary.md", text)
     figure(points, args.out)
     print(text)

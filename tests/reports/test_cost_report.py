@@ -3,6 +3,7 @@ values worked out by hand; bad input refused with one line and nothing written."
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def _records(tmp_path: Path) -> Path:
                 images.append({"arm": arm, "seed": seed, "iteration": 8, "prompt": prompt, "category": cat,
                                "noise_seed": 1, "strict": int(prompt in passed), "reward": 0.0})
     (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
-    (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in images))
+    (out / "images.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode()))
     return out
 
 
@@ -58,8 +59,8 @@ def test_an_unknown_reference_is_refused_with_one_line_and_nothing_written(tmp_p
 
 
 def test_the_committed_comparison_is_what_its_records_give(tmp_path):
-    src = ROOT / "results" / "cost" / "64px-branch-draws"
-    for name in ("points.jsonl", "images.jsonl"):
+    src = ROOT / "results" / "cost" / "64px"
+    for name in ("points.jsonl", "images.jsonl.gz", "comparison.json"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
@@ -67,6 +68,13 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
     assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
     points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
     # every arm: 4 seeds, starting at the base model with no rows spent
-    for arm in {p["arm"] for p in points}:
+    arms = {p["arm"] for p in points}
+    assert len(arms) == 5
+    for arm in arms:
         first = [p for p in points if p["arm"] == arm and p["iteration"] == 0]
         assert sorted(p["seed"] for p in first) == [20, 21, 22, 23] and all(p["rollout_rows"] == 0 for p in first)
+    # the rows recorded are the rollout's arithmetic: 16 prompts x (5 backbone steps + 8 x 15 child steps), CFG x 2
+    default = [p for p in points if p["arm"] == "cost-default-shapes-tempflow" and p["iteration"] == 8]
+    assert {p["rollout_rows"] for p in default} == {8 * 16 * (5 + 8 * 15) * 2}
+    images = gzip.decompress((src / "images.jsonl.gz").read_bytes()).decode().splitlines()
+    assert len(images) == sum(414 for p in points if p["iteration"] > 0)
