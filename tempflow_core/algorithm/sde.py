@@ -13,10 +13,10 @@ noise e = x + (1 - t) v to t' = t + dt with fresh noise of std sigma = t' sin(a 
     std  = t' sin(a pi / 2)
 
 so the state keeps the coefficients (1 - t', t') of data and noise. The `sde_sigma` argument
-is s_t for the SDE and sin(a pi / 2) for CPS (Schedule.sde_sigma gives the run's). Log-probs are those of that Gaussian,
-averaged over all non-batch dimensions (as in Flow-GRPO) so that their scale does not grow
-with the image size. Arithmetic runs in float32 (float64 inputs stay float64) and results
-are cast back to the input dtype where they are states.
+is s_t for the SDE and sin(a pi / 2) for CPS (Schedule.sde_sigma gives the run's). Log-probs
+are those of the step's Gaussian, averaged over all non-batch dimensions (as in Flow-GRPO)
+so that their scale does not grow with the image size. Arithmetic runs in float32 (float64
+inputs stay float64) and results are cast back to the input dtype where they are states.
 """
 
 from __future__ import annotations

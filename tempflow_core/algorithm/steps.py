@@ -18,9 +18,9 @@ training all of them; how the m are drawn (`BranchDraw`):
   term s_k sqrt(|dt_k|), so the steps that carry the most noise branch most often. Each drawn
   step's terms are scaled by `importance`, I_k = d n_k / (N m p_k) (n_k: times drawn, d:
   distinct steps drawn), which makes the expected loss, a mean over the d drawn steps, equal
-  the mean over all N (tests/algorithm/test_steps.py checks it by Monte Carlo).
+  the mean over all N (tests/algorithm/test_branch_draws.py checks it by Monte Carlo).
 * "window": m consecutive steps starting at (iteration mod (N - m + 1)): a window sliding
-  from the noisiest steps to the cleanest, one step per iteration, then again (MixGRPO's
+  from the first steps (high noise) to the last, one step per iteration, then again (MixGRPO's
   sliding SDE window; not a Monte Carlo estimate of all steps, no correction).
 """
 
