@@ -331,7 +331,10 @@ class ConfigError(ValueError):
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = ".".join(str(p) for p in e["loc"])
+        if not loc:  # a check across fields: its message names them; the whole config is no help
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            continue
         lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {e['msg']}")
     return "invalid run config:\n" + "\n".join(lines)
 

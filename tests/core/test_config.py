@@ -41,6 +41,13 @@ def test_variants():
     assert v["tempflow"].digest() != v["branch"].digest()
 
 
+def test_a_check_across_fields_is_one_line_without_the_whole_config():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["rollout.branch_draw=weighted"])
+    assert str(e.value) == ("invalid run config:\n  rollout.branch_draw='weighted' draws m steps per iteration, and "
+                            "rollout.branch_steps is 'all': set branch_steps to a count m")
+
+
 def test_cost_options_name_their_field_and_change_the_digest_only_when_set():
     with pytest.raises(ConfigError, match=r"rollout\.completion_stride \(2\).*'flow_grpo_fixed' does not branch"):
         load_config(overrides=["algorithm=flow_grpo_fixed", "rollout.completion_stride=2"])
