@@ -157,8 +157,9 @@ def summarize(points: list[dict], images: list[dict], reference: str) -> str:
     ref_rows = _mean(ref, "rollout_rows") + _mean(ref, "learner_rows")
     ref_seconds = _mean(ref, "stage_seconds")
     lines += ["", f"## Against {reference} after its {ref_it} iterations, paired by seed and image", "",
-              "Difference: arm - reference of the overall; SE holds the seeds' spread and the shared evaluation "
-              "set's; beyond the noise only from 4 seeds and p < 0.05.", "",
+              "Difference: arm - reference of the overall over the seeds both ran (the reference column is its mean "
+              "on those seeds); SE holds the seeds' spread and the shared evaluation set's; beyond the noise only from "
+              "4 seeds and p < 0.05.", "",
               "| arm | iteration | share of the rows | share of the seconds | arm | reference | difference | SE | p | "
               "seeds won | verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for arm in arms:
@@ -167,6 +168,7 @@ def summarize(points: list[dict], images: list[dict], reference: str) -> str:
                 continue
             at = [p for p in points if p["arm"] == arm and p["iteration"] == it]
             seeds = sorted({p["seed"] for p in at} & {p["seed"] for p in ref})
+            ref_shared = [p for p in ref if p["seed"] in seeds]  # the reference on the seeds paired with
             first = [r for r in images if r["arm"] == reference and r["iteration"] == ref_it and r["seed"] == seeds[0]]
             items = [(r["prompt"], r["noise_seed"]) for r in first]
             groups = [r["category"] for r in first]
@@ -176,7 +178,7 @@ def summarize(points: list[dict], images: list[dict], reference: str) -> str:
             verdict = ("above, beyond the noise" if res.diff > 0 else "below, beyond the noise") if res.beyond \
                 else "within the noise"
             lines.append(f"| {arm} | {it} | {rows / ref_rows:.2f} | {_mean(at, 'stage_seconds') / ref_seconds:.2f} | "
-                         f"{_mean(at, 'overall'):.3f} | {_mean(ref, 'overall'):.3f} | {res.diff:+.4f} | {res.se:.4f} | "
+                         f"{_mean(at, 'overall'):.3f} | {_mean(ref_shared, 'overall'):.3f} | {res.diff:+.4f} | {res.se:.4f} | "
                          f"{res.p:.3f} | {res.won}/{res.seeds} | {verdict} |")
     return "\n".join(lines) + "\n"
 

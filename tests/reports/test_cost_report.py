@@ -67,12 +67,14 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
     points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
-    # every arm: 4 seeds, starting at the base model with no rows spent
+    # every arm starts at the base model with no rows spent
     arms = {p["arm"] for p in points}
     assert len(arms) == 5
-    for arm in arms:
+    for arm in arms:  # default and [0,1] on eight seeds, the others on the first four
         first = [p for p in points if p["arm"] == arm and p["iteration"] == 0]
-        assert sorted(p["seed"] for p in first) == [20, 21, 22, 23] and all(p["rollout_rows"] == 0 for p in first)
+        want = list(range(20, 28)) if arm in ("cost-default-shapes-tempflow", "cost-p01-shapes-tempflow") else \
+            [20, 21, 22, 23]
+        assert sorted(p["seed"] for p in first) == want and all(p["rollout_rows"] == 0 for p in first)
     # the rows recorded are the rollout's arithmetic: 16 prompts x (5 backbone steps + 8 x 15 child steps), CFG x 2
     default = [p for p in points if p["arm"] == "cost-default-shapes-tempflow" and p["iteration"] == 8]
     assert {p["rollout_rows"] for p in default} == {8 * 16 * (5 + 8 * 15) * 2}
