@@ -67,12 +67,10 @@ def compare(a: np.ndarray, b: np.ndarray, groups: Sequence[str] | None = None, m
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
         raise ValueError(f"paired scores need two equal [seeds, items] arrays; got {a.shape} and {b.shape}")
-    s, n = a.shape
+    n = a.shape[1]
     w, index = _weights(groups, n)
     delta = a - b  # [S, I]
     d = delta @ w  # [S]
-    diff = float(d.mean())
-    se_seeds = float(d.std(ddof=1) / np.sqrt(s)) if s > 1 else 0.0
     e = delta.mean(axis=0)  # [I]
     var_items = 0.0
     for g in range(index.max() + 1):

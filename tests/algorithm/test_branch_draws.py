@@ -11,6 +11,7 @@ from tempflow_core.algorithm.schedule import make_schedule
 from tempflow_core.algorithm.steps import draw_counts, importance, noise_aware_weights, select_steps, step_pool
 from tempflow_core.algorithm.train import branch_counts, importance_for, step_weights_for
 from tempflow_core.config import ConfigError, LoraSettings, RunConfig, load_config
+from tempflow_core.seeding import derive_seed
 
 T = 10
 POOL = step_pool("all", T)
@@ -65,7 +66,7 @@ def test_weighted_draws_follow_the_noise_and_are_reproducible():
 
 def test_uniform_draws_are_the_old_draws_and_the_window_slides():
     for it in range(20):  # the uniform draw is the one configs had before draws could be chosen
-        g = torch.Generator().manual_seed(__import__("tempflow_core.seeding").seeding.derive_seed(0, "branch-steps", it))
+        g = torch.Generator().manual_seed(derive_seed(0, "branch-steps", it))
         assert select_steps(3, T, 0, it) == sorted(torch.randperm(9, generator=g)[:3].tolist())
     windows = [select_steps(3, T, 0, it, "window") for it in range(9)]
     assert windows[:7] == [[i, i + 1, i + 2] for i in range(7)] and windows[7] == [0, 1, 2]
