@@ -248,10 +248,27 @@ def eval_cmd(
     iteration: int = typer.Option(-1, "--iteration", help="Checkpoint iteration (-1: the last finished)."),
     store: Optional[str] = typer.Option(None, "--store", help="Store the run lives in (default: the local one)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
-    set_: list[str] = typer.Option([], "--set", "-s"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Settings; with --run, eval.* only (e.g. "
+                                   "eval.guidance_scale=1): the checkpoint is scored under them, the run left as it is."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the scores (JSON, every image's included) here; "
+                                       "needed with --run and --set."),
 ) -> None:
     """Score a checkpoint on the held-out prompts (per-category table for GenEval-style prompts)."""
-    cfg = _run_config(run, store)[0] if run else _resolve(config, set_)
+    overrides: dict = {}
+    if run:
+        cfg = _run_config(run, store)[0]
+        if set_:
+            bad = [o.split("=", 1)[0] for o in set_ if not o.split("=", 1)[0].startswith("eval.")]
+            if bad:
+                _fail(f"--set {bad[0]}: with --run only eval.* settings can change (the checkpoint was trained under "
+                      f"the run's settings); drop it, or train a run with it")
+            if out is None:
+                _fail("--set with --run scores the checkpoint under other settings than the run's: pass --out FILE "
+                      "for the scores (the run's own evaluation is left as it is)")
+            new = _resolve(None, set_, base=cfg.model_dump(mode="json")).eval.model_dump(mode="json")
+            overrides = {k: v for k, v in new.items() if v != cfg.eval.model_dump(mode="json")[k]}
+    else:
+        cfg = _resolve(config, set_)
     _preflight(cfg)
     _local_state()
     from flows.evaluate import eval_flow
@@ -259,12 +276,17 @@ def eval_cmd(
     from flows.local_api import local_api
 
     with local_api():  # a temporary Prefect server that ends with this process
-        result = eval_flow(config=cfg, run_id=run, iteration=iteration)
+        result = eval_flow(config=cfg, run_id=run, iteration=iteration, eval_overrides=overrides or None)
     if "geneval" in result:
         from tempflow_core.shapes import format_table
 
         typer.echo(format_table({run or "base": {"overall": result["geneval_overall"], "per_category": result["geneval"]}}))
-    typer.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        tmp.replace(out)
+    typer.echo(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=1))
 
 
 @app.command("export-lora")

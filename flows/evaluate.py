@@ -1,6 +1,7 @@
 """The evaluation flow: score a checkpoint (or the base model) on held-out prompts.
 
     tempflow eval --run RUN [--iteration N]     # a checkpoint of a run
+    tempflow eval --run RUN --set eval.guidance_scale=1 --out F   # under other evaluation settings
     tempflow eval                                # the base model of the default config
 """
 
@@ -19,9 +20,12 @@ from tempflow_core.algorithm.session import SessionCache
 
 
 @flow(name="tempflow-eval", validate_parameters=True)
-def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, iteration: int = -1) -> dict[str, Any]:
+def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, iteration: int = -1,
+              eval_overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Evaluate checkpoint `iteration` of `run_id` (-1: the last finished one); without a run,
-    evaluate the base model and return the scores."""
+    evaluate the base model and return the scores. `eval_overrides` (fields of the eval section):
+    score the checkpoint under those evaluation settings instead of the run's, and write nothing
+    into the run (its own evaluation stays what its settings give)."""
     from prefect.runtime import deployment
 
     from tempflow_core.run.preflight import preflight, read_roots
@@ -49,6 +53,17 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
         if last is None:
             raise ValueError(f"run {run_id!r} has no finished checkpoint to evaluate")
         iteration = last
+    if eval_overrides:
+        dump = config.model_dump(mode="json")
+        config = RunConfig.model_validate({**dump, "eval": {**dump["eval"], **eval_overrides}})
+        lay = RunLayout.open(config, run_id)
+        if not lay.complete(iteration, "learner"):
+            raise ValueError(f"run {run_id!r} has no checkpoint {iteration} to evaluate")
+        result, _ = stages.evaluate_checkpoint(config, lay, iteration, sessions)
+        result.update(run=run_id, iteration=iteration, eval_overrides=dict(eval_overrides))
+        log.info("run %s iteration %d with %s: %s", run_id, iteration, eval_overrides,
+                 {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
+        return result
     eval_task(config, run_id, iteration, sessions)
     result = stages.read_eval(lay, iteration)
     log.info("run %s iteration %d: %s", run_id, iteration, {k: v for k, v in result.items() if not isinstance(v, dict)})

@@ -408,11 +408,7 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Sess
         return {"checkpoint": healing.stage_digest(layout, iteration, "learner"), "detector": detector_rules(cfg).name}
 
     def compute() -> None:
-        s, ck = _at_checkpoint(sessions, cfg, layout, iteration, with_optimizer=False)
-        if ck.ema is not None:  # evaluate the EMA weights when EMA is on
-            s.policy.load_lora_state_dict(ck.ema)
-        result, grid_png = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
-        result["weights"] = "ema" if ck.ema is not None else "raw"
+        result, grid_png = evaluate_checkpoint(cfg, layout, iteration, sessions)
         objects = {}
         for name, data in (("eval.json", json.dumps(result, indent=1, sort_keys=True).encode()),
                            ("grid.png", grid_png)):
@@ -424,6 +420,18 @@ def eval_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Sess
 
     _ensure(layout, iteration, "eval", inputs, compute, lambda: learner_stage(cfg, layout, iteration, sessions))
     return layout.store.uri_for(prefix)
+
+
+def evaluate_checkpoint(cfg: RunConfig, layout: RunLayout, iteration: int,
+                        sessions: SessionCache) -> tuple[dict[str, Any], bytes]:
+    """(scores, grid PNG) of checkpoint i (its EMA weights when EMA is on) under cfg's evaluation
+    settings; reads the checkpoint, writes nothing."""
+    s, ck = _at_checkpoint(sessions, cfg, layout, iteration, with_optimizer=False)
+    if ck.ema is not None:  # evaluate the EMA weights when EMA is on
+        s.policy.load_lora_state_dict(ck.ema)
+    result, grid_png = evaluate_policy(cfg, s.policy, s.reward_fn, eval_prompts(cfg))
+    result["weights"] = "ema" if ck.ema is not None else "raw"
+    return result, grid_png
 
 
 def read_eval(layout: RunLayout, iteration: int) -> dict[str, Any]:

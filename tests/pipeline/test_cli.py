@@ -200,3 +200,22 @@ def test_show_config_defaults_sets_each_demo_setting_beside_the_codes_with_its_r
     assert rows["lora.rank"][:2] == [str(RunConfig().lora.rank), "8"] and rows["reward.name"][:2] == ['"brightness"', '"shapes"']
     (tmp_path / "bare.yaml").write_text("train:\n  lr: 0.1\n  seed: 3  # a reason\n")
     assert table(tmp_path / "bare.yaml") == [("train.lr", "0.0003", "0.1", ""), ("train.seed", "0", "3", "a reason")]
+
+
+def test_eval_of_a_run_under_other_settings_takes_eval_fields_only_and_an_out_file(tmp_path):
+    from tempflow_core.config import load_config
+    from tempflow_core.run.layout import RunLayout
+    from tempflow_core.run.runs import write_run
+
+    store = tmp_path / "store"
+    cfg = load_config(overrides=[f"pipeline.store={store}"])
+    write_run(RunLayout.open(cfg, "r"), {"run_id": "r", "config": cfg.model_dump(mode="json")})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for extra, needle in ((["--set", "sampling.guidance_scale=1"], "--set sampling.guidance_scale: with --run only eval.*"),
+                          (["--set", "eval.guidance_scale=1"], "pass --out FILE")):
+        out = subprocess.run(CLI + ["eval", "--run", "r", "--store", str(store)] + extra + (
+            ["--out", str(tmp_path / "o.json")] if "--out" not in needle else []),
+            capture_output=True, text=True, timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr[-500:]
+        assert out.stderr.strip().count("\n") == 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written

@@ -13,6 +13,7 @@ from tempflow_core.algorithm.train import branch_counts, train_in_process
 from tempflow_core.config import load_config
 from tempflow_core.run import stages
 from tempflow_core.run.layout import RunLayout
+from tempflow_core.run.runs import write_run
 
 from .conftest import tiny_overrides
 
@@ -55,3 +56,32 @@ def test_rows_count_a_cfg_pair_as_two_and_a_guidance_free_row_as_one(tiny_model_
     m = json.loads((tmp_path / "cfg-free" / "metrics.jsonl").read_text().splitlines()[0])
     assert m["rollout/rows"] == m["rollout/nfe"] > 0 and m["learner/rows"] == m["learner/nfe"] > 0
     assert load_config(overrides=["model.tiny.family=flux"]).rows_per_sample() == 1  # guidance is an input
+
+
+def test_a_checkpoint_scored_under_other_eval_settings_is_what_a_run_with_them_records(
+        prefect_api, quiet_env, tiny_model_dir, tmp_path):
+    """`tempflow eval --run R --set eval.guidance_scale=1`: the checkpoint of a run trained with
+    CFG, scored without it, gives what a run with the same training and eval.guidance_scale=1
+    records in its own eval stage (training does not read eval.*: the checkpoints are equal), and
+    writes nothing into the run."""
+    from flows.evaluate import eval_flow
+
+    base = tiny_overrides(tmp_path, tiny_model_dir, iterations=1) + ["sampling.guidance_scale=3.0"]
+    runs = {}
+    for name, extra in (("cfg", []), ("free-eval", ["eval.guidance_scale=1.0"])):
+        cfg = load_config(overrides=base + extra)
+        lay, sessions = RunLayout.open(cfg, name), SessionCache()
+        write_run(lay, {"run_id": name, "config": cfg.model_dump(mode="json")})
+        stages.init_stage(cfg, lay, sessions)
+        for stage in (stages.rollout_stage, stages.reward_stage, stages.learner_stage, stages.eval_stage):
+            stage(cfg, lay, 0, sessions)
+        runs[name] = (cfg, lay)
+    cfg, lay = runs["cfg"]
+    before = {k: lay.store.get_bytes(k) for k in lay.store.list("cfg")}
+    got = eval_flow(config=cfg, run_id="cfg", iteration=0, eval_overrides={"guidance_scale": 1.0})
+    want = stages.read_eval(runs["free-eval"][1], 0)
+    own = stages.read_eval(lay, 0)
+    assert [s["reward"] for s in got["samples"]] == [s["reward"] for s in want["samples"]]
+    assert got["reward"] == want["reward"] and got["eval_overrides"] == {"guidance_scale": 1.0}
+    assert [s["reward"] for s in own["samples"]] != [s["reward"] for s in got["samples"]]  # CFG 3 scores differ
+    assert {k: lay.store.get_bytes(k) for k in lay.store.list("cfg")} == before  # the run is as it was
