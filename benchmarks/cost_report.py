@@ -1,8 +1,8 @@
 """Cost against score: what each arm of a comparison spent (transformer rows, seconds) to reach
 its held-out score, paired by training seed and evaluation image.
 
-    python benchmarks/cost_report.py --store STORE [--base CURVES_JSON] --reference tempflow --out results/cost/<name>
-    python benchmarks/cost_report.py --out results/cost/<name>          # summary from the records
+    python benchmarks/cost_report.py --store STORE [--base CURVES_JSON] --reference ARM [--categories A,B] --out DIR
+    python benchmarks/cost_report.py --out DIR          # summary and figure from the records
 
 An arm is one algorithm with its cost settings (`rollout.branch_steps`, `rollout.branch_draw`,
 `rollout.completion_stride`, `sampling.sde_type`, `sampling.guidance_scale`,
@@ -16,14 +16,23 @@ An arm is one algorithm with its cost settings (`rollout.branch_steps`, `rollout
   counted as two; seconds are the rollout and learner stages' (the reward stage's are not
   recorded in the store);
 * `images.jsonl.gz`: one line per evaluated image (arm, seed, iteration, prompt, category, noise
-  seed, strict score, reward), gzip-compressed (`gzip -dc` reads it);
-* `comparison.json`: the reference arm, so the summary redraws from the records alone;
-* `summary.md`: per arm and iteration the seeds' means, and every other arm's evaluated points
-  against the reference arm's last one, paired (`tempflow_core/reports/paired.py`), with the
-  share of the reference's rows each spent;
-* `score-vs-rows.png`: the overall against cumulative rows (rollout + learner), mean over seeds.
+  seed, strict score, reward), gzip-compressed (`gzip -dc` reads it); the base model's under the
+  arm "base model" with seed null;
+* `comparison.json`: the reference arm, the categories the score is taken over and the margin
+  of "reaches", so the summary redraws from the records alone;
+* `summary.md`: per arm and iteration the seeds' means; each point's gain over the base model;
+  every point against the reference arm's last one, paired (`tempflow_core/reports/paired.py`),
+  with the share of the reference's rows and seconds it spent and whether it reaches the
+  reference's score (non-inferior within `margin_share` of the reference's gain over the base
+  model, on at least 4 seeds); the first point of each arm that reaches it, against the target
+  (at most half the rows and 0.6 of the seconds);
+* `score-vs-rows.png`: the score against cumulative rows (rollout + learner), mean over seeds,
+  with the reference's final score and the margin.
 
-Everything in summary.md and the figure is recomputed from the two JSONL files alone.
+The score is the GenEval-style overall (the mean of the categories' means) over `--categories`
+(default: every evaluated one), computed from the per-image records; `overall` in points.jsonl
+is the evaluation's own over every category. Everything in summary.md and the figure is
+recomputed from the two JSONL files alone.
 """
 
 from __future__ import annotations
@@ -40,9 +49,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tempflow_core.reports.paired import compare  # noqa: E402
+from tempflow_core.reports.paired import MIN_SEEDS, compare, lower_bound, overall_weights, reaches  # noqa: E402
 
 IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: no timestamp)
+MARGIN_SHARE = 0.25  # "reaches": within a quarter of the reference's gain over the base model
+TARGET_ROWS, TARGET_SECONDS = 0.5, 0.6  # the cost target: at most these shares of the reference's
+Z_POWER = 1.645 + 0.842  # one-sided 5% test with 80% power (normal quantiles)
 COST_SETTINGS = (("rollout", "branch_steps"), ("rollout", "branch_draw"), ("rollout", "completion_stride"),
                  ("sampling", "sde_type"), ("sampling", "guidance_scale"), ("eval", "guidance_scale"))
 
@@ -111,40 +123,95 @@ def collect(store_uri: str) -> tuple[list[dict], list[dict]]:
     return points, images
 
 
-def base_points(curves_json: Path, points: list[dict]) -> list[dict]:
-    """The base model's evaluation (an ablation's curves.json) as iteration 0 of every arm and seed."""
+BASE = "base model"  # the arm name of the base model's per-image records (seed null, iteration 0)
+
+
+def base_records(curves_json: Path, points: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The base model's evaluation (an ablation's curves.json): iteration 0 of every arm and seed,
+    and its per-image records once, under the arm name BASE."""
     base = json.loads(curves_json.read_text())["base_eval"]
     runs = {(p["arm"], p["seed"]): p for p in points}
-    return [{**first, "iteration": 0, "rollout_rows": 0, "learner_rows": 0, "stage_seconds": 0.0,
-             "overall": base["geneval_overall"], "overall_se": base["geneval_overall_se"], "reward": base["reward"],
-             "detector": base.get("detector_rules", "v1"), "run": "base model"} for first in runs.values()]
+    starts = [{**first, "iteration": 0, "rollout_rows": 0, "learner_rows": 0, "stage_seconds": 0.0,
+               "overall": base["geneval_overall"], "overall_se": base["geneval_overall_se"], "reward": base["reward"],
+               "detector": base.get("detector_rules", "v1"), "run": BASE} for first in runs.values()]
+    images = [{"arm": BASE, "seed": None, "iteration": 0, "prompt": s["prompt"], "category": s["category"],
+               "noise_seed": s["seed"], "strict": s["strict"], "reward": round(s["reward"], 6)} for s in base["samples"]]
+    return starts, images
 
 
-def _matrix(images: list[dict], arm: str, iteration: int, seeds: list[int], items: list[tuple]) -> np.ndarray:
-    by = {(r["seed"], r["prompt"], r["noise_seed"]): r["strict"] for r in images
-          if r["arm"] == arm and r["iteration"] == iteration}
-    return np.array([[by[(s, *i)] for i in items] for s in seeds], dtype=float)  # [S, I]
+class Scores:
+    """Per-image strict scores by (arm, iteration, seed), over the chosen categories."""
+
+    def __init__(self, images: list[dict], categories: list[str]):
+        self.by: dict[tuple, dict[tuple, float]] = {}
+        self.category: dict[tuple, str] = {}
+        for r in images:
+            if r["category"] in categories:
+                item = (r["prompt"], r["noise_seed"])
+                self.by.setdefault((r["arm"], r["iteration"], r["seed"]), {})[item] = r["strict"]
+                self.category[item] = r["category"]
+        self.items = sorted(self.category)  # every evaluation scores the same prompts and noise
+        self.groups = [self.category[i] for i in self.items]
+
+    def has_base(self) -> bool:
+        return (BASE, 0, None) in self.by
+
+    def matrix(self, arm: str, iteration: int, seeds: list[int]) -> np.ndarray:
+        """[S, I] scores; the base model's one evaluation stands for every seed."""
+        def row(seed):
+            key = (BASE, 0, None) if iteration == 0 else (arm, iteration, seed)
+            by = self.by[key]
+            missing = [i for i in self.items if i not in by]
+            if missing:
+                print(f"{arm} iteration {iteration} seed {seed} has no record of {missing[0]}: every evaluation "
+                      f"must score the same prompts and noise", file=sys.stderr)
+                raise SystemExit(2)
+            return [by[i] for i in self.items]
+        return np.array([row(s) for s in seeds], dtype=float)
+
+    def score(self, arm: str, iteration: int, seed: int) -> float:
+        """The GenEval-style overall over the chosen categories: the mean of each category's mean."""
+        w, _ = overall_weights(self.groups, len(self.items))
+        return float(self.matrix(arm, iteration, [seed])[0] @ w)
 
 
 def _mean(points: list[dict], key: str) -> float:
     return float(np.mean([p[key] for p in points]))
 
 
-def summarize(points: list[dict], images: list[dict], reference: str) -> str:
+def _rows(points: list[dict]) -> float:
+    return _mean(points, "rollout_rows") + _mean(points, "learner_rows")
+
+
+def _verdict(res) -> str:
+    return ("above, beyond the noise" if res.diff > 0 else "below, beyond the noise") if res.beyond else "within the noise"
+
+
+def summarize(points: list[dict], images: list[dict], reference: str, categories: list[str],
+              margin_share: float = MARGIN_SHARE) -> tuple[str, list[dict], float | None]:
+    """(summary.md, the points with their score over `categories`, the margin of "reaches"
+    (None without the base model's records))."""
+    sc = Scores(images, categories)
+    points = [{**p, "score": sc.score(p["arm"], p["iteration"], p["seed"])} for p in points]
     arms = sorted({p["arm"] for p in points}, key=lambda a: (a != reference, a))
+    its = {arm: sorted({p["iteration"] for p in points if p["arm"] == arm}) for arm in arms}
+    at = {(arm, it): [p for p in points if p["arm"] == arm and p["iteration"] == it] for arm in arms for it in its[arm]}
+    every = sorted({r["category"] for r in images})
     lines = ["# Cost against score", "",
-             "Rows: transformer rows, a CFG pair counted as two, cumulative over the iterations (rollout + learner). "
-             "Seconds: the rollout and learner stages'. Overall: the held-out GenEval-style overall (strict), mean "
-             "over seeds.", "",
+             f"Score: the held-out GenEval-style overall (strict) over the categories {', '.join(categories)}"
+             + (" (all evaluated)" if categories == every else f" (of the evaluated {', '.join(every)})")
+             + ", mean over seeds; overall: over all evaluated categories, as each evaluation recorded it. Rows: "
+             "transformer rows, a CFG pair counted as two, cumulative over the iterations (rollout + learner). "
+             "Seconds: the rollout and learner stages'.", "",
              "## Every evaluated point, mean over seeds", "",
-             "| arm | iteration | seeds | overall | rollout rows | learner rows | rows | stage seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| arm | iteration | seeds | score | overall | rollout rows | learner rows | rows | stage seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
-        for it in sorted({p["iteration"] for p in points if p["arm"] == arm}):
-            at = [p for p in points if p["arm"] == arm and p["iteration"] == it]
-            rows = _mean(at, "rollout_rows") + _mean(at, "learner_rows")
-            lines.append(f"| {arm} | {it} | {len(at)} | {_mean(at, 'overall'):.3f} | {_mean(at, 'rollout_rows'):.0f} | "
-                         f"{_mean(at, 'learner_rows'):.0f} | {rows:.0f} | {_mean(at, 'stage_seconds'):.0f} |")
+        for it in its[arm]:
+            a = at[arm, it]
+            lines.append(f"| {arm} | {it} | {len(a)} | {_mean(a, 'score'):.3f} | {_mean(a, 'overall'):.3f} | "
+                         f"{_mean(a, 'rollout_rows'):.0f} | {_mean(a, 'learner_rows'):.0f} | {_rows(a):.0f} | "
+                         f"{_mean(a, 'stage_seconds'):.0f} |")
     keys = [k for k in points[0]["settings"] if len({json.dumps(p["settings"].get(k)) for p in points}) > 1]
     if keys:
         lines += ["", "## The arms' settings (those that differ between arms)", "",
@@ -152,56 +219,110 @@ def summarize(points: list[dict], images: list[dict], reference: str) -> str:
         for arm in arms:
             st = next(p["settings"] for p in points if p["arm"] == arm)
             lines.append(f"| {arm} | " + " | ".join(json.dumps(st.get(k)) for k in keys) + " |")
-    ref_it = max(p["iteration"] for p in points if p["arm"] == reference)
-    ref = [p for p in points if p["arm"] == reference and p["iteration"] == ref_it]
-    ref_rows = _mean(ref, "rollout_rows") + _mean(ref, "learner_rows")
-    ref_seconds = _mean(ref, "stage_seconds")
+    ref_it = its[reference][-1]
+    ref = at[reference, ref_it]
+    margin = gain = None
+    if sc.has_base():
+        lines += ["", "## Gain over the base model, paired by image", "",
+                  "Each seed's score minus the base model's on the same images; SE holds the seeds' spread and the "
+                  "evaluation set's; beyond the noise only from 4 seeds and p < 0.05.", "",
+                  "| arm | iteration | seeds | gain | SE | p | seeds above | verdict |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for arm in arms:
+            for it in its[arm][1:] if its[arm][0] == 0 else its[arm]:
+                seeds = sorted(p["seed"] for p in at[arm, it])
+                res = compare(sc.matrix(arm, it, seeds), sc.matrix(BASE, 0, seeds), sc.groups)
+                lines.append(f"| {arm} | {it} | {res.seeds} | {res.diff:+.4f} | {res.se:.4f} | {res.p:.3f} | "
+                             f"{res.won}/{res.seeds} | {_verdict(res)} |")
+        gain = _mean(ref, "score") - sc.score(BASE, 0, ref[0]["seed"])
+        margin = margin_share * max(gain, 0.0)
+    ref_rows, ref_seconds = _rows(ref), _mean(ref, "stage_seconds")
     lines += ["", f"## Against {reference} after its {ref_it} iterations, paired by seed and image", "",
-              "Difference: arm - reference of the overall over the seeds both ran (the reference column is its mean "
+              "Difference: arm - reference of the score over the seeds both ran (the reference column is its mean "
               "on those seeds); SE holds the seeds' spread and the shared evaluation set's; beyond the noise only from "
-              "4 seeds and p < 0.05.", "",
-              "| arm | iteration | share of the rows | share of the seconds | arm | reference | difference | SE | p | "
-              "seeds won | verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "4 seeds and p < 0.05."]
+    if margin is not None:
+        lines += ["", f"Reaches: the reference's score within a margin of {margin:.4f} ({margin_share:g} of its gain "
+                  f"over the base model, {margin / margin_share if margin_share else 0:.4f}), shown by the one-sided "
+                  "95% lower bound of the difference lying above minus the margin, on at least 4 seeds. Gain kept: "
+                  "the share of the reference's gain that bound still leaves, (gain + lower bound) / gain: what the "
+                  "seeds show the arm keeps at least."]
+    lines += ["", "| arm | iteration | share of the rows | share of the seconds | arm | reference | difference | SE | p | "
+              "seeds won | verdict | lower bound | gain kept | reaches |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    first_reach: dict[str, tuple] = {}
+    last: dict[str, tuple] = {}  # each arm's last point compared: (iteration, Paired)
     for arm in arms:
-        for it in sorted({p["iteration"] for p in points if p["arm"] == arm}):
-            if (arm == reference and it == ref_it) or it == 0:  # the base model has no per-image records here
+        for it in its[arm]:
+            if (arm == reference and it == ref_it) or it == 0:
                 continue
-            at = [p for p in points if p["arm"] == arm and p["iteration"] == it]
-            seeds = sorted({p["seed"] for p in at} & {p["seed"] for p in ref})
+            a = at[arm, it]
+            seeds = sorted({p["seed"] for p in a} & {p["seed"] for p in ref})
             ref_shared = [p for p in ref if p["seed"] in seeds]  # the reference on the seeds paired with
-            first = [r for r in images if r["arm"] == reference and r["iteration"] == ref_it and r["seed"] == seeds[0]]
-            items = [(r["prompt"], r["noise_seed"]) for r in first]
-            groups = [r["category"] for r in first]
-            a, b = _matrix(images, arm, it, seeds, items), _matrix(images, reference, ref_it, seeds, items)
-            res = compare(a, b, groups)
-            rows = _mean(at, "rollout_rows") + _mean(at, "learner_rows")
-            verdict = ("above, beyond the noise" if res.diff > 0 else "below, beyond the noise") if res.beyond \
-                else "within the noise"
-            lines.append(f"| {arm} | {it} | {rows / ref_rows:.2f} | {_mean(at, 'stage_seconds') / ref_seconds:.2f} | "
-                         f"{_mean(at, 'overall'):.3f} | {_mean(ref_shared, 'overall'):.3f} | {res.diff:+.4f} | {res.se:.4f} | "
-                         f"{res.p:.3f} | {res.won}/{res.seeds} | {verdict} |")
-    return "\n".join(lines) + "\n"
+            res = compare(sc.matrix(arm, it, seeds), sc.matrix(reference, ref_it, seeds), sc.groups)
+            share, share_s = _rows(a) / ref_rows, _mean(a, "stage_seconds") / ref_seconds
+            ok = margin is not None and reaches(res, margin)
+            kept = "-" if gain is None or gain <= 0 or res.seeds < MIN_SEEDS else f"{max((gain + lower_bound(res)) / gain, 0.0):.2f}"
+            if ok and arm not in first_reach:
+                first_reach[arm] = (it, share, share_s)
+            last[arm] = (it, res)
+            lines.append(f"| {arm} | {it} | {share:.2f} | {share_s:.2f} | {_mean(a, 'score'):.3f} | "
+                         f"{_mean(ref_shared, 'score'):.3f} | {res.diff:+.4f} | {res.se:.4f} | {res.p:.3f} | "
+                         f"{res.won}/{res.seeds} | {_verdict(res)} | {lower_bound(res):+.4f} | {kept} | "
+                         f"{'-' if margin is None else ('yes' if ok else 'no')} |")
+    if margin is not None:
+        lines += ["", f"## Rows to reach {reference}'s final score", "",
+                  f"Each arm's first evaluated point that reaches it (above), and whether that meets the target: at "
+                  f"most {TARGET_ROWS:g} of the reference's rows and {TARGET_SECONDS:g} of its seconds.", "",
+                  "| arm | first point that reaches | share of the rows | share of the seconds | target |",
+                  "|---|---:|---:|---:|---|"]
+        for arm in arms:
+            if arm in first_reach:
+                it, share, share_s = first_reach[arm]
+                met = "met" if share <= TARGET_ROWS and share_s <= TARGET_SECONDS else "not met"
+                lines.append(f"| {arm} | {it} | {share:.2f} | {share_s:.2f} | {met} |")
+            elif arm != reference:
+                lines.append(f"| {arm} | not reached | | | not met |")
+        lines += ["", "## What the seeds resolve", "",
+                  "Per arm's last point against the reference: the standard deviation of the seeds' differences "
+                  "(training runs and each seed's own images), the evaluation set's error of the difference (shared by "
+                  "the seeds), and how many paired seeds an arm as good as the reference needs to be shown to reach "
+                  "it within the margin 4 times in 5 (normal approximation: (1.645 + 0.842)^2 SD^2 / (margin^2 - "
+                  "(1.645 + 0.842)^2 items^2)).", "",
+                  "| arm | iteration | seeds | SD of the seeds' differences | items' error | seeds needed |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for arm, (it, res) in last.items():
+            sd = res.se_seeds * np.sqrt(res.seeds)
+            room = margin**2 - (Z_POWER * res.se_items) ** 2
+            need = f"{int(np.ceil((Z_POWER * sd) ** 2 / room))}" if room > 0 else "none suffice: more images"
+            lines.append(f"| {arm} | {it} | {res.seeds} | {sd:.4f} | {res.se_items:.4f} | {need} |")
+    return "\n".join(lines) + "\n", points, margin
 
 
-def figure(points: list[dict], out: Path) -> Path:
+def figure(points: list[dict], out: Path, reference: str, margin: float | None) -> Path:
+    """The score against cumulative rows (Figure 5's form): each arm's mean over seeds (line) and
+    each seed (dots), with the reference's final score and the band within the margin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    for arm in sorted({p["arm"] for p in points}):
+    for arm in sorted({p["arm"] for p in points}, key=lambda a: (a != reference, a)):
         its = sorted({p["iteration"] for p in points if p["arm"] == arm})
         at = [[p for p in points if p["arm"] == arm and p["iteration"] == it] for it in its]
-        xs = [_mean(a, "rollout_rows") + _mean(a, "learner_rows") for a in at]
-        line, = ax.plot(xs, [_mean(a, "overall") for a in at], "o-", label=arm)
+        line, = ax.plot([_rows(a) for a in at], [_mean(a, "score") for a in at], "o-", label=arm)
         for a in at:
-            ax.plot([p["rollout_rows"] + p["learner_rows"] for p in a], [p["overall"] for p in a], ".",
+            ax.plot([p["rollout_rows"] + p["learner_rows"] for p in a], [p["score"] for p in a], ".",
                     color=line.get_color(), alpha=0.3)
+    last = max(p["iteration"] for p in points if p["arm"] == reference)
+    final = _mean([p for p in points if p["arm"] == reference and p["iteration"] == last], "score")
+    ax.axhline(final, color="k", lw=0.8, ls="--", label=f"{reference} final")
+    if margin:
+        ax.axhspan(final - margin, final, color="k", alpha=0.07, label="within the margin")
     n = len({p["seed"] for p in points})
     ax.set_xlabel("transformer rows, rollout + learner, cumulative")
-    ax.set_ylabel("held-out overall")
-    ax.set_title(f"mean over {n} seeds (line), each seed (dots)", fontsize=9)
+    ax.set_ylabel("held-out score")
+    ax.set_title(f"mean over seeds (line, up to {n}), each seed (dots)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = out / "score-vs-rows.png"
@@ -229,7 +350,14 @@ def main(argv: list[str] | None = None) -> int:
                          "(comparison.json), else 'tempflow'")
     ap.add_argument("--base", type=Path, default=None,
                     help="with --store: an ablation's curves.json whose base-model evaluation starts every curve")
+    ap.add_argument("--categories", default=None,
+                    help="comma-separated categories the score is taken over; default: those comparison.json names, "
+                         "else every evaluated one")
+    ap.add_argument("--margin-share", type=float, default=None,
+                    help=f"'reaches' margin as a share of the reference's gain over the base model; default: "
+                         f"comparison.json's, else {MARGIN_SHARE}")
     args = ap.parse_args(argv)
+    saved = args.out / "comparison.json"
     if args.store:
         points, images = collect(args.store)
         if not points:
@@ -240,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--base {args.base} does not exist: pass the curves.json of an ablation over these runs",
                       file=sys.stderr)
                 return 2
-            points = sorted(base_points(args.base, points) + points, key=lambda p: (p["arm"], p["seed"], p["iteration"]))
+            starts, base_images = base_records(args.base, points)
+            points = sorted(starts + points, key=lambda p: (p["arm"], p["seed"], p["iteration"]))
+            images = base_images + images
+        before = {}
     else:
         missing = [n for n in ("points.jsonl", IMAGES) if not (args.out / n).is_file()]
         if missing:
@@ -248,21 +379,32 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         points = [json.loads(line) for line in (args.out / "points.jsonl").read_text().splitlines()]
         images = [json.loads(line) for line in gzip.decompress((args.out / IMAGES).read_bytes()).decode().splitlines()]
+        before = json.loads(saved.read_text()) if saved.is_file() else {}
     arms = sorted({p["arm"] for p in points})
-    saved = args.out / "comparison.json"
-    if args.reference is None:
-        args.reference = json.loads(saved.read_text())["reference"] if not args.store and saved.is_file() else "tempflow"
-    if args.reference not in arms:
-        print(f"--reference {args.reference!r} is not an arm of these records: use one of {arms}", file=sys.stderr)
+    every = sorted({r["category"] for r in images})
+    reference = args.reference or before.get("reference", "tempflow")
+    categories = args.categories.split(",") if args.categories else before.get("categories", every)
+    share = args.margin_share if args.margin_share is not None else before.get("margin_share", MARGIN_SHARE)
+    if reference not in arms:
+        print(f"--reference {reference!r} is not an arm of these records: use one of {arms}", file=sys.stderr)
         return 2
-    text = summarize(points, images, args.reference)
+    unknown = [c for c in categories if c not in every]
+    if unknown:
+        print(f"--categories: {unknown[0]!r} is not an evaluated category: use some of {','.join(every)}",
+              file=sys.stderr)
+        return 2
+    if not 0 <= share < 1:
+        print(f"--margin-share {share} is not a share in [0, 1): pass e.g. {MARGIN_SHARE}", file=sys.stderr)
+        return 2
+    categories = sorted(categories)
+    text, scored, margin = summarize(points, images, reference, categories, share)
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.store:
-        args.out.mkdir(parents=True, exist_ok=True)
         _write(args.out / "points.jsonl", "".join(json.dumps(p) + "\n" for p in points))
-        _write(saved, json.dumps({"reference": args.reference}) + "\n")
         _write_bytes(args.out / IMAGES, gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode(), mtime=0))
+    _write(saved, json.dumps({"reference": reference, "categories": categories, "margin_share": share}) + "\n")
     _write(args.out / "summary.md", text)
-    figure(points, args.out)
+    figure(scored, args.out, reference, margin)
     print(text)
     return 0
 

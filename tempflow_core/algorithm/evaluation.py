@@ -67,7 +67,7 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
 
     Returns:
         (result, grid PNG): result holds the trained reward's mean and standard error
-        ("reward", "reward_se"), the number of images, every image's prompt, seed and reward,
+        ("reward", "reward_se"), the number of images, the guidance sampled with, every image's prompt, seed and reward,
         the extra reward when configured, and for shapes records the GenEval-style overall
         score with its standard error, the per-category scores, errors and image counts, the
         detector's rules, and every image's category and strict score (so two checkpoints
@@ -86,6 +86,7 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
     # the noise seed of every image: torch.Generator().manual_seed(seed) in plain diffusers
     # draws the same starting latents, so exported LoRAs reproduce these images
     result: dict[str, Any] = {"reward": float(scores.mean()), "reward_se": standard_error(scores), "n": len(texts),
+                              "guidance_scale": cfg.eval_guidance_scale(),
                               "samples": [{"prompt": t, "seed": derive_seed(cfg.eval.seed, "init", i),
                                            "reward": float(r)} for t, i, r in zip(texts, ids, scores)]}
     if cfg.eval.extra_reward:

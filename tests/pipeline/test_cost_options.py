@@ -83,5 +83,6 @@ def test_a_checkpoint_scored_under_other_eval_settings_is_what_a_run_with_them_r
     own = stages.read_eval(lay, 0)
     assert [s["reward"] for s in got["samples"]] == [s["reward"] for s in want["samples"]]
     assert got["reward"] == want["reward"] and got["eval_overrides"] == {"guidance_scale": 1.0}
+    assert got["guidance_scale"] == want["guidance_scale"] == 1.0 and own["guidance_scale"] == 3.0
     assert [s["reward"] for s in own["samples"]] != [s["reward"] for s in got["samples"]]  # CFG 3 scores differ
     assert {k: lay.store.get_bytes(k) for k in lay.store.list("cfg")} == before  # the run is as it was
