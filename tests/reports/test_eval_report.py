@@ -53,3 +53,13 @@ def test_mixed_guidance_two_bases_and_missing_images_are_refused(tmp_path):
     r = _run(tmp_path)
     assert r.returncode == 2 and "2 base-model files" in r.stderr
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_the_committed_unguided_scores_are_what_their_records_give(tmp_path):
+    src = ROOT / "results" / "cost" / "64px-unguided"
+    for f in src.glob("*.json"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    r = _run(tmp_path, "--categories", "single_object,two_object,colors")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
+    assert {json.loads(f.read_text())["guidance_scale"] for f in src.glob("*.json")} == {1.0}
