@@ -13,15 +13,21 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "cost_report.py"
 
 
-def _records(tmp_path: Path) -> Path:
-    """Two arms x 4 seeds, 4 images in 2 categories. The reference ends at iteration 8 with every
+def _records(tmp_path: Path, base: bool = False) -> Path:
+    """Arms x 4 seeds, 4 images in 2 categories. The reference ends at iteration 8 with every
     image scored 0 but the first of each category (overall 0.5); the cheap arm at iteration 8 also
-    passes the second image of category a (overall 0.75) with half the reference's rows."""
+    passes the second image of category a (overall 0.75) with half the reference's rows. With
+    `base`: a base model that fails every image, and an arm equal to the reference at half its rows."""
     out = tmp_path / "rec"
     out.mkdir()
     points, images = [], []
     items = [("p0", "a"), ("p1", "a"), ("p2", "b"), ("p3", "b")]
-    for arm, rows, passed in (("tempflow", 1000, {"p0", "p2"}), ("tempflow branch_steps=2", 500, {"p0", "p1", "p2"})):
+    arms = [("tempflow", 1000, {"p0", "p2"}), ("tempflow branch_steps=2", 500, {"p0", "p1", "p2"})]
+    if base:
+        arms.append(("tempflow same", 500, {"p0", "p2"}))
+        images += [{"arm": "base model", "seed": None, "iteration": 0, "prompt": prompt, "category": cat,
+                    "noise_seed": 1, "strict": 0, "reward": 0.0} for prompt, cat in items]
+    for arm, rows, passed in arms:
         for seed in range(4):
             points.append({"arm": arm, "settings": {}, "seed": seed, "iteration": 8, "rollout_rows": rows - 100,
                            "learner_rows": 100, "stage_seconds": rows / 10, "overall": 0.5, "overall_se": 0.1,
@@ -47,6 +53,46 @@ def test_shares_and_differences_by_hand(tmp_path):
     assert (out / "score-vs-rows.png").stat().st_size > 0
 
 
+def test_gain_reaches_and_the_target_by_hand(tmp_path):
+    out = _records(tmp_path, base=True)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reference", "tempflow"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (out / "summary.md").read_text().splitlines()
+
+    def cells(prefix: str, section: str) -> list[str]:
+        start = next(i for i, line in enumerate(lines) if line.startswith(section))
+        row = next(line for line in lines[start:] if line.startswith(prefix))
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    # gain over a base that fails everything: the arm's own score, 0.75
+    assert cells("| tempflow branch_steps=2 | 8 |", "## Gain")[3] == "+0.7500"
+    # margin: 0.25 of the reference's gain 0.5. The +0.25 arm: every seed alike, the items' error
+    # over category a's two items (differences 0 and 1): SE sqrt((1/4)^2 * 2 * 0.5) = 0.25 on
+    # 4 - 2 = 2 degrees of freedom, lower bound 0.25 - t(0.95, 2) 0.25 = -0.4800: not shown to reach;
+    # of the reference's gain it keeps at least (0.5 - 0.48) / 0.5 = 0.04
+    assert "within a margin of 0.1250" in "\n".join(lines)
+    cheap = cells("| tempflow branch_steps=2 | 8 |", "## Against")
+    assert cheap[7] == "0.2500" and cheap[11] == "-0.4800" and cheap[12] == "0.04" and cheap[13] == "no"
+    # the equal arm: no difference, no error: reaches, at half the rows and seconds: the target met
+    same = cells("| tempflow same | 8 |", "## Against")
+    assert same[6] == "+0.0000" and same[12] == "1.00" and same[13] == "yes"
+    assert cells("| tempflow same |", "## Rows to reach")[1:] == ["8", "0.50", "0.50", "met"]
+    assert cells("| tempflow branch_steps=2 |", "## Rows to reach")[1] == "not reached"
+    # the settings travel with the records; a category the records lack is refused
+    assert json.loads((out / "comparison.json").read_text()) == {
+        "reference": "tempflow", "categories": ["a", "b"], "margin_share": 0.25}
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--categories", "a,c"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "'c' is not an evaluated category" in r.stderr
+    # over category a alone the +0.25 arm is 1.0 against 0.5
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--categories", "a"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (out / "summary.md").read_text().splitlines()
+    assert cells("| tempflow branch_steps=2 | 8 |", "## Against")[6] == "+0.5000"
+
+
 def test_an_unknown_reference_is_refused_with_one_line_and_nothing_written(tmp_path):
     out = _records(tmp_path)
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reference", "flow_grpo"],
@@ -69,14 +115,27 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
     points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
     # every arm starts at the base model with no rows spent
     arms = {p["arm"] for p in points}
-    assert len(arms) == 5
-    for arm in arms:  # default and [0,1] on eight seeds, the others on the first four
+    assert len(arms) == 7
+    eight = ("cost-default-shapes-tempflow", "cost-p01-shapes-tempflow", "cost-p0-shapes-tempflow",
+             "cost-fixed-shapes-flow_grpo_fixed")
+    for arm in arms:  # four arms on eight seeds, the others on the first four
         first = [p for p in points if p["arm"] == arm and p["iteration"] == 0]
-        want = list(range(20, 28)) if arm in ("cost-default-shapes-tempflow", "cost-p01-shapes-tempflow") else \
-            [20, 21, 22, 23]
+        want = list(range(20, 28)) if arm in eight else [20, 21, 22, 23]
         assert sorted(p["seed"] for p in first) == want and all(p["rollout_rows"] == 0 for p in first)
-    # the rows recorded are the rollout's arithmetic: 16 prompts x (5 backbone steps + 8 x 15 child steps), CFG x 2
+    # the rows recorded are the rollout's arithmetic: 16 prompts x (5 backbone steps + 8 x 15 child steps), CFG x 2;
+    # branching at step 0 only: 16 x (1 + 8 x 5) x 2 per iteration
     default = [p for p in points if p["arm"] == "cost-default-shapes-tempflow" and p["iteration"] == 8]
     assert {p["rollout_rows"] for p in default} == {8 * 16 * (5 + 8 * 15) * 2}
+    p0 = [p for p in points if p["arm"] == "cost-p0-shapes-tempflow" and p["iteration"] == 12]
+    assert {p["rollout_rows"] for p in p0} == {12 * 16 * (1 + 8 * 5) * 2}
     images = gzip.decompress((src / "images.jsonl.gz").read_bytes()).decode().splitlines()
-    assert len(images) == sum(414 for p in points if p["iteration"] > 0)
+    assert len(images) == 414 + sum(414 for p in points if p["iteration"] > 0)  # the base model's once
+    # the score over every category is the overall each evaluation recorded (computed apart)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--categories",
+                        "color_attr,colors,counting,position,single_object,two_object"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = [line for line in (tmp_path / "summary.md").read_text().split("## The arms")[0].splitlines()
+             if line.startswith("| cost-")]
+    assert table and all(abs(float(c[3]) - float(c[4])) <= 0.0011 for c in
+                         ([x.strip() for x in line.strip("|").split("|")] for line in table))
