@@ -46,6 +46,9 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
     if record is None:
         raise ValueError(f"run {run_id!r} not found in {config.pipeline.store}")
     config = RunConfig.model_validate(record["config"])  # the run's own model, LoRA and eval settings
+    if eval_overrides:
+        dump = config.model_dump(mode="json")
+        config = RunConfig.model_validate({**dump, "eval": {**dump["eval"], **eval_overrides}})
     preflight(config, roots=roots, check_store=False)
     lay = RunLayout.open(config, run_id)
     if iteration < 0:
@@ -54,9 +57,6 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
             raise ValueError(f"run {run_id!r} has no finished checkpoint to evaluate")
         iteration = last
     if eval_overrides:
-        dump = config.model_dump(mode="json")
-        config = RunConfig.model_validate({**dump, "eval": {**dump["eval"], **eval_overrides}})
-        lay = RunLayout.open(config, run_id)
         if not lay.complete(iteration, "learner"):
             raise ValueError(f"run {run_id!r} has no checkpoint {iteration} to evaluate")
         result, _ = stages.evaluate_checkpoint(config, lay, iteration, sessions)

@@ -67,11 +67,11 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
 
     Returns:
         (result, grid PNG): result holds the trained reward's mean and standard error
-        ("reward", "reward_se"), the number of images, the guidance sampled with, every image's prompt, seed and reward,
-        the extra reward when configured, and for shapes records the GenEval-style overall
-        score with its standard error, the per-category scores, errors and image counts, the
-        detector's rules, and every image's category and strict score (so two checkpoints
-        compare image by image: tempflow_core.reports.paired).
+        ("reward", "reward_se"), the number of images, the guidance sampled with, every
+        image's prompt, seed and reward, the extra reward when configured, and for shapes
+        records the GenEval-style overall score with its standard error, the per-category
+        scores, errors and image counts, the detector's rules, and every image's category and
+        strict score (so two checkpoints compare image by image: tempflow_core.reports.paired).
     """
     sched = policy.schedule(cfg.sampling.eval_num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
     samples = eval_samples(records, images_per_prompt(records, cfg.eval.images_per_prompt,

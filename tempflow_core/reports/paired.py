@@ -24,9 +24,10 @@ when SE is well below the margin: "not reached" means either worse or not measur
 
 `bootstrap_se` resamples seeds and items (both with replacement, the items once for all seeds);
 it counts each seed's image noise twice (with the seeds and with the items), so it bounds the
-formula from above (a test checks both against simulated runs whose error is known). `from_seeds` is the same test where only each seed's
-overall score and the evaluation's standard error are recorded (results from before per-image
-records): the items' term is then the unpaired one, sqrt(se_a^2 + se_b^2), the wide side again.
+formula from above (a test checks both against simulated runs whose error is known).
+`from_seeds` is the same test where only each seed's overall score and the evaluation's
+standard error are recorded (results from before per-image records): the items' term is then
+the unpaired one, sqrt(se_a^2 + se_b^2), the wide side.
 """
 
 from __future__ import annotations
