@@ -38,6 +38,7 @@ SETTINGS: list[tuple[str, dict]] = [
     ("rollout.branch_steps=3, branch_draw=weighted", {"m": 3, "draw": "weighted"}),
     ("rollout.branch_steps=3, branch_draw=window", {"m": 3, "draw": "window"}),
     ("rollout.branch_steps=[0,1] (an ODE after two branch points)", {"steps": [0, 1]}),
+    ("rollout.branch_steps=[0] (an ODE after the noisiest step)", {"steps": [0]}),
     ("rollout.completion_stride=2", {"stride": 2}),
     ("sampling.guidance_scale=1 (no CFG)", {"cfg_free": True}),
     ("flow_grpo_fixed (plain SDE trajectories)", {"plain": True}),

@@ -19,6 +19,8 @@ def test_row_counts_by_hand(capsys):
     assert nfe == pytest.approx(B * (7.5 + K * 15), rel=0.02) and units == B * 3
     # stride 2: children from step k visit range(k+1, 10, 2) + [10]
     assert rows_per_iteration(T, K, B, {"stride": 2})[0] == B * (9 + K * sum(len(range(k + 1, 10, 2)) for k in range(9)))
+    # branching at step 0 only: one backbone step, K children of 9 steps
+    assert rows_per_iteration(T, K, B, {"steps": [0]}) == (B * (1 + K * 9), B)
     assert rows_per_iteration(T, K, B, {"plain": True}) == (B * K * T, B * K * 9)
     assert main([]) == 0
     out = capsys.readouterr().out
