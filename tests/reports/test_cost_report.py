@@ -139,3 +139,20 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
              if line.startswith("| cost-")]
     assert table and all(abs(float(c[3]) - float(c[4])) <= 0.0011 for c in
                          ([x.strip() for x in line.strip("|").split("|")] for line in table))
+
+
+def test_the_committed_t10_comparison_is_what_its_records_give(tmp_path):
+    src = ROOT / "results" / "cost" / "64px-t10"
+    for name in ("points.jsonl", "images.jsonl.gz", "comparison.json"):
+        (tmp_path / name).write_bytes((src / name).read_bytes())
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
+    points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
+    final = {p["arm"]: p["rollout_rows"] for p in points if p["iteration"] == 8}
+    # T = 10: every branch point, 9 backbone steps + 8 children x (9 + 8 + ... + 1) steps; at steps 0 and 1,
+    # 2 backbone steps + 8 x (9 + 8); 16 prompts, CFG x 2, 8 iterations
+    assert final == {"cost-t10-default-shapes-tempflow": 8 * 16 * (9 + 8 * 45) * 2,
+                     "cost-t10-p01-shapes-tempflow": 8 * 16 * (2 + 8 * 17) * 2}
+    assert sorted({p["seed"] for p in points}) == list(range(20, 28))
