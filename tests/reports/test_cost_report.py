@@ -104,15 +104,21 @@ def test_an_unknown_reference_is_refused_with_one_line_and_nothing_written(tmp_p
     assert r.returncode == 2 and "points.jsonl does not exist" in r.stderr and not (tmp_path / "none").exists()
 
 
-def test_the_committed_comparison_is_what_its_records_give(tmp_path):
-    src = ROOT / "results" / "cost" / "64px"
+def _recomputed(src: Path, tmp_path: Path) -> list[dict]:
+    """Redraw a committed comparison from its records in tmp_path: its summary.md must come back
+    byte for byte. Returns its points."""
     for name in ("points.jsonl", "images.jsonl.gz", "comparison.json"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
                        timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
-    points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
+
+
+def test_the_committed_comparison_is_what_its_records_give(tmp_path):
+    src = ROOT / "results" / "cost" / "64px"
+    points = _recomputed(src, tmp_path)
     # every arm starts at the base model with no rows spent
     arms = {p["arm"] for p in points}
     assert len(arms) == 7
@@ -143,13 +149,7 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
 
 def test_the_committed_t10_comparison_is_what_its_records_give(tmp_path):
     src = ROOT / "results" / "cost" / "64px-t10"
-    for name in ("points.jsonl", "images.jsonl.gz", "comparison.json"):
-        (tmp_path / name).write_bytes((src / name).read_bytes())
-    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
-    points = [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
+    points = _recomputed(src, tmp_path)
     final = {p["arm"]: p["rollout_rows"] for p in points if p["iteration"] == 8}
     # T = 10: every branch point, 9 backbone steps + 8 children x (9 + 8 + ... + 1) steps; at steps 0 and 1,
     # 2 backbone steps + 8 x (9 + 8); 16 prompts, CFG x 2, 8 iterations
