@@ -11,6 +11,12 @@ import typer
 from flows import children
 
 
+def _fail(msg: str, code: int = 2) -> None:
+    """As flows/cli.py's: one line on stderr, exit `code` (importing it from there would be a cycle)."""
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
 def reward_server(
     reward: str = typer.Option(..., "--reward", help="Registered reward to serve (ocr, shapes, pickscore, ...)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. The protocol has no authentication: "
@@ -27,7 +33,6 @@ def reward_server(
         tempflow reward-server --reward ocr --port 8701
         tempflow train --set reward.name=remote --set reward.options.remote.url=http://127.0.0.1:8701
     """
-    from flows.cli import _fail
     from tempflow_core.config import ConfigError, apply_overrides
     from tempflow_core.run.preflight import PreflightError, check_reward, reward_registry
     from tempflow_core.rewards.server import RewardServer
