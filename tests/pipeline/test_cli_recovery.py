@@ -72,11 +72,15 @@ def test_ctrl_c_ends_the_run_and_its_prefect_server_at_once_and_the_run_resumes(
     Prefect server ran in a session of its own, it died with the run's first Ctrl-C and the run
     hung (measured: still running 150 s later) reporting its end to a dead API."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the CLI starts its own server
-    env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="WARNING")
+    # PYTHONFAULTHANDLER: should the CLI hang after the Ctrl-C, a SIGABRT prints every thread's stack
+    env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_LOGGING_LEVEL="WARNING", PYTHONFAULTHANDLER="1")
     args = ["train", "--run-id", "c"] + sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir,
                                                                                    iterations=1)), [])
-    cli = subprocess.Popen(CLI + args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    err = tmp_path / "cli.stderr"
+    with open(err, "wb") as err_file:
+        cli = subprocess.Popen(CLI + args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file,
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     servers: list[psutil.Process] = []
     try:
         deadline = time.time() + 300
@@ -87,8 +91,13 @@ def test_ctrl_c_ends_the_run_and_its_prefect_server_at_once_and_the_run_resumes(
                    if "flows.local_api" in " ".join(p.cmdline())]
         assert cli.poll() is None and len(servers) == 1, "the run ended before its first stage"
         os.killpg(cli.pid, signal.SIGINT)  # Ctrl-C: the CLI's whole process group
-        cli.wait(timeout=60)  # measured 3 s on 2 busy cores
-        assert cli.returncode == 130
+        try:
+            cli.wait(timeout=60)  # measured 3 s on 2 busy cores
+        except subprocess.TimeoutExpired:
+            os.kill(cli.pid, signal.SIGABRT)  # the fault handler writes where each thread waits
+            cli.wait(timeout=30)
+            pytest.fail("the CLI still ran 60 s after Ctrl-C; its stderr ends:\n" + err.read_text()[-6000:])
+        assert cli.returncode == 130, err.read_text()[-3000:]
         gone, alive = psutil.wait_procs(servers, timeout=30)
         assert alive == []
     finally:
