@@ -269,6 +269,20 @@ def summarize(points: list[dict], images: list[dict], reference: str, categories
                          f"{_mean(ref_shared, 'score'):.3f} | {res.diff:+.4f} | {res.se:.4f} | {res.p:.3f} | "
                          f"{res.won}/{res.seeds} | {_verdict(res)} | {lower_bound(res):+.4f} | {kept} | "
                          f"{'-' if margin is None else ('yes' if ok else 'no')} |")
+    later = [(arm, it) for arm in arms for it in its[arm] if it != 0 and it != its[arm][-1]]
+    if later:
+        lines += ["", "## Does the rest of the budget pay: each arm's last point against its earlier ones", "",
+                  "Difference: the arm's last point minus an earlier point of the same runs, paired by seed and "
+                  "image; beyond the noise only from 4 seeds and p < 0.05.", "",
+                  "| arm | last | earlier | seeds | last score | earlier score | difference | SE | p | seeds won | "
+                  "verdict |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for arm, it in later:
+            end = its[arm][-1]
+            seeds = sorted({p["seed"] for p in at[arm, end]} & {p["seed"] for p in at[arm, it]})
+            res = compare(sc.matrix(arm, end, seeds), sc.matrix(arm, it, seeds), sc.groups)
+            mean_end, mean_it = (float(np.mean([sc.score(arm, i, s) for s in seeds])) for i in (end, it))
+            lines.append(f"| {arm} | {end} | {it} | {res.seeds} | {mean_end:.3f} | {mean_it:.3f} | "
+                         f"{res.diff:+.4f} | {res.se:.4f} | {res.p:.3f} | {res.won}/{res.seeds} | {_verdict(res)} |")
     if margin is not None:
         lines += ["", f"## Rows to reach {reference}'s final score", "",
                   f"Each arm's first evaluated point that reaches it (above), and whether that meets the target: at "

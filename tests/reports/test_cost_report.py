@@ -13,11 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "cost_report.py"
 
 
-def _records(tmp_path: Path, base: bool = False) -> Path:
+def _records(tmp_path: Path, base: bool = False, earlier: bool = False) -> Path:
     """Arms x 4 seeds, 4 images in 2 categories. The reference ends at iteration 8 with every
     image scored 0 but the first of each category (overall 0.5); the cheap arm at iteration 8 also
     passes the second image of category a (overall 0.75) with half the reference's rows. With
-    `base`: a base model that fails every image, and an arm equal to the reference at half its rows."""
+    `base`: a base model that fails every image, and an arm equal to the reference at half its rows.
+    With `earlier`: the cheap arm at iteration 4 too, passing what the reference passes."""
     out = tmp_path / "rec"
     out.mkdir()
     points, images = [], []
@@ -35,6 +36,11 @@ def _records(tmp_path: Path, base: bool = False) -> Path:
             for prompt, cat in items:
                 images.append({"arm": arm, "seed": seed, "iteration": 8, "prompt": prompt, "category": cat,
                                "noise_seed": 1, "strict": int(prompt in passed), "reward": 0.0})
+    if earlier:
+        for seed in range(4):
+            points.append({**next(p for p in points if p["arm"] == arms[1][0] and p["seed"] == seed), "iteration": 4})
+            images += [{"arm": arms[1][0], "seed": seed, "iteration": 4, "prompt": prompt, "category": cat,
+                        "noise_seed": 1, "strict": int(prompt in arms[0][2]), "reward": 0.0} for prompt, cat in items]
     (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points))
     (out / "images.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode()))
     return out
@@ -91,6 +97,22 @@ def test_gain_reaches_and_the_target_by_hand(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (out / "summary.md").read_text().splitlines()
     assert cells("| tempflow branch_steps=2 | 8 |", "## Against")[6] == "+0.5000"
+
+
+def test_an_arms_last_point_against_its_earlier_one_by_hand(tmp_path):
+    out = _records(tmp_path, earlier=True)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = (out / "summary.md").read_text()
+    section = text.split("## Does the rest")[1].split("\n## ")[0].splitlines()
+    row = next(line for line in section if line.startswith("| tempflow branch_steps=2 |"))
+    # 0.75 at 8 against 0.5 at 4: +0.25, every seed alike; the items' error is category a's
+    # (differences 0 and 1): 0.25 on 2 degrees of freedom, p = 2 (1 - T_2(1)) = 1 - 1/sqrt(3) = 0.423
+    assert [c.strip() for c in row.strip("|").split("|")] == [
+        "tempflow branch_steps=2", "8", "4", "4", "0.750", "0.500", "+0.2500", "0.2500", "0.423", "4/4",
+        "within the noise"]
+    assert not [line for line in section if line.startswith("| tempflow |")]  # one point: nothing to compare
 
 
 def test_an_unknown_reference_is_refused_with_one_line_and_nothing_written(tmp_path):
