@@ -172,9 +172,11 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
 def test_the_committed_t10_comparison_is_what_its_records_give(tmp_path):
     src = ROOT / "results" / "cost" / "64px-t10"
     points = _recomputed(src, tmp_path)
-    final = {p["arm"]: p["rollout_rows"] for p in points if p["iteration"] == 8}
+    rows = {(p["arm"], p["iteration"]): p["rollout_rows"] for p in points if p["iteration"] >= 8}
     # T = 10: every branch point, 9 backbone steps + 8 children x (9 + 8 + ... + 1) steps; at steps 0 and 1,
-    # 2 backbone steps + 8 x (9 + 8); 16 prompts, CFG x 2, 8 iterations
-    assert final == {"cost-t10-default-shapes-tempflow": 8 * 16 * (9 + 8 * 45) * 2,
-                     "cost-t10-p01-shapes-tempflow": 8 * 16 * (2 + 8 * 17) * 2}
-    assert sorted({p["seed"] for p in points}) == list(range(20, 28))
+    # 2 backbone steps + 8 x (9 + 8); 16 prompts, CFG x 2, per iteration
+    assert rows == {("cost-t10-default-shapes-tempflow", 8): 8 * 16 * (9 + 8 * 45) * 2,
+                    ("cost-t10-p01-10its-shapes-tempflow", 8): 8 * 16 * (2 + 8 * 17) * 2,
+                    ("cost-t10-p01-10its-shapes-tempflow", 10): 10 * 16 * (2 + 8 * 17) * 2}
+    for arm in ("cost-t10-default-shapes-tempflow", "cost-t10-p01-10its-shapes-tempflow"):
+        assert sorted(p["seed"] for p in points if p["arm"] == arm and p["iteration"] == 8) == list(range(20, 38))
