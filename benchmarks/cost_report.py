@@ -25,7 +25,8 @@ An arm is one algorithm with its cost settings (`rollout.branch_steps`, `rollout
   with the share of the reference's rows and seconds it spent and whether it reaches the
   reference's score (non-inferior within `margin_share` of the reference's gain over the base
   model, on at least 4 seeds); the first point of each arm that reaches it, against the target
-  (at most half the rows and 0.6 of the seconds);
+  (at most half the rows and 0.6 of the seconds); each arm's last point against its earlier
+  ones (whether the rest of its budget paid), paired the same way;
 * `score-vs-rows.png`: the score against cumulative rows (rollout + learner), mean over seeds,
   with the reference's final score and the margin.
 

@@ -24,9 +24,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from tempflow_core.policies.models import build_tiny_pipeline
-    from tempflow_core.pretrain import SHIPPED_MODEL, PretrainConfig, evaluate_pipeline, flow_loss, to_pixels
+    from tempflow_core.pretrain import SHIPPED_MODEL, evaluate_pipeline, flow_loss, to_pixels
 
-    cfg = PretrainConfig()
     pipe = build_tiny_pipeline(SHIPPED_MODEL)
     out = {"threads": a.threads}
     # VAE train step on 32x32 crops and on 64x64, batch 32
