@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 
 from flows import children
+from flows.cli_errors import fail as _fail
 from flows.reward_server_cli import reward_server
 
 # Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
@@ -53,11 +54,6 @@ def _interrupted(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def _preflight(cfg) -> None:

@@ -9,12 +9,7 @@ from typing import Optional
 import typer
 
 from flows import children
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    """As flows/cli.py's: one line on stderr, exit `code` (importing it from there would be a cycle)."""
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+from flows.cli_errors import fail as _fail
 
 
 def reward_server(
