@@ -4,9 +4,10 @@ its held-out score, paired by training seed and evaluation image.
     python benchmarks/cost_report.py --store STORE [--base CURVES_JSON] --reference ARM [--categories A,B] --out DIR
     python benchmarks/cost_report.py --out DIR          # summary and figure from the records
 
-An arm is one algorithm with its cost settings (`rollout.branch_steps`, `rollout.branch_draw`,
-`rollout.completion_stride`, `sampling.sde_type`, `sampling.guidance_scale`,
-`eval.guidance_scale`); the runs of an arm differ by `train.seed` only. Writes to `--out`:
+An arm is one algorithm with its cost settings (`rollout.prompts_per_iter`, `rollout.group_size`,
+`rollout.branch_steps`, `rollout.branch_draw`, `rollout.completion_stride`, `sampling.sde_type`,
+`sampling.noise_level`, `sampling.guidance_scale`, `eval.guidance_scale`); the runs of an arm
+differ by `train.seed` only. Writes to `--out`:
 
 * `points.jsonl`: one line per evaluated point (arm, its settings, seed, iteration, cumulative
   rollout rows, learner rows and stage seconds, the held-out GenEval-style overall with its
@@ -56,8 +57,10 @@ IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: n
 MARGIN_SHARE = 0.25  # "reaches": within a quarter of the reference's gain over the base model
 TARGET_ROWS, TARGET_SECONDS = 0.5, 0.6  # the cost target: at most these shares of the reference's
 Z_POWER = 1.645 + 0.842  # one-sided 5% test with 80% power (normal quantiles)
-COST_SETTINGS = (("rollout", "branch_steps"), ("rollout", "branch_draw"), ("rollout", "completion_stride"),
-                 ("sampling", "sde_type"), ("sampling", "guidance_scale"), ("eval", "guidance_scale"))
+COST_SETTINGS = (("rollout", "prompts_per_iter"), ("rollout", "group_size"), ("rollout", "branch_steps"),
+                 ("rollout", "branch_draw"), ("rollout", "completion_stride"),
+                 ("sampling", "sde_type"), ("sampling", "noise_level"), ("sampling", "guidance_scale"),
+                 ("eval", "guidance_scale"))
 
 
 def cost_settings(config: dict) -> dict:

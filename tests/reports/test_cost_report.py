@@ -172,11 +172,23 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
 def test_the_committed_t10_comparison_is_what_its_records_give(tmp_path):
     src = ROOT / "results" / "cost" / "64px-t10"
     points = _recomputed(src, tmp_path)
-    rows = {(p["arm"], p["iteration"]): p["rollout_rows"] for p in points if p["iteration"] >= 8}
-    # T = 10: every branch point, 9 backbone steps + 8 children x (9 + 8 + ... + 1) steps; at steps 0 and 1,
-    # 2 backbone steps + 8 x (9 + 8); 16 prompts, CFG x 2, per iteration
+    rows = {(p["arm"], p["iteration"]): p["rollout_rows"] for p in points if p["iteration"] >= 5}
+    # T = 10, 16 prompts, CFG x 2, per iteration: every branch point, 9 backbone steps + 8 children x
+    # (9 + 8 + ... + 1) steps; at steps 0 and 1, 2 backbone steps + 8 x (9 + 8); at 0 to 3, 4 + 8 x (9 + ... + 6).
+    # A window of 3 starting at s = iteration mod 7: s + 3 backbone steps + 8 x ((9 - s) + (8 - s) + (7 - s)).
+    # Without CFG one row per sample and step.
+    window = [s + 3 + 8 * (24 - 3 * s) for s in (0, 1, 2, 3, 4, 5, 6, 0, 1, 2)]
     assert rows == {("cost-t10-default-shapes-tempflow", 8): 8 * 16 * (9 + 8 * 45) * 2,
                     ("cost-t10-p01-10its-shapes-tempflow", 8): 8 * 16 * (2 + 8 * 17) * 2,
-                    ("cost-t10-p01-10its-shapes-tempflow", 10): 10 * 16 * (2 + 8 * 17) * 2}
-    for arm in ("cost-t10-default-shapes-tempflow", "cost-t10-p01-10its-shapes-tempflow"):
-        assert sorted(p["seed"] for p in points if p["arm"] == arm and p["iteration"] == 8) == list(range(20, 38))
+                    ("cost-t10-p01-10its-shapes-tempflow", 10): 10 * 16 * (2 + 8 * 17) * 2,
+                    ("cost-t10-window3-shapes-tempflow", 8): 16 * 2 * sum(window[:8]),
+                    ("cost-t10-window3-shapes-tempflow", 10): 16 * 2 * sum(window),
+                    ("cost-t10-cps-cfg1-shapes-tempflow", 8): 8 * 16 * (9 + 8 * 45),
+                    ("cost-t10-p01-32p-shapes-tempflow", 5): 5 * 32 * (2 + 8 * 17) * 2,
+                    ("cost-t10-p0123-shapes-tempflow", 6): 6 * 16 * (4 + 8 * 30) * 2}
+    seeds = {"cost-t10-default-shapes-tempflow": range(20, 38), "cost-t10-p01-10its-shapes-tempflow": range(20, 38),
+             "cost-t10-window3-shapes-tempflow": [20, 21, 22, 23, 29, 30, 31, 32],
+             "cost-t10-cps-cfg1-shapes-tempflow": range(20, 28), "cost-t10-p01-32p-shapes-tempflow": range(20, 28),
+             "cost-t10-p0123-shapes-tempflow": range(20, 28)}
+    for arm, want in seeds.items():
+        assert sorted(p["seed"] for p in points if p["arm"] == arm and p["iteration"] == 0) == list(want)
