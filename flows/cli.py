@@ -125,8 +125,12 @@ def train(
     from_stage: Optional[str] = typer.Option(None, "--from", help="With --resume: start a NEW run that reuses RUN up to this stage (rollout, reward, learner, eval)."),
     from_iteration: int = typer.Option(0, "--from-iteration", help="With --from: the iteration of that stage."),
     in_process: bool = typer.Option(False, "--in-process", help="Run the loop without Prefect/MLflow (baseline)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A measured cheaper setting over --config/--set: fast (docs/experiments/cost.md)."),
 ) -> None:
     """Train with TempFlow-GRPO (or an ablation variant)."""
+    if preset and resume:
+        _fail("--preset rewrites a new run's config, and --resume continues or branches a run with its own: "
+              "drop --preset")
     if from_stage and not resume:
         _fail("--from needs --resume RUN (the run whose stages are reused)")
     if resume and run_id and not from_stage:
@@ -134,6 +138,8 @@ def train(
     if resume and in_process:
         _fail("--in-process runs cannot be resumed; resume runs of the pipeline (without --in-process)")
     cfg = _stored_config(resume, config, set_) if resume else _resolve(config, set_)
+    if preset:
+        cfg = _with_preset(cfg, preset)
     if resume and not from_stage:
         stored = _stored_config(resume, None, [o for o in set_ if o.startswith("pipeline.")])
         if stored.digest() != cfg.digest():
@@ -206,6 +212,25 @@ def train(
     if not result["mlflow_ui"].startswith("python -m webbrowser"):
         typer.echo(f"    then open      : {result['mlflow_page']}")
     typer.echo(f"  (or both at once: {tempflow_cli} ui)")
+
+
+def _with_preset(cfg, name: str):
+    from tempflow_core.presets import apply_preset
+
+    try:
+        out = apply_preset(cfg, name)
+    except ValueError as e:
+        _fail(f"--preset {name}: {' '.join(str(e).split())}")
+    before, after = cfg.model_dump(mode="json"), out.model_dump(mode="json")
+    changes = [f"{k} {_at(before, k)} -> {_at(after, k)}" for k in _diff(before, after)]
+    typer.echo(f"preset {name}: {', '.join(changes) or 'nothing to change'}")
+    return out
+
+
+def _at(data: dict, dotted: str):
+    for part in dotted.split("."):
+        data = data[part]
+    return data
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

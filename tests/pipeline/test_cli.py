@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,25 @@ def test_unknown_reward_is_refused_before_any_work(prefect_api, tiny_model_dir, 
                          timeout=300, env=_env(tmp_path, prefect_api), cwd=tmp_path)
     assert out.returncode != 0 and "no_such_reward" in out.stderr
     assert not list((tmp_path / "store").glob("r/iter-*"))
+
+
+def test_preset_fast_rewrites_a_new_runs_config_and_is_refused_where_it_cannot_apply(tiny_model_dir, tmp_path):
+    sets = sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir)), [])  # T = 4
+    for extra, field in ((["--set", "algorithm=flow_grpo"], "algorithm"), ([], "sampling.num_steps"),
+                         (["--resume", "r"], "--resume")):
+        out = subprocess.run(CLI + ["train", "--preset", "fast"] + sets + extra, capture_output=True, text=True,
+                             timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
+        assert out.returncode == 2 and field in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()
+    out = subprocess.run(CLI + ["train", "--in-process", "--preset", "fast"] + sets + ["--set", "sampling.num_steps=5"],
+                         capture_output=True, text=True, timeout=300, env=_env(tmp_path, None), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "preset fast: rollout.branch_steps all -> [0, 1, 2, 3], train.iterations 2 -> 1" in out.stdout
+    (metrics,) = (tmp_path / "runs").glob("*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    # 1 iteration (ceil(2 / 2)) of 2 prompts at T = 5: backbone steps 0 to 3, then 3 children from each
+    # step k over the 4 - k steps left
+    assert [m["rollout/nfe"] for m in rows] == [2 * (4 + 3 * (4 + 3 + 2 + 1))]
 
 
 def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny_model_dir, tmp_path):

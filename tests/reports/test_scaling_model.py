@@ -21,7 +21,11 @@ def test_row_counts_by_hand(capsys):
     assert rows_per_iteration(T, K, B, {"stride": 2})[0] == B * (9 + K * sum(len(range(k + 1, 10, 2)) for k in range(9)))
     # branching at step 0 only: one backbone step, K children of 9 steps
     assert rows_per_iteration(T, K, B, {"steps": [0]}) == (B * (1 + K * 9), B)
+    # the four noisiest steps: four backbone steps, K children of 9 + 8 + 7 + 6 steps
+    assert rows_per_iteration(T, K, B, {"steps": [0, 1, 2, 3]}) == (B * (4 + K * 30), B * 4)
     assert rows_per_iteration(T, K, B, {"plain": True}) == (B * K * T, B * K * 9)
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "| tempflow (all branch points) | 52,272 | 432 |" in out
+    # half the iterations at (34,752 x 26.6 ms + 192 x 96.5 ms) / (52,272 x 26.6 ms + 432 x 96.5 ms) each
+    assert "over a run 0.33 of tempflow's minutes" in out
