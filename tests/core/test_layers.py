@@ -26,7 +26,7 @@ PACKAGES = ("tempflow_core", "tasks", "flows")
 RAY_MODULES = {"tempflow_core.engines.ray_engine", "flows.ray_head"}
 CORE_LAYERS = [  # tempflow_core's packages and top-level modules, lowest first; one layer may hold several
     {"tempflow_core", "config", "families", "seeding", "redaction", "failpoints", "executables", "canonical",
-     "batches"},
+     "batches", "presets"},
     {"storage", "shards"},
     {"shapes", "rewards", "prompts"},
     {"algorithm.schedule", "algorithm.sde"},  # the paper's grid and steps, which a policy's schedule builds on
