@@ -28,8 +28,10 @@ sys.path.insert(0, str(ROOT))
 from tempflow_core.algorithm.rollout import completion_rows  # noqa: E402
 from tempflow_core.algorithm.schedule import make_schedule  # noqa: E402
 from tempflow_core.algorithm.steps import draw_counts, noise_aware_weights, step_pool  # noqa: E402
+from tempflow_core.presets import PRESETS  # noqa: E402
 
 SMOKE = ROOT / "results" / "gpu" / "smoke" / "sd35m_mb8.json"
+FAST = PRESETS["fast"]  # the preset's branch points and share of the iterations
 
 # (label, settings): the settings that differ from default tempflow
 SETTINGS: list[tuple[str, dict]] = [
@@ -37,7 +39,7 @@ SETTINGS: list[tuple[str, dict]] = [
     ("rollout.branch_steps=3 (uniform)", {"m": 3, "draw": "uniform"}),
     ("rollout.branch_steps=3, branch_draw=weighted", {"m": 3, "draw": "weighted"}),
     ("rollout.branch_steps=3, branch_draw=window", {"m": 3, "draw": "window"}),
-    ("rollout.branch_steps=[0,1,2,3] (`--preset fast` per iteration)", {"steps": [0, 1, 2, 3]}),
+    ("rollout.branch_steps=[0,1,2,3] (`--preset fast` per iteration)", {"steps": list(FAST.branch_steps)}),
     ("rollout.branch_steps=[0,1] (an ODE after two branch points)", {"steps": [0, 1]}),
     ("rollout.branch_steps=[0] (an ODE after the noisiest step)", {"steps": [0]}),
     ("rollout.completion_stride=2", {"stride": 2}),
@@ -87,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         roll, learn = nfe * c_f * per / 2 / 60, units * c_u * per / 2 / 60
         total = roll + learn
         base = base or total
-        fast = total if setting.get("steps") == [0, 1, 2, 3] else fast
+        fast = total if setting.get("steps") == list(FAST.branch_steps) else fast
         print(f"| {label} | {nfe:,.0f} | {units:,.0f} | {(nfe + 2 * units) * per:,.0f} | {roll:.1f} | {learn:.1f} | "
               f"{total:.1f} | {total / base:.2f} |")
-    print(f"\n`--preset fast` runs half the iterations: over a run {fast / 2 / base:.2f} of tempflow's minutes")
+    print(f"\n`--preset fast` runs {FAST.iterations:g} of the iterations: over a run "
+          f"{fast * FAST.iterations / base:.2f} of tempflow's minutes")
     print("\nrows: transformer rows as the `rollout/rows` and `learner/rows` metrics count them: rollout NFEs and "
           "the learner's two forwards per unit (with grad, and the KL reference's), each times 2 under CFG")
     return 0
