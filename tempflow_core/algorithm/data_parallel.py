@@ -10,6 +10,11 @@ takes the same step, holds the same LoRA and optimizer state, and the result equ
 one-rank update up to the float summation order of the all-reduce and of micro-batches
 made of other units. Statistics are summed (min / max for the ratio range) over ranks.
 
+Every collective takes tensors on the group's device (`collective_device`): the rank's CUDA
+device under NCCL, which takes CUDA tensors only, the CPU under gloo. Each collective checks
+it and refuses another device with one line (`CollectiveError`): such a failure is a fault of
+the setup, not a lost peer, and is not retried.
+
 Advantages need every reward of a group (and, for flow_grpo, of the batch): each rank
 computes them over all keys from the reward scores, which are small.
 
@@ -31,6 +36,35 @@ from tempflow_core.batches import RolloutBatch
 from tempflow_core.shards import Manifest, iter_samples, read_embeds
 
 
+class CollectiveError(RuntimeError):
+    """A collective that cannot run for a reason of the setup (a tensor on a device the process
+    group has no backend for): not a lost peer, so the stage fails without a retry."""
+
+
+def collective_device(backend_config: str, param_device: torch.device) -> torch.device:
+    """The device the learner's collectives use: the device of its LoRA parameters when the
+    process group has a backend for that device type (NCCL: cuda; gloo: cpu, and cuda too),
+    else the CPU where the group has a CPU backend.
+
+    `backend_config` is torch.distributed.get_backend_config(): 'nccl', 'gloo', 'cuda:nccl',
+    'cpu:gloo,cuda:nccl', ... (a bare backend name: NCCL serves cuda, gloo cpu and cuda)."""
+    param_device = torch.device(param_device)
+    types: set[str] = set()
+    for part in backend_config.replace(" ", "").split(","):
+        if ":" in part:
+            types.add(part.split(":", 1)[0])
+        else:
+            types.update({"nccl": ["cuda"], "gloo": ["cpu", "cuda"], "mpi": ["cpu", "cuda"]}.get(part.lower(), []))
+    if param_device.type in types:
+        return param_device
+    if "cpu" in types:
+        return torch.device("cpu")
+    raise CollectiveError(
+        f"the learner's process group ({backend_config}) takes {' / '.join(sorted(types)) or 'no'} tensors and this "
+        f"rank's LoRA is on {param_device}; fix: set model.device to the group's device (cuda for a GPU group) or "
+        "run the learner group with a CPU backend")
+
+
 @dataclass(frozen=True)
 class DataParallel:
     """This rank's place in a data-parallel update."""
@@ -39,6 +73,7 @@ class DataParallel:
     world: int
     total: int  # N: units of the whole stage
     owned: torch.Tensor  # [n_r] long: global index of each of this rank's units, in local order
+    device: torch.device = torch.device("cpu")  # where every collective's tensors live (collective_device)
 
     @functools.cached_property
     def _position(self) -> torch.Tensor:
@@ -59,7 +94,7 @@ class DataParallel:
 
         failpoints.hit(f"learner.allreduce/rank{self.rank}")
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        dist.all_reduce(flat)
+        self._all_reduce(flat, dist.ReduceOp.SUM, "the LoRA gradients")
         o = 0
         for p in params:
             n = p.numel()
@@ -70,9 +105,19 @@ class DataParallel:
         """`values` summed (or min / max) over ranks, in float64."""
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-        return t.tolist()
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._all_reduce(t, {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                         "the update's statistics")
+        return t.cpu().tolist()
+
+    def _all_reduce(self, t: torch.Tensor, op: Any, what: str) -> None:
+        """All-reduce `t` in place, after checking that it is on the group's device."""
+        import torch.distributed as dist
+
+        if t.device != self.device:
+            raise CollectiveError(f"learner rank {self.rank}: {what} are on {t.device} where the process group's "
+                                  f"collectives take {self.device} tensors; fix: keep the LoRA on the rank's device")
+        dist.all_reduce(t, op=op)
 
 
 def sample_keys_of(m: Manifest, group_size: int) -> list[str]:

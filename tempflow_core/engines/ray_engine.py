@@ -40,6 +40,7 @@ from tempflow_core.engines.engine import Bar, Log, no_bar
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
+from tempflow_core.algorithm.data_parallel import CollectiveError
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import RolloutPart
 from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_part, score_share
@@ -83,11 +84,14 @@ def _enter(home: tuple[str, str], env: dict[str, str] | None = None) -> None:
 
 
 def peer_lost(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception in its chain) is what a rank raises when a peer died."""
+    """Whether `exc` (or an exception in its chain) is what a rank raises when a peer died
+    (never a CollectiveError: a fault of the setup, whatever backend its text names)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, CollectiveError):
+            return False
         text = f"{type(e).__name__}: {e}"
         if any(p in text for p in PEER_LOST):
             return True

@@ -44,7 +44,7 @@ from tempflow_core.run import healing
 from tempflow_core.algorithm.advantages import compute_advantages
 from tempflow_core.algorithm.checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from tempflow_core.config import RunConfig
-from tempflow_core.algorithm.data_parallel import DataParallel, read_share, sample_keys_of
+from tempflow_core.algorithm.data_parallel import DataParallel, collective_device, read_share, sample_keys_of
 from tempflow_core.algorithm.evaluation import detector_rules, eval_prompts, evaluate_policy
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.learner import build_units, empty_units
@@ -318,7 +318,10 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     """Rank `rank` of `world` of a data-parallel learner stage (data_parallel.py): reads its
     share of the shards, takes part in every all-reduce; rank 0 writes what learner_stage
     writes. Needs torch.distributed initialised (Ray Train does it)."""
+    import torch.distributed as dist
+
     s, _ = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=True)
+    device = collective_device(dist.get_backend_config(), s.policy.device)  # before any work: NCCL takes cuda only
     rp = layout.prefix(iteration, "rollout")
     m = require_manifest(layout.store, rp, kind="rollouts")
     share, positions = read_share(layout.store, rp, m, rank, world)
@@ -341,7 +344,7 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     units = build_units(share, local_adv, weights, steps, imp) if positions else empty_units(
         cfg.rollout.group_size if m.rollout_kind == "branch" else 1)
     total = m.num_samples * (1 if m.rollout_kind == "branch" else len(steps))
-    dp = DataParallel(rank, world, total, torch.tensor(owned, dtype=torch.long))
+    dp = DataParallel(rank, world, total, torch.tensor(owned, dtype=torch.long), device)
     metrics = update_units(s, units, share.embeds, weights, astats, progress, dp, importance=imp)
     metrics.update(reward_metrics_of(m.rollout_kind or "branch", keys, rewards, details))
     if rank == 0:
