@@ -81,7 +81,9 @@ def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] 
     from tempflow_core.config import ConfigError, load_config
 
     if base is None:
-        base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        # the demo's settings only when no --config is given: a config file stands alone over the
+        # code's defaults (the paper's recipe), so a model config never inherits the demo's sizes
+        base = yaml.safe_load(DEFAULT_CONFIG.read_text()) if config is None else {}
         model_path = base.get("model", {}).get("path")
         if model_path and not Path(model_path).is_absolute():  # the shipped model, wherever the CLI runs
             base["model"]["path"] = str(CHECKOUT / model_path)
@@ -118,7 +120,7 @@ def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
 
 @app.command()
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON run config over the embedded default."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON run config over the code's defaults (the embedded default applies only without --config)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override: section.field=value (repeatable)."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Name of a new run (default: algorithm-time-hash)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue run RUN; finished stages are not redone."),

@@ -5,9 +5,14 @@ configs, as the Hub repositories ship them; the real module classes are built on
 device, so shapes, LoRA targets and token counts are checked without allocating a weight.
 """
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from tempflow_core.config import load_config
@@ -32,7 +37,7 @@ CASES = [
 def test_model_config_against_real_model_folder(name, folder, family, t5, n_targets, n_params):
     cfg = load_config(ROOT / "flows" / "configs" / "models" / name, [f"model.path={FIXTURES / folder}"])
     assert cfg.family() == family and cfg.model.resolution == 512 and cfg.lora.rank == 32 and cfg.lora.alpha == 64
-    assert cfg.sampling.num_steps == 10 and cfg.sampling.eval_num_steps == 40 and cfg.rollout.group_size == 6
+    assert cfg.sampling.num_steps == 10 and cfg.sampling.eval_num_steps == 40 and cfg.rollout.group_size == 24
     pipe = load_pipeline_meta(cfg.model.path)
     assert all(p.is_meta for p in pipe.transformer.parameters())
     assert sum(p.numel() for p in pipe.transformer.parameters()) == n_params
@@ -63,3 +68,63 @@ def test_model_config_against_real_model_folder(name, folder, family, t5, n_targ
         from tempflow_core.algorithm.schedule import make_schedule
 
         assert torch.equal(s.sigmas, make_schedule(10, 3.0, 0.7).sigmas)
+
+
+# The paper's recipe and the reference code's (docs/fidelity.md), as a model config must resolve
+# it: each value with where it comes from. SD3.5-M and FLUX.1-dev share all but the family's
+# CFG / guidance value and noise level.
+RECIPE = {
+    "algorithm": "tempflow",
+    "model.resolution": 512,  # paper: 512 px
+    "model.dtype": "bfloat16",
+    "lora.rank": 32, "lora.alpha": 64.0, "lora.init": "gaussian",  # paper: r 32, alpha 64
+    "sampling.num_steps": 10, "sampling.eval_num_steps": 40,  # paper and Flow-GRPO: T 10, 40 for evaluation
+    "rollout.prompts_per_iter": 48, "rollout.group_size": 24,  # paper: 48 groups of 24
+    "rollout.branch_steps": "all",  # the authors' sampler: timesteps[:-1]
+    "loss.clip_range": 1e-4, "loss.beta": 0.004,  # paper and Flow-GRPO: 1e-4; paper: 0.004 for GenEval
+    "loss.weight_norm": "mean1",  # paper: weights of mean 1
+    "train.lr": 3e-4,  # Flow-GRPO: 3e-4
+    "train.iterations": 2200, "train.minibatches": 2, "train.inner_epochs": 1,  # 4,400 steps, 2 per epoch
+    "train.ema_decay": 0.9, "train.ema_update_interval": 8,  # Flow-GRPO's EMA
+}
+FAMILY = {"sd35m.yaml": {"sampling.guidance_scale": 4.5, "sampling.noise_level": 0.7},
+          "flux1-dev.yaml": {"sampling.guidance_scale": 3.5, "sampling.noise_level": 0.9}}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_a_model_config_resolves_to_the_papers_recipe_and_nothing_of_the_cpu_demo(name, tmp_path):
+    """`tempflow show-config --config flows/configs/models/X.yaml`, as a user runs it: the paper's
+    learning rate, batch, K, T and iterations; every setting the file leaves unset is the code's
+    default, never the embedded demo's (its lr 0.003, 4 prompts, 4 iterations, LoRA rank 8)."""
+    from tempflow_core.config import RunConfig
+
+    path = ROOT / "flows" / "configs" / "models" / name
+    env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "show-config", "--config", str(path)],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-800:]
+    got = _flat(json.loads(out.stdout))
+    want = {**RECIPE, **FAMILY[name]}
+    assert {k: got[k] for k in want} == want
+    code = _flat(RunConfig().model_dump(mode="json"))
+    named = set(_flat(yaml.safe_load(path.read_text())))
+    unset = {k for k in code if k not in named and k not in ("output_dir", "pipeline.store", "model.path")}
+    assert {k: got[k] for k in unset} == {k: code[k] for k in unset}
+
+
+def test_the_shipped_ablation_resolves_as_it_did_over_the_embedded_default():
+    """flows/configs/ablation.yaml stands alone now; its runs keep their configs (and so their
+    digests and run ids) from when it was layered over the embedded default."""
+    from tempflow_core.config import load_config
+
+    embedded = yaml.safe_load((ROOT / "flows" / "configs" / "default.yaml").read_text())
+    ablation = ROOT / "flows" / "configs" / "ablation.yaml"
+    alone, layered = load_config(ablation), load_config(ablation, base=embedded)
+    assert alone == layered and alone.digest() == layered.digest()
