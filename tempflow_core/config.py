@@ -117,6 +117,7 @@ class TrainConfig(_Section):
     train_steps: Literal["all"] | list[int] = Field("all", description="Plain rollouts: which denoising steps are trained; 'all' = 0..T-2 (as Flow-GRPO's int(0.99 T)), a list may name T-1.")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the LoRA weights (0: off), as Flow-GRPO's: its decay warms up as min((1+n)/(10+n), ema_decay) at optimizer step n; evaluation and export use the EMA when on.")
     ema_update_interval: int = Field(8, ge=1, description="The EMA takes the weights every this many optimizer steps (Flow-GRPO: 8).")
+    recompute_old_log_probs: bool = Field(False, description="Recompute the old log-probs with the learner's own micro-batches at the unchanged weights before the update, instead of reading the rollout's: the first minibatch's ratio is then exactly 1 even when the rollout ran other batch shapes or kernels (bf16). One extra forward per unit. Every run logs the first minibatch's ratio range (train/ratio_first_min, _max).")
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: data-parallel learner ranks (Ray Train, gloo on CPU, NCCL on GPU); the global batch, minibatches and update do not depend on it (up to the all-reduce's float summation order).")
@@ -310,6 +311,8 @@ class RunConfig(_Section):
             del data["rollout"]["completion_stride"]
         if data["loss"]["kl_form"] == "exact":  # the KL every config had before the option
             del data["loss"]["kl_form"]
+        if not data["train"]["recompute_old_log_probs"]:  # the rollout's log-probs: the configs from before the option
+            del data["train"]["recompute_old_log_probs"]
         if data["train"]["ema_decay"] == 0:  # no EMA: its interval computes nothing
             del data["train"]["ema_update_interval"]
         return data

@@ -108,6 +108,35 @@ def build_units(
     )
 
 
+def _policy_step(policy: FlowPolicy, u: TrainUnits, emb: PromptEmbeds, schedule: Schedule, guidance_scale: float,
+                 shared: bool):
+    """The policy's SDE transition at each unit's state: (x, t, t_next, s, prompt rows, mean, std),
+    one row per unit (shared) or per child; `u` is on the policy's device."""
+    dev = policy.device
+    K = u.children  # N = len(u) units
+    sig = schedule.sigmas.to(dev, torch.float32)
+    sde_sigma = schedule.sde_sigma().to(dev, torch.float32)
+    t, t_next, s = sig[u.step], sig[u.step + 1], sde_sigma[u.step]
+    rows = u.prompt_index
+    if shared:
+        x, tt, tn, ss, r = u.x, t, t_next, s, rows
+    else:  # one row per child
+        rep = lambda z: z.repeat_interleave(K, 0)  # noqa: E731
+        x, tt, tn, ss, r = rep(u.x), rep(t), rep(t_next), rep(s), rep(rows)
+    v = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
+    mean, std = sde_mean_std(x, v, tt, tn, ss, schedule.sde_type)  # [N or N*K, C, H, W], [., 1, 1, 1]
+    return x, tt, tn, ss, r, mean, std
+
+
+def _children_log_prob(u: TrainUnits, mean: torch.Tensor, std: torch.Tensor, shared: bool) -> torch.Tensor:
+    """[N*K'] log-probs of the children taken, under the transition (mean, std)."""
+    if shared:
+        # x_next [N, K, C, H, W] against mean [N, 1, C, H, W], std [N, 1, 1, 1, 1]: the one mean
+        # broadcasts over the K children
+        return gaussian_log_prob(u.x_next, mean[:, None], std[:, None], batch_dims=2).reshape(-1)
+    return gaussian_log_prob(u.x_next.flatten(0, 1), mean, std)
+
+
 def evaluate_units(
     policy: FlowPolicy,
     units: TrainUnits,
@@ -122,20 +151,9 @@ def evaluate_units(
     shared=True predicts one velocity per unit; shared=False repeats x per child (the
     per-child evaluation of the paper's public learner), for tests and benchmarks.
     """
-    dev = policy.device
-    u = units.to(dev)
-    K = u.children  # N = len(u) units
-    sig = schedule.sigmas.to(dev, torch.float32)
-    sde_sigma = schedule.sde_sigma().to(dev, torch.float32)
-    t, t_next, s = sig[u.step], sig[u.step + 1], sde_sigma[u.step]
-    rows = u.prompt_index
-    if shared:
-        x, tt, tn, ss, r = u.x, t, t_next, s, rows
-    else:  # one row per child
-        rep = lambda z: z.repeat_interleave(K, 0)  # noqa: E731
-        x, tt, tn, ss, r = rep(u.x), rep(t), rep(t_next), rep(s), rep(rows)
-    v = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
-    mean, std = sde_mean_std(x, v, tt, tn, ss, schedule.sde_type)  # [N or N*K, C, H, W], [., 1, 1, 1]
+    u = units.to(policy.device)
+    K = u.children
+    x, tt, tn, ss, r, mean, std = _policy_step(policy, u, emb, schedule, guidance_scale, shared)
     if loss_cfg.beta > 0:
         with torch.no_grad(), policy.reference():
             v_ref = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
@@ -145,19 +163,31 @@ def evaluate_units(
             # Flow-GRPO's code divides by 2 s_t^2, not 2 s_t^2 |dt| (under CPS it divides by the step's own std)
             kl = kl * (tt - tn).abs()
     else:
-        kl = torch.zeros(mean.shape[0], device=dev)
+        kl = torch.zeros(mean.shape[0], device=policy.device)
+    log_prob = _children_log_prob(u, mean, std, shared)  # [N*K]
     if shared:
-        # x_next [N, K, C, H, W] against mean [N, 1, C, H, W], std [N, 1, 1, 1, 1]: the one mean
-        # broadcasts over the K children
-        log_prob = gaussian_log_prob(u.x_next, mean[:, None], std[:, None], batch_dims=2).reshape(-1)  # [N*K]
         kl = kl.repeat_interleave(K)
-    else:
-        log_prob = gaussian_log_prob(u.x_next.flatten(0, 1), mean, std)  # [N*K]
     return grpo_terms(
         log_prob=log_prob, old_log_prob=u.old_log_prob.reshape(-1), advantages=u.advantages.reshape(-1),
         weights=u.weight.repeat_interleave(K), kl=kl, clip_range=loss_cfg.clip_range, beta=loss_cfg.beta,
         kl_weights=u.kl_weight.repeat_interleave(K),
     )
+
+
+@torch.no_grad()
+def learner_log_probs(policy: FlowPolicy, units: TrainUnits, emb: PromptEmbeds, schedule: Schedule,
+                      guidance_scale: float, micro_batches: list[torch.Tensor], shared: bool = True) -> TrainUnits:
+    """`units` with old log-probs recomputed by the learner at its current (unchanged) weights,
+    micro-batch by micro-batch in the shapes its first pass will use: the ratio of that pass is
+    then 1 whatever the rollout's batch shapes and kernels were (train.recompute_old_log_probs)."""
+    old = units.old_log_prob.clone()  # [N, K']
+    for micro in micro_batches:
+        if micro.numel():
+            u = units.subset(micro).to(policy.device)
+            *_, mean, std = _policy_step(policy, u, emb, schedule, guidance_scale, shared)
+            old[micro] = _children_log_prob(u, mean, std, shared).view(len(micro), -1).float().cpu()
+    return TrainUnits(units.x, units.x_next, old, units.advantages, units.step, units.prompt_index, units.weight,
+                      units.kl_weight)
 
 
 _STAT_NAMES = ("loss", "policy_loss", "kl", "approx_kl", "clip_frac", "ratio_mean")
@@ -201,22 +231,34 @@ def update(
     count = 0
     grad_norms = []
     ratio_min, ratio_max = float("inf"), float("-inf")
+    first_min, first_max = float("inf"), float("-inf")  # the first minibatch: weights not yet changed
     N, K = (dp.total if dp is not None else len(units)), units.children
-    for _ in range(train_cfg.inner_epochs):
-        perm = torch.randperm(N, generator=generator)
-        for mb in torch.tensor_split(perm, min(train_cfg.minibatches, N)):
+    perms = [torch.randperm(N, generator=generator) for _ in range(train_cfg.inner_epochs)]  # [N] each
+
+    def micro_batches(mb: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(dp.local(mb) if dp is not None else mb, train_cfg.micro_batch))
+
+    minibatches = [torch.tensor_split(perm, min(train_cfg.minibatches, N)) for perm in perms]
+    if train_cfg.recompute_old_log_probs:
+        units = learner_log_probs(policy, units, emb, schedule, guidance_scale,
+                                  [m for mb in minibatches[0] for m in micro_batches(mb)], shared)
+    for epoch in range(train_cfg.inner_epochs):
+        for j, mb in enumerate(minibatches[epoch]):
             optimizer.zero_grad(set_to_none=True)
             n_terms = len(mb) * K
-            mine = dp.local(mb) if dp is not None else mb
-            for micro in torch.split(mine, train_cfg.micro_batch):
+            for micro in micro_batches(mb):
                 terms = evaluate_units(policy, units.subset(micro), emb, schedule, guidance_scale, loss_cfg, shared)
                 (terms.loss.sum() / n_terms).backward()
                 for name, val in zip(_STAT_NAMES, (terms.loss, terms.policy, terms.kl, terms.approx_kl,
                                                    terms.clipped.float(), terms.ratio)):
                     sums[name] = sums.get(name, 0.0) + float(val.detach().sum())
                 count += terms.loss.numel()
-                ratio_min = min(ratio_min, float(terms.ratio.min()))
-                ratio_max = max(ratio_max, float(terms.ratio.max()))
+                if terms.ratio.numel():
+                    ratio_min = min(ratio_min, float(terms.ratio.min()))
+                    ratio_max = max(ratio_max, float(terms.ratio.max()))
+                    if epoch == 0 and j == 0:
+                        first_min = min(first_min, float(terms.ratio.min()))
+                        first_max = max(first_max, float(terms.ratio.max()))
                 if progress is not None:
                     progress(len(micro))
             if dp is not None:
@@ -228,8 +270,10 @@ def update(
     if dp is not None:  # every rank reports the whole update's statistics
         total = dp.reduce([sums.get(n, 0.0) for n in _STAT_NAMES] + [float(count)])
         sums, count = dict(zip(_STAT_NAMES, total[:-1])), int(total[-1])
-        ratio_min, ratio_max = dp.reduce([ratio_min], "min")[0], dp.reduce([ratio_max], "max")[0]
+        ratio_min, first_min = dp.reduce([ratio_min, first_min], "min")
+        ratio_max, first_max = dp.reduce([ratio_max, first_max], "max")
     stats = {k: v / max(1, count) for k, v in sums.items()}
-    stats.update(ratio_min=ratio_min, ratio_max=ratio_max, grad_norm=float(np.mean(grad_norms)),
+    stats.update(ratio_min=ratio_min, ratio_max=ratio_max, ratio_first_min=first_min, ratio_first_max=first_max,
+                 grad_norm=float(np.mean(grad_norms)),
                  units=float(N), optimizer_steps=float(len(grad_norms)))
     return stats
