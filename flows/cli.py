@@ -23,9 +23,9 @@ from flows import children
 from flows.cli_errors import fail as _fail
 from flows.reward_server_cli import reward_server
 
-# Local state of the embedded default lives in the checkout, so the UIs can be opened on it.
-STATE = Path(os.environ.get("TEMPFLOW_HOME", "").strip() or ".tempflow").resolve()  # empty counts as unset
-CHECKOUT = Path(__file__).resolve().parents[1]
+from flows.plan_cli import plan
+from flows.resolve import CHECKOUT, STATE, resolve as _resolve
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -41,7 +41,6 @@ def _local_state() -> None:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TempFlow-GRPO for flow-matching text-to-image models.")
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 
 
@@ -73,31 +72,6 @@ def _preflight(cfg) -> None:
         probe_configured(cfg.pipeline.mlflow_uri)
     except TrackingUnavailable as e:
         _fail(f"pipeline.mlflow_uri: {e}")
-
-
-def _resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] = None):
-    import yaml
-
-    from tempflow_core.config import ConfigError, load_config
-
-    if base is None:
-        # the demo's settings only when no --config is given: a config file stands alone over the
-        # code's defaults (the paper's recipe), so a model config never inherits the demo's sizes
-        base = yaml.safe_load(DEFAULT_CONFIG.read_text()) if config is None else {}
-        model_path = base.get("model", {}).get("path")
-        if model_path and not Path(model_path).is_absolute():  # the shipped model, wherever the CLI runs
-            base["model"]["path"] = str(CHECKOUT / model_path)
-        base.setdefault("output_dir", str(STATE / "runs"))
-        base.setdefault("pipeline", {}).setdefault("store", str(STATE / "store"))
-    try:
-        cfg = load_config(config, overrides, base=base)
-    except ConfigError as e:
-        _fail(str(e))
-    path = cfg.model.path
-    if path and not Path(path).is_absolute() and not Path(path).exists() and (CHECKOUT / path).exists():
-        # a config from the repository (the ablation bundle) names the shipped model relative to the checkout
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(CHECKOUT / path)})})
-    return cfg
 
 
 def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
@@ -595,6 +569,7 @@ def ui(
 
 
 app.command("reward-server")(reward_server)
+app.command("plan")(plan)
 
 
 if __name__ == "__main__":

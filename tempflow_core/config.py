@@ -54,6 +54,7 @@ class ModelConfig(_Section):
     max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when an SD3 model has T5 (SD3.5), 0 without (no zero padding tokens are spent); FLUX: 512 (FLUX.1-dev), capped by the T5 tokenizer's model_max_length.")
     resolution: int | None = Field(None, ge=16, description="Image side in pixels for rollouts and evaluation (512 as in the paper for SD3.5-M); unset: the model's native size.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:i]'.")
+    offload_text_encoders: bool = Field(False, description="Keep the text encoders on the host and move them to the device only while prompts are encoded (once per rollout and evaluation): SD3.5-M's three encoders are ~11 GiB in bf16. Changes memory, not what a run computes.")
 
 
 class LoraSettings(_Section):
@@ -79,6 +80,8 @@ class RolloutConfig(_Section):
     branch_draw: Literal["uniform", "weighted", "window"] = Field("uniform", description="How branch_steps: m draws its m steps each iteration: 'uniform' (m distinct, equally likely), 'weighted' (m draws with replacement, probability proportional to the step's noise s_k sqrt(dt_k), importance-corrected so the expected loss is that of all steps), 'window' (m consecutive steps sliding one step per iteration, as MixGRPO's SDE window). Needs branch_steps to be a count.")
     completion_stride: int = Field(1, ge=1, description="Coarse completion of children: after its SDE step a child finishes with ODE steps over every s-th node of the rollout grid (always ending at t = 0). 1 = every node (paper). Fewer child rows; the log-probs and the learner are unchanged, only the children's rewards come from a coarser solve.")
     max_batch: int = Field(64, ge=1, description="Max samples per transformer forward (CFG doubles it internally).")
+    decode_chunk: int = Field(64, ge=1, description="Images per VAE decode call (rollout and evaluation): the decoder's activations grow with it (~0.3 GiB an image at 512 px in bf16). Like max_batch it is part of the config's digest: a GPU's kernels may round another batch shape differently.")
+    children_on_host: bool = Field(False, description="Keep each branch point's state and children (x_k, x_next) in host memory once spawned, not on the device: at the paper's batch (48 prompts x 9 branch points x K 24) ~2.6 GiB of float32 latents at 512 px. Changes memory, not what a run computes.")
     slices: int = Field(1, ge=1, description="Contiguous slices the iteration's prompts are cut into, each sampled as one batch and written as its own shards. The unit of work of rollout workers: with slices fixed, rollouts are the same whatever the worker count. 1: one batch.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: rollout actors, each sampling whole slices (at most rollout.slices are busy). Does not change what a run computes.")
 
@@ -296,6 +299,10 @@ class RunConfig(_Section):
             del data["model"]["tiny"]["family"]
         for section in ("rollout", "reward", "train"):  # where work runs, not what it computes
             data[section].pop("workers")
+        for section, key in (("model", "offload_text_encoders"), ("rollout", "children_on_host")):
+            data[section].pop(key)  # where tensors live, not what is computed
+        if data["rollout"]["decode_chunk"] == 64:  # the chunk every config had before the option
+            del data["rollout"]["decode_chunk"]
         data["reward"].pop("stream")  # when scoring runs, not what it computes
         if data["rollout"]["slices"] == 1:  # one batch: the configs from before slices
             del data["rollout"]["slices"]

@@ -68,6 +68,7 @@ class _Setup:
     sig: list[float]  # [T+1] t_0 = 1 .. t_T = 0
     sde_sigma: list[float]  # [T] s_i of the SDE step from t_i (sin(a pi / 2) under CPS)
     sde_type: str  # "flow_grpo" or "cps"
+    keep: torch.device  # where spawned branch points are kept (the host with rollout.children_on_host)
     calls0: int  # policy counters at the start, to report this rollout's share
     nfe0: int
 
@@ -76,10 +77,11 @@ class _Setup:
         return len(self.sig) - 1
 
 
-def _begin(policy: FlowPolicy, prompts: list[str], schedule: Schedule) -> _Setup:
+def _begin(policy: FlowPolicy, prompts: list[str], schedule: Schedule, children_on_host: bool = False) -> _Setup:
     emb = policy.encode_prompts(prompts)
+    keep = torch.device("cpu") if children_on_host else torch.device(policy.device)
     return _Setup(emb, policy.latent_shape(), policy.device, schedule.sigmas.tolist(), schedule.sde_sigma().tolist(),
-                  schedule.sde_type, policy.forward_calls, policy.nfe)
+                  schedule.sde_type, keep, policy.forward_calls, policy.nfe)
 
 
 def _finish(policy: FlowPolicy, su: _Setup, kind: Literal["branch", "plain"], prompts: list[str], prompt_ids: list[str],
@@ -126,7 +128,8 @@ def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, 
     out = sde_step(x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step], noise,
                    su.sde_type)
     return BranchPoint(prompt_index=prompt_index, prompt_id=prompt_id, step=step, sigma=t, sigma_next=t_next,
-                       x_k=x_k.clone(), x_next=out.next_sample.clone(), log_prob=out.log_prob.float(),
+                       x_k=x_k.to(su.keep, copy=True), x_next=out.next_sample.to(su.keep, copy=True),
+                       log_prob=out.log_prob.float(),
                        seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample)
 
 
@@ -157,10 +160,12 @@ def branched_rollout(
     decode: bool = True,
     progress: Callable[[int], None] | None = None,
     stride: int = 1,
+    children_on_host: bool = False,
 ) -> RolloutBatch:
     """Wavefront branched rollouts for B prompts; children finish over every `stride`-th grid
-    node (see the module docstring)."""
-    su = _begin(policy, prompts, schedule)
+    node (see the module docstring). `children_on_host` keeps each branch point's x_k and
+    x_next on the host once spawned (the live children stay on the device)."""
+    su = _begin(policy, prompts, schedule, children_on_host)
     sig, B = su.sig, len(prompts)
     steps = _branch_steps(branch_steps, su.T)
     last_branch = steps[-1]

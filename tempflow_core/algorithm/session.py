@@ -71,6 +71,9 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
     torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
     policy = make_policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
                          cfg.train.gradient_checkpointing)
+    policy.decode_chunk = cfg.rollout.decode_chunk
+    if cfg.model.offload_text_encoders:
+        policy.offload_text_encoders()
     # the family's grid: unset shift / noise level take its defaults (SD3 3.0 / 0.7; FLUX
     # resolution-dependent / 0.9)
     schedule = replace(policy.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level),

@@ -58,7 +58,7 @@ def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
         steps = sorted(branch_counts(cfg, s.schedule, iteration))
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
                                 cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress,
-                                stride=cfg.rollout.completion_stride)
+                                stride=cfg.rollout.completion_stride, children_on_host=cfg.rollout.children_on_host)
     return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.guidance_scale(),
                          seed, cfg.rollout.max_batch, progress=progress)
 

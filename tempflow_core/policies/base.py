@@ -8,6 +8,7 @@ which family they hold:
     velocity(x, t, embeds, pooled, neg, guidance) -> v  [N, C, H, W] float32
     decode(latents [N, C, H, W])                  -> uint8 images [N, H', W', 3]
     latent_shape()                                -> (C, H, W)
+    text_tokens()                                 -> tokens of one prompt's conditioning
     schedule(num_steps, shift, noise_level)       -> the family's sampling grid
     lora_* / save_lora / load_lora / reference()  -> adapter handling
 
@@ -57,6 +58,8 @@ class FlowPolicy:
                 module.requires_grad_(False)
                 module.eval()
         self.transformer = pipe.transformer
+        self.decode_chunk = 64  # images per VAE decode call (rollout.decode_chunk)
+        self.offloaded = False  # text encoders on the host between encodings (offload_text_encoders)
         self.forward_calls = 0  # transformer calls (one per chunk; CFG rides in the same call)
         self.nfe = 0  # sample-steps evaluated (a CFG pair counts once)
         self.has_lora = lora is not None
@@ -90,6 +93,31 @@ class FlowPolicy:
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         raise NotImplementedError
+
+    def text_tokens(self) -> int:
+        """Tokens of one prompt's conditioning (the transformer's text sequence)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text encoders
+    def offload_text_encoders(self) -> None:
+        """Keep the text encoders on the host from now on; `encoding()` brings them to the device
+        while prompts are encoded (model.offload_text_encoders)."""
+        self.offloaded = True
+        for module in self._text_encoders():
+            if module is not None:
+                module.to("cpu")
+
+    @contextlib.contextmanager
+    def encoding(self) -> Iterator[None]:
+        """The text encoders on the device for the duration (back on the host after, when offloaded)."""
+        modules = [m for m in self._text_encoders() if m is not None] if self.offloaded else []
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
 
     # ------------------------------------------------------------------ schedule
     def schedule(self, num_steps: int, shift: float | None = None, noise_level: float | None = None) -> Schedule:
@@ -176,9 +204,10 @@ class FlowPolicy:
 
     # ------------------------------------------------------------------ images
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, chunk: int = 64) -> np.ndarray:
-        """Latents [N, C, H, W] -> uint8 images [N, H', W', 3]."""
+    def decode(self, latents: torch.Tensor, chunk: int | None = None) -> np.ndarray:
+        """Latents [N, C, H, W] -> uint8 images [N, H', W', 3], `chunk` (default: decode_chunk) at a time."""
         vae = self.pipe.vae
+        chunk = chunk or self.decode_chunk
         out = []
         for i in range(0, latents.shape[0], chunk):
             z = latents[i:i + chunk].to(self.device, vae.dtype)

@@ -93,8 +93,9 @@ class FluxPolicy(FlowPolicy):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         """CLIP pooled + T5 sequence; no negative prompt (guidance-distilled, no CFG)."""
-        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
-                                                    max_sequence_length=self.max_sequence_length)
+        with self.encoding():
+            embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                        max_sequence_length=self.max_sequence_length)
         embeds, pooled = embeds.float(), pooled.float()  # [B, L, D], [B, Dp]
         return PromptEmbeds(embeds, pooled, embeds[:0].clone(), pooled[:0].clone())  # no negative: zero rows
 
@@ -127,6 +128,10 @@ class FluxPolicy(FlowPolicy):
         return unpack_latents(out, h, w, self.pipe.vae_scale_factor).float()
 
     # ------------------------------------------------------------------ images
+    def text_tokens(self) -> int:
+        """Tokens of one prompt's conditioning: T5's."""
+        return int(self.max_sequence_length)
+
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         """(C, H, W) of one unpacked latent: C = in_channels / 4, H = W = pixels / vae_scale_factor (even)."""
         resolution = resolution or self.resolution or int(self.pipe.vae.config.sample_size)

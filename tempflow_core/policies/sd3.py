@@ -50,7 +50,8 @@ class Policy(FlowPolicy):
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
-        embeds, neg, pooled, neg_pooled = self._encode_many(prompts)
+        with self.encoding():
+            embeds, neg, pooled, neg_pooled = self._encode_many(prompts)
         return PromptEmbeds(embeds.float(), pooled.float(), neg[:1].float(), neg_pooled[:1].float())
 
     def _encode_many(self, prompts: list[str]):
@@ -98,6 +99,10 @@ class Policy(FlowPolicy):
             v_uncond, v_cond = out.chunk(2)
             return v_uncond + guidance_scale * (v_cond - v_uncond)
         return out
+
+    def text_tokens(self) -> int:
+        """Tokens of one prompt's conditioning: CLIP's (padded) then T5's."""
+        return int(self.pipe.tokenizer_max_length) + int(self.max_sequence_length)
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         cfg = self.transformer.config

@@ -7,7 +7,7 @@ and inside tempflow_core, by concept (CORE_LAYERS):
 
     base modules (config, families, seeding, batches, ...) < data plane (storage, shards)
     < shapes, rewards, prompts < algorithm.schedule, algorithm.sde < policies
-    < algorithm, pretrain < run < engines < reports
+    < algorithm, pretrain, memory < run < engines < reports
 
 A module imports only from its own layer or lower ones; tempflow_core imports neither Prefect
 nor MLflow, the MLflow adapter no Prefect; Ray is imported only by the Ray engine
@@ -31,7 +31,7 @@ CORE_LAYERS = [  # tempflow_core's packages and top-level modules, lowest first;
     {"shapes", "rewards", "prompts"},
     {"algorithm.schedule", "algorithm.sde"},  # the paper's grid and steps, which a policy's schedule builds on
     {"policies"},
-    {"algorithm", "pretrain"},
+    {"algorithm", "pretrain", "memory"},
     {"run"},
     {"engines"},
     {"reports"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator
 
 import pytest
@@ -10,6 +11,14 @@ import pytest
 from .mlflow_server import mlflow_server  # noqa: F401  (fixture)
 
 from moto_s3 import KEY_ID, SECRET  # noqa: E402,F401  (the session's dummy S3 credentials)
+
+
+def unfiring_cron() -> tuple[str, str]:
+    """A daily cron for a served deployment that cannot fire while a test runs (12 hours from the
+    UTC hour now), and how the Prefect UI describes it. `tempflow serve`'s default (02:00 UTC)
+    would fire in the middle of a CI run that crosses 02:00 and start a run of its own."""
+    hour = (time.gmtime().tm_hour + 12) % 24
+    return f"0 {hour} * * *", f"At {(hour % 12) or 12:02d}:00 {'AM' if hour < 12 else 'PM'} every day"
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ import pytest
 from flows.children import executable, free_port, spawn, stop
 
 from .browser import VIEWPORT, browser, needs_browser, shoot, snap  # noqa: F401  (fixtures)
-from .conftest import tiny_overrides
+from .conftest import tiny_overrides, unfiring_cron
 
 pytestmark = [needs_browser]
 RUN_TIMEOUT_MS = 400_000  # a bound on a hang (a 2-iteration tiny run takes seconds), not a timing claim
@@ -47,6 +47,7 @@ ADAPTER = "adapter/pytorch_lora_weights.safetensors"
 class Served:
     url: str  # the Prefect UI (and /api)
     root: Path  # store, runs (MLflow's sqlite) and serve's log
+    schedule: str  # the nightly deployment's schedule as the UI says it
 
 
 def _wait_for(probe, what: str, timeout: float = 180.0):
@@ -84,15 +85,17 @@ def served(tiny_model_dir, tmp_path_factory) -> Iterator[Served]:
                PREFECT_RUNNER_POLL_FREQUENCY="1",
                TEMPFLOW_FAILPOINTS=f"reward.score/tempflow-*=raise:{root / 'reward-failed-once'}")
     sets = sum((["--set", o] for o in tiny_overrides(root, tiny_model_dir, iterations=1)), [])
+    cron, cron_text = unfiring_cron()  # serve's 02:00 UTC would start a run of its own in a CI that crosses it
     with open(root / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)] + sets, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--cron", cron] + sets,
+                                env=env,
                                 cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: proc.poll() is None and len(_deployments(f"{url}/api")) == 3,
                   f"`tempflow serve` served its deployments (log: {root / 'serve.log'})")
-        yield Served(url, root)
+        yield Served(url, root, cron_text)
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         try:
@@ -134,7 +137,7 @@ def _wait_state(page, want: str, timeout_ms: int = RUN_TIMEOUT_MS, after: str | 
 def _open_deployment(page, served: Served) -> None:
     page.goto(f"{served.url}/deployments")
     page.get_by_role("link", name="nightly").first.click()
-    page.get_by_text("At 02:00 AM every day").first.wait_for()  # its schedule (serve's default cron)
+    page.get_by_text(served.schedule).first.wait_for()  # its schedule (the --cron it was served with)
 
 
 def _flow_runs(served: Served) -> set[str]:

@@ -15,7 +15,7 @@ import urllib.request
 
 from flows.children import free_port
 
-from .conftest import tiny_overrides
+from .conftest import tiny_overrides, unfiring_cron
 
 
 def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(tiny_model_dir, tmp_path):
@@ -28,7 +28,9 @@ def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(
     env.update(TEMPFLOW_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path / "home" / "prefect"),
                PREFECT_LOGGING_LEVEL="WARNING", PREFECT_RUNNER_POLL_FREQUENCY="1")
     sets = sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir, iterations=1)), [])
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port)] + sets, env=env,
+    cron, _ = unfiring_cron()  # serve's default 02:00 UTC would fire in a CI that crosses it
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port), "--cron", cron] + sets,
+                            env=env,
                             cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             # as in a terminal, even where pytest itself was started with SIGINT ignored
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -48,7 +50,7 @@ def test_serve_shows_the_schedule_and_runs_a_deployment_with_changed_parameters(
                 by_name = {d.name: d for d in deployments}
                 assert set(by_name) == {"nightly", "evaluate", "paper-ablation"}
                 nightly = by_name["nightly"]
-                assert nightly.schedules and nightly.schedules[0].schedule.cron == "0 2 * * *"
+                assert nightly.schedules and nightly.schedules[0].schedule.cron == cron
                 assert "config" in nightly.parameter_openapi_schema["properties"]
                 params = dict(nightly.parameters)
                 params["config"] = {**params["config"], "algorithm": "branch"}  # a changed field of the form

@@ -1,0 +1,60 @@
+"""`tempflow plan`: a run's device memory, rows and minutes per iteration before it starts
+(registered on the CLI's app in flows/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from flows.cli_errors import fail as _fail
+from flows.resolve import resolve
+
+
+def plan(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML/JSON run config (as tempflow train)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override: section.field=value (repeatable)."),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB of one GPU: exit 2 with one line "
+                                               "naming the setting to change when a stage does not fit."),
+) -> None:
+    """Estimate a run before any weight is allocated: peak device memory per stage and worker
+    (weights, LoRA and optimizer, activations, latents kept, decode), transformer rows per
+    iteration and minutes per iteration on one H100 / H200.
+
+        tempflow plan --config flows/configs/models/sd35m.yaml --gpu-memory 80
+    """
+    from tempflow_core.memory import GIB, estimate, load_facts, probe
+    from tempflow_core.run.plan import minutes, refusal, rows_per_iteration, table
+
+    cfg = resolve(config, set_)
+    if cfg.model.path and not (Path(cfg.model.path) / "model_index.json").is_file():
+        _fail(f"model.path: {cfg.model.path!r} is not a saved diffusers pipeline (no model_index.json); fix: point "
+              "it at the model folder (its config files are enough: no weights are read)")
+    typer.echo(f"probing {cfg.model.path or 'the tiny model'} ({cfg.model.dtype}) on the CPU ...", err=True)
+    facts, pipe = load_facts(cfg)
+    sample = probe(pipe, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale())
+    memory = estimate(cfg, facts, sample)
+    nfe, units = rows_per_iteration(cfg)
+    rows = cfg.rows_per_sample()
+    workers = {"rollout": min(cfg.rollout.workers, cfg.rollout.slices), "learner": cfg.train.workers, "eval": 1}
+    typer.echo(f"{cfg.algorithm} on {cfg.model.path or 'a tiny random model'}: {cfg.rollout.prompts_per_iter} prompts x "
+               f"K {cfg.rollout.group_size}, T {cfg.sampling.num_steps}, {facts.pixels} px, {cfg.model.dtype}, "
+               f"{cfg.train.iterations} iterations")
+    typer.echo(f"peak device memory (estimated for a GPU; {sum(facts.component_params.values()) / 1e6:,.1f} M "
+               f"parameters, LoRA {facts.lora_params / 1e6:.2f} M):")
+    for line in table(memory, workers):
+        typer.echo(line)
+    typer.echo(f"rows per iteration: rollout {nfe:,.0f} NFE, learner {units:,.0f} units; "
+               f"{(nfe + 2 * units) * rows:,.0f} transformer rows")
+    for m in minutes(cfg, facts):
+        wall = m.rollout / workers["rollout"] + m.learner / workers["learner"]
+        typer.echo(f"one {m.gpu}: {m.total:.2f} GPU-minutes per iteration (rollout {m.rollout:.2f}, learner "
+                   f"{m.learner:.2f}), {wall:.2f} min wall on {workers['rollout']} rollout / {workers['learner']} "
+                   f"learner GPUs, {wall * cfg.train.iterations / 60:.1f} h for the run "
+                   f"({'measured per row' if m.measured else 'estimated'})")
+    if gpu_memory is not None:
+        why = refusal(memory, gpu_memory * GIB, f"a {gpu_memory:g} GiB GPU")
+        if why:
+            _fail(why)
+        typer.echo(f"fits a {gpu_memory:g} GiB GPU")

@@ -1,0 +1,292 @@
+"""Device memory of a run's stages on one worker, estimated before any weight is allocated.
+
+A stage's peak is the largest sum, over its phases, of what it holds on the device (bytes):
+
+    weights      every component on the device at model.dtype; the text encoders only while
+                 prompts are encoded when model.offload_text_encoders is on. Counted from the
+                 model folder's configs on the meta device.
+    lora         the float32 LoRA (4 B a parameter); the learner adds its gradient and AdamW's two
+                 moments (16 B a parameter).
+    latents      a branched rollout keeps x_k and the K children x_next of every branch point
+                 (float32; on the host with rollout.children_on_host) and solves a wavefront of
+                 live samples (the backbones and every unfinished child): the states, their
+                 concatenation, the velocities and the next states, 4 copies. Plain rollouts keep
+                 each trajectory's T + 1 states.
+    activations  of one transformer call: the rollout's rollout.max_batch samples without grad;
+                 the learner's train.micro_batch units with grad (all saved, or with gradient
+                 checkpointing) plus the reference's forward. Measured per sample by `probe`: the
+                 model's own transformer class at its real depth, tokens and head size with 2
+                 attention heads, through the policy's `velocity` on the CPU in model.dtype, then
+                 scaled by width / probed width.
+    decode       rollout.decode_chunk images through the VAE decoder, measured per pixel on the
+                 model's own VAE class at two small sizes.
+
+What the probe counts is the bytes of the tensors that ops create and keep alive (`LiveBytes`),
+what an allocator holds for them without rounding or fragmentation; a GPU's attention kernels
+(flash) keep what the CPU's do, linear in tokens.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 2**30
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PROBE_HEADS = 2  # attention heads of the probed transformer (the real head size and depth)
+# A GPU holds more for the same activations than the CPU probe counts (kernel workspaces, the
+# caching allocator's rounding): on one H200 the peaks of results/gpu/smoke (SD3.5-M, bf16,
+# 512 px) were 1.14-1.32x the probe's activations and decode (learner at micro-batch 2 and 8,
+# with and without checkpointing; the decode-bound rollout 1.27x). Activations and decode of a
+# GPU estimate are scaled by the largest, so that the estimate errs high
+# (tests/algorithm/test_memory.py checks the four records).
+GPU_FACTOR = 1.32
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that ops create while the mode is on: a storage counts once,
+    from the op that made it until it is freed. Tensors made before the mode are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live, self.peak, self._sizes = 0, 0, {}
+
+    def _free(self, ptr: int) -> None:
+        self.live -= self._sizes.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                ptr, n = st.data_ptr(), st.nbytes()
+                if n and ptr not in self._sizes and ptr not in inputs:  # not a view of (or in place on) an input
+                    self._sizes[ptr] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, ptr)
+        return out
+
+
+@dataclass(frozen=True)
+class Affine:
+    """Bytes of a call on n samples: fixed + n * per_sample."""
+
+    fixed: float
+    per_sample: float
+
+    def at(self, n: int) -> float:
+        return self.fixed + n * self.per_sample if n > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SampleBytes:
+    """Activation bytes of a transformer call on n samples (a CFG pair each under CFG) at the
+    model's full width, tokens and depth, and of decoding n images."""
+
+    no_grad: Affine  # a forward without grad: rollout, reference, evaluation
+    grad: Affine  # forward with grad and backward, every activation saved
+    checkpointed: Affine  # the same with gradient checkpointing
+    decode: Affine  # the VAE decoder on n images at the run's pixels
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate needs from a model folder (its configs, on the meta device)."""
+
+    component_params: dict[str, int]  # component -> parameters (transformer, text_encoder*, vae)
+    lora_params: int
+    latent: tuple[int, int, int]  # (C, H, W) of one latent at the run's resolution
+    pixels: int  # image side
+    tokens: int  # the transformer's sequence: image tokens (2x2 patches of the latent) + text tokens
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One stage on one worker: its phases, each a mapping part -> bytes; the peak is the largest phase."""
+
+    stage: str
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> float:
+        return max(sum(p.values()) for p in self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda k: sum(self.phases[k].values()))
+
+
+def dtype_bytes(dtype: str) -> int:
+    return _DTYPE_BYTES[dtype]
+
+
+def _small_pipeline(meta_pipe: Any, heads: int, dtype: torch.dtype) -> Any:
+    """The pipeline class with only a transformer: its own class at `heads` attention heads,
+    random weights, on the CPU (no text encoders, no VAE)."""
+    config = dict(meta_pipe.transformer.config)
+    width = heads * int(config["attention_head_dim"])
+    config["num_attention_heads"] = heads
+    if "caption_projection_dim" in config:  # SD3: the text stream's width equals the image stream's
+        config["caption_projection_dim"] = width
+    torch.manual_seed(0)
+    transformer = type(meta_pipe.transformer).from_config(config).to(dtype)
+    parts = {name: (module if "tokenizer" in name or name == "scheduler" else None)
+             for name, module in meta_pipe.components.items()}
+    parts["transformer"] = transformer
+    small = type(meta_pipe)(**parts)
+    small.vae_scale_factor = meta_pipe.vae_scale_factor  # the real VAE's (the small pipeline has none)
+    return small
+
+
+def _width(config: Any, heads: int | None = None) -> int:
+    return int(heads or config["num_attention_heads"]) * int(config["attention_head_dim"])
+
+
+def probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_length: int | None,
+          guidance_scale: float, vae_pixels: tuple[int, int] = (64, 128)) -> SampleBytes:
+    """Activation bytes of one sample, measured on the CPU (see the module docstring)."""
+    from tempflow_core.batches import PromptEmbeds
+    from tempflow_core.policies.sd3 import make_policy
+
+    torch_dtype = getattr(torch, dtype)
+    small = _small_pipeline(meta_pipe, PROBE_HEADS, torch_dtype)
+    policy = make_policy(small, lora, "cpu", max_sequence_length, resolution)
+    config = meta_pipe.transformer.config
+    scale = _width(config) / _width(config, PROBE_HEADS)
+    C, H, W = policy.latent_shape()
+    L, joint, pooled_dim = policy.text_tokens(), int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
+    emb = PromptEmbeds(torch.zeros(1, L, joint), torch.zeros(1, pooled_dim), torch.zeros(1, L, joint),
+                       torch.zeros(1, pooled_dim))
+    x = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.5])
+
+    def measured(n: int, grad: bool) -> float:
+        xs, ts = x.expand(n, -1, -1, -1), t.expand(n)
+        e, p = emb.embeds.expand(n, -1, -1), emb.pooled.expand(n, -1)
+        with torch.set_grad_enabled(grad), LiveBytes() as m:
+            v = policy.velocity(xs, ts, e, p, emb, guidance_scale)
+            if grad:
+                v.square().mean().backward()
+        policy.transformer.zero_grad(set_to_none=True)
+        return m.peak * scale
+
+    def affine(grad: bool) -> Affine:
+        one, two = measured(1, grad), measured(2, grad)
+        return Affine(max(0.0, 2 * one - two), two - one)
+
+    no_grad, with_grad = affine(False), affine(True)
+    policy.transformer.enable_gradient_checkpointing()
+    return SampleBytes(no_grad, with_grad, affine(True), _decode(meta_pipe, torch_dtype, resolution))
+
+
+def _decode(meta_pipe: Any, dtype: torch.dtype, pixels: int, largest: int = 128) -> Affine:
+    """The VAE decoder's peak on n images of `pixels`: measured at that size up to `largest`
+    pixels, above it at `largest` and scaled by the pixel count (the decoder's activations grow
+    with the pixels; its attention, at the latent's size, is counted linear as a GPU's is)."""
+    vae_meta = meta_pipe.vae
+    torch.manual_seed(0)
+    vae = type(vae_meta).from_config(dict(vae_meta.config)).to(dtype)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    px = min(pixels, largest)
+    peaks = []
+    for n in (1, 2):
+        z = torch.randn(n, vae.config.latent_channels, px // factor, px // factor, dtype=dtype)
+        with torch.no_grad(), LiveBytes() as m:
+            vae.decode(z, return_dict=False)
+        peaks.append(m.peak * (pixels / px) ** 2)
+    return Affine(max(0.0, 2 * peaks[0] - peaks[1]), peaks[1] - peaks[0])
+
+
+def estimate(cfg: Any, facts: ModelFacts, sample: SampleBytes, prompts: int | None = None,
+             gpu: bool = True) -> dict[str, Footprint]:
+    """Peak device memory of the rollout, learner and evaluation stages of one worker.
+
+    `prompts`: the prompts one rollout worker samples at once (default: one of the rollout.slices
+    that rollout.prompts_per_iter is cut into). `gpu`: activations and decode times GPU_FACTOR
+    (False: what the CPU holds, as the probe measured it)."""
+    if gpu:
+        sample = SampleBytes(*(Affine(a.fixed * GPU_FACTOR, a.per_sample * GPU_FACTOR)
+                               for a in (sample.no_grad, sample.grad, sample.checkpointed, sample.decode)))
+    b = dtype_bytes(cfg.model.dtype)
+    params = facts.component_params
+    text = sum(v for k, v in params.items() if k.startswith("text_encoder")) * b
+    core = (params.get("transformer", 0) + params.get("vae", 0)) * b
+    held = {"weights": core, "text encoders": 0.0 if cfg.model.offload_text_encoders else text}
+    encode = {"weights": core, "text encoders": text}
+    lora4 = 4.0 * facts.lora_params
+    C, H, W = facts.latent
+    latent = 4.0 * C * H * W  # one float32 latent
+    B = prompts or -(-cfg.rollout.prompts_per_iter // cfg.rollout.slices)
+    K, T = cfg.rollout.group_size, cfg.sampling.num_steps
+    if cfg.branching:
+        bs = cfg.rollout.branch_steps
+        n_b = len(bs) if isinstance(bs, list) else (bs if isinstance(bs, int) else max(1, T - 1))
+        kept = B * n_b * (1 + K) * latent  # x_k and x_next of every branch point
+        live = B * (1 + K * n_b)  # backbones and unfinished children at the last branch step
+        images = B * n_b * K
+    else:
+        kept = B * K * (T + 1) * latent  # every trajectory's states
+        live = images = B * K
+    kept_here = 0.0 if cfg.rollout.children_on_host else kept
+    decode = sample.decode.at(min(cfg.rollout.decode_chunk, images))
+    rollout = Footprint("rollout", {
+        "encode prompts": {**encode, "lora": lora4},
+        "sample": {**held, "lora": lora4, "latents kept": kept_here, "wavefront": 4 * live * latent,
+                   "activations": sample.no_grad.at(min(cfg.rollout.max_batch, live))},
+        "decode": {**held, "lora": lora4, "latents kept": kept_here, "final latents": images * latent,
+                   "decode": decode},
+    })
+    units = cfg.train.micro_batch
+    per = sample.checkpointed if cfg.train.gradient_checkpointing else sample.grad
+    learner = Footprint("learner", {
+        "update": {**held, "lora + grad + AdamW": 16.0 * facts.lora_params,
+                   "units": units * (1 + 2 * (K if cfg.branching else 1)) * latent, "activations": per.at(units)},
+    })
+    n_eval = cfg.rollout.max_batch  # evaluation samples its prompts max_batch at a time
+    evaluation = Footprint("eval", {
+        "encode prompts": {**encode, "lora": lora4},
+        "sample": {**held, "lora": lora4, "wavefront": 4 * n_eval * latent, "activations": sample.no_grad.at(n_eval)},
+        "decode": {**held, "lora": lora4, "decode": sample.decode.at(min(cfg.rollout.decode_chunk, n_eval))},
+    })
+    return {f.stage: f for f in (rollout, learner, evaluation)}
+
+
+def load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
+    """The model's facts and its pipeline with meta weights (a model folder's configs only; the
+    tiny random model of model.tiny when model.path is unset)."""
+    from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline_meta
+    from tempflow_core.policies.sd3 import make_policy
+
+    if cfg.model.path:
+        pipe = load_pipeline_meta(cfg.model.path)
+    else:
+        pipe = build_tiny_pipeline(cfg.model.tiny) if cfg.model.tiny.family == "sd3" else _tiny_flux(cfg)
+    params = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
+              if isinstance(module, torch.nn.Module)}
+    policy = make_policy(pipe, cfg.lora, "meta" if cfg.model.path else "cpu", cfg.model.max_sequence_length,
+                         cfg.model.resolution)
+    lora = sum(p.numel() for p in policy.lora_parameters())
+    C, H, W = policy.latent_shape()
+    pixels = H * pipe.vae_scale_factor
+    return ModelFacts(params, lora, (C, H, W), pixels, (H // 2) * (W // 2) + policy.text_tokens()), pipe
+
+
+def _tiny_flux(cfg: Any) -> Any:
+    from tempflow_core.policies.tiny_flux import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(cfg.model.tiny)
+
+
+def plan_memory(cfg: Any, prompts: int | None = None, gpu: bool = True) -> dict[str, Footprint]:
+    """`estimate` for cfg's model: facts from its configs, per-sample activations probed on the CPU."""
+    facts, pipe = load_facts(cfg)
+    sample = probe(pipe, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale())
+    return estimate(cfg, facts, sample, prompts, gpu)

@@ -1,0 +1,118 @@
+"""What a run will cost before it starts: device memory per stage and worker, transformer rows
+per iteration, minutes per iteration on one H100 / H200, and the pre-flight check that refuses
+a run that does not fit its device.
+
+Rows per iteration are the rollout's and the learner's arithmetic (the counts the rollout/nfe
+metrics report). Minutes come from per-row costs measured on one H200 for SD3.5-M at 512 px in
+bf16 (results/gpu/smoke/sd35m_mb8.json); another model's rows are scaled by its transformer's
+parameters x tokens against SD3.5-M's (an estimate, marked so). The H100 has the H200's dense
+bf16 peak: its minutes are the H200's, marked estimated (its lower memory bandwidth makes them
+a lower bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tempflow_core.algorithm.rollout import completion_rows
+from tempflow_core.algorithm.schedule import make_schedule
+from tempflow_core.algorithm.steps import draw_counts, noise_aware_weights, step_pool
+from tempflow_core.memory import GIB, Footprint, ModelFacts
+
+# One H200, SD3.5-M, 512 px, bf16, 4 prompts x K 6, T 10 (results/gpu/smoke/sd35m_mb8.json and
+# sd35m_mb8_checkpointing.json; tests/algorithm/test_memory.py checks these against the records)
+H200_S_PER_NFE = 29.69050747899996 / 1116  # rollout seconds per NFE (a CFG pair)
+H200_S_PER_UNIT = 3.4735760539999774 / 36  # learner seconds per unit (x with its K children)
+H200_S_PER_UNIT_CHECKPOINTED = 4.729 / 36
+SD35M_WORK = 2_243_171_520 * 1357  # transformer parameters x tokens (1024 image + 333 text) of the records
+
+# the largest part of a peak -> how to shrink it
+LEVERS = {
+    "activations": {"rollout": "lower rollout.max_batch", "eval": "lower rollout.max_batch",
+                    "learner": "lower train.micro_batch or set train.gradient_checkpointing=true"},
+    "decode": "lower rollout.decode_chunk",
+    "wavefront": "raise rollout.slices (fewer prompts per rollout call)",
+    "latents kept": "set rollout.children_on_host=true",
+    "final latents": "raise rollout.slices",
+    "text encoders": "set model.offload_text_encoders=true",
+    "weights": "set model.dtype=bfloat16 or use a GPU with more memory",
+    "lora + grad + AdamW": "lower lora.rank",
+    "units": "lower train.micro_batch",
+    "lora": "lower lora.rank",
+}
+
+
+def rows_per_iteration(cfg: Any, draws: int = 2000) -> tuple[float, float]:
+    """Expected rollout NFEs (a CFG pair counts once) and learner units of one iteration; a random
+    branch draw is averaged over `draws` iterations' draws."""
+    T, K, B = cfg.sampling.num_steps, cfg.rollout.group_size, cfg.rollout.prompts_per_iter
+    if not cfg.branching:
+        return float(B * K * T), float(B * K * len(step_pool(cfg.train.train_steps, T)))
+    bs = cfg.rollout.branch_steps
+    noise = noise_aware_weights(make_schedule(T), step_pool("all", T))
+    nfe, units = [], []
+    for it in range(draws if isinstance(bs, int) and not isinstance(bs, bool) else 1):
+        steps = sorted(draw_counts(bs, T, 0, it, cfg.rollout.branch_draw, noise)) if isinstance(bs, int) \
+            else step_pool(bs, T)
+        nfe.append(B * (steps[-1] + 1 + completion_rows(steps, T, K, cfg.rollout.completion_stride)))
+        units.append(B * len(steps))
+    return float(np.mean(nfe)), float(np.mean(units))
+
+
+@dataclass(frozen=True)
+class Minutes:
+    """Minutes of one iteration's rollout and learner on one GPU of a kind (all workers' work)."""
+
+    gpu: str
+    rollout: float
+    learner: float
+    measured: bool  # False: scaled from SD3.5-M's measured rows, or the H100 from the H200
+
+    @property
+    def total(self) -> float:
+        return self.rollout + self.learner
+
+
+def minutes(cfg: Any, facts: ModelFacts) -> list[Minutes]:
+    """Minutes per iteration on one H200 and one H100 (see the module docstring)."""
+    nfe, units = rows_per_iteration(cfg)
+    rows = cfg.rows_per_sample()
+    work = facts.component_params.get("transformer", 0) * facts.tokens * rows / 2 / SD35M_WORK  # SD3.5-M's rows: 2
+    unit_s = H200_S_PER_UNIT_CHECKPOINTED if cfg.train.gradient_checkpointing else H200_S_PER_UNIT
+    roll, learn = nfe * H200_S_PER_NFE * work / 60, units * unit_s * work / 60
+    measured = abs(work - 1.0) < 1e-6 and cfg.model.dtype == "bfloat16"
+    return [Minutes("H200", roll, learn, measured), Minutes("H100", roll, learn, False)]
+
+
+def refusal(memory: dict[str, Footprint], capacity: float, where: str = "the device") -> str | None:
+    """None when every stage fits `capacity` bytes; else one line naming the stage, its estimate,
+    the largest part of it and the setting that shrinks that part."""
+    for f in memory.values():
+        if f.peak > capacity:
+            parts = f.phases[f.peak_phase]
+            part = max(parts, key=parts.get)
+            lever = LEVERS.get(part, "or use a GPU with more memory")
+            lever = lever.get(f.stage, "") if isinstance(lever, dict) else lever
+            return (f"{f.stage} stage needs ~{size(f.peak)} ({f.peak_phase}: {part} {size(parts[part])}) where {where} "
+                    f"has {size(capacity)}; fix: {lever} (tempflow plan shows every part)")
+    return None
+
+
+def size(n: float) -> str:
+    """Bytes as GiB (MiB below 1 GiB)."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def table(memory: dict[str, Footprint], workers: dict[str, int]) -> list[str]:
+    """Lines: per stage, the peak per worker, the phase it is reached in and its parts."""
+    out = []
+    for f in memory.values():
+        parts = f.phases[f.peak_phase]
+        detail = ", ".join(f"{k} {size(v)}" for k, v in parts.items() if v > 0)
+        n = workers.get(f.stage, 1)
+        out.append(f"  {f.stage:<8} {size(f.peak):>10} per worker ({n} worker{'s' if n > 1 else ''}), "
+                   f"peak while {f.peak_phase}: {detail}")
+    return out
