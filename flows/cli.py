@@ -63,11 +63,16 @@ def _preflight(cfg) -> None:
     from flows.ray_head import ray_preflight
     from tasks.tracking.uri import TrackingUnavailable, probe_configured
 
+    from tempflow_core.run.plan import device_refusal
+
     try:
         preflight(cfg)
         ray_preflight(cfg)
     except PreflightError as e:
         _fail(str(e))
+    why = device_refusal(cfg)  # a run that does not fit its GPU (the estimate of `tempflow plan`)
+    if why:
+        _fail(why)
     try:
         probe_configured(cfg.pipeline.mlflow_uri)
     except TrackingUnavailable as e:

@@ -116,3 +116,22 @@ def table(memory: dict[str, Footprint], workers: dict[str, int]) -> list[str]:
         out.append(f"  {f.stage:<8} {size(f.peak):>10} per worker ({n} worker{'s' if n > 1 else ''}), "
                    f"peak while {f.peak_phase}: {detail}")
     return out
+
+
+def device_refusal(cfg: Any) -> str | None:
+    """The pre-flight memory check of a run on this machine's GPU (`refusal` against the device's
+    memory); None on the CPU, where nothing is checked, and with pipeline.engine=ray, whose
+    workers' GPUs the driver does not see."""
+    import torch
+
+    from tempflow_core.memory import plan_memory
+    from tempflow_core.policies.models import resolve_device
+
+    if cfg.pipeline.engine != "local" or not torch.cuda.is_available():
+        return None
+    device = resolve_device(cfg.model.device)
+    if device.type != "cuda":
+        return None
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    why = refusal(plan_memory(cfg), capacity, f"{torch.cuda.get_device_name(device)} ({device})")
+    return f"model.device: {why}" if why else None

@@ -157,3 +157,19 @@ def test_the_memory_settings_change_where_tensors_live_not_what_is_computed(tiny
         for p, q in zip(got.branch_points, ref.branch_points):
             assert torch.equal(p.x_k, q.x_k) and torch.equal(p.x_next, q.x_next) and torch.equal(p.log_prob, q.log_prob)
         assert (cfg.digest() == ref_cfg.digest()) == ("rollout.decode_chunk=2" not in extra), extra
+
+
+def test_a_run_that_does_not_fit_its_gpu_is_refused_before_any_work_and_the_cpu_is_not_checked(monkeypatch):
+    """On the CPU (this machine) nothing is checked; with a GPU of 1 MiB (torch.cuda stood in for:
+    none runs here) the check names the stage and the setting to change."""
+    cfg = load_config(overrides=["model.path=models/tiny-shapes-sd3", "sampling.num_steps=4"])
+    assert plan.device_refusal(cfg) is None  # no GPU here
+    props = type("Props", (), {"total_memory": 2**20})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a 1 MiB GPU")
+    why = plan.device_refusal(cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "cuda"})}))
+    assert why.startswith("model.device: rollout stage needs") and "a 1 MiB GPU (cuda)" in why and "fix:" in why
+    assert "\n" not in why
+    ray = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"engine": "ray"})})
+    assert plan.device_refusal(ray) is None  # the driver does not see its workers' GPUs
