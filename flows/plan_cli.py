@@ -25,7 +25,7 @@ def plan(
         tempflow plan --config flows/configs/models/sd35m.yaml --gpu-memory 80
     """
     from tempflow_core.memory import GIB, estimate, load_facts, probe
-    from tempflow_core.run.plan import minutes, refusal, rows_per_iteration, table
+    from tempflow_core.run.plan import minutes, refusal, rows_per_iteration, size, store_bytes, table
 
     cfg = resolve(config, set_)
     if cfg.model.path and not (Path(cfg.model.path) / "model_index.json").is_file():
@@ -47,6 +47,9 @@ def plan(
         typer.echo(line)
     typer.echo(f"rows per iteration: rollout {nfe:,.0f} NFE, learner {units:,.0f} units; "
                f"{(nfe + 2 * units) * rows:,.0f} transformer rows")
+    tensors, images = store_bytes(cfg, facts)
+    typer.echo(f"rollout shards per iteration: {size(tensors)} of learner inputs + at most {size(images)} of images "
+               f"(PNG)")
     for m in minutes(cfg, facts):
         wall = m.rollout / workers["rollout"] + m.learner / workers["learner"]
         typer.echo(f"one {m.gpu}: {m.total:.2f} GPU-minutes per iteration (rollout {m.rollout:.2f}, learner "

@@ -47,7 +47,7 @@ class BranchPoint:
     x_next: torch.Tensor  # [K, C, H, W] child state after its one SDE step
     log_prob: torch.Tensor  # [K] float32 old log-prob of x_next
     seeds: torch.Tensor  # [K] int64 noise seed of each child
-    final_latents: torch.Tensor  # [K, C, H, W]
+    final_latents: torch.Tensor | None  # [K, C, H, W] the children's last states (in memory; not in shards)
     images: np.ndarray | None = None  # [K, H', W', 3] uint8
 
     @property

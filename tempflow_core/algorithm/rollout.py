@@ -32,7 +32,7 @@ from tempflow_core.batches import (  # noqa: F401  (the rollout's data types, us
 )
 from tempflow_core.policies.base import FlowPolicy
 from tempflow_core.algorithm.schedule import Schedule
-from tempflow_core.algorithm.sde import ode_step, sde_step
+from tempflow_core.algorithm.sde import ode_step, sde_log_prob, sde_step
 from tempflow_core.seeding import derive_seed, seeded_normal
 
 
@@ -69,6 +69,7 @@ class _Setup:
     sde_sigma: list[float]  # [T] s_i of the SDE step from t_i (sin(a pi / 2) under CPS)
     sde_type: str  # "flow_grpo" or "cps"
     keep: torch.device  # where spawned branch points are kept (the host with rollout.children_on_host)
+    store: torch.dtype  # the dtype states are kept in: the model's half precision, else float32
     calls0: int  # policy counters at the start, to report this rollout's share
     nfe0: int
 
@@ -80,8 +81,23 @@ class _Setup:
 def _begin(policy: FlowPolicy, prompts: list[str], schedule: Schedule, children_on_host: bool = False) -> _Setup:
     emb = policy.encode_prompts(prompts)
     keep = torch.device("cpu") if children_on_host else torch.device(policy.device)
+    model = policy.transformer.dtype
+    store = model if model in (torch.bfloat16, torch.float16) else torch.float32
     return _Setup(emb, policy.latent_shape(), policy.device, schedule.sigmas.tolist(), schedule.sde_sigma().tolist(),
-                  schedule.sde_type, keep, policy.forward_calls, policy.nfe)
+                  schedule.sde_type, keep, store, policy.forward_calls, policy.nfe)
+
+
+def _kept(su: _Setup, x: torch.Tensor, v: torch.Tensor, t: float, t_next: float, s: float,
+          noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SDE step from x [N, C, H, W] as the rollout keeps it: the next state rounded to the
+    dtype states are kept in (the model's half precision, which its transformer reads them in
+    anyway; float32 models: unrounded) and the log-prob [N] of that rounded state, so that the
+    learner, reading the kept states, computes the same transition."""
+    out = sde_step(x, v, t, t_next, s, noise, su.sde_type)
+    if su.store == torch.float32:
+        return out.next_sample, out.log_prob.float()
+    nxt = out.next_sample.to(su.store).float()
+    return nxt, sde_log_prob(nxt, x, v, t, t_next, s, su.sde_type)[0].float()
 
 
 def _finish(policy: FlowPolicy, su: _Setup, kind: Literal["branch", "plain"], prompts: list[str], prompt_ids: list[str],
@@ -125,12 +141,12 @@ def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, 
     K, t, t_next = group_size, su.sig[step], su.sig[step + 1]
     seeds = child_seeds(seed, prompt_id, step, K)
     noise = torch.stack([seeded_normal(s, su.shape, su.device) for s in seeds])  # [K, C, H, W]
-    out = sde_step(x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step], noise,
-                   su.sde_type)
+    x_k = x_k.to(su.store).float()  # as kept (the transformer read it in this precision already)
+    x_next, log_prob = _kept(su, x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step],
+                             noise)
     return BranchPoint(prompt_index=prompt_index, prompt_id=prompt_id, step=step, sigma=t, sigma_next=t_next,
-                       x_k=x_k.to(su.keep, copy=True), x_next=out.next_sample.to(su.keep, copy=True),
-                       log_prob=out.log_prob.float(),
-                       seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=out.next_sample)
+                       x_k=x_k.to(su.keep, su.store, copy=True), x_next=x_next.to(su.keep, su.store, copy=True),
+                       log_prob=log_prob, seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=x_next)
 
 
 def _ode_from(policy: FlowPolicy, su: _Setup, x: torch.Tensor, rows: torch.Tensor, nodes: list[int],
@@ -270,20 +286,21 @@ def plain_rollout(
     seeds = [derive_seed(seed, "traj", prompt_ids[p], j) for p, j in members]
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(su.device)  # [B*G, C, H, W]
+    x = x.to(su.store).float()  # states as kept (see _kept)
     rows = torch.tensor([p for p, _ in members], device=su.device)
     states, logps = [x], []
     for i in range(su.T):
         v = _chunked_velocity(policy, x, sig[i], rows, su.emb, guidance_scale, max_batch)
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(su.device)
-        out = sde_step(x, v, sig[i], sig[i + 1], su.sde_sigma[i], noise, su.sde_type)
-        x = out.next_sample
+        x, log_prob = _kept(su, x, v, sig[i], sig[i + 1], su.sde_sigma[i], noise)
         states.append(x)
-        logps.append(out.log_prob.float())
+        logps.append(log_prob)
         if progress is not None:
             progress(1)
     st = torch.stack(states, 1)  # [B*G, T+1, C, H, W]
     lp = torch.stack(logps, 1)  # [B*G, T]
-    trajs = [Trajectory(p, prompt_ids[p], j, seeds[n], st[n].clone(), lp[n].clone()) for n, (p, j) in enumerate(members)]
+    trajs = [Trajectory(p, prompt_ids[p], j, seeds[n], st[n].to(su.store, copy=True), lp[n].clone())
+             for n, (p, j) in enumerate(members)]
     return _finish(policy, su, "plain", prompts, prompt_ids, schedule, decode, trajectories=trajs)
 
 

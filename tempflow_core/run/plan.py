@@ -135,3 +135,19 @@ def device_refusal(cfg: Any) -> str | None:
     capacity = torch.cuda.get_device_properties(device).total_memory
     why = refusal(plan_memory(cfg), capacity, f"{torch.cuda.get_device_name(device)} ({device})")
     return f"model.device: {why}" if why else None
+
+
+def store_bytes(cfg: Any, facts: ModelFacts) -> tuple[float, float]:
+    """(tensors, images): bytes one iteration's rollout shards hold, by the schema's arithmetic
+    (tempflow_core/shards/schema.py): the learner's inputs in the dtype the rollout kept them
+    (the model's half precision, else float32) and, at most, the raw pixels of every image (PNG
+    stores noise-like images raw and deflates real ones)."""
+    C, H, W = facts.latent
+    latent = C * H * W * (2 if cfg.model.dtype in ("bfloat16", "float16") else 4)
+    K, T = cfg.rollout.group_size, cfg.sampling.num_steps
+    image = facts.pixels ** 2 * 3
+    if cfg.branching:
+        points = rows_per_iteration(cfg)[1]  # branch points: one learner unit each
+        return points * ((1 + K) * latent + K * (4 + 8)), points * K * image
+    n = cfg.rollout.prompts_per_iter * K
+    return n * ((T + 1) * latent + T * 4), n * image

@@ -25,7 +25,9 @@ from tempflow_core.batches import BranchPoint, PromptEmbeds, Trajectory
 _NUMPY_SAFE = {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64,
                torch.uint8, torch.bool}
 # Tensors each kind of sample must hold.
-_REQUIRED = {"branch": ("x_k", "x_next", "log_prob", "seeds", "final_latents"), "plain": ("states", "log_probs")}
+# (final_latents, the children's last states, were written until the images alone were kept: read
+# when present, never required.)
+_REQUIRED = {"branch": ("x_k", "x_next", "log_prob", "seeds"), "plain": ("states", "log_probs")}
 
 
 def tensor_bytes(tensors: Mapping[str, Any], where: str) -> bytes:
@@ -58,7 +60,7 @@ def encode_branch_point(bp: BranchPoint, *, images: bool = True, png_level: int 
     key = check_sample_key(bp.group_id, "BranchPoint.group_id")
     where = f"branch point {key}"
     k = int(bp.x_next.shape[0])
-    for name in ("log_prob", "seeds", "final_latents"):
+    for name in ("log_prob", "seeds"):
         t = getattr(bp, name)
         if not isinstance(t, torch.Tensor) or t.shape[0] != k:
             raise SchemaError(f"{where}: field {name!r} must have {k} rows (one per child)")
@@ -71,8 +73,10 @@ def encode_branch_point(bp: BranchPoint, *, images: bool = True, png_level: int 
     sample: dict[str, Any] = {
         "__key__": key,
         "meta.json": json_bytes(meta, where),
+        # what the learner reads, in the dtype the rollout kept it (the model's half precision, else
+        # float32); the children's final latents are not kept: their images are
         "tensors.safetensors": tensor_bytes({"x_k": bp.x_k, "x_next": bp.x_next, "log_prob": bp.log_prob,
-                                             "seeds": bp.seeds, "final_latents": bp.final_latents}, where),
+                                             "seeds": bp.seeds}, where),
     }
     if images and bp.images is not None:
         if len(bp.images) != k:
@@ -177,7 +181,7 @@ def sample_to_dataclass(d: Mapping[str, Any]) -> BranchPoint | Trajectory:
             return BranchPoint(
                 prompt_index=int(meta["prompt_index"]), prompt_id=str(meta["prompt_id"]), step=int(meta["step"]),
                 sigma=float(meta["sigma"]), sigma_next=float(meta["sigma_next"]), x_k=d["x_k"], x_next=d["x_next"],
-                log_prob=d["log_prob"], seeds=d["seeds"], final_latents=d["final_latents"], images=d.get("images"))
+                log_prob=d["log_prob"], seeds=d["seeds"], final_latents=d.get("final_latents"), images=d.get("images"))
         return Trajectory(prompt_index=int(meta["prompt_index"]), prompt_id=str(meta["prompt_id"]),
                           member=int(meta["member"]), seed=int(meta["seed"]), states=d["states"],
                           log_probs=d["log_probs"], image=d.get("image"))

@@ -11,11 +11,13 @@ A rollout stage writes, under its prefix:
 One branch-point sample (`__key__` = BranchPoint.group_id, e.g. `000003_k04`):
 
     meta.json              kind, step k, sigma, sigma_next, prompt id/index, group id, child keys, seeds
-    tensors.safetensors    x_k [C,H,W] (once), x_next [K,C,H,W], log_prob [K], seeds [K], final_latents [K,C,H,W]
+    tensors.safetensors    x_k [C,H,W] (once), x_next [K,C,H,W] in the model's half precision when it
+                           runs in one (else float32), log_prob [K] float32, seeds [K]; shards written
+                           before also hold final_latents [K,C,H,W] (read, not needed)
     c00.png .. cKK.png     each child's decoded image (lossless)
 
 One plain-trajectory sample (`__key__` = Trajectory.key): meta.json, tensors.safetensors
-(states [T+1,C,H,W], log_probs [T]) and image.png.
+(states [T+1,C,H,W] in the model's half precision or float32, log_probs [T]) and image.png.
 
 Scores (rewards, advantages) live beside the shards under `{prefix}/{name}/`: scores.safetensors
 and their own manifest.json, keyed by the child / trajectory keys.

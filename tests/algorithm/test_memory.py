@@ -173,3 +173,34 @@ def test_a_run_that_does_not_fit_its_gpu_is_refused_before_any_work_and_the_cpu_
     assert "\n" not in why
     ray = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"engine": "ray"})})
     assert plan.device_refusal(ray) is None  # the driver does not see its workers' GPUs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_store_bytes_match_the_shards_a_rollout_writes(tmp_path, dtype):
+    """The embedded default's rollout (4 prompts x K 4, branch points 0..4) written as shards: the
+    learner inputs' bytes are the arithmetic's plus the safetensors headers; the PNGs stay under
+    the raw pixels."""
+    import tarfile
+
+    from tempflow_core.algorithm.train import run_rollout
+    from tempflow_core.shards import write_rollouts
+    from tempflow_core.storage import open_store
+
+    cfg = load_config(ROOT / "flows" / "configs" / "default.yaml",
+                      [f"model.path={ROOT / 'models' / 'tiny-shapes-sd3'}", "model.device=cpu", f"model.dtype={dtype}"])
+    s = setup(cfg)
+    batch = run_rollout(s, s.stream.next_batch(cfg.rollout.prompts_per_iter), 0)
+    write_rollouts(batch, open_store(str(tmp_path)), "r/iter-000000/rollout")
+    sizes = {".safetensors": 0, ".png": 0}
+    for shard in tmp_path.rglob("*.tar"):
+        with tarfile.open(shard) as t:
+            for m in t.getmembers():
+                for ext in sizes:
+                    sizes[ext] += m.size if m.name.endswith(ext) else 0
+    facts, _ = load_facts(cfg)
+    tensors, images = plan.store_bytes(cfg, facts)
+    headers = len(batch.branch_points) * 400  # the safetensors JSON header of each sample
+    assert tensors <= sizes[".safetensors"] <= tensors + headers, (tensors, sizes)
+    assert 0 < sizes[".png"] <= images * 1.01  # PNG: stored or deflated, never much above raw
+    if dtype == "bfloat16":  # the learner's inputs kept in the model's half precision
+        assert all(bp.x_k.dtype == bp.x_next.dtype == torch.bfloat16 for bp in batch.branch_points)

@@ -82,6 +82,34 @@ def test_stored_log_probs_are_those_of_the_policy(policy):
         torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["branch", "plain"])
+def test_a_bf16_model_keeps_its_states_in_bf16_with_the_log_probs_of_those_states(tiny_pipe, kind):
+    """States are kept (and written to the shards) in the model's half precision: the log-prob
+    kept with each is the transition's density at the rounded state from the rounded state, what
+    the learner computes from the shards, exactly."""
+    pol = Policy(tiny_pipe.to(torch.bfloat16), None, "cpu")
+    s = make_schedule(4)
+    sig, ss = s.sigmas, s.sde_sigma()
+    emb = None
+    if kind == "branch":
+        b = branched_rollout(pol, PROMPTS[:2], IDS[:2], s, [0, 2], 3, 4.5, seed=5, decode=False)
+        emb = b.embeds
+        cases = [(bp.x_k[None].expand_as(bp.x_next), bp.x_next, bp.step, bp.prompt_index, bp.log_prob)
+                 for bp in b.branch_points]
+        assert all(bp.x_k.dtype == bp.x_next.dtype == torch.bfloat16 for bp in b.branch_points)
+    else:
+        b = plain_rollout(pol, PROMPTS[:2], IDS[:2], s, 2, 4.5, seed=1, decode=False)
+        emb = b.embeds
+        cases = [(tr.states[i][None], tr.states[i + 1][None], i, tr.prompt_index, tr.log_probs[i:i + 1])
+                 for tr in b.trajectories for i in range(4)]
+        assert all(tr.states.dtype == torch.bfloat16 for tr in b.trajectories)
+    for x, x_next, step, p, kept in cases:
+        r = torch.tensor([p]).expand(x.shape[0])
+        v = pol.velocity(x.float(), torch.tensor(float(sig[step])), emb.embeds[r], emb.pooled[r], emb, 4.5)
+        lp, _, _ = sde_log_prob(x_next.float(), x.float(), v, float(sig[step]), float(sig[step + 1]), float(ss[step]))
+        assert torch.equal(lp.float(), kept)
+
+
 def test_plain_rollout_trajectories(policy):
     s = make_schedule(4)
     b = plain_rollout(policy, PROMPTS[:2], IDS[:2], s, 3, 4.5, seed=1)

@@ -393,3 +393,22 @@ def test_real_tiny_rollout_roundtrip(tmp_path):
                              [0, 1], group_size=2, guidance_scale=4.5, seed=0)
     write_rollouts(batch, str(tmp_path / "store"), PREFIX, samples_per_shard=3, producer=PRODUCER)
     assert_batches_identical(batch, read_rollouts(str(tmp_path / "store"), PREFIX))
+
+
+def test_shards_hold_no_final_latents_and_shards_written_with_them_are_still_read(store):
+    """The children's final latents were written until only their images were kept: a new
+    sample holds x_k, x_next, log_prob and seeds; an old one (with final_latents) reads back whole."""
+    import safetensors.torch
+
+    from tempflow_core.shards.samples import tensor_bytes
+
+    bp = make_branch_batch().branch_points[0]
+    new = shards.encode_branch_point(bp)
+    assert set(safetensors.torch.load(new["tensors.safetensors"])) == {"x_k", "x_next", "log_prob", "seeds"}
+    old = {**new, "__url__": "old.tar", "tensors.safetensors": tensor_bytes(
+        {"x_k": bp.x_k, "x_next": bp.x_next, "log_prob": bp.log_prob, "seeds": bp.seeds,
+         "final_latents": bp.final_latents}, "old")}
+    got = shards.sample_to_dataclass(shards.decode_sample(old))
+    assert_tensor_identical(got.final_latents, bp.final_latents, "final_latents")
+    assert_tensor_identical(got.x_next, bp.x_next, "x_next")
+    assert shards.sample_to_dataclass(shards.decode_sample({**new, "__url__": "new.tar"})).final_latents is None
