@@ -20,15 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tempflow_core.algorithm.rollout import completion_rows  # noqa: E402
-from tempflow_core.algorithm.schedule import make_schedule  # noqa: E402
-from tempflow_core.algorithm.steps import draw_counts, noise_aware_weights, step_pool  # noqa: E402
+from tempflow_core.config import load_config  # noqa: E402
 from tempflow_core.presets import PRESETS  # noqa: E402
+from tempflow_core.run.plan import rows_per_iteration as plan_rows  # noqa: E402
 
 SMOKE = ROOT / "results" / "gpu" / "smoke" / "sd35m_mb8.json"
 FAST = PRESETS["fast"]  # the preset's branch points and share of the iterations
@@ -49,21 +47,17 @@ SETTINGS: list[tuple[str, dict]] = [
 
 
 def rows_per_iteration(T: int, K: int, B: int, setting: dict, iterations: int = 2000) -> tuple[float, float]:
-    """Expected rollout NFEs and learner units of one iteration (NFE: a CFG pair counts once)."""
+    """Expected rollout NFEs and learner units of one iteration (NFE: a CFG pair counts once), by
+    the product's own arithmetic (`tempflow_core.run.plan.rows_per_iteration`) on the setting's config."""
+    sets = [f"sampling.num_steps={T}", f"rollout.group_size={K}", f"rollout.prompts_per_iter={B}"]
     if setting.get("plain"):
-        return float(B * K * T), float(B * K * len(step_pool("all", T)))
-    schedule = make_schedule(T)
-    noise = noise_aware_weights(schedule, step_pool("all", T))
-    nfe, units = [], []
-    draws = 1 if "m" not in setting else iterations
-    for it in range(draws):
-        if "m" in setting:
-            steps = sorted(draw_counts(setting["m"], T, 0, it, setting["draw"], noise))
-        else:
-            steps = setting.get("steps", step_pool("all", T))
-        nfe.append(B * (steps[-1] + 1 + completion_rows(steps, T, K, setting.get("stride", 1))))
-        units.append(B * len(steps))
-    return float(np.mean(nfe)), float(np.mean(units))
+        sets.append("algorithm=flow_grpo_fixed")
+    if "m" in setting:
+        sets += [f"rollout.branch_steps={setting['m']}", f"rollout.branch_draw={setting['draw']}"]
+    if "steps" in setting:
+        sets.append(f"rollout.branch_steps={list(setting['steps'])}")
+    sets.append(f"rollout.completion_stride={setting.get('stride', 1)}")
+    return plan_rows(load_config(overrides=sets), iterations)
 
 
 def main(argv: list[str] | None = None) -> int:

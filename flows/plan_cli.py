@@ -50,12 +50,15 @@ def plan(
     tensors, images = store_bytes(cfg, facts)
     typer.echo(f"rollout shards per iteration: {size(tensors)} of learner inputs + at most {size(images)} of images "
                f"(PNG)")
+    B, S = cfg.rollout.prompts_per_iter, cfg.rollout.slices
+    calls = -(-S // workers["rollout"]) * -(-B // S)  # prompts the busiest rollout worker samples
     for m in minutes(cfg, facts):
-        wall = m.rollout / workers["rollout"] + m.learner / workers["learner"]
+        wall = m.rollout * calls / B + m.learner / workers["learner"]
         typer.echo(f"one {m.gpu}: {m.total:.2f} GPU-minutes per iteration (rollout {m.rollout:.2f}, learner "
                    f"{m.learner:.2f}), {wall:.2f} min wall on {workers['rollout']} rollout / {workers['learner']} "
                    f"learner GPUs, {wall * cfg.train.iterations / 60:.1f} h for the run "
-                   f"({'measured per row' if m.measured else 'estimated'})")
+                   f"({'per-row costs measured on this GPU' if m.measured else 'estimated'}; rewards and "
+                   "orchestration not counted)")
     if gpu_memory is not None:
         why = refusal(memory, gpu_memory * GIB, f"a {gpu_memory:g} GiB GPU")
         if why:

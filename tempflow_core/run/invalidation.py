@@ -50,6 +50,11 @@ AFFECTS: dict[str, frozenset[str]] = {
     # where work runs (pipeline.engine=ray), not what it computes (the learner's ranks: up to float summation order)
     **{f"{section}.workers": _NONE for section in ("rollout", "reward", "train")},
     "reward.stream": _NONE,  # when the slices are scored, not what they score
+    # where tensors live, not what is computed (tests/algorithm/test_memory.py: the same rollout bit for bit)
+    "model.offload_text_encoders": _NONE,
+    "rollout.children_on_host": _NONE,
+    "rollout.decode_chunk": frozenset({ROLLOUT, EVAL}),  # the VAE's batch shape: a GPU may round images apart
+    "train.recompute_old_log_probs": frozenset({LEARNER}),  # the old log-probs the ratio divides by
     **{f"loss.{f}": frozenset({LEARNER}) for f in ("clip_range", "adv_clip_max", "beta", "kl_form",
                                                    "weight_norm", "weight_constant")},
     "train.iterations": _NONE,  # no schedule depends on the total: outputs of iteration i stay the same

@@ -93,7 +93,7 @@ def test_the_gpu_estimate_is_within_15_percent_above_what_one_h200_measured(sd35
     mb = {"sd35m_mb2": 2}.get(record, 8)
     cfg = load_config(ROOT / "flows" / "configs" / "models" / "sd35m.yaml", [
         f"model.path={ROOT / 'tests' / 'flux' / 'fixtures' / 'sd35m'}", f"rollout.prompts_per_iter={r['prompts']}",
-        f"rollout.group_size={r['group_size']}", "rollout.max_batch=64", f"train.micro_batch={mb}",
+        f"rollout.group_size={r['group_size']}", "rollout.max_batch=64", "rollout.decode_chunk=64", f"train.micro_batch={mb}",
         f"train.gradient_checkpointing={str('checkpointing' in record).lower()}"])
     est = estimate(cfg, facts, sample)
     for stage in ("rollout", "learner"):
