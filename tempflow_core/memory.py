@@ -151,8 +151,15 @@ def _width(config: Any, heads: int | None = None) -> int:
 
 
 def probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_length: int | None,
-          guidance_scale: float, vae_pixels: tuple[int, int] = (64, 128)) -> SampleBytes:
-    """Activation bytes of one sample, measured on the CPU (see the module docstring)."""
+          guidance_scale: float) -> SampleBytes:
+    """Activation bytes of n samples, measured on the CPU (see the module docstring); the random
+    weights it builds leave the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _probe(meta_pipe, lora, dtype, resolution, max_sequence_length, guidance_scale)
+
+
+def _probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_length: int | None,
+           guidance_scale: float) -> SampleBytes:
     from tempflow_core.batches import PromptEmbeds
     from tempflow_core.policies.sd3 import make_policy
 
@@ -261,7 +268,12 @@ def estimate(cfg: Any, facts: ModelFacts, sample: SampleBytes, prompts: int | No
 
 def load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
     """The model's facts and its pipeline with meta weights (a model folder's configs only; the
-    tiny random model of model.tiny when model.path is unset)."""
+    tiny random model of model.tiny when model.path is unset). The global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _load_facts(cfg)
+
+
+def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
     from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline_meta
     from tempflow_core.policies.sd3 import make_policy
 

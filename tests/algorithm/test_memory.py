@@ -168,7 +168,11 @@ def test_a_run_that_does_not_fit_its_gpu_is_refused_before_any_work_and_the_cpu_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a 1 MiB GPU")
+    torch.manual_seed(7)
     why = plan.device_refusal(cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": "cuda"})}))
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after, torch.rand(3))  # the check's probe leaves the run's RNG as it was
     assert why.startswith("model.device: rollout stage needs") and "a 1 MiB GPU (cuda)" in why and "fix:" in why
     assert "\n" not in why
     ray = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"engine": "ray"})})
