@@ -23,6 +23,7 @@ from flows import children
 from flows.cli_errors import fail as _fail
 from flows.reward_server_cli import reward_server
 
+from flows.checks import check_not_locked as _check_not_locked, check_run_ids as _check_run_ids, preflight as _preflight
 from flows.plan_cli import plan
 from flows.resolve import CHECKOUT, STATE, resolve as _resolve
 
@@ -53,30 +54,6 @@ def _interrupted(e: BaseException) -> bool:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
-
-
-def _preflight(cfg) -> None:
-    """tempflow_core.run.preflight on a resolved config, and the HTTP tracking server's health: exit 2
-    with a one-line message naming the field and the fix."""
-    from tempflow_core.run.preflight import PreflightError, preflight
-
-    from flows.ray_head import ray_preflight
-    from tasks.tracking.uri import TrackingUnavailable, probe_configured
-
-    from tempflow_core.run.plan import device_refusal
-
-    try:
-        preflight(cfg)
-        ray_preflight(cfg)
-    except PreflightError as e:
-        _fail(str(e))
-    why = device_refusal(cfg)  # a run that does not fit its GPU (the estimate of `tempflow plan`)
-    if why:
-        _fail(why)
-    try:
-        probe_configured(cfg.pipeline.mlflow_uri)
-    except TrackingUnavailable as e:
-        _fail(f"pipeline.mlflow_uri: {e}")
 
 
 def _stored_config(run: str, config: Optional[Path], overrides: list[str]):
@@ -118,6 +95,7 @@ def train(
         _fail("--run-id names a new run; with --resume RUN alone the run keeps its id (add --from STAGE to branch)")
     if resume and in_process:
         _fail("--in-process runs cannot be resumed; resume runs of the pipeline (without --in-process)")
+    _check_run_ids(run_id, resume)
     cfg = _stored_config(resume, config, set_) if resume else _resolve(config, set_)
     if preset:
         cfg = _with_preset(cfg, preset)
@@ -129,6 +107,7 @@ def train(
                   f"{', '.join(changed)}; start a new run from it instead: --resume {resume} --from STAGE "
                   "[--from-iteration N]")
     _preflight(cfg)
+    _check_not_locked(cfg, run_id or (resume if not from_stage else None))
     typer.echo(f"tempflow: {cfg.algorithm}, {cfg.train.iterations} iterations, reward {cfg.reward.name!r}, "
                f"model {cfg.model.path or 'tiny (random init)'}")
     if in_process:
@@ -157,8 +136,8 @@ def train(
             else:
                 result = train_flow(config=cfg, run_id=run_id, resume_from=resume, from_stage=from_stage,
                                     from_iteration=from_iteration)
-    except RunLocked as e:  # another live process writes this run
-        _fail(str(e), 1)
+    except RunLocked as e:  # another live process took this run since the check above
+        _fail(str(e))
     except RunError as e:  # a run id or branch request the store cannot honour; the core names no flags
         _fail(f"{e}\n  a new run from a stage of run RUN: tempflow train --resume RUN --from STAGE "
               "[--from-iteration N] [--run-id NEW]", 1)

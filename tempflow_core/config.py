@@ -387,7 +387,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = _bounded_yaml(p) or {}
         except UnicodeDecodeError:
             raise ConfigError(f"--config: file {str(p)!r} is not UTF-8 text (a binary file?); fix: pass a YAML or "
                               "JSON run config") from None
@@ -401,6 +401,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a run config is a few kB; anything near this is not one
+CONFIG_MAX_DEPTH = 32
+CONFIG_MAX_VALUES = 100_000  # scalars and containers, aliases counted each time they are used
+
+
+def _bounded_yaml(path: Path) -> Any:
+    """A YAML (or JSON) config file parsed within limits: its size, its nesting and the values it
+    expands to (an alias counts its whole target each time it is used, so a 'billion laughs'
+    file is refused before anything expands it). Raises ConfigError naming the file and the limit."""
+    where = f"config file {str(path)!r}"
+    if path.stat().st_size > CONFIG_MAX_BYTES:
+        raise ConfigError(f"{where} is {path.stat().st_size:,} bytes, over the {CONFIG_MAX_BYTES:,} a run config may "
+                          "take; fix: pass the run's settings, not data")
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's hook
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > CONFIG_MAX_DEPTH:
+                    raise ConfigError(f"{where} nests deeper than {CONFIG_MAX_DEPTH} levels; fix: a run config is a "
+                                      "mapping of sections")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    budget = [CONFIG_MAX_VALUES]
+
+    def count(node: Any) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ConfigError(f"{where} expands to more than {CONFIG_MAX_VALUES:,} values (YAML aliases repeat their "
+                              "target each time they are used); fix: write the settings out")
+        for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()):
+            count(child)
+
+    count(data)
+    return data
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

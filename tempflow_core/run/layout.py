@@ -9,6 +9,7 @@ stage, whose scores sit beside the rollouts, when its scores are complete.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from tempflow_core.config import RunConfig
@@ -16,6 +17,15 @@ from tempflow_core.shards import read_manifest, scores_complete
 from tempflow_core.storage import ObjectStore, join_key, open_store
 
 STAGES = ("rollout", "reward", "learner", "eval")
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")  # one path segment: no '/', never '.' or '..'
+
+
+def check_run_id(run_id: str) -> str:
+    """`run_id` when it is a single safe name; else ValueError in one line naming it and the rule."""
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id) or ".." in run_id:
+        raise ValueError(f"run id {run_id!r} is not a single safe name; fix: use letters, digits, '.', '_' and '-' "
+                         "(starting with a letter or digit, at most 200 characters, no '/' and no '..')")
+    return run_id
 
 
 def open_run_store(cfg: RunConfig) -> ObjectStore:
@@ -30,6 +40,9 @@ class RunLayout:
 
     store: ObjectStore
     run_id: str
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)  # a run is one folder of the store, never a path out of it
 
     @classmethod
     def open(cls, cfg: RunConfig, run_id: str) -> RunLayout:

@@ -62,6 +62,18 @@ def _stale(holder: dict[str, Any]) -> bool:
         and holder["pid"] != os.getpid() and not pid_alive(holder["pid"])
 
 
+def held_by_another(layout: RunLayout) -> str | None:
+    """Why `layout`'s run cannot be written now (a live holder of its lock, or one on another
+    host), in one line; None when it is free or its holder is gone. Reads only: the check a
+    command makes before it creates any state (`acquire` still decides)."""
+    holder = _read(layout, join_key(layout.run_id, LOCK_FILE))
+    if holder is None or _stale(holder):
+        return None
+    return (f"run {layout.run_id!r} is being written by pid {holder.get('pid')} on host {holder.get('host')} "
+            f"(since {holder.get('since')}); wait for that run to end, or if it is dead delete "
+            f"{layout.store.uri_for(join_key(layout.run_id, LOCK_FILE))}")
+
+
 def acquire(layout: RunLayout) -> str:
     """Take the run's lock; returns its token. Raises RunLocked naming the live holder."""
     key = join_key(layout.run_id, LOCK_FILE)

@@ -93,3 +93,29 @@ def test_the_committed_ablation_runs_keep_their_digests():
             assert f"abl-{reward}-{variant}-s{seed}-{cfg.digest()[:6]}" == record["runs"][variant][seed], path
             checked += 1
     assert checked == 30
+
+
+BOMB = "\n".join([f"l0: &l0 [{', '.join(['lol'] * 9)}]"] + [
+    f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]) + "\n"  # 1 kB, 9^9 values expanded
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("bomb.yaml", BOMB, "expands to more than 100,000 values"),
+    ("deep.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper than 32 levels"),
+    ("huge.yaml", "a: '" + "x" * (1 << 20) + "'\n", "over the 1,048,576 a run config may take"),
+])
+def test_a_hostile_config_file_is_refused_within_bounds_before_it_expands(tmp_path, name, text, needle):
+    """A 'billion laughs' alias file, 5000 nested lists and a 1 MiB file: refused in one line,
+    exit 2 (the alias file used to expand for 47 s into a MemoryError)."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path / name)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "show-config", "--config", str(tmp_path / name)],
+                         capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 2 and needle in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-500:]
+
+
+def test_yaml_anchors_within_bounds_still_load(tmp_path):
+    f = tmp_path / "anchors.yaml"
+    f.write_text("train: &t {lr: 0.01, seed: 3}\neval: {seed: 3}\nrollout: {group_size: 3}\n")
+    assert load_config(f).train.lr == 0.01

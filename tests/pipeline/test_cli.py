@@ -239,3 +239,35 @@ def test_eval_of_a_run_under_other_settings_takes_eval_fields_only_and_an_out_fi
         assert out.returncode == 2 and needle in out.stderr, out.stderr[-500:]
         assert out.stderr.strip().count("\n") == 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_a_run_id_that_is_not_one_safe_name_is_refused_before_any_state(tmp_path):
+    """`--run-id` and `--resume` name one folder of the store: a path (`../x`, `/abs`, `a/b`), `.`
+    or a name with other characters is refused in one line, exit 2, with nothing written."""
+    for flag, bad in (("--run-id", "../x"), ("--run-id", "/abs"), ("--run-id", "."), ("--run-id", "a/b"),
+                      ("--resume", "../../etc"), ("--run-id", "x y")):
+        out = subprocess.run(CLI + ["train", flag, bad, "--set", f"pipeline.store={tmp_path / 'store'}"],
+                             capture_output=True, text=True, timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
+        assert out.returncode == 2, (bad, out.stderr[-500:])
+        assert out.stderr.strip().count("\n") == 0 and "not a single safe name" in out.stderr, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no Prefect state, no runs
+
+
+def test_a_run_another_live_process_writes_is_refused_with_exit_2_before_a_flow_run_exists(tmp_path):
+    import socket
+
+    store = tmp_path / "store"
+    (store / "busy").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (store / "busy" / "lock.json").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname(),
+                                                              "token": "x", "since": "now"}))
+        out = subprocess.run(CLI + ["train", "--run-id", "busy", "--set", f"pipeline.store={store}"],
+                             capture_output=True, text=True, timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert out.returncode == 2, out.stderr[-800:]
+    assert f"run 'busy' is being written by pid {other.pid}" in out.stderr and out.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "home").exists()  # no Prefect database, so no flow run
+    assert sorted(p.name for p in (store / "busy").iterdir()) == ["lock.json"]
