@@ -28,6 +28,7 @@ from flows.plan_cli import plan
 from flows.resolve import CHECKOUT, STATE, resolve as _resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # third-party telemetry off unless turned on
 
 
 def _local_state() -> None:

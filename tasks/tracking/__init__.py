@@ -14,14 +14,21 @@ An adapter over ``MlflowClient``, not a Prefect task (tasks/tracking_task.py hol
 The package imports without a server; only ``RunTracker(...)`` talks to the tracking backend.
 Secrets never reach MLflow: config keys that look like credentials are dropped from params
 and tags, and credentials in URLs are masked wherever a URI is written (params, tags,
-dataset sources, error messages), by the rules of tempflow_core/redaction.py.
+dataset sources, error messages), by the rules of tempflow_core/redaction.py. MLflow's
+telemetry is off unless MLFLOW_DISABLE_TELEMETRY says otherwise.
 """
 
 from __future__ import annotations
 
-from .runs import RunTracker
-from .uri import TrackingUnavailable, resolve_tracking_uri
-from .values import MODEL_NAME, flatten_params, is_secret_key, metric_key, redact
+import os
+
+# MLflow's usage telemetry is off unless the user turns it on (it writes ~/.config/mlflow and
+# sends events): set before MLflow is imported by anything below
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from .runs import RunTracker  # noqa: E402
+from .uri import TrackingUnavailable, resolve_tracking_uri  # noqa: E402
+from .values import MODEL_NAME, flatten_params, is_secret_key, metric_key, redact  # noqa: E402
 
 __all__ = [
     "MODEL_NAME", "RunTracker", "TrackingUnavailable", "flatten_params", "is_secret_key", "metric_key", "redact",

@@ -358,3 +358,25 @@ def test_dropped_connections_fail_fast(local_server, no_env_uri):
     with pytest.raises(TrackingUnavailable, match=uri.replace(".", r"\.")):
         RunTracker(uri, "tempflow-test", "train-test", {"a": 1})
     assert len(accepted) == 3
+
+
+def test_mlflow_telemetry_is_off_where_tempflow_tracks(tmp_path):
+    """MLflow 3 writes ~/.config/mlflow/telemetry.json and sends usage events unless told not to
+    (it keeps quiet by itself only under pytest and CI variables, removed here as on a user's
+    machine); importing tempflow's tracking turns that off before MLflow loads."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import tasks.tracking, mlflow, time\n"
+            "from mlflow.telemetry.utils import is_telemetry_disabled\nprint(is_telemetry_disabled())\n"
+            f"mlflow.set_tracking_uri('sqlite:///{tmp_path}/m.db')\n"
+            "with mlflow.start_run():\n    mlflow.log_metric('a', 1.0)\ntime.sleep(1)\n")
+    ci = {"PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k not in ci}
+    env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "home" / ".config"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert out.stdout.split()[0] == "True"
+    assert not any((tmp_path / "home").rglob("telemetry.json"))
