@@ -43,6 +43,20 @@ def _local_state() -> None:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TempFlow-GRPO for flow-matching text-to-image models.")
 
+
+@app.callback()
+def _scratch() -> None:
+    """Before every command: torch's compile cache (which importing diffusers creates as
+    $TMPDIR/torchinductor_<user>) in a scratch folder of this process, removed when it ends."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR", "").strip():
+        import atexit
+        import shutil
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="tempflow-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+
 ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 
 

@@ -271,3 +271,15 @@ def test_a_run_another_live_process_writes_is_refused_with_exit_2_before_a_flow_
     assert f"run 'busy' is being written by pid {other.pid}" in out.stderr and out.stderr.strip().count("\n") == 0
     assert not (tmp_path / "home").exists()  # no Prefect database, so no flow run
     assert sorted(p.name for p in (store / "busy").iterdir()) == ["lock.json"]
+
+
+def test_a_command_leaves_no_temporary_folder_behind(tmp_path):
+    """Importing diffusers makes torch create $TMPDIR/torchinductor_<user>; the CLI points that
+    cache at a scratch folder of its own and removes it when it ends."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = subprocess.run(CLI + ["plan", "--set", "model.path=null", "--set", "sampling.num_steps=2"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**_env(tmp_path, None), "TMPDIR": str(scratch)})
+    assert out.returncode == 0, out.stderr[-800:]
+    assert sorted(p.name for p in scratch.iterdir()) == []
