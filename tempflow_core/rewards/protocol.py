@@ -11,8 +11,13 @@ Protocol version 1. Bodies are UTF-8 JSON (no pickle anywhere); images travel as
                      "images": [N base64 PNG, RGB, all of one size]}
                  -> {"protocol": 1, "batch_id": "c1-b0", "reward": ..., "version": ...,
                      "scores": [N finite numbers], "details": {name: [N numbers, null = NaN]}, "seconds": s}
-    an error     -> {"error": "message"} with 400 (malformed request), 404, 413 (body too large),
-                    422 (the reward rejected its input: retrying cannot help) or 500 (the reward failed).
+    an error     -> {"error": "message"} with 400 (malformed request), 401 (no or a wrong token), 404,
+                    408 (the body did not arrive in time), 413 (over a limit: body, images, pixels),
+                    422 (the reward rejected its input: retrying cannot help), 500 (the reward failed)
+                    or 503 with Retry-After (the server's queue is full).
+
+A server beyond loopback requires a token: `Authorization: Bearer TOKEN` (or HTTP Basic with the
+token as the password or a bare user name, as a URL's credentials send it).
 
 `version` is the package version plus a digest of the reward factory's source file and its
 options, so the manifest of a reward stage scored remotely says which code scored it.
@@ -35,11 +40,32 @@ from tempflow_core.shards.png import decode_png as decode_png_bytes
 from tempflow_core.shards.png import encode_png as encode_png_bytes
 
 PROTOCOL = 1
-MAX_BODY_BYTES = 512 * 1024 * 1024  # a request larger than this is refused with 413
+MAX_BODY_BYTES = 512 * 1024 * 1024  # a client refuses an answer larger than this
 
 
 class ProtocolError(ValueError):
     """A request or response that does not follow the protocol; the message says what is wrong."""
+
+
+class TooLarge(ProtocolError):
+    """A request over one of the server's limits (HTTP 413): smaller batches or images pass."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one /score request may hold, checked before anything is decompressed."""
+
+    max_body_bytes: int = 64 * 1024 * 1024  # the request's bytes (base64 PNG: ~1.1 MB a stored 512 px image)
+    max_images: int = 1024  # images per request
+    max_image_pixels: int = 4096 * 4096  # one image's width x height, from its PNG header
+    max_request_pixels: int = 256 * 1024 * 1024  # all images' pixels together (~0.75 GiB decoded)
+
+
+def png_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's header (IHDR, the first chunk), without decompressing anything."""
+    if len(raw) < 24 or raw[:8] != b"\x89PNG\r\n\x1a\n" or raw[12:16] != b"IHDR":
+        raise ProtocolError("an image is not base64 PNG (no PNG signature and header)")
+    return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
 
 
 # ----------------------------------------------------------------------------- wire format
@@ -63,6 +89,13 @@ def decode_png(data: str) -> np.ndarray:
     `encode_png` writes them skip PIL (the shards' fast path); any other PNG is converted by PIL."""
     try:
         raw = base64.b64decode(data, validate=True)
+    except ValueError as e:
+        raise ProtocolError(f"an image is not base64 PNG ({e})") from None
+    return _decode_png_raw(raw)
+
+
+def _decode_png_raw(raw: bytes) -> np.ndarray:
+    try:
         arr = decode_png_bytes(raw, "image")
         if arr.ndim == 3 and arr.shape[2] == 3:
             return arr
@@ -103,6 +136,8 @@ def _load(body: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"{what} is not JSON ({e}): {body[:80]!r}") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} nests deeper than JSON may here") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what} is JSON {type(obj).__name__}, not an object")
     if obj.get("protocol") != PROTOCOL:
@@ -125,7 +160,11 @@ def encode_request(req: ScoreRequest) -> bytes:
     return b"".join((head[:-2], b'"', b'","'.join(images), b'"]}'))  # head ends with '[]}'
 
 
-def decode_request(body: bytes) -> ScoreRequest:
+def decode_request(body: bytes, limits: Limits = Limits()) -> ScoreRequest:
+    """The request in `body`; ProtocolError when malformed, TooLarge over `limits` (checked on
+    the images' count and on every PNG header before any image is decompressed)."""
+    if len(body) > limits.max_body_bytes:
+        raise TooLarge(f"request of {len(body):,} bytes is over {limits.max_body_bytes:,}: send smaller batches")
     obj = _load(body, "request")
     prompts, metadata, images = obj.get("prompts"), obj.get("metadata"), obj.get("images")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
@@ -136,7 +175,23 @@ def decode_request(body: bytes) -> ScoreRequest:
         raise ProtocolError("request.images must be a list of base64 PNG strings")
     if not len(prompts) == len(metadata) == len(images):
         raise ProtocolError(f"request has {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
-    arrays = [decode_png(i) for i in images]
+    if len(images) > limits.max_images:
+        raise TooLarge(f"request of {len(images)} images is over {limits.max_images}: send smaller batches")
+    raws, total = [], 0
+    for k, data in enumerate(images):
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError as e:
+            raise ProtocolError(f"image {k} is not base64 ({e})") from None
+        w, h = png_size(raw)
+        total += w * h
+        if w * h > limits.max_image_pixels:
+            raise TooLarge(f"image {k} declares {w} x {h} pixels, over {limits.max_image_pixels:,}: send smaller images")
+        if total > limits.max_request_pixels:
+            raise TooLarge(f"the request's images declare over {limits.max_request_pixels:,} pixels: send smaller "
+                           "batches")
+        raws.append(raw)
+    arrays = [_decode_png_raw(raw) for raw in raws]
     if len({a.shape for a in arrays}) > 1:
         raise ProtocolError(f"images of one request must share a size, got {sorted({a.shape for a in arrays})}")
     stacked = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)

@@ -16,7 +16,10 @@ a malformed answer, a wrong number of scores or a 4xx fails at once with RemoteR
 When the tries run out, RemoteRewardUnavailable (a ConnectionError, which the pipeline's
 stage retry treats as transient) is raised; the batches of that call already scored are kept
 and not sent again when the same images are scored next (a retried reward stage).
-Error messages name the server by its URL with any credentials masked.
+Error messages name the server by its URL with any credentials masked. A 503 or 429 is retried
+after its Retry-After (at most 30 s) when that is longer than the backoff. A server that needs a
+token gets it from the URL's credentials or, kept out of the URL (and so out of every record),
+from the TEMPFLOW_REWARD_TOKEN variable, sent as Authorization: Bearer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import base64
 import hashlib
 import http.client
 import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 import urllib.error
@@ -38,6 +42,9 @@ from tempflow_core.redaction import redact_text, redact_uri, split_credentials
 from tempflow_core.storage.retry import RetryPolicy
 from tempflow_core.rewards.registry import RewardError
 from tempflow_core.rewards.protocol import PROTOCOL, ProtocolError, ScoreRequest, ScoreResponse, decode_health, decode_response, encode_request
+
+
+TOKEN_ENV = "TEMPFLOW_REWARD_TOKEN"  # the server's token, sent as Authorization: Bearer
 
 
 class RemoteRewardError(RewardError):
@@ -56,6 +63,16 @@ def is_transient(exc: BaseException) -> bool:
         return isinstance(exc.reason, (ConnectionError, TimeoutError))
     # RemoteDisconnected is a ConnectionResetError; IncompleteRead: the connection dropped mid-body
     return isinstance(exc, (ConnectionError, TimeoutError, http.client.IncompleteRead))
+
+
+def _retry_after(exc: BaseException, cap: float = 30.0) -> float:
+    """Seconds a 503 or 429 asks the client to wait (its Retry-After, at most `cap`); 0 otherwise."""
+    if isinstance(exc, urllib.error.HTTPError) and exc.code in (429, 503):
+        try:
+            return min(cap, max(0.0, float(exc.headers.get("Retry-After", "0"))))
+        except (TypeError, ValueError):  # an HTTP date: wait the policy's delay
+            return 0.0
+    return 0.0
 
 
 def _reason(exc: BaseException) -> str:
@@ -92,6 +109,9 @@ class RemoteReward:
         if user is not None:
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
             self._auth = f"Basic {token}"
+        elif os.environ.get(TOKEN_ENV, "").strip():  # the server's token, kept out of the URL (and of every record)
+            self._auth = f"Bearer {os.environ[TOKEN_ENV].strip()}"
+            self._secrets.append(os.environ[TOKEN_ENV].strip())
         self.timeout, self.health_timeout, self.batch_size = float(timeout), float(health_timeout), int(batch_size)
         self.in_flight = int(in_flight)
         self.policy = RetryPolicy(retries=int(retries) + 1, backoff=float(backoff))
@@ -132,7 +152,7 @@ class RemoteReward:
                                      f"{what} failed {attempt} time(s) over {time.monotonic() - t0:.1f} s, last: "
                                      f"{_reason(e)} (timeout {timeout:g} s); is the server running? start it with "
                                      "`tempflow reward-server --reward NAME --port PORT`") from None
-                time.sleep(self.policy.delay(attempt))
+                time.sleep(max(self.policy.delay(attempt), _retry_after(e)))
         raise AssertionError("unreachable")
 
     def _health(self) -> tuple[str, str]:
