@@ -27,7 +27,7 @@ def reward_server(
                               "Retry-After."),
     read_timeout: float = typer.Option(30.0, "--read-timeout", help="Seconds a client has for each read of its "
                                        "request; a stalled client is dropped."),
-    max_body_mb: int = typer.Option(64, "--max-body-mb", help="Largest request body (413 beyond)."),
+    max_body_mb: int = typer.Option(128, "--max-body-mb", help="Largest request body (413 beyond)."),
     max_images: int = typer.Option(1024, "--max-images", help="Most images in one request (413 beyond)."),
     max_image_side: int = typer.Option(4096, "--max-image-side", help="Largest width x height of an image, as a side "
                                        "(read from its PNG header before decoding; 413 beyond)."),

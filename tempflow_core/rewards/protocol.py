@@ -55,7 +55,7 @@ class TooLarge(ProtocolError):
 class Limits:
     """What one /score request may hold, checked before anything is decompressed."""
 
-    max_body_bytes: int = 64 * 1024 * 1024  # the request's bytes (base64 PNG: ~1.1 MB a stored 512 px image)
+    max_body_bytes: int = 128 * 1024 * 1024  # the request's bytes (base64 PNG: ~1.05 MB a stored 512 px image)
     max_images: int = 1024  # images per request
     max_image_pixels: int = 4096 * 4096  # one image's width x height, from its PNG header
     max_request_pixels: int = 256 * 1024 * 1024  # all images' pixels together (~0.75 GiB decoded)
