@@ -7,6 +7,7 @@ is one of those, in the source's order, e.g. `builtin:shapes_train?tags=single_o
 from __future__ import annotations
 
 import json
+import unicodedata
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +68,16 @@ def _load(source: str) -> list[PromptRecord]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source!r} does not exist")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"prompt file {source!r} is {path.stat().st_size:,} bytes, over {MAX_FILE_BYTES:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")  # no newline translation: a bare \r is a character, refused below
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {source!r} is not UTF-8 text (byte {e.start})") from None
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]  # "\n" ends a line, nothing else
     if path.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text().splitlines()):
+        for n, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
@@ -81,10 +89,29 @@ def _load(source: str) -> list[PromptRecord]:
                                  "with a 'prompt' field")
             if not isinstance(rec.get("prompt"), str):
                 raise ValueError(f"{source}:{n + 1}: record has no 'prompt' string")
+            check_prompt(rec["prompt"], f"{source}:{n + 1}")
             out.append(PromptRecord(str(rec.get("id", f"{len(out):06d}")).replace(".", "_"), rec["prompt"], rec))
         return out
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    return [PromptRecord(f"{i:06d}", t) for i, t in enumerate(lines)]
+    prompts = [(n, check_prompt(ln.strip(), f"{source}:{n + 1}")) for n, ln in enumerate(lines) if ln.strip()]
+    return [PromptRecord(f"{i:06d}", t) for i, (_, t) in enumerate(prompts)]
+
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # a prompt file (GenEval's training set is ~50 kB)
+MAX_PROMPT_CHARS = 4096  # far past what a text encoder reads (CLIP 77 tokens, T5 512); the rest is cut
+
+
+def check_prompt(text: str, where: str) -> str:
+    """`text` when it is one prompt: at most MAX_PROMPT_CHARS characters and no control, format
+    or line-separator characters (NUL, ESC, CR, form feed, U+0085, U+2028/9, the bidirectional
+    overrides U+202A-E and U+2066-9 ...), which would be stored silently or split it. Raises
+    ValueError naming `where` and the character."""
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{where}: a prompt of {len(text):,} characters, over {MAX_PROMPT_CHARS:,}")
+    for i, ch in enumerate(text):
+        if ch != "\t" and unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            raise ValueError(f"{where}: character {i + 1} is U+{ord(ch):04X} ({unicodedata.name(ch, 'a control')}), "
+                             "not allowed in a prompt (one prompt a line; a line ends with \\n)")
+    return text
 
 
 def _builtin_loaders():
