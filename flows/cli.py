@@ -133,10 +133,13 @@ def train(
         typer.echo(f"done: metrics {out / 'metrics.jsonl'}, LoRA {result.lora_path}")
         return
     _local_state()
-    from flows.train import tracking_credentials_to_env, train_flow
+    from flows.train import reward_credentials_to_env, tracking_credentials_to_env, train_flow
     from tempflow_core.algorithm.loop import DegenerateRewardError
 
-    cfg = tracking_credentials_to_env(cfg)  # never into the flow parameters Prefect stores
+    try:  # never into the flow parameters Prefect stores
+        cfg = reward_credentials_to_env(tracking_credentials_to_env(cfg))
+    except ValueError as e:
+        _fail(str(e))
     from tempflow_core.reports import report
     from tempflow_core.run.preflight import PreflightError
     from tempflow_core.rewards import RewardError

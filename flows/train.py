@@ -65,6 +65,33 @@ def tracking_credentials_to_env(config: RunConfig) -> RunConfig:
     return config.model_copy(update={"pipeline": config.pipeline.model_copy(update={"mlflow_uri": plain})})
 
 
+def reward_credentials_to_env(config: RunConfig) -> RunConfig:
+    """The config without credentials in any reward option's `url` (a reward server's token as
+    the URL's password or bare user): the token moves to TEMPFLOW_REWARD_TOKEN of this process,
+    which the `remote` client sends as Authorization: Bearer, so run.json, MLflow and the flow
+    run's parameters hold none. Two servers with different tokens cannot share the variable:
+    ValueError naming the setting."""
+    from tempflow_core.redaction import split_credentials
+    from tempflow_core.rewards.remote import TOKEN_ENV
+
+    options, token = {}, None
+    for name, opts in config.reward.options.items():
+        url = opts.get("url") if isinstance(opts, dict) else None
+        plain, user, password = split_credentials(url) if isinstance(url, str) else (url, None, None)
+        secret = password or user
+        if secret:
+            if token is not None and secret != token:
+                raise ValueError(f"reward.options.{name}.url: reward servers with different tokens cannot share "
+                                 f"{TOKEN_ENV}; fix: one token for every server")
+            token = secret
+            opts = {**opts, "url": plain}
+        options[name] = opts
+    if token is None:
+        return config
+    os.environ[TOKEN_ENV] = token
+    return config.model_copy(update={"reward": config.reward.model_copy(update={"options": options})})
+
+
 def flow_run_name() -> str:
     """The flow run's name in the Prefect UI: the run id, reward and seed (runs.display_name),
     not a random pair of words; computed when the run starts, also for runs started from the UI."""
@@ -91,7 +118,7 @@ def train_flow(
     starts a new run that reuses everything of `resume_from` upstream of that stage."""
     from prefect.runtime import flow_run
 
-    config = tracking_credentials_to_env(config)  # a run started from the UI/API may carry them
+    config = reward_credentials_to_env(tracking_credentials_to_env(config))  # a run started from the UI/API may carry them
     preflight_check(config)
     run_id = run_id or new_run_id(config, flow_run.get_id())
     lay = RunLayout.open(config, run_id)

@@ -1,5 +1,6 @@
 """Planted secrets never leave the process: a short `tempflow train` with a password in the
-MLflow URI and AWS credentials in the environment, then every place the run wrote is searched
+MLflow URI, a reward server's token in the reward's URL and AWS credentials in the environment,
+then every place the run wrote is searched
 for them (files under the test's folders and TEMPFLOW_HOME, every object of the run on S3,
 every line the CLI printed, the MLflow server's database, artifacts and log, every MLflow
 param and tag, and the Prefect flow run's parameters and logs)."""
@@ -19,7 +20,9 @@ from moto_s3 import KEY_ID, SECRET as AWS_SECRET
 from .conftest import tiny_overrides
 
 PASSWORD = "pw-planted-7f3e9c41"
-PLANTED = {"MLflow URI password": PASSWORD, "AWS secret access key": AWS_SECRET, "AWS access key id": KEY_ID}
+REWARD_TOKEN = "rt-planted-91c2aa07"
+PLANTED = {"MLflow URI password": PASSWORD, "AWS secret access key": AWS_SECRET, "AWS access key id": KEY_ID,
+           "reward server token": REWARD_TOKEN}
 
 
 def _found(text: bytes | str) -> list[str]:
@@ -29,18 +32,29 @@ def _found(text: bytes | str) -> list[str]:
 
 def test_planted_secrets_are_found_nowhere(prefect_api, mlflow_server, s3_server, tiny_model_dir, tmp_path,
                                            tmp_path_factory):
+    import threading
+
+    from tempflow_core.rewards.server import RewardServer
+
+    rewards = RewardServer("brightness", token=REWARD_TOKEN)  # on 127.0.0.1, in a thread of this process
+    threading.Thread(target=rewards.serve_forever, daemon=True).start()
     host = mlflow_server.removeprefix("http://")
     sets = tiny_overrides(tmp_path, tiny_model_dir, iterations=1) + [
         "pipeline.store=s3://tempflow-test/secrets", f"pipeline.s3_endpoint_url={s3_server}",
         f"pipeline.mlflow_uri=http://tempflow:{PASSWORD}@{host}", "pipeline.experiment=tempflow-secrets",
+        "reward.name=remote", f"reward.options.remote.url=http://{REWARD_TOKEN}@{rewards.url.removeprefix('http://')}",
     ]
     env = {**os.environ, "TEMPFLOW_HOME": str(tmp_path / "home"), "PREFECT_API_URL": prefect_api,
            "PREFECT_LOGGING_LEVEL": "INFO"}
+    env.pop("TEMPFLOW_REWARD_TOKEN", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_HOME", None)  # CI sets one; the run's Prefect state must land under TEMPFLOW_HOME to be searched
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "secrets"]
-                         + sum((["--set", s] for s in sets), []), capture_output=True, text=True, timeout=600,
-                         env=env, cwd=tmp_path)
+    try:
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--run-id", "secrets"]
+                             + sum((["--set", s] for s in sets), []), capture_output=True, text=True, timeout=600,
+                             env=env, cwd=tmp_path)
+    finally:
+        rewards.shutdown()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "run secrets finished" in out.stdout
     leaks: dict[str, list[str]] = {}
