@@ -8,18 +8,20 @@ A stage's peak is the largest sum, over its phases, of what it holds on the devi
     lora         the float32 LoRA (4 B a parameter); the learner adds its gradient and AdamW's two
                  moments (16 B a parameter).
     latents      a branched rollout keeps x_k and the K children x_next of every branch point
-                 (float32; on the host with rollout.children_on_host) and solves a wavefront of
-                 live samples (the backbones and every unfinished child): the states, their
-                 concatenation, the velocities and the next states, 4 copies. Plain rollouts keep
-                 each trajectory's T + 1 states.
+                 (in the model's half precision, else float32; on the host with
+                 rollout.children_on_host) and solves a wavefront of live float32 samples (the
+                 backbones and every unfinished child): the states, their concatenation, the
+                 velocities and the next states, 4 copies. Plain rollouts keep each trajectory's
+                 T + 1 states.
     activations  of one transformer call: the rollout's rollout.max_batch samples without grad;
-                 the learner's train.micro_batch units with grad (all saved, or with gradient
-                 checkpointing) plus the reference's forward. Measured per sample by `probe`: the
-                 model's own transformer class at its real depth, tokens and head size with 2
-                 attention heads, through the policy's `velocity` on the CPU in model.dtype, then
-                 scaled by width / probed width.
-    decode       rollout.decode_chunk images through the VAE decoder, measured per pixel on the
-                 model's own VAE class at two small sizes.
+                 the learner's train.micro_batch units with grad, forward and backward (all
+                 saved, or with gradient checkpointing). Measured on 1 and 2 samples by `probe`:
+                 the model's own transformer class at its real depth, tokens and head size with
+                 2 attention heads, through the policy's `velocity` on the CPU in model.dtype,
+                 then scaled by width / probed width.
+    decode       rollout.decode_chunk images through the VAE decoder, measured on 1 and 2 images
+                 of the model's own VAE class at the run's pixels (above 128 px: at 128 px,
+                 scaled by the pixel count).
 
 What the probe counts is the bytes of the tensors that ops create and keep alive (`LiveBytes`),
 what an allocator holds for them without rounding or fragmentation; a GPU's attention kernels
@@ -231,16 +233,17 @@ def estimate(cfg: Any, facts: ModelFacts, sample: SampleBytes, prompts: int | No
     lora4 = 4.0 * facts.lora_params
     C, H, W = facts.latent
     latent = 4.0 * C * H * W  # one float32 latent
+    kept_latent = C * H * W * (2.0 if cfg.model.dtype in ("bfloat16", "float16") else 4.0)  # as the rollout keeps it
     B = prompts or -(-cfg.rollout.prompts_per_iter // cfg.rollout.slices)
     K, T = cfg.rollout.group_size, cfg.sampling.num_steps
     if cfg.branching:
         bs = cfg.rollout.branch_steps
         n_b = len(bs) if isinstance(bs, list) else (bs if isinstance(bs, int) else max(1, T - 1))
-        kept = B * n_b * (1 + K) * latent  # x_k and x_next of every branch point
+        kept = B * n_b * (1 + K) * kept_latent  # x_k and x_next of every branch point
         live = B * (1 + K * n_b)  # backbones and unfinished children at the last branch step
         images = B * n_b * K
     else:
-        kept = B * K * (T + 1) * latent  # every trajectory's states
+        kept = B * K * (T + 1) * kept_latent  # every trajectory's states
         live = images = B * K
     kept_here = 0.0 if cfg.rollout.children_on_host else kept
     decode = sample.decode.at(min(cfg.rollout.decode_chunk, images))

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import safetensors.torch as st
 import torch
 
@@ -244,8 +245,13 @@ def test_eval_of_a_run_under_other_settings_takes_eval_fields_only_and_an_out_fi
 def test_a_run_id_that_is_not_one_safe_name_is_refused_before_any_state(tmp_path):
     """`--run-id` and `--resume` name one folder of the store: a path (`../x`, `/abs`, `a/b`), `.`
     or a name with other characters is refused in one line, exit 2, with nothing written."""
-    for flag, bad in (("--run-id", "../x"), ("--run-id", "/abs"), ("--run-id", "."), ("--run-id", "a/b"),
-                      ("--resume", "../../etc"), ("--run-id", "x y")):
+    from tempflow_core.run.layout import check_run_id
+
+    for bad in (".", "a/b", "x y", "..", "a..b", "-x", "x" * 201, "\u202ex"):
+        with pytest.raises(ValueError, match="not a single safe name"):
+            check_run_id(bad)
+    assert check_run_id("tempflow-20261207-123456-1a2b.c_d") == "tempflow-20261207-123456-1a2b.c_d"
+    for flag, bad in (("--run-id", "../x"), ("--run-id", "/abs"), ("--resume", "../../etc")):
         out = subprocess.run(CLI + ["train", flag, bad, "--set", f"pipeline.store={tmp_path / 'store'}"],
                              capture_output=True, text=True, timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
         assert out.returncode == 2, (bad, out.stderr[-500:])
