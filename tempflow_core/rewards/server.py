@@ -57,6 +57,8 @@ class _BoundedServer(ThreadingHTTPServer):
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="reward-server")
         self._slots = threading.BoundedSemaphore(workers + queue)
         self._rejected: Queue[Any] = Queue(maxsize=64)
+        self._active: set[Any] = set()  # connections a worker holds (closed on shutdown: no read outlives it)
+        self._active_lock = threading.Lock()
         threading.Thread(target=self._reject_loop, name="reward-server-503", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -68,9 +70,13 @@ class _BoundedServer(ThreadingHTTPServer):
             return
 
         def run() -> None:
+            with self._active_lock:
+                self._active.add(request)
             try:
                 self.process_request_thread(request, client_address)
             finally:
+                with self._active_lock:
+                    self._active.discard(request)
                 self._slots.release()
 
         self._pool.submit(run)
@@ -99,6 +105,12 @@ class _BoundedServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        with self._active_lock:
+            for request in list(self._active):  # a worker blocked reading an idle client returns now
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             self._rejected.put_nowait(None)

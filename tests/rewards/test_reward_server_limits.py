@@ -162,3 +162,16 @@ def test_the_cli_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "reward-server", "--reward", "brightness", "--token-file",
                           str(tmp_path / "empty")], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert out.returncode == 2 and "is empty" in out.stderr
+
+
+def test_shutting_down_does_not_wait_for_an_idle_client():
+    """A connected client that sends nothing holds a worker until its read timeout (60 s here);
+    the server's shutdown closes it, so the process ends at once (a 20 s limit, not 60)."""
+    code = ("import socket, threading\n"
+            "from tempflow_core.rewards.server import RewardServer\n"
+            "s = RewardServer('brightness', read_timeout=60)\n"
+            "threading.Thread(target=s.serve_forever, daemon=True).start()\n"
+            "c = socket.create_connection(s.httpd.server_address[:2])\n"
+            "import time; time.sleep(0.5); s.shutdown(); print('down')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert out.returncode == 0 and "down" in out.stdout, out.stderr[-1000:]
