@@ -233,7 +233,7 @@ def estimate(cfg: Any, facts: ModelFacts, sample: SampleBytes, prompts: int | No
     lora4 = 4.0 * facts.lora_params
     C, H, W = facts.latent
     latent = 4.0 * C * H * W  # one float32 latent
-    kept_latent = C * H * W * (2.0 if cfg.model.dtype in ("bfloat16", "float16") else 4.0)  # as the rollout keeps it
+    kept_latent = C * H * W * b  # as the rollout keeps it: the model's precision
     B = prompts or -(-cfg.rollout.prompts_per_iter // cfg.rollout.slices)
     K, T = cfg.rollout.group_size, cfg.sampling.num_steps
     if cfg.branching:

@@ -84,17 +84,9 @@ def _png_base64(image: np.ndarray) -> bytes:
     return base64.b64encode(encode_png_bytes(image, "reward request image", 0))
 
 
-def decode_png(data: str) -> np.ndarray:
-    """base64 PNG -> uint8 [H, W, 3]; ProtocolError when it is not one. RGB PNGs stored the way
-    `encode_png` writes them skip PIL (the shards' fast path); any other PNG is converted by PIL."""
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except ValueError as e:
-        raise ProtocolError(f"an image is not base64 PNG ({e})") from None
-    return _decode_png_raw(raw)
-
-
 def _decode_png_raw(raw: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 [H, W, 3]; ProtocolError when they are not one. RGB PNGs stored the way
+    `encode_png` writes them skip PIL (the shards' fast path); any other PNG is converted by PIL."""
     try:
         arr = decode_png_bytes(raw, "image")
         if arr.ndim == 3 and arr.shape[2] == 3:

@@ -20,7 +20,7 @@ import numpy as np
 from tempflow_core.algorithm.rollout import completion_rows
 from tempflow_core.algorithm.schedule import make_schedule
 from tempflow_core.algorithm.steps import draw_counts, noise_aware_weights, step_pool
-from tempflow_core.memory import GIB, Footprint, ModelFacts
+from tempflow_core.memory import GIB, Footprint, ModelFacts, dtype_bytes
 
 # One H200, SD3.5-M, 512 px, bf16, 4 prompts x K 6, T 10 (results/gpu/smoke/sd35m_mb8.json and
 # sd35m_mb8_checkpointing.json; tests/algorithm/test_memory.py checks these against the records)
@@ -143,7 +143,7 @@ def store_bytes(cfg: Any, facts: ModelFacts) -> tuple[float, float]:
     (the model's half precision, else float32) and, at most, the raw pixels of every image (PNG
     stores noise-like images raw and deflates real ones)."""
     C, H, W = facts.latent
-    latent = C * H * W * (2 if cfg.model.dtype in ("bfloat16", "float16") else 4)
+    latent = C * H * W * dtype_bytes(cfg.model.dtype)
     K, T = cfg.rollout.group_size, cfg.sampling.num_steps
     image = facts.pixels ** 2 * 3
     if cfg.branching:
