@@ -42,12 +42,18 @@ def check_run_ids(*ids: Optional[str]) -> None:
 
 
 def check_not_locked(cfg, run: Optional[str]) -> None:
-    """A run another live process writes is refused (exit 2) before a flow run is created."""
+    """A run folder that holds things but no run, or a run another live process writes, is
+    refused (exit 2) before a flow run is created."""
     if run is None:
         return
     from tempflow_core.run.layout import RunLayout
+    from tempflow_core.run.ownership import RUN_FOLDER_FIX, run_folder_problem
     from tempflow_core.run.runlock import held_by_another
 
-    why = held_by_another(RunLayout.open(cfg, run))
+    layout = RunLayout.open(cfg, run)
+    problem = run_folder_problem(layout.store, run)
+    if problem:
+        _fail(f"--run-id {run}: {problem}; fix: {RUN_FOLDER_FIX}")
+    why = held_by_another(layout)
     if why:
         _fail(why)

@@ -169,6 +169,7 @@ class PipelineConfig(_Section):
     # read by the core (stages, layout)
     store: str = Field(".tempflow/store", description="Object store for stage outputs: a local folder, file:///abs/path or s3://bucket/prefix (credentials from the boto3 chain, never from here).")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); AWS_ENDPOINT_URL_S3 works too.")
+    shared_store: bool = Field(False, description="The store root may hold things that are not tempflow runs (a folder or bucket prefix shared with other data); off: such a root is refused before a run writes, so a mistyped store never gets runs written among other files.")
     samples_per_shard: int = Field(32, ge=1, description="Rollout samples (branch points or trajectories) per webdataset shard.")
     engine: Literal["local", "ray"] = Field("local", description="Where stage work runs: 'local' (this process) or 'ray' (rollout and reward actors, a Ray Train learner; RAY_ADDRESS when set, else a local Ray started and stopped by the run). Stage outputs, URIs and resume are the same on both.")
     # read by the orchestration only (flows/, tasks/); opaque to the core

@@ -73,7 +73,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     **{f"eval.{f}": frozenset({EVAL}) for f in ("every", "prompts", "max_prompts", "images_per_prompt",
                                                 "images_per_category", "extra_reward", "seed", "guidance_scale")},
     **{f"guard.{f}": _NONE for f in ("max_bad_iterations", "zero_spread_fraction")},
-    **{f"pipeline.{f}": _NONE for f in ("store", "s3_endpoint_url", "samples_per_shard", "mlflow_uri", "experiment",
+    **{f"pipeline.{f}": _NONE for f in ("store", "shared_store", "s3_endpoint_url", "samples_per_shard", "mlflow_uri", "experiment",
                                         "registered_model", "grid_every", "gpu_limit", "engine")},
     "output_dir": _NONE,
 }

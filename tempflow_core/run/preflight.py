@@ -337,6 +337,7 @@ def check_tracking(cfg: RunConfig) -> None:
 
 def check_store_access(cfg: RunConfig) -> None:
     """pipeline.store opens; a local folder can be created; an S3 bucket answers a HEAD."""
+    from tempflow_core.run.ownership import STORE_ROOT_FIX, store_root_problem
     from tempflow_core.storage import LocalStore, StoreError, open_store
     from tempflow_core.storage.s3 import S3Store
 
@@ -350,6 +351,12 @@ def check_store_access(cfg: RunConfig) -> None:
         _check_local_folder(store.root)
     elif isinstance(store, S3Store):
         _check_s3(store, cfg)
+    try:
+        problem = store_root_problem(store, cfg.pipeline.shared_store)
+    except StoreError as e:
+        raise PreflightError("pipeline.store", f"cannot list {store.uri} ({e})", "check the store's permissions") from None
+    if problem:
+        raise PreflightError("pipeline.store", problem, STORE_ROOT_FIX)
 
 
 def _check_local_folder(root: Path) -> None:

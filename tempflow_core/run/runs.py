@@ -21,9 +21,9 @@ from tempflow_core.run.fingerprints import changed_inputs, fingerprints
 from tempflow_core.run.invalidation import plan_branch
 from tempflow_core.shards import MANIFEST_NAME
 from tempflow_core.run.layout import STAGES, RunLayout
+from tempflow_core.run.ownership import LOCK_FILE, RUN_FILE, RUN_FOLDER_FIX, run_folder_problem
 from tempflow_core.storage import ObjectNotFound, join_key
 
-RUN_FILE = "run.json"
 _ORDER = {"rollout": 0, "reward": 1, "advantages": 2, "learner": 2, "eval": 3}
 
 
@@ -82,6 +82,9 @@ def open_run(cfg: RunConfig, layout: RunLayout, resumed_from: dict[str, Any] | N
     files it points at (model, prompts, reward models) are still those it started with."""
     record = read_run(layout)
     if record is None:
+        problem = run_folder_problem(layout.store, layout.run_id)
+        if problem:  # the CLI refuses it earlier; a run started from the UI or API is refused here
+            raise RunError(f"run id {layout.run_id!r}: {problem}; fix: {RUN_FOLDER_FIX}")
         record = _new_record(cfg, layout, resumed_from)
         write_run(layout, record)
         return record
@@ -106,7 +109,7 @@ def _copy_prefix(src: RunLayout, dst: RunLayout, prefix_src: str, prefix_dst: st
     return n
 
 
-_NOT_RUN_DATA = ("lock.json",)  # a run's own lock (runlock.py) is no sign that the run exists
+_NOT_RUN_DATA = (LOCK_FILE,)  # a run's own lock (runlock.py) is no sign that the run exists
 
 
 def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: int, cfg: RunConfig) -> int:

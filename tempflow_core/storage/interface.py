@@ -55,6 +55,14 @@ class ObjectStore(abc.ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Keys under the folder `prefix` (recursive, sorted, relative to the store root)."""
 
+    def entries(self, prefix: str = "", limit: int = 1000) -> list[str]:
+        """The first `limit` names directly under the folder `prefix`, sorted; a folder's name
+        ends with '/'. Cheap on a large store: one level, one page."""
+        folder = prefix.rstrip("/") + "/" if prefix else ""
+        names = sorted({k[len(folder):].split("/", 1)[0] + ("/" if "/" in k[len(folder):] else "")
+                        for k in self.list(prefix)})
+        return names[:limit]
+
     @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Delete one object; a missing object is not an error."""

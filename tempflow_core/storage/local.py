@@ -120,6 +120,15 @@ class LocalStore(ObjectStore):
                 keys.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(keys)
 
+    def entries(self, prefix: str = "", limit: int = 1000) -> list[str]:
+        base = self._path(prefix, what="prefix", allow_empty=True)
+        if not base.is_dir():
+            return []
+        with os.scandir(base) as it:
+            names = [e.name + ("/" if e.is_dir() else "") for e in it
+                     if not (e.name.startswith(".") and _TMP_MARK in e.name)]
+        return sorted(names)[:limit]
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 

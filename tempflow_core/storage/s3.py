@@ -271,6 +271,19 @@ class S3Store(ObjectStore):
 
         return sorted(self.call("list", self.uri_for(folder.rstrip("/")), run))
 
+    def entries(self, prefix: str = "", limit: int = 1000) -> list[str]:
+        folder = folder_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        start = len(root + folder)
+
+        def run() -> list[str]:
+            page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=root + folder, Delimiter="/",
+                                               MaxKeys=max(1, min(limit, 1000)))
+            return ([p["Prefix"][start:] for p in page.get("CommonPrefixes", [])]
+                    + [o["Key"][start:] for o in page.get("Contents", [])])
+
+        return sorted(self.call("list", self.uri_for(folder.rstrip("/")), run))[:limit]
+
     def delete(self, key: str) -> None:
         full, uri = self.full_key(key), self.uri_for(key)
         self.call("delete", uri, lambda: self.client.delete_object(Bucket=self.bucket, Key=full))

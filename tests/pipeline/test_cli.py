@@ -259,6 +259,26 @@ def test_a_run_id_that_is_not_one_safe_name_is_refused_before_any_state(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no Prefect state, no runs
 
 
+def test_a_store_or_run_folder_holding_other_things_is_refused_with_exit_2_and_left_as_it_was(tmp_path):
+    """`pipeline.store=file:///etc` and `--run-id ssh` on a copy of /etc: one line naming the
+    setting or the folder and the fix, exit 2, nothing written (no run.json, init/ or prompts/)."""
+    etc = tmp_path / "etc"
+    (etc / "ssh").mkdir(parents=True)
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (etc / "ssh" / "sshd_config").write_text("PermitRootLogin no\n")
+    before = sorted(str(p.relative_to(etc)) for p in etc.rglob("*"))
+    cases = ((["--set", f"pipeline.store={etc.as_uri()}"], "pipeline.store: " + etc.as_uri(), "pipeline.shared_store=true"),
+             (["--set", f"pipeline.store={etc}", "--set", "pipeline.shared_store=true", "--run-id", "ssh"],
+              "--run-id ssh: " + (etc / "ssh").as_uri(), "choose another run id"))
+    for args, named, fix in cases:
+        out = subprocess.run(CLI + ["train"] + args, capture_output=True, text=True, timeout=120,
+                             env=_env(tmp_path, None), cwd=tmp_path)
+        assert out.returncode == 2, out.stderr[-800:]
+        assert named in out.stderr and fix in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    assert sorted(str(p.relative_to(etc)) for p in etc.rglob("*")) == before
+    assert not (tmp_path / "home").exists()  # no Prefect database, so no flow run
+
+
 def test_a_run_another_live_process_writes_is_refused_with_exit_2_before_a_flow_run_exists(tmp_path):
     import socket
 

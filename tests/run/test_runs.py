@@ -174,3 +174,16 @@ def test_folder_sha256_names_the_bytes_of_a_model_folder(tmp_path):
     (tmp_path / "m" / "README.md").write_text("another card")
     assert folder_sha256(tmp_path / "m") == by_hand({**files, "transformer/diffusion_pytorch_model.safetensors":
                                                      bytes(changed)})
+
+
+def test_a_run_is_never_opened_in_a_folder_that_holds_something_else(tmp_path):
+    """A run started from the UI or API with the id of someone's folder: refused before run.json
+    is written, the folder left as it was."""
+    folder = tmp_path / "store" / "ssh"
+    folder.mkdir(parents=True)
+    (folder / "sshd_config").write_text("PermitRootLogin no\n")
+    cfg = RunConfig(pipeline={"store": str(tmp_path / "store")})
+    with pytest.raises(RunError, match="already holds files that are not a tempflow run"):
+        open_run(cfg, RunLayout.open(cfg, "ssh"))
+    assert sorted(p.name for p in folder.iterdir()) == ["sshd_config"]
+    assert open_run(cfg, RunLayout.open(cfg, "fresh"))["run_id"] == "fresh"  # a new folder is fine
