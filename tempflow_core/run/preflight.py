@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tempflow_core.config import RunConfig
-from tempflow_core.families import detect_family
+from tempflow_core.families import detect_family, family_defaults
 from tempflow_core.redaction import redact_uri
 from tempflow_core.rewards.registry import RewardError, RewardRegistry
 
@@ -86,6 +86,8 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
     eval_field, eval_source = eval_prompt_source(cfg)
     if eval_source != cfg.prompts.source:
         check_prompts(eval_source, eval_field, allowed)
+    check_prompt_tokens(cfg, [("prompts.source", cfg.prompts.source)]
+                        + ([(eval_field, eval_source)] if eval_source != cfg.prompts.source else []))
     if roots is not None:  # a run started from a deployment imports only the plugins the operator allows
         allowed_plugins = {m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()}
         for module in cfg.reward.plugins:
@@ -210,6 +212,55 @@ def check_prompts(source: str, field: str, roots: list[Path] | None = None) -> i
                                  "a unique 'id' (or none: records without one are numbered)")
         seen[r.id] = n
     return len(records)
+
+
+def prompt_token_limit(cfg: RunConfig) -> tuple[str, int, str] | None:
+    """(tokenizer subfolder, tokens, what) of the text encoder that reads the most of a prompt:
+    SD3 with T5 and FLUX: T5 at model.max_sequence_length (the family's default when unset,
+    FLUX capped by the tokenizer); SD3 without T5: CLIP's context. None without a model folder."""
+    if cfg.model.path is None:
+        return None
+    folder = Path(cfg.model.path).expanduser()
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    family = detect_family(folder)
+    t5 = "tokenizer_2" if family == "flux" else "tokenizer_3"
+    if isinstance(index.get(t5), list) and index[t5][0] is not None:
+        return t5, cfg.model.max_sequence_length or family_defaults(family).t5_tokens, "T5"
+    return "tokenizer", 0, "CLIP"  # 0: the tokenizer's own model_max_length
+
+
+def check_prompt_tokens(cfg: RunConfig, sources: list[tuple[str, str]]) -> None:
+    """Every prompt fits the tokens the model reads of it (a longer one is cut: the model would
+    never see its end). Tokenized with the model folder's own tokenizer."""
+    limit = prompt_token_limit(cfg)
+    if limit is None:
+        return
+    import transformers
+
+    from tempflow_core.prompts import load_prompts
+
+    sub, tokens, what = limit
+    folder = Path(cfg.model.path).expanduser()
+    cls = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))[sub][1]
+    try:
+        tokenizer = getattr(transformers, cls).from_pretrained(str(folder / sub))
+    except Exception as e:  # noqa: BLE001 - a missing vocabulary, a bad class name: the run could not encode
+        raise PreflightError("model.path", f"the {what} tokenizer in {str(folder / sub)!r} ({cls}) cannot be "
+                             f"loaded ({type(e).__name__})", "copy the whole pipeline folder") from None
+    model_max = int(tokenizer.model_max_length)
+    tokens = min(tokens, model_max) if tokens else model_max
+    for field, source in sources:
+        records = load_prompts(source)
+        for start in range(0, len(records), 1024):
+            batch = records[start:start + 1024]
+            ids = tokenizer([r.text for r in batch], add_special_tokens=True, verbose=False)["input_ids"]
+            for n, (r, row) in enumerate(zip(batch, ids)):
+                if len(row) > tokens:
+                    more = (f"raise model.max_sequence_length (the tokenizer reads up to {model_max})"
+                            if what == "T5" and tokens < model_max else "")
+                    raise PreflightError(field, f"{source} record {start + n + 1} ({r.id}) is {len(row)} {what} tokens, "
+                                         f"over the {tokens} the model reads (its end would be cut)",
+                                         "shorten the prompt" + (f", or {more}" if more else ""))
 
 
 # -- rewards -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from tempflow_core.algorithm.schedule import make_schedule
-from tempflow_core.algorithm.sde import gaussian_kl, gaussian_log_prob, sde_log_prob, sde_step
+from tempflow_core.algorithm.sde import gaussian_kl, sde_log_prob, sde_step
 
 MU, STD = 1.5, 0.5  # 1-D Gaussian data
 

@@ -63,3 +63,22 @@ def test_unsupported_pipeline_is_refused_in_one_line(tmp_path):
     cfg = load_config(None, [f"model.path={tmp_path}"])
     with pytest.raises(ValueError, match="not supported"):
         cfg.family()
+
+
+def test_a_prompt_longer_than_the_t5_tokens_the_model_reads_is_refused(tiny_flux_dir, tmp_path):
+    """FLUX reads a prompt through T5 at model.max_sequence_length (capped by the tokenizer: 16 for
+    the tiny model); a longer prompt would be cut, so pre-flight names it, its count and the limit."""
+    from tempflow_core.run.preflight import PreflightError, check_prompt_tokens, prompt_token_limit
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n" + "a red circle and a blue square " * 3 + "\n")
+    cfg = RunConfig(model={"path": str(tiny_flux_dir)}, prompts={"source": str(prompts)})
+    assert prompt_token_limit(cfg) == ("tokenizer_2", 512, "T5")
+    with pytest.raises(PreflightError, match=r"record 2 \(000001\) is 2\d T5 tokens, over the 16 the model reads"):
+        check_prompt_tokens(cfg, [("prompts.source", str(prompts))])
+    short = cfg.model_copy(update={"model": cfg.model.model_copy(update={"max_sequence_length": 3})})
+    with pytest.raises(PreflightError, match=r"record 1 \(000000\) is 4 T5 tokens, over the 3 .*raise "
+                                             r"model.max_sequence_length \(the tokenizer reads up to 16\)"):
+        check_prompt_tokens(short, [("prompts.source", str(prompts))])
+    prompts.write_text("a red circle\n")
+    check_prompt_tokens(cfg, [("prompts.source", str(prompts))])

@@ -43,6 +43,9 @@ def _inputs(cwd: Path) -> None:
     (cwd / "a-file").write_text("not a folder\n")
     (cwd / "nul.txt").write_bytes(b"a red circle\na blue\x00 square\n")
     (cwd / "huge-line.txt").write_text("a red circle " * 10_000 + "\n")
+    (cwd / "long.txt").write_text("a red circle\n" + "a red circle and a blue square " * 3 + "\n")
+    (cwd / "etc" / "ssh").mkdir(parents=True)
+    (cwd / "etc" / "passwd").write_text("root:x:0:0\n")
     (cwd / "sdxl").mkdir()
     (cwd / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
 
@@ -64,6 +67,7 @@ CASES = [
     ("unknown builtin prompt set", ["--set", "prompts.source=builtin:nosuch"], "prompts.source"),
     ("a NUL in a prompt", ["--set", "prompts.source=nul.txt"], "prompts.source"),
     ("a 130 kB prompt", ["--set", "prompts.source=huge-line.txt"], "prompts.source"),
+    ("a prompt longer than the model reads", ["--set", "prompts.source=long.txt"], "prompts.source"),
     ("test prompts with a repeated id", ["--set", "prompts.test_source=dup-id.jsonl"], "prompts.test_source"),
     ("eval prompts missing", ["--set", "eval.prompts=missing.txt"], "eval.prompts"),
     ("unknown eval reward", ["--set", "eval.extra_reward=nosuch"], "eval.extra_reward"),
@@ -71,6 +75,7 @@ CASES = [
     ("MLflow file store", ["--set", "pipeline.mlflow_uri=/tmp/mlruns"], "pipeline.mlflow_uri"),
     ("MLflow server down (credentials in the URI)",
      ["--set", f"pipeline.mlflow_uri=http://user:{SECRET}@127.0.0.1:" + "{port}"], "pipeline.mlflow_uri"),
+    ("store root holding other things", ["--set", "pipeline.store=etc"], "pipeline.store"),
     ("store under a file", ["--set", "pipeline.store=a-file/store"], "pipeline.store"),
     ("S3 without credentials", ["--set", "pipeline.store=s3://tempflow-test/runs", "--set",
                                 "pipeline.s3_endpoint_url={moto}"], "pipeline.store"),

@@ -11,7 +11,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import boto3
 

@@ -70,7 +70,6 @@ def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_ml
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
     async def read():
         async with get_client() as c:
