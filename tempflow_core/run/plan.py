@@ -120,21 +120,57 @@ def table(memory: dict[str, Footprint], workers: dict[str, int]) -> list[str]:
 
 def device_refusal(cfg: Any) -> str | None:
     """The pre-flight memory check of a run on this machine's GPU (`refusal` against the device's
-    memory); None on the CPU, where nothing is checked, and with pipeline.engine=ray, whose
-    workers' GPUs the driver does not see."""
+    memory); on the CPU `host_refusal`; None with pipeline.engine=ray, whose workers' GPUs the
+    driver does not see."""
     import torch
 
     from tempflow_core.memory import plan_memory
     from tempflow_core.policies.models import resolve_device
 
-    if cfg.pipeline.engine != "local" or not torch.cuda.is_available():
+    if cfg.pipeline.engine != "local":
         return None
     device = resolve_device(cfg.model.device)
     if device.type != "cuda":
-        return None
+        return host_refusal(cfg)
     capacity = torch.cuda.get_device_properties(device).total_memory
     why = refusal(plan_memory(cfg), capacity, f"{torch.cuda.get_device_name(device)} ({device})")
     return f"model.device: {why}" if why else None
+
+
+def host_memory() -> int:
+    """Bytes of memory this process may use: the cgroup's limit when one is set, else the machine's."""
+    import os
+    from pathlib import Path
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for f in (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")):
+        try:
+            raw = f.read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            return min(total, int(raw))
+    return total
+
+
+def host_refusal(cfg: Any, capacity: int | None = None) -> str | None:
+    """On the CPU, a stated bound only (activations are not counted): the weights of every
+    component of model.path, in model.dtype, fit in this machine's memory. Counted from the
+    folder's configs on the meta device, before any weight is allocated. None without a folder
+    (the tiny random model)."""
+    if not cfg.model.path:
+        return None
+    from tempflow_core.memory import load_facts
+
+    facts, _ = load_facts(cfg)
+    per = {k: n * dtype_bytes(cfg.model.dtype) for k, n in facts.component_params.items()}
+    need, have = sum(per.values()), host_memory() if capacity is None else capacity
+    if need <= have:
+        return None
+    big = max(per, key=per.get)
+    return (f"model.path: the weights of {cfg.model.path} alone take {size(need)} in {cfg.model.dtype} ({big} "
+            f"{size(per[big])}), more than this machine's {size(have)} of memory; fix: check the folder's "
+            "config.json files, or run it on a machine with a GPU (tempflow plan estimates one)")
 
 
 def store_bytes(cfg: Any, facts: ModelFacts) -> tuple[float, float]:

@@ -158,12 +158,52 @@ def check_model(cfg: RunConfig, roots: list[Path] | None = None) -> None:
             raise PreflightError("model.path", f"component {name!r} ({spec[1]}) named by {str(index_path)!r} is "
                                  f"missing: no files in {str(sub)!r}", "copy the whole pipeline folder "
                                  "(save_pretrained writes one subfolder per component)")
+        for conf in (sub / "config.json", sub / "scheduler_config.json"):
+            if conf.is_file():
+                _check_declared_sizes(conf)
     if cfg.model.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise PreflightError("model.device", f"{cfg.model.device!r} asked for, but no CUDA device is visible",
                                  "set model.device=auto (the GPU when present, else the CPU) or model.device=cpu")
+
+
+# A component's declared sizes, bounded before any module is built from them (even on the meta
+# device, a billion declared layers is a billion Python objects): counts of layers or blocks at
+# most MAX_DECLARED_LAYERS, every other integer and list length at most MAX_DECLARED_SIZE.
+MAX_DECLARED_LAYERS = 1024
+MAX_DECLARED_SIZE = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20
+_LAYER_KEY = re.compile(r"(layers|blocks)(_per_block)?$|^num_.*(layers|blocks)")
+
+
+def _check_declared_sizes(conf: Path) -> None:
+    fix = "check the file: it must be the config.json that was saved with the model's weights"
+    if conf.stat().st_size > MAX_CONFIG_BYTES:
+        raise PreflightError("model.path", f"{str(conf)!r} is {conf.stat().st_size} bytes (a config is at most "
+                             f"{MAX_CONFIG_BYTES})", fix)
+    try:
+        data = json.loads(conf.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PreflightError("model.path", f"{str(conf)!r} is not valid JSON ({type(e).__name__})", fix) from None
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k))
+        elif isinstance(value, list):
+            if len(value) > MAX_DECLARED_SIZE:
+                raise PreflightError("model.path", f"{str(conf)!r}: {key} lists {len(value)} values", fix)
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            bound = MAX_DECLARED_LAYERS if _LAYER_KEY.search(key) else MAX_DECLARED_SIZE
+            if abs(value) > bound:
+                raise PreflightError("model.path", f"{str(conf)!r} declares {key} = {value} (at most {bound} is "
+                                     "read: no released model comes near)", fix)
+
+    walk(data, "")
 
 
 # -- prompts -----------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ def _inputs(cwd: Path) -> None:
     (cwd / "long.txt").write_text("a red circle\n" + "a red circle and a blue square " * 3 + "\n")
     (cwd / "etc" / "ssh").mkdir(parents=True)
     (cwd / "etc" / "passwd").write_text("root:x:0:0\n")
+    for name, changes in (("layers-bomb", {"num_layers": 10**9}),  # built even on meta: a billion modules
+                          ("huge-model", {"num_layers": 24, "num_attention_heads": 64, "attention_head_dim": 1024})):
+        shutil.copytree(SHIPPED, cwd / name, ignore=shutil.ignore_patterns("*.safetensors"))
+        conf = cwd / name / "transformer" / "config.json"
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), **changes}))
     (cwd / "sdxl").mkdir()
     (cwd / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
 
@@ -57,6 +62,8 @@ CASES = [
     ("model folder missing", ["--set", "model.path=/nonexistent/model"], "model.path"),
     ("model folder without model_index.json", ["--set", "model.path=not-a-model"], "model.path"),
     ("model component missing", ["--set", "model.path=half-model"], "model.path"),
+    ("model declaring a billion layers", ["--set", "model.path=layers-bomb"], "model.path"),
+    ("model whose weights exceed this machine's memory", ["--set", "model.path=huge-model"], "model.path"),
     ("pipeline class not supported", ["--set", "model.path=sdxl"], "model.path"),
     ("unknown reward", ["--set", "reward.name=nosuch"], "reward.name"),
     ("unknown reward option", ["--set", "reward.options={shapes: {bogus: 1}}"], "reward.options.shapes.bogus"),
