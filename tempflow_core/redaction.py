@@ -25,7 +25,7 @@ Everything here is a pure function of its arguments.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
 
@@ -209,4 +209,30 @@ def secret_key_paths(value: Any, path: str = "") -> list[str]:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             found += secret_key_paths(v, f"{path}[{i}]")
+    return found
+
+
+def credential_paths(value: Any, path: str = "", skip: Callable[[str], bool] = lambda p: False) -> list[str]:
+    """Dotted paths in nested settings that hold a credential: a non-empty value under a secret
+    key, or a string with a URI that carries one (user:password@, a signed query). `skip(path)`
+    leaves out the paths whose credentials the caller moves elsewhere.
+
+    >>> credential_paths({"a": {"api_key": "k", "token": ""}, "u": "http://u:p@h/", "n": 3})
+    ['a.api_key', 'u']
+    """
+    found: list[str] = []
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if skip(sub):
+                continue
+            if is_secret_key(str(k)):
+                found += [sub] if v not in (None, "", [], {}) else []
+            else:
+                found += credential_paths(v, sub, skip)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found += credential_paths(v, f"{path}[{i}]", skip)
+    elif isinstance(value, str) and redact_uris(value) != value:
+        found.append(path)
     return found

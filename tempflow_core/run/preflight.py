@@ -81,6 +81,7 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
         PreflightError: the first problem, naming the field and the fix.
     """
     allowed = [Path(r).expanduser().resolve() for r in roots] if roots is not None else None
+    check_credentials(cfg)
     check_model(cfg, allowed)
     check_prompts(cfg.prompts.source, "prompts.source", allowed)
     eval_field, eval_source = eval_prompt_source(cfg)
@@ -120,6 +121,26 @@ def local_paths(cfg: RunConfig) -> list[tuple[str, str]]:
     if "://" not in cfg.pipeline.store:
         found.append(("pipeline.store", cfg.pipeline.store))
     return found
+
+
+# -- credentials -------------------------------------------------------------------------------
+
+# Settings whose credentials have a way out of the records: the store's own check refuses them
+# (the AWS chain holds them); MLflow's user:password and a reward server's token move to the
+# environment before the run (flows/train.py).
+_CREDENTIALS_MOVED = re.compile(r"pipeline\.store|pipeline\.mlflow_uri|reward\.options\.[^.]+\.url")
+
+
+def check_credentials(cfg: RunConfig) -> None:
+    """No other setting holds a credential (a secret-named key, a URI with user:password@ or a
+    signed query): run.json, MLflow params and the Prefect run's parameters would keep it."""
+    from tempflow_core.redaction import credential_paths
+
+    found = credential_paths(cfg.model_dump(mode="json"), skip=lambda p: bool(_CREDENTIALS_MOVED.fullmatch(p)))
+    if found:
+        raise PreflightError(found[0], "holds a credential, which run.json, MLflow and the Prefect run's parameters "
+                             "would keep", "pass it through an environment variable the component reads (S3: the "
+                             "AWS chain; pipeline.mlflow_uri and reward.options.<name>.url may carry theirs)")
 
 
 # -- model -------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ MLflow URI, a reward server's token in the reward's URL and AWS credentials in t
 then every place the run wrote is searched
 for them (files under the test's folders and TEMPFLOW_HOME, every object of the run on S3,
 every line the CLI printed, the MLflow server's database, artifacts and log, every MLflow
-param and tag, and the Prefect flow run's parameters and logs)."""
+param and tag, the Prefect flow run's parameters and logs, and the Prefect server's database
+file with every table)."""
 
 from __future__ import annotations
 
@@ -107,4 +108,14 @@ def test_planted_secrets_are_found_nowhere(prefect_api, mlflow_server, s3_server
     text, n_logs = asyncio.run(prefect_records())
     assert n_logs > 0
     check("Prefect flow run parameters and logs", text)
+    # 7. the Prefect server's database itself (every table: parameters, states, logs, artifacts)
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    db = url.split(":///", 1)[1]
+    db_files = [p for p in (db, db + "-wal") if os.path.isfile(p)]
+    assert db_files and os.path.getsize(db) > 0
+    for p in db_files:
+        with open(p, "rb") as f:
+            check(p, f.read())
     assert leaks == {}, leaks
