@@ -350,10 +350,13 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid run config:\n" + "\n".join(lines)
 
 
-def _parse_value(raw: str) -> Any:
-    """Parse an override's value as YAML (numbers, lists, bools), falling back to the raw string."""
+def _parse_value(raw: str, key: str = "") -> Any:
+    """Parse an override's value as YAML (numbers, lists, bools) within the config files' limits,
+    falling back to the raw string."""
+    if len(raw.encode("utf-8", "surrogatepass")) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"override {key!r} is over the {CONFIG_MAX_BYTES:,} bytes a run config may take")
     try:
-        return yaml.safe_load(raw)
+        return _bounded_load(raw, f"override {key!r}")
     except yaml.YAMLError:
         return raw
 
@@ -371,7 +374,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a section")
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(raw, key.strip())
     return out
 
 
@@ -417,6 +420,12 @@ def _bounded_yaml(path: Path) -> Any:
     if path.stat().st_size > CONFIG_MAX_BYTES:
         raise ConfigError(f"{where} is {path.stat().st_size:,} bytes, over the {CONFIG_MAX_BYTES:,} a run config may "
                           "take; fix: pass the run's settings, not data")
+    return _bounded_load(path.read_text(encoding="utf-8"), where)
+
+
+def _bounded_load(text: str, where: str) -> Any:
+    """YAML `text` parsed within CONFIG_MAX_DEPTH levels and CONFIG_MAX_VALUES values, counted
+    after aliases are resolved (a value that contains itself is refused as too deep)."""
 
     class Loader(yaml.SafeLoader):
         def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's hook
@@ -429,18 +438,19 @@ def _bounded_yaml(path: Path) -> Any:
             finally:
                 self._depth -= 1
 
-    data = yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 - a SafeLoader subclass
-    budget = [CONFIG_MAX_VALUES]
-
-    def count(node: Any) -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
+    data = yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    budget, stack = CONFIG_MAX_VALUES, [(data, 1)]
+    while stack:  # iterative: an alias may make a value contain itself
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
             raise ConfigError(f"{where} expands to more than {CONFIG_MAX_VALUES:,} values (YAML aliases repeat their "
                               "target each time they are used); fix: write the settings out")
-        for child in (node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()):
-            count(child)
-
-    count(data)
+        if depth > CONFIG_MAX_DEPTH:
+            raise ConfigError(f"{where} nests deeper than {CONFIG_MAX_DEPTH} levels once its aliases are resolved; "
+                              "fix: a run config is a mapping of sections")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
     return data
 
 
