@@ -169,25 +169,40 @@ def decode_request(body: bytes, limits: Limits = Limits()) -> ScoreRequest:
         raise ProtocolError(f"request has {len(images)} images, {len(prompts)} prompts, {len(metadata)} metadata")
     if len(images) > limits.max_images:
         raise TooLarge(f"request of {len(images)} images is over {limits.max_images}: send smaller batches")
-    raws, total = [], 0
-    for k, data in enumerate(images):
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except ValueError as e:
-            raise ProtocolError(f"image {k} is not base64 ({e})") from None
-        w, h = png_size(raw)
+    sizes, total = [], 0
+    for k, data in enumerate(images):  # headers only: every limit is checked before any pixel is decoded
+        w, h = png_size(_b64_head(data, k))
         total += w * h
         if w * h > limits.max_image_pixels:
             raise TooLarge(f"image {k} declares {w} x {h} pixels, over {limits.max_image_pixels:,}: send smaller images")
         if total > limits.max_request_pixels:
             raise TooLarge(f"the request's images declare over {limits.max_request_pixels:,} pixels: send smaller "
                            "batches")
-        raws.append(raw)
-    arrays = [_decode_png_raw(raw) for raw in raws]
-    if len({a.shape for a in arrays}) > 1:
-        raise ProtocolError(f"images of one request must share a size, got {sorted({a.shape for a in arrays})}")
-    stacked = np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+        sizes.append((h, w))
+    if len(set(sizes)) > 1:
+        raise ProtocolError(f"images of one request must share a size, got {sorted(set(sizes))} (height, width)")
+    h, w = sizes[0] if sizes else (1, 1)
+    stacked = np.empty((len(images), h, w, 3), np.uint8)  # decoded in place: one copy of the pixels
+    for k in range(len(images)):
+        try:
+            raw = base64.b64decode(images[k], validate=True)
+        except ValueError as e:
+            raise ProtocolError(f"image {k} is not base64 ({e})") from None
+        images[k] = ""  # the request's text of this image is no longer needed
+        arr = _decode_png_raw(raw)
+        if arr.shape != (h, w, 3):
+            raise ProtocolError(f"image {k} decodes to {arr.shape[1]} x {arr.shape[0]}, not the {w} x {h} its header "
+                                "declares")
+        stacked[k] = arr
     return ScoreRequest(str(obj.get("batch_id", "")), prompts, metadata, stacked)
+
+
+def _b64_head(data: str, k: int) -> bytes:
+    """The first 24 bytes of base64 `data` (a PNG's signature and IHDR size)."""
+    try:
+        return base64.b64decode(data[:32], validate=True)
+    except ValueError as e:
+        raise ProtocolError(f"image {k} is not base64 ({e})") from None
 
 
 def _numbers(values: Any, n: int, what: str, nan_ok: bool) -> np.ndarray:

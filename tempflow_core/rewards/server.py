@@ -263,6 +263,7 @@ class RewardServer:
                     return 400, _error(f"the body ended after {len(body)} of its {length} bytes")
                 try:
                     req = decode_request(body, server.limits)
+                    del body  # only the decoded pixels stay while the reward runs
                 except TooLarge as e:
                     return 413, _error(str(e))
                 except ProtocolError as e:
