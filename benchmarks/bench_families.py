@@ -40,10 +40,10 @@ import torch  # noqa: E402
 
 from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig, TrainConfig, load_config  # noqa: E402
 from tempflow_core.algorithm.learner import build_units, make_optimizer, update  # noqa: E402
-from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline_meta  # noqa: E402
+from tempflow_core.families import family_spec  # noqa: E402
+from tempflow_core.policies.models import load_pipeline_meta  # noqa: E402
 from tempflow_core.policies.sd3 import make_policy  # noqa: E402
 from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
-from tempflow_core.policies.tiny_flux import build_tiny_flux_pipeline  # noqa: E402
 
 C_BLOCK = 16  # live tensors of one block, in units of tokens x width (see the docstring)
 
@@ -63,14 +63,11 @@ def real_sizes(name: str, folder: str) -> None:
     base = sum(comps.values()) - lora  # the transformer count includes the attached adapter
     c, h, w = pol.latent_shape()
     tc = pipe.transformer.config
-    if pol.family == "flux":
-        img_tokens, width, blocks, cfg_rows = (h // 2) * (w // 2), tc.num_attention_heads * tc.attention_head_dim, \
-            tc.num_layers + tc.num_single_layers, 1
-        text_tokens = pol.max_sequence_length
-    else:
-        img_tokens, width, blocks, cfg_rows = (h // tc.patch_size) * (w // tc.patch_size), \
-            tc.num_attention_heads * tc.attention_head_dim, tc.num_layers, 2 if cfg.guidance_scale() > 1 else 1
-        text_tokens = pipe.tokenizer_max_length + pol.max_sequence_length  # CLIP-L/G 77 + T5, concatenated
+    img_tokens = (h // 2) * (w // 2)  # 2x2 patches: SD3's patch embedding, FLUX's packing
+    width = tc.num_attention_heads * tc.attention_head_dim
+    blocks = tc.num_layers + getattr(tc, "num_single_layers", 0)  # FLUX: double- and single-stream blocks
+    cfg_rows = cfg.rows_per_sample()
+    text_tokens = pol.text_tokens()
     tokens = img_tokens + text_tokens
     gb = 1024**3
     weights = 2 * base / gb
@@ -94,9 +91,10 @@ def tiny_throughput(family: str, repeats: int) -> None:
     """Branched rollouts and one learner update on the tiny model of `family`, CPU."""
     torch.manual_seed(0)
     tiny = TinyModelConfig(family=family)
-    pipe = build_tiny_flux_pipeline(tiny) if family == "flux" else build_tiny_pipeline(tiny)
+    spec = family_spec(family)
+    pipe = spec.load("tiny_builder")(tiny, None)
     pol = make_policy(pipe, LoraSettings(rank=8, alpha=16), "cpu")
-    guidance = 3.5 if family == "flux" else 4.5  # FLUX: guidance input; SD3: CFG (two rows a sample)
+    guidance = spec.defaults.guidance_scale  # FLUX: guidance input; SD3: CFG (two rows a sample)
     B, K, T = 4, 4, 6  # flows/configs/default.yaml: 4 prompts, K 4, 6 steps
     words = ["red", "green", "blue", "yellow"]
     prompts = [f"a {words[i % 4]} circle left of a {words[(i + 1) % 4]} square" for i in range(B)]
@@ -116,7 +114,7 @@ def tiny_throughput(family: str, repeats: int) -> None:
         update(pol, opt, units, b.embeds, s, guidance, tc, LossConfig(beta=0.004), torch.Generator().manual_seed(r))
         lt.append(time.perf_counter() - t0)
     samples = len(b.branch_points) * K
-    rows = b.nfe * (2 if family == "sd3" else 1)  # transformer rows: SD3's CFG pair doubles them
+    rows = b.nfe * spec.rows_per_sample(guidance)  # transformer rows: SD3's CFG pair doubles them
     print(f"\ntiny {family}: transformer {count(pipe.transformer) / 1e6:.3f} M params (+ LoRA r 8), "
           f"latent {pol.latent_shape()}, {tiny.resolution} px")
     print(f"  rollout  {B} prompts x {len(steps)} branch steps x K {K} = {samples} samples: {b.forward_calls} calls, "

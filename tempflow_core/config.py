@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tempflow_core.families import ModelFamily, detect_family, family_defaults
+from tempflow_core.families import ModelFamily, detect_family, family_defaults, family_spec
 
 Algorithm = Literal["flow_grpo", "flow_grpo_fixed", "reweight", "branch", "tempflow"]
 
@@ -275,7 +275,7 @@ class RunConfig(_Section):
             family = self.family()
         except (OSError, ValueError):
             family = "sd3"
-        return 2 if family == "sd3" and self.guidance_scale() > 1.0 else 1
+        return family_spec(family).rows_per_sample(self.guidance_scale())
 
     def canonical_dump(self) -> dict[str, Any]:
         """The JSON dump with family defaults made explicit: an unset sampling.guidance_scale /

@@ -1,28 +1,26 @@
-"""Model families: which diffusers pipeline a model folder holds and the settings that follow.
-
-Two families run behind one policy interface (`policy_base.FlowPolicy`):
+"""Model families: which diffusers pipeline a model folder holds, and everything that follows
+from it, in one registration per family (`FamilySpec`).
 
     sd3   StableDiffusion3Pipeline (SD3.5-M, the tiny SD3 models): CFG pairs, static shift 3.0,
-          noise level a = 0.7, T5 256 tokens
+          noise level a = 0.7, T5 256 tokens (when the model has T5)
     flux  FluxPipeline (FLUX.1-dev, the tiny FLUX model): guidance-distilled (the guidance value
           is a transformer input, one call per step), resolution-dependent shift, a = 0.9, T5 512 tokens
 
-This module reads JSON only (no torch), so the config can resolve a family's defaults.
+A family's code (its policy, its tiny builder) is named by "module:attribute" and imported only
+when used, so this module reads JSON only (no torch) and the config can resolve a family's
+defaults. Adding a family is one `FamilySpec` in `FAMILIES` plus the family test suite; nothing
+outside a spec asks which family it is.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 ModelFamily = Literal["sd3", "flux"]
-
-PIPELINE_CLASSES: tuple[tuple[str, ModelFamily], ...] = (
-    ("StableDiffusion3Pipeline", "sd3"),
-    ("FluxPipeline", "flux"),
-)
 
 
 @dataclass(frozen=True)
@@ -31,18 +29,80 @@ class FamilyDefaults:
 
     guidance_scale: float  # SD3: CFG scale (paper: 4.5); FLUX.1-dev: its guidance input (3.5)
     noise_level: float  # a of s_t = a sqrt(t / (1 - t)) (paper: 0.7 SD3.5-M, 0.9 FLUX)
-    shift: float | None  # static flow shift; None: FLUX's resolution-dependent shift (calculate_shift)
+    shift: float | None  # static flow shift; None: a resolution-dependent shift (FLUX's calculate_shift)
     t5_tokens: int  # T5 sequence length when model.max_sequence_length is unset and the model has T5
     pipeline_class: str  # the diffusers class in model_index.json
 
 
-def family_defaults(family: ModelFamily) -> FamilyDefaults:
-    """The defaults of `family` (a new object each call: nothing module-level to mutate)."""
-    if family == "flux":
-        return FamilyDefaults(guidance_scale=3.5, noise_level=0.9, shift=None, t5_tokens=512, pipeline_class="FluxPipeline")
-    if family == "sd3":
-        return FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, t5_tokens=256, pipeline_class="StableDiffusion3Pipeline")
-    raise ValueError(f"unknown model family {family!r}; expected one of {[f for _, f in PIPELINE_CLASSES]}")
+@dataclass(frozen=True)
+class FamilySpec:
+    """One model family: how it is recognised, loaded, sampled, counted and exported."""
+
+    name: str
+    defaults: FamilyDefaults
+    policy: str  # "module:Class" of its FlowPolicy: Class(pipe, lora, device, max_sequence_length, resolution, checkpointing)
+    tiny_builder: str  # "module:function": function(TinyModelConfig, workdir) -> a random tiny pipeline
+    cfg_pair: bool  # guidance > 1 runs a conditional and an unconditional row per sample (CFG); False: guidance is an input
+    t5_tokenizer: str | None  # subfolder of the T5 tokenizer, the encoder that reads the most of a prompt
+    t5_required: bool  # False: the model may be saved without T5 (then CLIP's `tokenizer` reads the most)
+    optional_components: tuple[str, ...]  # components a folder may save as null (passed as None when loading)
+    native_side: Literal["transformer", "vae"]  # where the unset resolution comes from: the transformer's sample_size
+    #                                             x the VAE's downsampling, or the VAE's own sample_size
+    guidance_note: str  # the exported README's line on what guidance_scale means for this family ("" for CFG)
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.defaults.pipeline_class
+
+    def load(self, attr: str) -> Any:
+        """The object a "module:attribute" field names (`policy` or `tiny_builder`)."""
+        module, name = getattr(self, attr).split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def rows_per_sample(self, guidance_scale: float) -> int:
+        """Transformer rows one sample-step costs at this guidance."""
+        return 2 if self.cfg_pair and guidance_scale > 1.0 else 1
+
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec(
+        name="sd3",
+        defaults=FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, t5_tokens=256,
+                                pipeline_class="StableDiffusion3Pipeline"),
+        policy="tempflow_core.policies.sd3:Policy",
+        tiny_builder="tempflow_core.policies.models:build_tiny_pipeline",
+        cfg_pair=True, t5_tokenizer="tokenizer_3", t5_required=False,
+        optional_components=("text_encoder_3", "tokenizer_3"), native_side="transformer", guidance_note=""),
+    FamilySpec(
+        name="flux",
+        defaults=FamilyDefaults(guidance_scale=3.5, noise_level=0.9, shift=None, t5_tokens=512,
+                                pipeline_class="FluxPipeline"),
+        policy="tempflow_core.policies.flux:FluxPolicy",
+        tiny_builder="tempflow_core.policies.tiny_flux:build_tiny_flux_pipeline",
+        cfg_pair=False, t5_tokenizer="tokenizer_2", t5_required=True, optional_components=(), native_side="vae",
+        guidance_note="FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG."),
+)
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The registration of `family` (ValueError naming the registered ones)."""
+    for spec in FAMILIES:
+        if spec.name == family:
+            return spec
+    raise ValueError(f"unknown model family {family!r}; expected one of {[s.name for s in FAMILIES]}")
+
+
+def family_defaults(family: str) -> FamilyDefaults:
+    """The defaults of `family`."""
+    return family_spec(family).defaults
+
+
+def _by_class(name: Any, what: str) -> FamilySpec:
+    for spec in FAMILIES:
+        if name == spec.pipeline_class:
+            return spec
+    supported = ", ".join(s.pipeline_class for s in FAMILIES)
+    raise ValueError(f"{what} {name!r} is not supported; supported pipelines: {supported}")
 
 
 def detect_family(path: str | Path) -> ModelFamily:
@@ -56,18 +116,9 @@ def detect_family(path: str | Path) -> ModelFamily:
     if not index_path.is_file():
         raise FileNotFoundError(f"model folder {str(Path(path))!r} has no model_index.json (not a saved diffusers pipeline)")
     name = json.loads(index_path.read_text(encoding="utf-8")).get("_class_name")
-    for cls, family in PIPELINE_CLASSES:
-        if name == cls:
-            return family
-    supported = ", ".join(cls for cls, _ in PIPELINE_CLASSES)
-    raise ValueError(f"{str(index_path)!r}: _class_name {name!r} is not supported; supported pipelines: {supported}")
+    return _by_class(name, f"{str(index_path)!r}: _class_name").name  # type: ignore[return-value]
 
 
 def pipeline_family(pipe: object) -> ModelFamily:
     """The family of a loaded pipeline object, by its class name."""
-    name = type(pipe).__name__
-    for cls, family in PIPELINE_CLASSES:
-        if name == cls:
-            return family
-    supported = ", ".join(cls for cls, _ in PIPELINE_CLASSES)
-    raise ValueError(f"pipeline class {name!r} is not supported; supported pipelines: {supported}")
+    return _by_class(type(pipe).__name__, "pipeline class").name  # type: ignore[return-value]

@@ -277,13 +277,14 @@ def load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
 
 
 def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
-    from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline_meta
+    from tempflow_core.families import family_spec
+    from tempflow_core.policies.models import load_pipeline_meta
     from tempflow_core.policies.sd3 import make_policy
 
     if cfg.model.path:
         pipe = load_pipeline_meta(cfg.model.path)
     else:
-        pipe = build_tiny_pipeline(cfg.model.tiny) if cfg.model.tiny.family == "sd3" else _tiny_flux(cfg)
+        pipe = family_spec(cfg.model.tiny.family).load("tiny_builder")(cfg.model.tiny, None)
     params = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
               if isinstance(module, torch.nn.Module)}
     policy = make_policy(pipe, cfg.lora, "meta" if cfg.model.path else "cpu", cfg.model.max_sequence_length,
@@ -292,12 +293,6 @@ def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
     C, H, W = policy.latent_shape()
     pixels = H * pipe.vae_scale_factor
     return ModelFacts(params, lora, (C, H, W), pixels, (H // 2) * (W // 2) + policy.text_tokens()), pipe
-
-
-def _tiny_flux(cfg: Any) -> Any:
-    from tempflow_core.policies.tiny_flux import build_tiny_flux_pipeline
-
-    return build_tiny_flux_pipeline(cfg.model.tiny)
 
 
 def plan_memory(cfg: Any, prompts: int | None = None, gpu: bool = True) -> dict[str, Footprint]:

@@ -126,7 +126,7 @@ class FlowPolicy:
         FLUX is used as exp(mu) on FLUX's own grid."""
         d = family_defaults(self.family)
         a = d.noise_level if noise_level is None else noise_level
-        if self.family == "sd3":
+        if d.shift is not None:  # a static shift (SD3); else a resolution-dependent one (FLUX's mu)
             return make_schedule(num_steps, d.shift if shift is None else shift, a)
         mu = self._mu() if shift is None else float(np.log(shift))
         return make_schedule(num_steps, noise_level=a, mu=mu)

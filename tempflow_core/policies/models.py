@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tempflow_core.config import ModelConfig, TinyModelConfig
-from tempflow_core.policies.tiny_flux import build_t5_tokenizer, build_tiny_flux_pipeline
+from tempflow_core.policies.tiny_flux import build_t5_tokenizer
 from tempflow_core.policies.tiny_parts import TINY_VOCAB_WORDS, tiny_vae, write_clip_tokenizer_files
 
 def build_tiny_pipeline(cfg: TinyModelConfig | None = None, workdir: str | Path | None = None):
@@ -96,36 +96,35 @@ def load_pipeline(path: str | Path, dtype: str = "float32"):
         FileNotFoundError: naming the folder when it or its model_index.json is missing.
         ValueError: one line naming model_index.json and the supported classes, for any other pipeline.
     """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    import diffusers
 
-    from tempflow_core.families import detect_family
+    from tempflow_core.families import detect_family, family_spec
 
     p = Path(path)
-    family = detect_family(p)
+    spec = family_spec(detect_family(p))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if family == "flux":
-        return FluxPipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True)
-    return StableDiffusion3Pipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True,
-                                                    **absent_components(p))
+    pipeline = getattr(diffusers, spec.pipeline_class)
+    return pipeline.from_pretrained(str(p), dtype=_DTYPES[dtype], local_files_only=True, **absent_components(p))
 
 
 def absent_components(path: str | Path) -> dict[str, None]:
-    """The optional components a pipeline folder saved as null (T5 of a CLIP-only model):
-    `from_pretrained` must be told they are None."""
+    """The optional components a pipeline folder saved as null (T5 of a CLIP-only SD3 model, as
+    its family's registration names them): `from_pretrained` must be told they are None."""
+    from tempflow_core.families import detect_family, family_spec
+
     p = Path(path)
     index = json.loads((p / "model_index.json").read_text())
-    return {k: None for k in ("text_encoder_3", "tokenizer_3") if not (p / k).is_dir() and index.get(k, [None])[0] is None}
+    optional = family_spec(detect_family(p)).optional_components
+    return {k: None for k in optional if not (p / k).is_dir() and index.get(k, [None])[0] is None}
 
 
 def load_model(cfg: ModelConfig, workdir: str | Path | None = None):
     """The pipeline a run uses: the folder in cfg.path, or a fresh tiny model of cfg.tiny.family."""
     if cfg.path:
         return load_pipeline(cfg.path, cfg.dtype)
-    if cfg.tiny.family == "flux":
+    from tempflow_core.families import family_spec
 
-        pipe = build_tiny_flux_pipeline(cfg.tiny, workdir)
-    else:
-        pipe = build_tiny_pipeline(cfg.tiny, workdir)
+    pipe = family_spec(cfg.tiny.family).load("tiny_builder")(cfg.tiny, workdir)
     return pipe if cfg.dtype == "float32" else pipe.to(_DTYPES[cfg.dtype])
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from tempflow_core.config import LoraSettings
-from tempflow_core.families import family_defaults, pipeline_family
+from tempflow_core.families import family_defaults, family_spec, pipeline_family
 from tempflow_core.batches import PromptEmbeds
 
 from tempflow_core.policies.base import FlowPolicy
@@ -119,10 +119,8 @@ class Policy(FlowPolicy):
 
 def make_policy(pipe: Any, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
                 resolution: int | None = None, gradient_checkpointing: bool = False) -> FlowPolicy:
-    """The policy of `pipe`'s family: `Policy` for a StableDiffusion3Pipeline, `FluxPolicy` for a
-    FluxPipeline; anything else is refused naming the supported classes."""
-    if pipeline_family(pipe) == "flux":
-        from tempflow_core.policies.flux import FluxPolicy
-
-        return FluxPolicy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)
-    return Policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)
+    """The policy of `pipe`'s family (its registration's `policy`: `Policy` for a
+    StableDiffusion3Pipeline, `FluxPolicy` for a FluxPipeline); anything else is refused naming
+    the supported classes."""
+    policy = family_spec(pipeline_family(pipe)).load("policy")
+    return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from tempflow_core.canonical import canonicalize_file
 from tempflow_core.algorithm.checkpoint import adapter_bytes, load_checkpoint
 from tempflow_core.config import RunConfig
-from tempflow_core.families import family_defaults
+from tempflow_core.families import family_defaults, family_spec
 from tempflow_core.run.fingerprints import folder_sha256
 from tempflow_core.policies.models import absent_components
 from tempflow_core.run.layout import RunLayout
@@ -21,19 +21,21 @@ from tempflow_core.run.runs import read_run
 
 
 def effective_max_sequence_length(cfg: RunConfig) -> int:
-    """What the policy uses: the configured value, else SD3: 256 with a T5 encoder and 0 without;
-    FLUX: 512 capped by the T5 tokenizer's model_max_length (tokenizer_2/tokenizer_config.json)."""
+    """What the policy uses: the configured value, else the family's T5 tokens, where a family
+    may be saved without T5 (SD3) 0 without it, and where T5 is required (FLUX) capped by the T5
+    tokenizer's model_max_length."""
     if cfg.model.max_sequence_length is not None:
         return cfg.model.max_sequence_length
-    family = cfg.family()
-    if family == "flux":
-        if not cfg.model.path:
-            return min(family_defaults("flux").t5_tokens, cfg.model.tiny.max_tokens)
-        tok = Path(cfg.model.path) / "tokenizer_2" / "tokenizer_config.json"
-        cap = json.loads(tok.read_text()).get("model_max_length", 512) if tok.is_file() else 512
-        return int(min(family_defaults("flux").t5_tokens, cap))
-    has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / "text_encoder_3").is_dir()
-    return family_defaults("sd3").t5_tokens if has_t5 else 0
+    spec = family_spec(cfg.family())
+    tokens = spec.defaults.t5_tokens
+    if not spec.t5_required:
+        has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / spec.optional_components[0]).is_dir()
+        return tokens if has_t5 else 0
+    if not cfg.model.path:
+        return min(tokens, cfg.model.tiny.max_tokens)
+    tok = Path(cfg.model.path) / str(spec.t5_tokenizer) / "tokenizer_config.json"
+    cap = json.loads(tok.read_text()).get("model_max_length", tokens) if tok.is_file() else tokens
+    return int(min(tokens, cap))
 
 
 def native_resolution(cfg: RunConfig) -> int:
@@ -44,7 +46,7 @@ def native_resolution(cfg: RunConfig) -> int:
         return cfg.model.tiny.resolution
     root = Path(cfg.model.path)
     v = json.loads((root / "vae" / "config.json").read_text())
-    if cfg.family() == "flux":  # FluxTransformer2DModel has no sample_size; the VAE's is FluxPipeline's default
+    if family_spec(cfg.family()).native_side == "vae":  # FLUX's transformer has no sample_size; the VAE's is the default
         return int(v["sample_size"])
     t = json.loads((root / "transformer" / "config.json").read_text())
     return int(t["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
@@ -90,7 +92,7 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
     if ck.ema is not None:  # the evaluated weights: the EMA, in diffusers' format
         import diffusers
 
-        pipeline = getattr(diffusers, family_defaults(family).pipeline_class)
+        pipeline = getattr(diffusers, family_spec(family).pipeline_class)
         pipeline.save_lora_weights(str(out), transformer_lora_layers=ck.ema, safe_serialization=True,
                                    transformer_lora_adapter_metadata=_lora_meta(cfg))
         canonicalize_file(out / "pytorch_lora_weights.safetensors")  # same tensors, same bytes
@@ -99,8 +101,7 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
     record = read_run(layout) or {}
     r = recipe(cfg, layout.run_id, iteration, resolution, record.get("inputs"))
     (out / "recipe.json").write_text(json.dumps(r, indent=2, sort_keys=True))
-    none_kwargs = "".join(f", {k}=None" for k in absent_components(cfg.model.path)) \
-        if cfg.model.path and family == "sd3" else ""
+    none_kwargs = "".join(f", {k}=None" for k in absent_components(cfg.model.path)) if cfg.model.path else ""
     (out / "README.md").write_text(_readme(cfg, layout, iteration, out, r, family, none_kwargs))
     return out
 
@@ -108,15 +109,16 @@ def export_lora(cfg: RunConfig, layout: RunLayout, iteration: int, out: str | Pa
 def _readme(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dict[str, Any], family: str,
             none_kwargs: str) -> str:
     """The exported README: how to sample the LoRA with plain diffusers as it was evaluated."""
-    pipeline = family_defaults(family).pipeline_class
-    if family == "sd3":
+    spec = family_spec(family)
+    pipeline = spec.pipeline_class
+    if spec.defaults.shift is not None:  # a static shift
         note = f"The scheduler must keep shift {r['shift']} (the model folder's scheduler config sets it)."
-    else:  # FLUX: guidance input, no CFG pair; the grid's shift
-        note = "FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG.\n" + (
-            "The scheduler keeps its dynamic, resolution-dependent shift (the model folder's scheduler "
-            "config sets it)." if r["shift"] == "dynamic" else
-            f"Trained with a fixed shift {r['shift']}: set the scheduler's base_shift and max_shift to "
-            f"ln({r['shift']}) to sample on the same grid.")
+    elif r["shift"] == "dynamic":
+        note = "The scheduler keeps its dynamic, resolution-dependent shift (the model folder's scheduler config sets it)."
+    else:
+        note = (f"Trained with a fixed shift {r['shift']}: set the scheduler's base_shift and max_shift to "
+                f"ln({r['shift']}) to sample on the same grid.")
+    note = f"{spec.guidance_note}\n{note}" if spec.guidance_note else note
     return f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
 
 Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tempflow_core.config import RunConfig
-from tempflow_core.families import detect_family, family_defaults
+from tempflow_core.families import detect_family, family_spec
 from tempflow_core.redaction import redact_uri
 from tempflow_core.rewards.registry import RewardError, RewardRegistry
 
@@ -283,10 +283,10 @@ def prompt_token_limit(cfg: RunConfig) -> tuple[str, int, str] | None:
         return None
     folder = Path(cfg.model.path).expanduser()
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    family = detect_family(folder)
-    t5 = "tokenizer_2" if family == "flux" else "tokenizer_3"
-    if isinstance(index.get(t5), list) and index[t5][0] is not None:
-        return t5, cfg.model.max_sequence_length or family_defaults(family).t5_tokens, "T5"
+    spec = family_spec(detect_family(folder))
+    t5 = spec.t5_tokenizer
+    if t5 and isinstance(index.get(t5), list) and index[t5][0] is not None:
+        return t5, cfg.model.max_sequence_length or spec.defaults.t5_tokens, "T5"
     return "tokenizer", 0, "CLIP"  # 0: the tokenizer's own model_max_length
 
 

@@ -2,12 +2,15 @@
 made before FLUX existed (digests and branch plans of SD3 configs do not move)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tempflow_core.config import RunConfig, load_config
 from tempflow_core.families import detect_family, family_defaults
 from tempflow_core.run.invalidation import plan_branch
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # digests written by the code before model families (sampling.shift / noise_level were 3.0 / 0.7)
 PRE_FAMILY_DIGESTS = {
@@ -82,3 +85,35 @@ def test_a_prompt_longer_than_the_t5_tokens_the_model_reads_is_refused(tiny_flux
         check_prompt_tokens(short, [("prompts.source", str(prompts))])
     prompts.write_text("a red circle\n")
     check_prompt_tokens(cfg, [("prompts.source", str(prompts))])
+
+
+def test_a_family_is_one_registration_and_no_code_asks_which_family_it_is():
+    """Every family is a FamilySpec whose policy and tiny builder resolve; the config's family
+    names are the registry's; and no module outside families.py compares a value with a family's
+    name (the one exception: canonical_dump keeps pre-family SD3 digests)."""
+    import ast
+    import typing
+
+    from tempflow_core.families import FAMILIES, ModelFamily, family_spec
+    from tempflow_core.policies.base import FlowPolicy
+
+    names = [s.name for s in FAMILIES]
+    assert sorted(typing.get_args(ModelFamily)) == sorted(names)
+    for spec in FAMILIES:
+        assert issubclass(spec.load("policy"), FlowPolicy) and callable(spec.load("tiny_builder"))
+        assert family_spec(spec.name) is spec and spec.rows_per_sample(1.0) == 1
+    assert [family_spec(n).rows_per_sample(4.5) for n in ("sd3", "flux")] == [2, 1]
+    allowed = {("tempflow_core/config.py", 'data["model"]["tiny"]["family"] == "sd3"')}
+    found = []
+    for package in ("tempflow_core", "flows", "tasks", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name == "families.py":
+                continue
+            source = path.read_text()
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.Compare) and any(
+                        isinstance(c, ast.Constant) and c.value in names for c in [node.left, *node.comparators]):
+                    where = (str(path.relative_to(ROOT)), ast.get_source_segment(source, node))
+                    if where not in allowed:
+                        found.append(f"{where[0]}:{node.lineno}: {where[1]}")
+    assert found == []
