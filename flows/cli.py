@@ -178,6 +178,8 @@ def train(
         raise typer.Exit(1) from None
     typer.echo(f"\nrun {result['run_id']} finished")
     typer.echo(f"  final checkpoint : {result['checkpoint']}")
+    if result.get("base_eval"):
+        typer.echo(f"  base model       : {report.eval_summary(result['base_eval'])} (before training)")
     for it, e in sorted(result["evals"].items()):
         typer.echo(f"  eval (iter {it})   : {report.eval_summary(e)}")
     typer.echo(f"  export the LoRA  : tempflow export-lora {result['run_id']} --out lora-{result['run_id']}")

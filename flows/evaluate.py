@@ -11,8 +11,7 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from tasks.stages import eval_task
-from tempflow_core.algorithm import evaluation
+from tasks.stages import base_eval_task, eval_task
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
@@ -34,11 +33,9 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
     roots = read_roots() if deployment.id else None  # a deployment run reads local files under these only
     preflight(config, roots=roots)
     sessions = SessionCache()  # this flow run's model
-    if run_id is None:
-        s = sessions.get(config)
-        s.policy.load_lora_state_dict(s.init_lora)  # the base model: the zero-effect initial adapter
-        result, _ = evaluation.evaluate_policy(config, s.policy, s.reward_fn, evaluation.eval_prompts(config))
-        log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, dict)})
+    if run_id is None:  # the base model: read from the store's _baselines/, else computed once and kept there
+        result = base_eval_task(config, sessions)
+        log.info("base model: %s", {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
         return result
     from tempflow_core.run.runs import read_run
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.stages import eval_task, gpu_slot, init_task, learner_task, reward_task, rollout_task
+from tasks.stages import base_eval_task, eval_task, gpu_slot, init_task, learner_task, reward_task, rollout_task
 from flows.ray_head import ray_preflight
 from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
 from tempflow_core.reports import report
@@ -173,7 +173,7 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     log.info("run %s: store %s, MLflow run %s", run_id, lay.store.uri_for(run_id), tracker.run_id)
     _config_artifact(config, run_id)
     loop = LoopResult()  # filled as the loop goes: the artifacts show what finished, also after a failure
-    status = "FAILED"
+    status, base = "FAILED", None
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
     try:
         init_task(config, run_id, sessions)
@@ -185,15 +185,16 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
 
         train_loop(config, _FlowSteps(config, lay, sessions, engine),
                    Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, run_id, it, tracker, e)), loop)
+        base = base_eval_task(config, sessions, record.get("inputs"))  # what the final evaluation is read against
         status = "FINISHED"
     finally:
         sessions.clear()
         tracker.finish(status)
-        _artifacts(config, run_id, lay, loop.history, loop.evals, tracker)
+        _artifacts(config, run_id, lay, loop.history, loop.evals, tracker, base)
     final = lay.uri(config.train.iterations - 1, "learner")
     return {"run_id": run_id, "checkpoint": final, "mlflow_run_id": tracker.run_id,
             "mlflow_ui": tracker.ui_command(), "mlflow_page": tracker.ui_page(), "store": lay.store.uri_for(run_id),
-            "evals": loop.evals}
+            "evals": loop.evals, "base_eval": base}
 
 
 class _FlowSteps:
@@ -235,7 +236,7 @@ def _config_artifact(cfg: RunConfig, run_id: str) -> None:
 
 
 def _artifacts(cfg: RunConfig, run_id: str, lay: RunLayout, history: list[dict[str, float]],
-               evals: dict[int, dict[str, Any]], tracker) -> None:
+               evals: dict[int, dict[str, Any]], tracker, base: dict[str, Any] | None = None) -> None:
     """Prefect artifacts: a per-iteration metrics table and a summary linking MLflow."""
     if not history:
         return
@@ -246,6 +247,8 @@ def _artifacts(cfg: RunConfig, run_id: str, lay: RunLayout, history: list[dict[s
     lines = [f"# tempflow run `{run_id}`", "", f"- algorithm: `{cfg.algorithm}`, reward `{cfg.reward.name}`",
              f"- store: `{lay.store.uri_for(run_id)}`", f"- MLflow run: `{tracker.run_id}` ({tracker.ui_command()})",
              f"- iterations finished: {len(history)} / {cfg.train.iterations}"]
+    if base is not None:
+        lines.append(f"- the base model (before training): {report.eval_summary(base)}")
     for it, e in sorted(evals.items()):
         lines.append(f"- eval after iteration {it}: {report.eval_summary(e)}")
     create_markdown_artifact(markdown="\n".join(lines), key="tempflow-summary", description="run summary")

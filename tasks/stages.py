@@ -137,3 +137,16 @@ def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: Sessi
 def eval_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
     with gpu_slot(config):
         return stages.eval_stage(config, RunLayout.open(config, run_id), iteration, sessions)
+
+
+@task(name="base-eval", task_run_name="base-eval", **_common)
+@core_log
+def base_eval_task(config: RunConfig, sessions: SessionCache, inputs: dict[str, str] | None = None) -> dict[str, Any]:
+    """The base model's evaluation: read from the store's `_baselines/`, else computed once and kept there."""
+    from tempflow_core.run.baseline import base_evaluation
+    from tempflow_core.run.layout import open_run_store
+
+    with gpu_slot(config):
+        result, cached = base_evaluation(config, open_run_store(config), sessions.get(config), inputs)
+    get_run_logger().info("base model evaluation %s", "read from the store" if cached else "computed and stored")
+    return result

@@ -9,7 +9,7 @@ run writes anything:
     {store}/              every entry (the first 200 looked at) is such a run folder; loose
                           files or other folders are refused unless pipeline.shared_store is
                           set (a bucket or folder shared with other data). Hidden names
-                          (".DS_Store") are not looked at.
+                          (".DS_Store") and the project's own `_baselines/` are not looked at.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tempflow_core.run.runlock import LOCK_FILE  # a run's lock: no sign that a 
 from tempflow_core.storage import ObjectStore, join_key
 
 RUN_FILE = "run.json"  # a run's record (runs.py)
+BASELINES = "_baselines"  # the base model's evaluations (baseline.py); never a run id (those start alphanumeric)
 ROOT_ENTRIES_CHECKED = 200  # a store root's first entries looked at (a large store: one listing page)
 
 
@@ -46,7 +47,7 @@ def foreign_entries(store: ObjectStore, limit: int = ROOT_ENTRIES_CHECKED) -> li
     """The entries among the store root's first `limit` that are not run folders."""
     out = []
     for name in store.entries("", limit=limit):
-        if name.startswith("."):
+        if name.startswith(".") or name == BASELINES + "/":
             continue
         if not name.endswith("/") or not is_run_folder(store, name.rstrip("/")):
             out.append(name)

@@ -87,6 +87,7 @@ def test_sigkill_mid_run_then_resume_gives_the_same_final_lora(prefect_api, tiny
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "run killed finished" in out.stdout
+    assert "  base model       : reward " in out.stdout and "(before training)" in out.stdout  # beside the final eval
     _hints_run_as_printed(out.stdout)
 
     import json

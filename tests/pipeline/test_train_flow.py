@@ -82,7 +82,8 @@ def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_ml
 
     run, names, keys = asyncio.run(read())
     assert run.state.is_completed()
-    for stage in ("init", "rollout-iter-0", "reward-iter-1", "learner-iter-1", "eval-iter-1", "track-iter-0"):
+    for stage in ("init", "rollout-iter-0", "reward-iter-1", "learner-iter-1", "eval-iter-1", "track-iter-0",
+                  "base-eval"):
         assert stage in names
     assert {"tempflow-metrics", "tempflow-summary"} <= set(keys)
 
