@@ -239,7 +239,6 @@ def summarize(points: list[dict], images: list[dict], reference: str, categories
                              f"{res.won}/{res.seeds} | {_verdict(res)} |")
         gain = _mean(ref, "score") - sc.score(BASE, 0, ref[0]["seed"])
         margin = margin_share * max(gain, 0.0)
-    ref_rows, ref_seconds = _rows(ref), _mean(ref, "stage_seconds")
     lines += ["", f"## Against {reference} after its {ref_it} iterations, paired by seed and image", "",
               "Difference: arm - reference of the score over the seeds both ran (the reference column is its mean "
               "on those seeds); SE holds the seeds' spread and the shared evaluation set's; beyond the noise only from "
@@ -263,7 +262,8 @@ def summarize(points: list[dict], images: list[dict], reference: str, categories
             seeds = sorted({p["seed"] for p in a} & {p["seed"] for p in ref})
             ref_shared = [p for p in ref if p["seed"] in seeds]  # the reference on the seeds paired with
             res = compare(sc.matrix(arm, it, seeds), sc.matrix(reference, ref_it, seeds), sc.groups)
-            share, share_s = _rows(a) / ref_rows, _mean(a, "stage_seconds") / ref_seconds
+            # shares on the seeds both ran: the reference's other seeds would divide by another mean
+            share, share_s = _rows(a) / _rows(ref_shared), _mean(a, "stage_seconds") / _mean(ref_shared, "stage_seconds")
             ok = margin is not None and reaches(res, margin)
             kept = "-" if gain is None or gain <= 0 or res.seeds < MIN_SEEDS else f"{max((gain + lower_bound(res)) / gain, 0.0):.2f}"
             if ok and arm not in first_reach:

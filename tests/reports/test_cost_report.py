@@ -59,6 +59,25 @@ def test_shares_and_differences_by_hand(tmp_path):
     assert (out / "score-vs-rows.png").stat().st_size > 0
 
 
+def test_shares_are_taken_on_the_seeds_both_arms_ran(tmp_path):
+    """The reference also ran seeds 4-7, three times as slow: the cheap arm's share of the seconds
+    is 50 / 100 on the seeds it shares, not 50 / 200 over every seed of the reference."""
+    out = _records(tmp_path)
+    points = [json.loads(line) for line in (out / "points.jsonl").read_text().splitlines()]
+    images = gzip.decompress((out / "images.jsonl.gz").read_bytes()).decode().splitlines()
+    ref = [p for p in points if p["arm"] == "tempflow"]
+    extra = [{**p, "seed": p["seed"] + 4, "stage_seconds": 300.0, "run": f"tempflow-{p['seed'] + 4}"} for p in ref]
+    more = [json.dumps({**r, "seed": r["seed"] + 4}) for r in map(json.loads, images) if r["arm"] == "tempflow"]
+    (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points + extra))
+    (out / "images.jsonl.gz").write_bytes(gzip.compress("".join(line + "\n" for line in images + more).encode()))
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = next(line for line in (out / "summary.md").read_text().splitlines()
+               if line.startswith("| tempflow branch_steps=2 | 8 | 0.50 |"))
+    assert [c.strip() for c in row.strip("|").split("|")][3] == "0.50"
+
+
 def test_gain_reaches_and_the_target_by_hand(tmp_path):
     out = _records(tmp_path, base=True)
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--reference", "tempflow"],
