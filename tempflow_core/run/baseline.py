@@ -37,10 +37,6 @@ def baseline_key(cfg: RunConfig, inputs: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def baseline_uri(store: ObjectStore, key: str) -> str:
-    return store.uri_for(join_key(BASELINES, f"{key}.json"))
-
-
 def read_baseline(store: ObjectStore, key: str) -> dict[str, Any] | None:
     """The cached result under `key`; None when absent or unreadable (it is recomputed)."""
     try:

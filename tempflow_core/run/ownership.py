@@ -20,6 +20,9 @@ from tempflow_core.storage import ObjectStore, join_key
 RUN_FILE = "run.json"  # a run's record (runs.py)
 BASELINES = "_baselines"  # the base model's evaluations (baseline.py); never a run id (those start alphanumeric)
 ROOT_ENTRIES_CHECKED = 200  # a store root's first entries looked at (a large store: one listing page)
+RUN_FOLDER_FIX = "choose another run id"
+STORE_ROOT_FIX = ("point pipeline.store at a folder or bucket prefix of its own, or set pipeline.shared_store=true "
+                  "to write runs beside other data")
 
 
 def is_run_folder(store: ObjectStore, name: str) -> bool:
@@ -27,11 +30,6 @@ def is_run_folder(store: ObjectStore, name: str) -> bool:
     if store.exists(join_key(name, RUN_FILE)):
         return True
     return store.entries(name, limit=2) in ([], [LOCK_FILE])
-
-
-RUN_FOLDER_FIX = "choose another run id"
-STORE_ROOT_FIX = ("point pipeline.store at a folder or bucket prefix of its own, or set pipeline.shared_store=true "
-                  "to write runs beside other data")
 
 
 def run_folder_problem(store: ObjectStore, run_id: str) -> str | None:

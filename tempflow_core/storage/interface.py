@@ -57,7 +57,8 @@ class ObjectStore(abc.ABC):
 
     def entries(self, prefix: str = "", limit: int = 1000) -> list[str]:
         """The first `limit` names directly under the folder `prefix`, sorted; a folder's name
-        ends with '/'. Cheap on a large store: one level, one page."""
+        ends with '/'. This fallback lists everything under `prefix`; the local and S3 stores
+        read one level (S3: one delimited page), cheap on a large store."""
         folder = prefix.rstrip("/") + "/" if prefix else ""
         names = sorted({k[len(folder):].split("/", 1)[0] + ("/" if "/" in k[len(folder):] else "")
                         for k in self.list(prefix)})
