@@ -28,6 +28,10 @@ differ by `train.seed` only. Writes to `--out`:
   model, on at least 4 seeds); the first point of each arm that reaches it, against the target
   (at most half the rows and 0.6 of the seconds); each arm's last point against its earlier
   ones (whether the rest of its budget paid), paired the same way;
+* every comparison with the reference again on three yardsticks (the score's categories, every
+  evaluated category, the score's categories without the training prompts of `--train-prompts`),
+  each with its own margin, the formula's error beside a seeds-and-items bootstrap's, and the
+  lower bound also at 5% divided by the number of points compared (everything tried);
 * `score-vs-rows.png`: the score against cumulative rows (rollout + learner), mean over seeds,
   with the reference's final score and the margin.
 
@@ -51,7 +55,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tempflow_core.reports.paired import MIN_SEEDS, compare, lower_bound, overall_weights, reaches  # noqa: E402
+from tempflow_core.reports.paired import (  # noqa: E402
+    MIN_SEEDS, bootstrap_se, compare, lower_bound, overall_weights, reaches,
+)
 
 IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: no timestamp)
 MARGIN_SHARE = 0.25  # "reaches": within a quarter of the reference's gain over the base model
@@ -192,9 +198,12 @@ def _verdict(res) -> str:
 
 
 def summarize(points: list[dict], images: list[dict], reference: str, categories: list[str],
-              margin_share: float = MARGIN_SHARE) -> tuple[str, list[dict], float | None]:
+              margin_share: float = MARGIN_SHARE, train_prompts: set[str] | None = None
+              ) -> tuple[str, list[dict], float | None]:
     """(summary.md, the points with their score over `categories`, the margin of "reaches"
-    (None without the base model's records))."""
+    (None without the base model's records)). With `train_prompts` (the texts the runs train
+    on), every comparison with the reference is also given on every evaluated category and on
+    the untrained prompts of `categories` (`yardsticks`)."""
     sc = Scores(images, categories)
     points = [{**p, "score": sc.score(p["arm"], p["iteration"], p["seed"])} for p in points]
     arms = sorted({p["arm"] for p in points}, key=lambda a: (a != reference, a))
@@ -273,6 +282,8 @@ def summarize(points: list[dict], images: list[dict], reference: str, categories
                          f"{_mean(ref_shared, 'score'):.3f} | {res.diff:+.4f} | {res.se:.4f} | {res.p:.3f} | "
                          f"{res.won}/{res.seeds} | {_verdict(res)} | {lower_bound(res):+.4f} | {kept} | "
                          f"{'-' if margin is None else ('yes' if ok else 'no')} |")
+    if margin is not None and train_prompts is not None:
+        lines += yardsticks(at, images, reference, ref_it, categories, train_prompts, margin_share)
     later = [(arm, it) for arm in arms for it in its[arm] if it != 0 and it != its[arm][-1]]
     if later:
         lines += ["", "## Does the rest of the budget pay: each arm's last point against its earlier ones", "",
@@ -314,6 +325,48 @@ def summarize(points: list[dict], images: list[dict], reference: str, categories
             need = f"{int(np.ceil((Z_POWER * sd) ** 2 / room))}" if room > 0 else "none suffice: more images"
             lines.append(f"| {arm} | {it} | {res.seeds} | {sd:.4f} | {res.se_items:.4f} | {need} |")
     return "\n".join(lines) + "\n", points, margin
+
+
+def yardsticks(at: dict, images: list[dict], reference: str, ref_it: int, categories: list[str],
+               train_prompts: set[str], margin_share: float) -> list[str]:
+    """Every point against the reference's last on three yardsticks (the score's categories, every
+    evaluated category, the score's categories without the training prompts), each with its own
+    margin (`margin_share` of the reference's gain over the base model on that yardstick), the
+    paired formula's SE beside a two-level bootstrap's, and the lower bound at the 5% level and
+    at 5% divided by the number of points compared (Bonferroni: an arm picked as the first of M
+    points to pass should pass at that level)."""
+    every = sorted({r["category"] for r in images})
+    untrained = [r for r in images if r["prompt"] not in train_prompts]
+    sticks = [("trained categories", Scores(images, categories)), ("all categories", Scores(images, every)),
+              ("untrained prompts", Scores(untrained, categories))]
+    sticks = [(name, sc) for name, sc in sticks if sc.items]
+    ref = at[reference, ref_it]
+    margins = {name: margin_share * max(float(np.mean([sc.score(reference, ref_it, p["seed"]) for p in ref]))
+                                        - sc.score(BASE, 0, ref[0]["seed"]), 0.0) for name, sc in sticks}
+    compared = [(arm, it) for arm, it in at if it != 0 and not (arm == reference and it == ref_it)]
+    m = len(compared)
+    alpha = 0.05 / max(m, 1)
+    items = ", ".join(f"{name}: {len(sc.items)} items, margin {margins[name]:.4f}" for name, sc in sticks)
+    lines = ["", "## Every yardstick, and everything tried", "",
+             f"Each point against {reference} after {ref_it} on each yardstick ({items}; a margin is {margin_share:g} "
+             "of the reference's gain over the base model on that yardstick). SE: the paired formula (seeds and "
+             "items); bootstrap: seeds and items resampled, an independent check (it counts each seed's image noise twice, so "
+             "it mostly lies above the formula). "
+             f"{m} points were compared; an arm chosen as the first of them to reach should reach at 0.05 / {m} "
+             f"(the lower bound at {alpha:.4f}).", "",
+             "| arm | iteration | yardstick | seeds | difference | SE | bootstrap SE | lower bound (5%) | "
+             f"lower bound (5%/{m}) | reaches (5%) | reaches (5%/{m}) |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for arm, it in sorted(compared):
+        seeds = sorted({p["seed"] for p in at[arm, it]} & {p["seed"] for p in ref})
+        for name, sc in sticks:
+            a, b = sc.matrix(arm, it, seeds), sc.matrix(reference, ref_it, seeds)
+            res = compare(a, b, sc.groups)
+            lines.append(f"| {arm} | {it} | {name} | {res.seeds} | {res.diff:+.4f} | {res.se:.4f} | "
+                         f"{bootstrap_se(a, b, sc.groups):.4f} | {lower_bound(res):+.4f} | "
+                         f"{lower_bound(res, alpha):+.4f} | {'yes' if reaches(res, margins[name]) else 'no'} | "
+                         f"{'yes' if reaches(res, margins[name], alpha) else 'no'} |")
+    return lines
 
 
 def figure(points: list[dict], out: Path, reference: str, margin: float | None) -> Path:
@@ -359,6 +412,12 @@ def _write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def _ablation_train_source() -> str:
+    import yaml
+
+    return yaml.safe_load((ROOT / "flows" / "configs" / "ablation.yaml").read_text())["prompts"]["source"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=None, help="run store to collect the records from (omit: use --out's records)")
@@ -371,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--categories", default=None,
                     help="comma-separated categories the score is taken over; default: those comparison.json names, "
                          "else every evaluated one")
+    ap.add_argument("--train-prompts", default=None,
+                    help="the prompt source the runs train on (its texts are left out of the 'untrained prompts' "
+                         "yardstick); default: comparison.json's, else flows/configs/ablation.yaml's prompts.source")
     ap.add_argument("--margin-share", type=float, default=None,
                     help=f"'reaches' margin as a share of the reference's gain over the base model; default: "
                          f"comparison.json's, else {MARGIN_SHARE}")
@@ -403,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     reference = args.reference or before.get("reference", "tempflow")
     categories = args.categories.split(",") if args.categories else before.get("categories", every)
     share = args.margin_share if args.margin_share is not None else before.get("margin_share", MARGIN_SHARE)
+    train_source = args.train_prompts or before.get("train_prompts") or _ablation_train_source()
+    try:
+        from tempflow_core.prompts import load_prompts
+
+        train_prompts = {r.text for r in load_prompts(train_source)}
+    except (OSError, ValueError) as e:
+        print(f"--train-prompts {train_source!r}: {e}", file=sys.stderr)
+        return 2
     if reference not in arms:
         print(f"--reference {reference!r} is not an arm of these records: use one of {arms}", file=sys.stderr)
         return 2
@@ -415,12 +485,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--margin-share {share} is not a share in [0, 1): pass e.g. {MARGIN_SHARE}", file=sys.stderr)
         return 2
     categories = sorted(categories)
-    text, scored, margin = summarize(points, images, reference, categories, share)
+    text, scored, margin = summarize(points, images, reference, categories, share, train_prompts)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.store:
         _write(args.out / "points.jsonl", "".join(json.dumps(p) + "\n" for p in points))
         _write_bytes(args.out / IMAGES, gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode(), mtime=0))
-    _write(saved, json.dumps({"reference": reference, "categories": categories, "margin_share": share}) + "\n")
+    _write(saved, json.dumps({"reference": reference, "categories": categories, "margin_share": share,
+                              "train_prompts": train_source}) + "\n")
     _write(args.out / "summary.md", text)
     figure(scored, args.out, reference, margin)
     print(text)

@@ -106,7 +106,24 @@ def test_gain_reaches_and_the_target_by_hand(tmp_path):
     assert cells("| tempflow branch_steps=2 |", "## Rows to reach")[1] == "not reached"
     # the settings travel with the records; a category the records lack is refused
     assert json.loads((out / "comparison.json").read_text()) == {
-        "reference": "tempflow", "categories": ["a", "b"], "margin_share": 0.25}
+        "reference": "tempflow", "categories": ["a", "b"], "margin_share": 0.25,
+        "train_prompts": "builtin:shapes_train?tags=single_object,two_object,colors"}
+    # every yardstick: with p0 and p2 the training prompts, the untrained ones are p1 (a) and p3 (b):
+    # the cheap arm passes p1 where the reference fails it, (1 + 0) / 2 = +0.5; the reference gains
+    # nothing over the base there, so that yardstick's margin is 0; 2 points were compared (5% / 2)
+    train = tmp_path / "train.txt"
+    train.write_text("p0\np2\n")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--train-prompts", str(train)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (out / "summary.md").read_text().splitlines()
+    assert any("untrained prompts: 2 items, margin 0.0000" in line and "0.05 / 2" in line for line in lines)
+    assert cells("| tempflow branch_steps=2 | 8 | untrained prompts |", "## Every yardstick")[4] == "+0.5000"
+    same = cells("| tempflow same | 8 | trained categories |", "## Every yardstick")
+    assert same[4] == "+0.0000" and same[9:] == ["yes", "yes"]  # no difference, no error: reaches at 5% / 3 too
+    assert json.loads((out / "comparison.json").read_text())["train_prompts"] == str(train)
+    (out / "comparison.json").write_text(json.dumps({"reference": "tempflow", "categories": ["a", "b"],
+                                                     "margin_share": 0.25}))
     r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--categories", "a,c"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "'c' is not an evaluated category" in r.stderr
