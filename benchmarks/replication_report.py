@@ -110,7 +110,7 @@ def report(ours: tuple[list[dict], list[dict]], ref: tuple[list[dict], list[dict
 
     primary, boot, sc = pair(TRAINED, False, JUDGED_AT)
     gain = float(np.mean([sc.score(REFERENCE, REFERENCE_AT, s) for s in seeds])) - sc.score(BASE, 0, seeds[0])
-    lines += ["", "## The primary test", "",
+    lines += ["", "## The primary test" if valid else "## The primary comparison (no verdict: the control failed)", "",
               f"The arm (`rollout.branch_steps=[0,1,2,3]`) after {JUDGED_AT} iterations minus default after "
               f"{REFERENCE_AT}, on seeds {seeds[0]}-{seeds[-1]} ({len(seeds)}), over the trained categories; reaches "
               f"when the one-sided 95% lower bound lies above -{MARGIN}. Default's gain over the base model on these "
