@@ -21,7 +21,7 @@ from tempflow_core.run.fingerprints import changed_inputs, fingerprints
 from tempflow_core.run.invalidation import plan_branch
 from tempflow_core.shards import MANIFEST_NAME
 from tempflow_core.run.layout import STAGES, RunLayout
-from tempflow_core.run.ownership import LOCK_FILE, RUN_FILE, RUN_FOLDER_FIX, run_folder_problem
+from tempflow_core.run.ownership import RUN_FILE, RUN_FOLDER_FIX, is_run_folder, run_folder_problem
 from tempflow_core.storage import ObjectNotFound, join_key
 
 _ORDER = {"rollout": 0, "reward": 1, "advantages": 2, "learner": 2, "eval": 3}
@@ -109,9 +109,6 @@ def _copy_prefix(src: RunLayout, dst: RunLayout, prefix_src: str, prefix_dst: st
     return n
 
 
-_NOT_RUN_DATA = (LOCK_FILE,)  # a run's own lock (runlock.py) is no sign that the run exists
-
-
 def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: int, cfg: RunConfig) -> int:
     """Start run `dst` with config `cfg` from everything of `src` upstream of (from_iteration,
     from_stage) that `cfg`'s changed settings leave valid; returns the objects copied.
@@ -133,7 +130,7 @@ def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: 
                            f"config digest {cfg.digest()[:8]}) needs a new run id")
         if existing.get("branch_copied"):
             return 0
-    elif [k for k in dst.store.list(join_key(dst.run_id)) if k[len(dst.run_id) + 1:] not in _NOT_RUN_DATA]:
+    elif not is_run_folder(dst.store, dst.run_id):  # objects besides a lock (ownership.py), but no record
         raise RunError(f"run {dst.run_id!r} already holds objects but no run record; a branch needs a new run id")
     # canonical dumps: a record written before model families (explicit shift 3.0 / a 0.7) and
     # today's unset fields are the same settings
