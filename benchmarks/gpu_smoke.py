@@ -145,7 +145,7 @@ def main() -> None:
     emb = policy.encode_prompts(prompts[:1])
     x1 = torch.randn(1, C, H, W, device=device)
     with torch.no_grad():
-        nfe_flops = flops_of(lambda: policy.velocity(x1, torch.tensor(0.5), emb.embeds, emb.pooled, emb, guidance))
+        nfe_flops = flops_of(lambda: policy.velocity(x1, torch.tensor(0.5), emb, guidance))
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -93,7 +93,7 @@ def _ranks(rank: int, world: int, args: argparse.Namespace, path: str, result: s
     policy.load_lora_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("lora.")})
     units = TrainUnits(*(saved[f"units.{f}"] for f in ("x", "x_next", "old_log_prob", "advantages", "step",
                                                        "prompt_index", "weight", "kl_weight")))
-    emb = PromptEmbeds(*(saved[f"emb.{f}"].to(policy.device) for f in ("embeds", "pooled", "neg_embeds", "neg_pooled")))
+    emb = PromptEmbeds.from_tensors({k[4:]: v for k, v in saved.items() if k.startswith("emb.")}).to(policy.device)
     owned = torch.arange(rank, len(units), world)
     dp = DataParallel(rank, world, len(units), owned, collective_device(dist.get_backend_config(), policy.device))
     optimizer = make_optimizer(policy, cfg.train)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     emb1 = policy.encode_prompts(prompts[:1])
     x1 = torch.randn(1, *policy.latent_shape(), device=device)
     with torch.no_grad():
-        nfe_flops = flops_of(lambda: policy.velocity(x1, torch.tensor(0.5), emb1.embeds, emb1.pooled, emb1, 4.5))
+        nfe_flops = flops_of(lambda: policy.velocity(x1, torch.tensor(0.5), emb1, 4.5))
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
                 None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -208,7 +208,7 @@ def _two_ranks(args, policy, units, emb, lora0, schedule, cfg) -> dict:
     saved = {**{f"lora.{k}": v for k, v in lora0.items()},
              **{f"units.{f}": getattr(units, f).contiguous() for f in ("x", "x_next", "old_log_prob", "advantages",
                                                                        "step", "prompt_index", "weight", "kl_weight")},
-             **{f"emb.{f}": getattr(emb, f).cpu().contiguous() for f in ("embeds", "pooled", "neg_embeds", "neg_pooled")}}
+             **{f"emb.{k}": v.cpu().contiguous() for k, v in emb.tensors().items()}}
     safetensors.torch.save_file(saved, f"{tmp}/inputs.safetensors")
     mp.spawn(_ranks, args=(2, args, f"{tmp}/inputs.safetensors", f"{tmp}/lora"), nprocs=2, join=True)
     worst = 0.0

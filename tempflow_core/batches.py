@@ -17,21 +17,52 @@ import torch
 
 @dataclass
 class PromptEmbeds:
-    """Encoded prompts; `neg_*` is the empty-prompt embedding used for CFG, kept once. A
+    """A batch's conditioning, owned by the policy that encoded it: what `velocity` reads for
+    each row. `neg_*` is the empty-prompt embedding used for CFG, kept once. A
     guidance-distilled family (FLUX) has no negative prompt: its `neg_*` hold zero rows, so a
-    batch's tensors keep one schema (shards store all four)."""
+    batch's tensors keep one schema. A family without a pooled embedding (Qwen-Image) holds
+    zero-width `pooled`; a family whose text tokens vary per prompt (Qwen-Image) pads them to
+    L and marks the valid ones in `mask` (None: every token is valid, SD3 and FLUX)."""
 
-    embeds: torch.Tensor  # [B, L, D] (SD3: CLIP-L/G + T5 joint sequence; FLUX: T5 sequence)
-    pooled: torch.Tensor  # [B, Dp] (SD3: CLIP-L/G pooled; FLUX: CLIP-L pooled)
+    embeds: torch.Tensor  # [B, L, D] (SD3: CLIP-L/G + T5 joint sequence; FLUX: T5; Qwen-Image: Qwen2.5-VL)
+    pooled: torch.Tensor  # [B, Dp] (SD3: CLIP-L/G pooled; FLUX: CLIP-L pooled; Qwen-Image: [B, 0])
     neg_embeds: torch.Tensor  # [1, L, D] ([0, L, D] without CFG)
     neg_pooled: torch.Tensor  # [1, Dp] ([0, Dp] without CFG)
+    mask: torch.Tensor | None = None  # [B, L] int64, 1 = a token of the prompt; None: all valid
+    neg_mask: torch.Tensor | None = None  # [1, L] (or [0, L]) with `mask`
 
     def select(self, index: torch.Tensor) -> "PromptEmbeds":
-        return PromptEmbeds(self.embeds[index], self.pooled[index], self.neg_embeds, self.neg_pooled)
+        """The conditioning of rows `index` (a row may repeat: one per child or per CFG row)."""
+        mask = None if self.mask is None else self.mask[index]
+        return PromptEmbeds(self.embeds[index], self.pooled[index], self.neg_embeds, self.neg_pooled, mask,
+                            self.neg_mask)
 
     def to(self, device: torch.device | str) -> "PromptEmbeds":
+        move = lambda z: None if z is None else z.to(device)  # noqa: E731
         return PromptEmbeds(self.embeds.to(device), self.pooled.to(device), self.neg_embeds.to(device),
-                            self.neg_pooled.to(device))
+                            self.neg_pooled.to(device), move(self.mask), move(self.neg_mask))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The named tensors a stage stores (the masks only where the family has them)."""
+        out = {"embeds": self.embeds, "pooled": self.pooled, "neg_embeds": self.neg_embeds,
+               "neg_pooled": self.neg_pooled}
+        if self.mask is not None:
+            out.update(mask=self.mask, neg_mask=self.neg_mask if self.neg_mask is not None else self.mask[:0])
+        return out
+
+    @staticmethod
+    def from_tensors(t: dict[str, torch.Tensor]) -> "PromptEmbeds":
+        """The inverse of `tensors` (KeyError naming a missing field)."""
+        return PromptEmbeds(t["embeds"], t["pooled"], t["neg_embeds"], t["neg_pooled"], t.get("mask"),
+                            t.get("neg_mask"))
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        """The rows of `parts` in order (the negative of the first; all encoded by one policy)."""
+        mask = None if parts[0].mask is None else torch.cat([p.mask for p in parts])  # type: ignore[misc]
+        e0 = parts[0]
+        return PromptEmbeds(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]),
+                            e0.neg_embeds, e0.neg_pooled, mask, e0.neg_mask)
 
 
 @dataclass

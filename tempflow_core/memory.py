@@ -179,9 +179,8 @@ def _probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_
 
     def measured(n: int, grad: bool) -> float:
         xs, ts = x.expand(n, -1, -1, -1), t.expand(n)
-        e, p = emb.embeds.expand(n, -1, -1), emb.pooled.expand(n, -1)
         with torch.set_grad_enabled(grad), LiveBytes() as m:
-            v = policy.velocity(xs, ts, e, p, emb, guidance_scale)
+            v = policy.velocity(xs, ts, emb.select(torch.zeros(n, dtype=torch.long)), guidance_scale)
             if grad:
                 v.square().mean().backward()
         policy.transformer.zero_grad(set_to_none=True)

@@ -123,7 +123,7 @@ def _policy_step(policy: FlowPolicy, u: TrainUnits, emb: PromptEmbeds, schedule:
     else:  # one row per child
         rep = lambda z: z.repeat_interleave(K, 0)  # noqa: E731
         x, tt, tn, ss, r = rep(u.x), rep(t), rep(t_next), rep(s), rep(rows)
-    v = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
+    v = policy.velocity(x, tt, emb.select(r), guidance_scale)
     mean, std = sde_mean_std(x, v, tt, tn, ss, schedule.sde_type)  # [N or N*K, C, H, W], [., 1, 1, 1]
     return x, tt, tn, ss, r, mean, std
 
@@ -156,7 +156,7 @@ def evaluate_units(
     x, tt, tn, ss, r, mean, std = _policy_step(policy, u, emb, schedule, guidance_scale, shared)
     if loss_cfg.beta > 0:
         with torch.no_grad(), policy.reference():
-            v_ref = policy.velocity(x, tt, emb.embeds[r], emb.pooled[r], emb, guidance_scale)
+            v_ref = policy.velocity(x, tt, emb.select(r), guidance_scale)
         mean_ref, _ = sde_mean_std(x, v_ref, tt, tn, ss, schedule.sde_type)
         kl = gaussian_kl(mean, mean_ref, std)  # [N or N*K]
         if loss_cfg.kl_form == "flow_grpo" and schedule.sde_type == "flow_grpo":

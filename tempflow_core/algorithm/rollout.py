@@ -42,7 +42,7 @@ def _chunked_velocity(policy: FlowPolicy, x: torch.Tensor, t: float, rows: torch
     out = []
     for i in range(0, x.shape[0], max_batch):
         r = rows[i:i + max_batch]
-        out.append(policy.velocity(x[i:i + max_batch], torch.tensor(t), emb.embeds[r], emb.pooled[r], emb, guidance))
+        out.append(policy.velocity(x[i:i + max_batch], torch.tensor(t), emb.select(r), guidance))
     return torch.cat(out, 0)
 
 

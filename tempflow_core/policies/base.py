@@ -5,7 +5,7 @@ learner, evaluation, session setup and export use only this interface, so they n
 which family they hold:
 
     encode_prompts(prompts)                       -> PromptEmbeds
-    velocity(x, t, embeds, pooled, neg, guidance) -> v  [N, C, H, W] float32
+    velocity(x, t, cond, guidance)                -> v  [N, C, H, W] float32 (cond: N rows of PromptEmbeds)
     decode(latents [N, C, H, W])                  -> uint8 images [N, H', W', 3]
     latent_shape()                                -> (C, H, W)
     text_tokens()                                 -> tokens of one prompt's conditioning
@@ -87,8 +87,9 @@ class FlowPolicy:
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         raise NotImplementedError
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                 neg: PromptEmbeds | None, guidance_scale: float) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: PromptEmbeds, guidance_scale: float) -> torch.Tensor:
+        """v(x, t | cond, guidance) for N rows: x [N, C, H, W], t [N] or a scalar, `cond` the N rows'
+        conditioning (`PromptEmbeds.select` of the prompts' rows; its negative rides along)."""
         raise NotImplementedError
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:

@@ -104,13 +104,11 @@ class FluxPolicy(FlowPolicy):
         self,
         x: torch.Tensor,  # [N, C, H, W]
         t: torch.Tensor,  # [N] in [0, 1] (sigma), or a scalar
-        embeds: torch.Tensor,  # [N, L, D] T5
-        pooled: torch.Tensor,  # [N, Dp] CLIP pooled
-        neg: PromptEmbeds | None,  # unused: no CFG pair
+        cond: PromptEmbeds,  # embeds [N, L, D] T5, pooled [N, Dp] CLIP; no negative (no CFG pair)
         guidance_scale: float,
     ) -> torch.Tensor:
         """v(x, t | c, g) in one transformer call on N rows. Returns float32 [N, C, H, W]."""
-        n, _, h, w = x.shape
+        (n, _, h, w), embeds, pooled = x.shape, cond.embeds, cond.pooled
         dev, dtype = self.device, self.transformer.dtype
         t = torch.as_tensor(t, dtype=torch.float32, device=dev)
         t = t.expand(n) if t.ndim == 0 else t

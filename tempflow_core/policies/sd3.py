@@ -70,18 +70,16 @@ class Policy(FlowPolicy):
         self,
         x: torch.Tensor,  # [N, C, H, W]
         t: torch.Tensor,  # [N] in [0, 1] (sigma), or a scalar
-        embeds: torch.Tensor,  # [N, L, D]
-        pooled: torch.Tensor,  # [N, Dp]
-        neg: PromptEmbeds | None,
+        cond: PromptEmbeds,  # embeds [N, L, D], pooled [N, Dp]; the negative [1, L, D], [1, Dp]
         guidance_scale: float,
     ) -> torch.Tensor:
         """v(x, t | c) with classifier-free guidance, in one transformer call. Returns float32 [N, C, H, W]."""
-        n = x.shape[0]
+        n, embeds, pooled, neg = x.shape[0], cond.embeds, cond.pooled, cond
         t = torch.as_tensor(t, dtype=torch.float32, device=self.device)
         t = t.expand(n) if t.ndim == 0 else t
         dtype = self.transformer.dtype
         if guidance_scale > 1.0:
-            assert neg is not None, "CFG needs the negative embedding"
+            assert neg.neg_embeds.shape[0] == 1, "CFG needs the negative embedding"
             h = torch.cat([neg.neg_embeds.expand(n, -1, -1), embeds], 0)
             p = torch.cat([neg.neg_pooled.expand(n, -1), pooled], 0)
             xx = torch.cat([x, x], 0)

@@ -168,7 +168,9 @@ def read_embeds(store: StoreLike, prefix: str, manifest: Manifest | None = None,
     missing = [n for n in ("embeds", "pooled", "neg_embeds", "neg_pooled", "sigmas") if n not in t]
     if missing:
         raise SchemaError(f"{store.uri_for(join_key(prefix, EMBEDS_NAME))} lacks field(s) {missing}")
-    return PromptEmbeds(t["embeds"], t["pooled"], t["neg_embeds"], t["neg_pooled"]), t["sigmas"]
+    if ("mask" in t) != ("neg_mask" in t):
+        raise SchemaError(f"{store.uri_for(join_key(prefix, EMBEDS_NAME))} holds one of mask / neg_mask without the other")
+    return PromptEmbeds.from_tensors(t), t["sigmas"]
 
 
 def read_rollouts(store: StoreLike, prefix: str, *, images: bool = True, verify: bool = True) -> RolloutBatch:

@@ -107,8 +107,7 @@ def encode_trajectory(tr: Trajectory, *, images: bool = True, png_level: int = 1
 
 def encode_embeds(e: PromptEmbeds, sigmas: torch.Tensor) -> bytes:
     """embeds.safetensors of a stage output: its PromptEmbeds and sigmas [T+1], once per stage."""
-    return tensor_bytes({"embeds": e.embeds, "pooled": e.pooled, "neg_embeds": e.neg_embeds,
-                         "neg_pooled": e.neg_pooled, "sigmas": sigmas}, "RolloutBatch.embeds")
+    return tensor_bytes({**e.tensors(), "sigmas": sigmas}, "RolloutBatch.embeds")
 
 
 # ---------------------------------------------------------------------------- decoding

@@ -196,9 +196,7 @@ def publish_rollouts(parts: Sequence[RolloutPart], store: StoreLike, prefix: str
     kinds = {p.kind for p in parts}
     if len(kinds) != 1:
         raise SchemaError(f"rollout parts of {store.uri_for(prefix)} mix kinds {sorted(kinds)}")
-    e0 = parts[0].embeds
-    emb = PromptEmbeds(torch.cat([p.embeds.embeds for p in parts]), torch.cat([p.embeds.pooled for p in parts]),
-                       e0.neg_embeds, e0.neg_pooled)
+    emb = PromptEmbeds.cat([p.embeds for p in parts])
     ids = [i for p in parts for i in p.prompt_ids]
     if len(set(ids)) != len(ids):
         raise SchemaError(f"rollout parts of {store.uri_for(prefix)} repeat prompt ids")

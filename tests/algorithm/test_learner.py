@@ -78,9 +78,9 @@ def test_kl_forms_are_the_exact_gaussian_kl_and_flow_grpos(policy):
     t, tn, sk = sig[units.step], sig[units.step + 1], sde[units.step]
     emb, r = b.embeds, units.prompt_index
     with torch.no_grad():
-        v = policy.velocity(units.x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+        v = policy.velocity(units.x, t, emb.select(r), 4.5)
         with policy.reference():
-            v_ref = policy.velocity(units.x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+            v_ref = policy.velocity(units.x, t, emb.select(r), 4.5)
     gap2 = ((sde_mean_std(units.x, v, t, tn, sk)[0] - sde_mean_std(units.x, v_ref, t, tn, sk)[0]) ** 2).flatten(1).mean(1)
     dt = (t - tn).abs()
     torch.testing.assert_close(kls["exact"], gap2 / (2 * sk**2 * dt), rtol=1e-4, atol=1e-9)
@@ -100,8 +100,8 @@ def test_update_changes_policy_but_not_reference(policy):
         with torch.no_grad():
             if ref:
                 with policy.reference():
-                    return policy.velocity(x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
-            return policy.velocity(x, t, emb.embeds[r], emb.pooled[r], emb, 4.5)
+                    return policy.velocity(x, t, emb.select(r), 4.5)
+            return policy.velocity(x, t, emb.select(r), 4.5)
 
     ref0, pol0 = predict(True), predict(False)
     opt = make_optimizer(policy, TrainConfig(lr=1e-2))

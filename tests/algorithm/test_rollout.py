@@ -76,7 +76,7 @@ def test_stored_log_probs_are_those_of_the_policy(policy):
     for bp in b.branch_points:
         emb = b.embeds
         r = torch.tensor([bp.prompt_index])
-        v = policy.velocity(bp.x_k[None], torch.tensor(bp.sigma), emb.embeds[r], emb.pooled[r], emb, 4.5)
+        v = policy.velocity(bp.x_k[None], torch.tensor(bp.sigma), emb.select(r), 4.5)
         lp, _, _ = sde_log_prob(bp.x_next, bp.x_k[None].expand_as(bp.x_next), v.expand_as(bp.x_next),
                                 float(sig[bp.step]), float(sig[bp.step + 1]), float(ss[bp.step]))
         torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)
@@ -105,7 +105,7 @@ def test_a_bf16_model_keeps_its_states_in_bf16_with_the_log_probs_of_those_state
         assert all(tr.states.dtype == torch.bfloat16 for tr in b.trajectories)
     for x, x_next, step, p, kept in cases:
         r = torch.tensor([p]).expand(x.shape[0])
-        v = pol.velocity(x.float(), torch.tensor(float(sig[step])), emb.embeds[r], emb.pooled[r], emb, 4.5)
+        v = pol.velocity(x.float(), torch.tensor(float(sig[step])), emb.select(r), 4.5)
         lp, _, _ = sde_log_prob(x_next.float(), x.float(), v, float(sig[step]), float(sig[step + 1]), float(ss[step]))
         assert torch.equal(lp.float(), kept)
 
@@ -130,7 +130,7 @@ def _finish_by_hand(policy, b, bp, nodes, guidance):
     for x in bp.x_next:
         x = x[None]
         for a, c in zip(nodes[:-1], nodes[1:]):
-            v = policy.velocity(x, torch.tensor(sig[a]), b.embeds.embeds[r], b.embeds.pooled[r], b.embeds, guidance)
+            v = policy.velocity(x, torch.tensor(sig[a]), b.embeds.select(r), guidance)
             x = x + (sig[c] - sig[a]) * v
         out.append(x[0])
     return torch.stack(out)

@@ -60,12 +60,12 @@ def test_velocity_equals_flux_transformer_on_packed_latents(flux_pipe):
     emb = pol.encode_prompts(PROMPTS)
     assert emb.neg_embeds.shape == (0, 16, 32) and emb.embeds.shape == (2, 16, 32) and emb.pooled.shape == (2, 32)
     with torch.no_grad():
-        v = pol.velocity(x, t, emb.embeds, emb.pooled, emb, 3.5)
+        v = pol.velocity(x, t, emb, 3.5)
     assert v.shape == (n, c, h, w) and v.dtype == torch.float32
     torch.testing.assert_close(reference_pack(v), ref, rtol=1e-5, atol=1e-5)
     # guidance is an input of the distilled model: another value, another velocity
     with torch.no_grad():
-        assert (pol.velocity(x, t, emb.embeds, emb.pooled, emb, 1.0) - v).abs().max() > 1e-4
+        assert (pol.velocity(x, t, emb, 1.0) - v).abs().max() > 1e-4
 
 
 def test_one_transformer_call_per_step_without_cfg(flux_pipe):
@@ -128,11 +128,11 @@ def test_lora_targets_reference_and_export_into_plain_flux_pipeline(flux_pipe, t
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(0.6)
     emb = pol.encode_prompts(["a red circle"])
     with torch.no_grad():
-        v0 = pol.velocity(x, t, emb.embeds, emb.pooled, emb, 3.5)
+        v0 = pol.velocity(x, t, emb, 3.5)
         _perturb_lora(pol)
-        v_pol = pol.velocity(x, t, emb.embeds, emb.pooled, emb, 3.5)
+        v_pol = pol.velocity(x, t, emb, 3.5)
         with pol.reference():
-            torch.testing.assert_close(pol.velocity(x, t, emb.embeds, emb.pooled, emb, 3.5), v0)
+            torch.testing.assert_close(pol.velocity(x, t, emb, 3.5), v0)
     assert (v_pol - v0).abs().max() > 1e-4
 
     path = pol.save_lora(tmp_path / "lora")
@@ -140,7 +140,7 @@ def test_lora_targets_reference_and_export_into_plain_flux_pipeline(flux_pipe, t
     plain.load_lora_weights(str(path.parent))  # diffusers' FluxPipeline loader, nothing of ours
     other = FluxPolicy(plain, None, "cpu")
     with torch.no_grad():
-        torch.testing.assert_close(other.velocity(x, t, emb.embeds, emb.pooled, emb, 3.5), v_pol, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(other.velocity(x, t, emb, 3.5), v_pol, rtol=1e-4, atol=1e-5)
     # and the LoRA changes plain sampling exactly as it changes the policy's
     x0, ours = _ode_latents(pol, ["two blue squares"], ["p1"], pol.schedule(3), 3.5, seed=1)
     out = plain("two blue squares", height=32, width=32, num_inference_steps=3, guidance_scale=3.5,
@@ -150,7 +150,7 @@ def test_lora_targets_reference_and_export_into_plain_flux_pipeline(flux_pipe, t
     again = FluxPolicy(load_pipeline(tiny_flux_dir), LoraSettings(rank=4, alpha=8), "cpu")
     again.load_lora(tmp_path / "lora")
     with torch.no_grad():
-        torch.testing.assert_close(again.velocity(x, t, emb.embeds, emb.pooled, emb, 3.5), v_pol)
+        torch.testing.assert_close(again.velocity(x, t, emb, 3.5), v_pol)
 
 
 def test_family_detection_and_refusal(tiny_flux_dir, tiny_model_dir, tmp_path):

@@ -55,7 +55,7 @@ def test_wavefront_equals_loop_and_stored_log_probs_are_the_policys(policy):
     for bp in wave.branch_points:
         r = torch.tensor([bp.prompt_index])
         with torch.no_grad():
-            v = policy.velocity(bp.x_k[None], torch.tensor(bp.sigma), emb.embeds[r], emb.pooled[r], emb, G)
+            v = policy.velocity(bp.x_k[None], torch.tensor(bp.sigma), emb.select(r), G)
         lp, _, _ = sde_log_prob(bp.x_next, bp.x_k[None].expand_as(bp.x_next), v.expand_as(bp.x_next),
                                 float(sig[bp.step]), float(sig[bp.step + 1]), float(ss[bp.step]))
         torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)
@@ -103,8 +103,8 @@ def test_shared_x_k_learner_equals_per_child_and_update_moves_only_the_policy(po
         with torch.no_grad():
             if ref:
                 with policy.reference():
-                    return policy.velocity(x, t, emb.embeds[r], emb.pooled[r], emb, G)
-            return policy.velocity(x, t, emb.embeds[r], emb.pooled[r], emb, G)
+                    return policy.velocity(x, t, emb.select(r), G)
+            return policy.velocity(x, t, emb.select(r), G)
 
     ref0, pol0 = predict(True), predict(False)
     stats = update(policy, make_optimizer(policy, TrainConfig(lr=1e-2)), units, emb, s, G,

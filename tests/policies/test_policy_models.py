@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from tempflow_core.batches import PromptEmbeds
 from tempflow_core.config import LoraSettings, TinyModelConfig
 from tempflow_core.policies.models import load_pipeline
 from tempflow_core.policies.tiny_parts import TINY_VOCAB_WORDS, write_clip_tokenizer_files
@@ -61,21 +62,21 @@ def test_lora_saved_by_policy_loads_into_plain_diffusers(tiny_pipe, tiny_model_d
     assert path.name == "pytorch_lora_weights.safetensors"
     emb = pol.encode_prompts(["a red circle"])
     x = torch.randn(1, 4, 8, 8)
-    v_pol = pol.velocity(x, torch.tensor(0.6), emb.embeds, emb.pooled, emb, 4.5)
+    v_pol = pol.velocity(x, torch.tensor(0.6), emb, 4.5)
     with pol.reference():
-        v_ref = pol.velocity(x, torch.tensor(0.6), emb.embeds, emb.pooled, emb, 4.5)
+        v_ref = pol.velocity(x, torch.tensor(0.6), emb, 4.5)
     assert (v_pol - v_ref).abs().max() > 1e-4
 
     plain = load_pipeline(tiny_model_dir)
     plain.load_lora_weights(str(tmp_path / "lora"))
     other = Policy(plain, None, "cpu")
-    v_plain = other.velocity(x, torch.tensor(0.6), emb.embeds, emb.pooled, emb, 4.5)
+    v_plain = other.velocity(x, torch.tensor(0.6), emb, 4.5)
     torch.testing.assert_close(v_plain, v_pol, rtol=1e-4, atol=1e-5)
 
     # and back into a fresh policy through load_lora
     again = Policy(load_pipeline(tiny_model_dir), LoraSettings(rank=4, alpha=8), "cpu")
     again.load_lora(tmp_path / "lora")
-    torch.testing.assert_close(again.velocity(x, torch.tensor(0.6), emb.embeds, emb.pooled, emb, 4.5), v_pol)
+    torch.testing.assert_close(again.velocity(x, torch.tensor(0.6), emb, 4.5), v_pol)
 
 
 def test_gaussian_init_lora_starts_equal_to_reference(tiny_pipe):
@@ -86,9 +87,9 @@ def test_gaussian_init_lora_starts_equal_to_reference(tiny_pipe):
     assert {"attn.to_q", "attn.add_k_proj", "attn.to_add_out"} <= targets
     emb = pol.encode_prompts(["a blue square", "a red circle"])
     x = torch.randn(2, 4, 8, 8)
-    v = pol.velocity(x, torch.tensor([0.9, 0.2]), emb.embeds, emb.pooled, emb, 3.0)
+    v = pol.velocity(x, torch.tensor([0.9, 0.2]), emb, 3.0)
     with pol.reference():
-        torch.testing.assert_close(pol.velocity(x, torch.tensor([0.9, 0.2]), emb.embeds, emb.pooled, emb, 3.0), v)
+        torch.testing.assert_close(pol.velocity(x, torch.tensor([0.9, 0.2]), emb, 3.0), v)
     assert emb.embeds.shape == (2, 16, 64) and emb.neg_embeds.shape == (1, 16, 64)
 
 
@@ -96,9 +97,9 @@ def test_cfg_combines_conditional_and_unconditional(tiny_pipe):
     pol = Policy(tiny_pipe, None, "cpu")
     emb = pol.encode_prompts(["a red circle"])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(0.5)
-    v_c = pol.velocity(x, t, emb.embeds, emb.pooled, emb, 1.0)
-    v_u = pol.velocity(x, t, emb.neg_embeds, emb.neg_pooled, emb, 1.0)
-    torch.testing.assert_close(pol.velocity(x, t, emb.embeds, emb.pooled, emb, 4.0), v_u + 4.0 * (v_c - v_u),
+    v_c = pol.velocity(x, t, emb, 1.0)
+    v_u = pol.velocity(x, t, PromptEmbeds(emb.neg_embeds, emb.neg_pooled, emb.neg_embeds, emb.neg_pooled), 1.0)
+    torch.testing.assert_close(pol.velocity(x, t, emb, 4.0), v_u + 4.0 * (v_c - v_u),
                                rtol=1e-4, atol=1e-5)
 
 
