@@ -185,7 +185,6 @@ def publish_rollouts(parts: Sequence[RolloutPart], store: StoreLike, prefix: str
                      config_hash: str | None = None, extra: Mapping[str, Any] | None = None) -> Manifest:
     """Merge parts written by `write_rollout_part` into one stage output: the joined prompts
     and embeddings, then the manifest (last) listing every part's shards in slice order."""
-    import torch
 
 
     store = open_store(store)
