@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig, TrainConfig, load_config  # noqa: E402
 from tempflow_core.algorithm.learner import build_units, make_optimizer, update  # noqa: E402
-from tempflow_core.families import family_spec  # noqa: E402
+from tempflow_core.families import FAMILIES, family_spec  # noqa: E402
 from tempflow_core.policies.models import load_pipeline_meta  # noqa: E402
 from tempflow_core.policies.sd3 import make_policy  # noqa: E402
 from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
@@ -137,8 +137,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
     real_sizes("sd35m.yaml", args.sd3)
     real_sizes("flux1-dev.yaml", args.flux)
-    for family in ("sd3", "flux"):
-        tiny_throughput(family, args.repeats)
+    for spec in FAMILIES:
+        tiny_throughput(spec.name, args.repeats)
 
 
 if __name__ == "__main__":

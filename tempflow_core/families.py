@@ -5,6 +5,10 @@ from it, in one registration per family (`FamilySpec`).
           noise level a = 0.7, T5 256 tokens (when the model has T5)
     flux  FluxPipeline (FLUX.1-dev, the tiny FLUX model): guidance-distilled (the guidance value
           is a transformer input, one call per step), resolution-dependent shift, a = 0.9, T5 512 tokens
+    qwen-image  QwenImagePipeline (Qwen-Image, the tiny Qwen-Image): true CFG (a conditional and a
+          negative " " call per step, the combination rescaled to the conditional's norm), no pooled
+          embedding, Qwen2.5-VL tokens of the prompt after the pipeline's template, masked;
+          resolution-dependent shift with the scheduler's terminal stretch
 
 A family's code (its policy, its tiny builder) is named by "module:attribute" and imported only
 when used, so this module reads JSON only (no torch) and the config can resolve a family's
@@ -20,17 +24,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-ModelFamily = Literal["sd3", "flux"]
+ModelFamily = Literal["sd3", "flux", "qwen-image"]
+
+
+# QwenImagePipeline.prompt_template_encode: the prompt goes where "{}" is; its first 34 tokens
+# (Qwen2.5-VL's) are dropped from the conditioning
+QWEN_IMAGE_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
+                       "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+                       "{}<|im_end|>\n<|im_start|>assistant\n")
 
 
 @dataclass(frozen=True)
 class FamilyDefaults:
     """What a family uses when the config leaves the setting unset."""
 
-    guidance_scale: float  # SD3: CFG scale (paper: 4.5); FLUX.1-dev: its guidance input (3.5)
+    guidance_scale: float  # SD3: CFG scale (paper: 4.5); FLUX.1-dev: its guidance input (3.5); Qwen-Image: true CFG (4.0)
     noise_level: float  # a of s_t = a sqrt(t / (1 - t)) (paper: 0.7 SD3.5-M, 0.9 FLUX)
     shift: float | None  # static flow shift; None: a resolution-dependent shift (FLUX's calculate_shift)
-    t5_tokens: int  # T5 sequence length when model.max_sequence_length is unset and the model has T5
+    text_tokens: int  # tokens of the long encoder (T5, Qwen2.5-VL) when model.max_sequence_length is unset
     pipeline_class: str  # the diffusers class in model_index.json
 
 
@@ -43,12 +54,17 @@ class FamilySpec:
     policy: str  # "module:Class" of its FlowPolicy: Class(pipe, lora, device, max_sequence_length, resolution, checkpointing)
     tiny_builder: str  # "module:function": function(TinyModelConfig, workdir) -> a random tiny pipeline
     cfg_pair: bool  # guidance > 1 runs a conditional and an unconditional row per sample (CFG); False: guidance is an input
-    t5_tokenizer: str | None  # subfolder of the T5 tokenizer, the encoder that reads the most of a prompt
-    t5_required: bool  # False: the model may be saved without T5 (then CLIP's `tokenizer` reads the most)
+    long_tokenizer: str | None  # subfolder of the tokenizer of the encoder that reads the most of a prompt (T5, Qwen2.5-VL)
+    long_required: bool  # False: the model may be saved without it (SD3 without T5: CLIP's `tokenizer` reads the most)
     optional_components: tuple[str, ...]  # components a folder may save as null (passed as None when loading)
     native_side: Literal["transformer", "vae"]  # where the unset resolution comes from: the transformer's sample_size
     #                                             x the VAE's downsampling, or the VAE's own sample_size
     guidance_note: str  # the exported README's line on what guidance_scale means for this family ("" for CFG)
+    encoder_label: str = "T5"  # the long encoder's name in messages
+    prompt_template: str | None = None  # the text the pipeline encodes around a prompt ("{}" marks it)
+    template_tokens: int = 0  # tokens of the template before the prompt, which the pipeline drops
+    negative_prompt: str | None = ""  # the CFG negative prompt (None: no CFG pair)
+    guidance_kwarg: str = "guidance_scale"  # the pipeline's __call__ argument that takes the guidance value
 
     @property
     def pipeline_class(self) -> str:
@@ -67,20 +83,34 @@ class FamilySpec:
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="sd3",
-        defaults=FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, t5_tokens=256,
+        defaults=FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, text_tokens=256,
                                 pipeline_class="StableDiffusion3Pipeline"),
         policy="tempflow_core.policies.sd3:Policy",
         tiny_builder="tempflow_core.policies.models:build_tiny_pipeline",
-        cfg_pair=True, t5_tokenizer="tokenizer_3", t5_required=False,
+        cfg_pair=True, long_tokenizer="tokenizer_3", long_required=False,
         optional_components=("text_encoder_3", "tokenizer_3"), native_side="transformer", guidance_note=""),
     FamilySpec(
         name="flux",
-        defaults=FamilyDefaults(guidance_scale=3.5, noise_level=0.9, shift=None, t5_tokens=512,
+        defaults=FamilyDefaults(guidance_scale=3.5, noise_level=0.9, shift=None, text_tokens=512,
                                 pipeline_class="FluxPipeline"),
         policy="tempflow_core.policies.flux:FluxPolicy",
         tiny_builder="tempflow_core.policies.tiny_flux:build_tiny_flux_pipeline",
-        cfg_pair=False, t5_tokenizer="tokenizer_2", t5_required=True, optional_components=(), native_side="vae",
-        guidance_note="FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG."),
+        cfg_pair=False, long_tokenizer="tokenizer_2", long_required=True, optional_components=(), native_side="vae",
+        guidance_note="FLUX.1-dev is guidance-distilled: guidance_scale is the transformer's guidance input, not CFG.",
+        negative_prompt=None),
+    FamilySpec(
+        name="qwen-image",
+        # true CFG 4.0 and the negative " " of the model card; a = 0.7 (Flow-GRPO's default noise level;
+        # neither paper gives one for Qwen-Image); 256 tokens after the template (the pipeline cuts at 1024)
+        defaults=FamilyDefaults(guidance_scale=4.0, noise_level=0.7, shift=None, text_tokens=256,
+                                pipeline_class="QwenImagePipeline"),
+        policy="tempflow_core.policies.qwen_image:QwenImagePolicy",
+        tiny_builder="tempflow_core.policies.tiny_qwen_image:build_tiny_qwen_image_pipeline",
+        cfg_pair=True, long_tokenizer="tokenizer", long_required=True, optional_components=(), native_side="vae",
+        guidance_note="Qwen-Image takes true CFG: true_cfg_scale with the negative prompt \" \" (the combination "
+                      "rescaled to the conditional prediction's norm).",
+        encoder_label="Qwen2.5-VL", prompt_template=QWEN_IMAGE_TEMPLATE, template_tokens=34, negative_prompt=" ",
+        guidance_kwarg="true_cfg_scale"),
 )
 
 

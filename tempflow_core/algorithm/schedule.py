@@ -11,7 +11,7 @@ with dt_i = t_{i+1} - t_i < 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import math
 
@@ -116,6 +116,7 @@ def make_schedule(
     noise_level: float | None = 0.7,
     num_train_timesteps: int = 1000,
     mu: float | None = None,
+    scheduler_config: Mapping[str, Any] | None = None,
 ) -> Schedule:
     """Build the grid with diffusers' own scheduler.
 
@@ -126,6 +127,8 @@ def make_schedule(
         mu: FLUX's time shift: the grid FluxPipeline samples on, sigmas linspace(1, 1/T, T)
             shifted by exp(mu) (diffusers' `use_dynamic_shifting`); `shift` is then unused.
             FluxPipeline computes mu with `calculate_shift` from the image's token count.
+        scheduler_config: with `mu`, the model folder's scheduler config, for a family whose
+            scheduler shapes the grid further (Qwen-Image: exponential shift, terminal stretch to 0.02).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -134,8 +137,11 @@ def make_schedule(
     if mu is None:  # SD3: static shift, the pipeline's default timesteps
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
         scheduler.set_timesteps(num_steps)
-    else:  # FLUX: the sigmas FluxPipeline.__call__ passes, shifted by exp(mu)
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, use_dynamic_shifting=True)
+    else:  # FLUX, Qwen-Image: the sigmas their pipelines pass, shifted by exp(mu)
+        if scheduler_config is None:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, use_dynamic_shifting=True)
+        else:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(dict(scheduler_config))
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=float(mu))
     sigmas = scheduler.sigmas.to(torch.float64).clone()
     timesteps = scheduler.timesteps.to(torch.float32).clone()

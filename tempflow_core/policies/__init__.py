@@ -3,8 +3,10 @@
     base.py        FlowPolicy, the interface (velocity, prompt encoding, LoRA state, reference)
     sd3.py         StableDiffusion3Pipeline + peft LoRA (SD3.5-M and the tiny SD3)
     flux.py        FluxPipeline (FLUX.1-dev and the tiny FLUX): guidance-distilled, no CFG pair
-    models.py      loading any SD3 or FLUX folder offline; building the tiny SD3 pipeline
+    qwen_image.py  QwenImagePipeline (Qwen-Image and the tiny one): true CFG, masked text, no pooled
+    models.py      loading any registered family's folder offline; building the tiny SD3 pipeline
     tiny_flux.py   the tiny FLUX pipeline
+    tiny_qwen_image.py  the tiny Qwen-Image pipeline (its byte-level BPE tokenizer trained offline)
     tiny_parts.py  what both tiny pipelines share (CLIP BPE tokenizer files, the tiny VAE)
 
 Imports: the base modules (config, families, seeding) only.

@@ -84,6 +84,11 @@ class FlowPolicy:
         """FLUX-style time shift of this model at the policy's resolution (families with a static shift don't use it)."""
         raise NotImplementedError
 
+    def _scheduler_config(self) -> dict | None:
+        """The scheduler config the grid is drawn with when the family's scheduler shapes it beyond
+        exp(mu) (Qwen-Image); None: diffusers' defaults with dynamic shifting (FLUX)."""
+        return None
+
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         raise NotImplementedError
 
@@ -130,7 +135,7 @@ class FlowPolicy:
         if d.shift is not None:  # a static shift (SD3); else a resolution-dependent one (FLUX's mu)
             return make_schedule(num_steps, d.shift if shift is None else shift, a)
         mu = self._mu() if shift is None else float(np.log(shift))
-        return make_schedule(num_steps, noise_level=a, mu=mu)
+        return make_schedule(num_steps, noise_level=a, mu=mu, scheduler_config=self._scheduler_config())
 
     # ------------------------------------------------------------------ parameters
     def pipeline_class(self) -> Any:
@@ -211,9 +216,14 @@ class FlowPolicy:
         chunk = chunk or self.decode_chunk
         out = []
         for i in range(0, latents.shape[0], chunk):
-            z = latents[i:i + chunk].to(self.device, vae.dtype)
-            z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-            img = vae.decode(z, return_dict=False)[0].float()
+            img = self._vae_decode(latents[i:i + chunk].to(self.device, vae.dtype)).float()
             img = ((img / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             out.append(img.permute(0, 2, 3, 1).cpu().numpy())
         return np.concatenate(out, 0)
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [n, C, H, W] in the transformer's scale -> images [n, 3, H', W'] in [-1, 1]
+        (AutoencoderKL's scaling and shift; a family with another VAE overrides it)."""
+        vae = self.pipe.vae
+        z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        return vae.decode(z, return_dict=False)[0]

@@ -69,7 +69,7 @@ class FluxPolicy(FlowPolicy):
     def __init__(self, pipe, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
                  resolution: int | None = None, gradient_checkpointing: bool = False):
         if max_sequence_length is None:
-            max_sequence_length = min(family_defaults("flux").t5_tokens, int(pipe.tokenizer_2.model_max_length))
+            max_sequence_length = min(family_defaults("flux").text_tokens, int(pipe.tokenizer_2.model_max_length))
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"model.max_sequence_length={max_sequence_length}: FLUX's T5 needs 1..512 tokens "
                              "(512 for FLUX.1-dev; leave it unset)")

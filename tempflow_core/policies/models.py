@@ -1,4 +1,4 @@
-"""The tiny StableDiffusion3Pipeline and the one loader for every model folder (SD3 and FLUX families).
+"""The tiny StableDiffusion3Pipeline and the one loader for every model folder (every registered family).
 
 The tiny model is a real diffusers pipeline (SD3 transformer, AutoencoderKL, two CLIP text
 encoders with projection, no T5) built from configs, with a word-level CLIP BPE tokenizer
@@ -89,8 +89,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_pipeline(path: str | Path, dtype: str = "float32"):
-    """Load a pipeline folder offline: StableDiffusion3Pipeline (tiny or SD3.5-M) or FluxPipeline
-    (tiny or FLUX.1-dev), as model_index.json `_class_name` says.
+    """Load a pipeline folder offline: StableDiffusion3Pipeline (tiny or SD3.5-M), FluxPipeline
+    (tiny or FLUX.1-dev) or QwenImagePipeline (tiny or Qwen-Image), as model_index.json `_class_name` says.
 
     Raises:
         FileNotFoundError: naming the folder when it or its model_index.json is missing.
@@ -159,6 +159,10 @@ def load_pipeline_meta(path: str | Path):
             length = int(conf.get("model_max_length", 77))
             if "T5" in cls_name:
                 parts[name] = build_t5_tokenizer(TINY_VOCAB_WORDS, length)
+            elif "Qwen2" in cls_name:
+                from tempflow_core.policies.tiny_qwen_image import build_qwen_tokenizer
+
+                parts[name] = build_qwen_tokenizer(TINY_VOCAB_WORDS, length)
             else:
                 import tempfile
 

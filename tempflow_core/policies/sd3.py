@@ -19,7 +19,7 @@ from tempflow_core.batches import PromptEmbeds
 from tempflow_core.policies.base import FlowPolicy
 __all__ = ["Policy", "PromptEmbeds", "FlowPolicy", "make_policy", "T5_TOKENS"]
 
-T5_TOKENS = family_defaults("sd3").t5_tokens  # T5 tokens of SD3.5 prompts when model.max_sequence_length is unset
+T5_TOKENS = family_defaults("sd3").text_tokens  # T5 tokens of SD3.5 prompts when model.max_sequence_length is unset
 
 
 class Policy(FlowPolicy):

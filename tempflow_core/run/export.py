@@ -27,13 +27,13 @@ def effective_max_sequence_length(cfg: RunConfig) -> int:
     if cfg.model.max_sequence_length is not None:
         return cfg.model.max_sequence_length
     spec = family_spec(cfg.family())
-    tokens = spec.defaults.t5_tokens
-    if not spec.t5_required:
+    tokens = spec.defaults.text_tokens
+    if not spec.long_required:
         has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / spec.optional_components[0]).is_dir()
         return tokens if has_t5 else 0
     if not cfg.model.path:
         return min(tokens, cfg.model.tiny.max_tokens)
-    tok = Path(cfg.model.path) / str(spec.t5_tokenizer) / "tokenizer_config.json"
+    tok = Path(cfg.model.path) / str(spec.long_tokenizer) / "tokenizer_config.json"
     cap = json.loads(tok.read_text()).get("model_max_length", tokens) if tok.is_file() else tokens
     return int(min(tokens, cap))
 
@@ -47,7 +47,7 @@ def native_resolution(cfg: RunConfig) -> int:
     root = Path(cfg.model.path)
     v = json.loads((root / "vae" / "config.json").read_text())
     if family_spec(cfg.family()).native_side == "vae":  # FLUX's transformer has no sample_size; the VAE's is the default
-        return int(v["sample_size"])
+        return int(v.get("sample_size", 1024))  # Qwen-Image's VAE has none: QwenImagePipeline's default 1024
     t = json.loads((root / "transformer" / "config.json").read_text())
     return int(t["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
 
@@ -119,6 +119,9 @@ def _readme(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dic
         note = (f"Trained with a fixed shift {r['shift']}: set the scheduler's base_shift and max_shift to "
                 f"ln({r['shift']}) to sample on the same grid.")
     note = f"{spec.guidance_note}\n{note}" if spec.guidance_note else note
+    guidance = f"{spec.guidance_kwarg}={r['guidance_scale']}"
+    if spec.negative_prompt and r["guidance_scale"] > 1:  # a negative the pipeline does not default to
+        guidance = f"negative_prompt={spec.negative_prompt!r}, {guidance}"
     return f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
 
 Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`
@@ -132,7 +135,7 @@ pipe = {pipeline}.from_pretrained("{r['base_model']}"{none_kwargs})
 pipe.load_lora_weights("{out.resolve()}")
 image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
              num_inference_steps={r['num_inference_steps']},
-             guidance_scale={r['guidance_scale']}, max_sequence_length={r['max_sequence_length']},
+             {guidance}, max_sequence_length={r['max_sequence_length']},
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 

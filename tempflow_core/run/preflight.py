@@ -278,15 +278,16 @@ def check_prompts(source: str, field: str, roots: list[Path] | None = None) -> i
 def prompt_token_limit(cfg: RunConfig) -> tuple[str, int, str] | None:
     """(tokenizer subfolder, tokens, what) of the text encoder that reads the most of a prompt:
     SD3 with T5 and FLUX: T5 at model.max_sequence_length (the family's default when unset,
-    FLUX capped by the tokenizer); SD3 without T5: CLIP's context. None without a model folder."""
+    FLUX capped by the tokenizer); Qwen-Image: Qwen2.5-VL's tokens after the template, likewise;
+    SD3 without T5: CLIP's context. None without a model folder."""
     if cfg.model.path is None:
         return None
     folder = Path(cfg.model.path).expanduser()
     index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     spec = family_spec(detect_family(folder))
-    t5 = spec.t5_tokenizer
-    if t5 and isinstance(index.get(t5), list) and index[t5][0] is not None:
-        return t5, cfg.model.max_sequence_length or spec.defaults.t5_tokens, "T5"
+    long = spec.long_tokenizer
+    if long and isinstance(index.get(long), list) and index[long][0] is not None:
+        return long, cfg.model.max_sequence_length or spec.defaults.text_tokens, spec.encoder_label
     return "tokenizer", 0, "CLIP"  # 0: the tokenizer's own model_max_length
 
 
@@ -302,6 +303,8 @@ def check_prompt_tokens(cfg: RunConfig, sources: list[tuple[str, str]]) -> None:
 
     sub, tokens, what = limit
     folder = Path(cfg.model.path).expanduser()
+    spec = family_spec(detect_family(folder))
+    template = spec.prompt_template or "{}"  # the text the pipeline encodes; its first template_tokens are dropped
     cls = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))[sub][1]
     try:
         tokenizer = getattr(transformers, cls).from_pretrained(str(folder / sub))
@@ -314,12 +317,13 @@ def check_prompt_tokens(cfg: RunConfig, sources: list[tuple[str, str]]) -> None:
         records = load_prompts(source)
         for start in range(0, len(records), 1024):
             batch = records[start:start + 1024]
-            ids = tokenizer([r.text for r in batch], add_special_tokens=True, verbose=False)["input_ids"]
+            ids = tokenizer([template.format(r.text) for r in batch], add_special_tokens=True, verbose=False)["input_ids"]
             for n, (r, row) in enumerate(zip(batch, ids)):
-                if len(row) > tokens:
+                count = len(row) - spec.template_tokens
+                if count > tokens:
                     more = (f"raise model.max_sequence_length (the tokenizer reads up to {model_max})"
-                            if what == "T5" and tokens < model_max else "")
-                    raise PreflightError(field, f"{source} record {start + n + 1} ({r.id}) is {len(row)} {what} tokens, "
+                            if what != "CLIP" and tokens < model_max else "")
+                    raise PreflightError(field, f"{source} record {start + n + 1} ({r.id}) is {count} {what} tokens, "
                                          f"over the {tokens} the model reads (its end would be cut)",
                                          "shorten the prompt" + (f", or {more}" if more else ""))
 

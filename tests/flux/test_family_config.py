@@ -57,11 +57,11 @@ def test_branch_from_a_pre_family_record_is_not_refused():
 
 
 def test_unsupported_pipeline_is_refused_in_one_line(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     with pytest.raises(ValueError) as e:
         detect_family(tmp_path)
     msg = str(e.value)
-    assert "\n" not in msg and str(tmp_path / "model_index.json") in msg and "QwenImagePipeline" in msg
+    assert "\n" not in msg and str(tmp_path / "model_index.json") in msg and "StableDiffusionXLPipeline" in msg
     assert "StableDiffusion3Pipeline, FluxPipeline" in msg
     cfg = load_config(None, [f"model.path={tmp_path}"])
     with pytest.raises(ValueError, match="not supported"):

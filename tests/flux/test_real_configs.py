@@ -88,7 +88,8 @@ RECIPE = {
     "train.ema_decay": 0.9, "train.ema_update_interval": 8,  # Flow-GRPO's EMA
 }
 FAMILY = {"sd35m.yaml": {"sampling.guidance_scale": 4.5, "sampling.noise_level": 0.7},
-          "flux1-dev.yaml": {"sampling.guidance_scale": 3.5, "sampling.noise_level": 0.9}}
+          "flux1-dev.yaml": {"sampling.guidance_scale": 3.5, "sampling.noise_level": 0.9},
+          "qwen-image.yaml": {"sampling.guidance_scale": 4.0, "sampling.noise_level": 0.7}}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
