@@ -89,16 +89,22 @@ class DataParallel:
         return pos[pos >= 0]
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients of `params` over ranks (a rank without units adds zeros)."""
+        """Sum the gradients of `params` over ranks (a rank without units adds zeros). A parameter
+        no rank has a gradient for (an adapter on an output the model never uses: the last
+        Qwen-Image block's text stream) keeps `grad = None`, as in one process, so that AdamW
+        leaves it alone (no state, no weight decay) on every world size."""
         import torch.distributed as dist
 
         failpoints.hit(f"learner.allreduce/rank{self.rank}")
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-        self._all_reduce(flat, dist.ReduceOp.SUM, "the LoRA gradients")
+        has = [p.grad is not None for p in params]
+        grads = torch.cat([(p.grad if g else torch.zeros_like(p)).reshape(-1) for p, g in zip(params, has)])
+        flat = torch.cat([grads, torch.tensor(has, dtype=grads.dtype, device=grads.device)])
+        self._all_reduce(flat, dist.ReduceOp.SUM, "the LoRA gradients")  # the flags ride in the same call
+        flags = flat[-len(params):]
         o = 0
-        for p in params:
+        for i, p in enumerate(params):
             n = p.numel()
-            p.grad = flat[o:o + n].view_as(p).clone()
+            p.grad = flat[o:o + n].view_as(p).clone() if flags[i] > 0 else None
             o += n
 
     def reduce(self, values: list[float], op: str = "sum") -> list[float]:
@@ -152,3 +158,4 @@ def read_share(store: Any, prefix: str, m: Manifest, rank: int, world: int,
     batch = RolloutBatch(kind, [], [], emb, sigmas, branch_points=items if kind == "branch" else [],
                          trajectories=items if kind == "plain" else [])
     return batch, positions
+

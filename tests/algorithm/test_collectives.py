@@ -57,6 +57,9 @@ def test_reduce_and_gradients_go_through_the_group_on_its_device_and_a_tensor_el
         assert dp.reduce([1.5, 2.0]) == [1.5, 2.0] and dp.reduce([0.25], "min") == [0.25]
         p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.full((3,), 2.0)
         dp.all_reduce_grads([p]); assert torch.equal(p.grad, torch.full((3,), 2.0))
+        # a parameter no rank has a gradient for keeps none (AdamW then leaves it alone, as in one process)
+        q = torch.nn.Parameter(torch.ones(2))
+        dp.all_reduce_grads([q, p]); assert q.grad is None and torch.equal(p.grad, torch.full((3,), 2.0))
         # a group whose device is another than the LoRA's (meta stands in for cuda: no data, a device of its own)
         off = DataParallel(0, 1, 3, torch.tensor([0, 1, 2]), torch.device("meta"))
         seen = []

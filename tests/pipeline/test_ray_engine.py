@@ -150,6 +150,27 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_
     assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
 
 
+def test_qwen_image_on_ray_is_the_local_engine(local_ray, tiny_qwen_dir, tmp_path):
+    """The Qwen-Image family (masked conditioning, true CFG) on Ray: 2 rollout actors write the local
+    engine's rollouts bit for bit, masks included, 2 reward actors its scores, and 2 learner ranks
+    end with its update."""
+    from tempflow_core.engines.ray_engine import RayEngine
+
+    sessions = SessionCache()
+    ref = _iteration(_cfg(tmp_path, tiny_qwen_dir, "qwen-local", 1, "local"), "q", sessions)
+    cfg = _cfg(tmp_path, tiny_qwen_dir, "qwen-ray", 2)
+    assert cfg.family() == "qwen-image"
+    with RayEngine(cfg) as eng:
+        lay = _iteration(cfg, "q", sessions, eng)
+    _same_rollouts(ref, lay)
+    x, y = (read_rollouts(v.store, v.prefix(0, "rollout"), images=False).embeds.tensors() for v in (ref, lay))
+    assert sorted(x) == sorted(y) and "mask" in x and all(torch.equal(x[k], y[k]) for k in x)
+    keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
+    a, b = (read_scores(v.store, v.iteration_prefix(0), "reward") for v in (ref, lay))
+    assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
+    _same_update(ref, lay)
+
+
 def test_a_learner_rank_that_finds_a_damaged_shard_makes_the_stage_heal_and_match_one_process(
         local_ray, tiny_model_dir, tmp_path):
     """Plain trajectories with global std (flow_grpo); branch points are checked the same way by the

@@ -1,19 +1,8 @@
-"""Fixtures of the Qwen-Image tests: one tiny random QwenImagePipeline saved per test session."""
+"""Fixtures of the Qwen-Image tests (the saved tiny model, `tiny_qwen_dir`, is tests/conftest.py's)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory):
-    """A random tiny QwenImagePipeline written with save_pretrained (built once)."""
-    from tempflow_core.config import TinyModelConfig
-    from tempflow_core.policies.models import save_pipeline
-    from tempflow_core.policies.tiny_qwen_image import build_tiny_qwen_image_pipeline
-
-    root = tmp_path_factory.mktemp("tiny-qwen-image")
-    return save_pipeline(build_tiny_qwen_image_pipeline(TinyModelConfig(family="qwen-image")), root / "model")
 
 
 @pytest.fixture
