@@ -35,7 +35,8 @@ from tempflow_core.batches import PromptEmbeds  # noqa: F401  (the type encode_p
 
 class FlowPolicy:
     """The family-independent half of a policy; subclasses set `family` and implement
-    `encode_prompts`, `velocity`, `latent_shape`, `_text_encoders` and `_mu`.
+    `encode_prompts`, `velocity`, `latent_shape` and `_text_encoders` (and `_vae_decode`, `_scheduler_config` where
+    their VAE or grid differs from the defaults).
 
     Args:
         pipe: a loaded diffusers pipeline of the subclass's family.
@@ -81,8 +82,16 @@ class FlowPolicy:
         raise NotImplementedError
 
     def _mu(self) -> float:
-        """FLUX-style time shift of this model at the policy's resolution (families with a static shift don't use it)."""
-        raise NotImplementedError
+        """The time shift mu of this model at the policy's resolution, as FluxPipeline and
+        QwenImagePipeline compute it: `calculate_shift` of the image's (H/2)(W/2) packed tokens
+        between the scheduler config's base and max shift (a family with a static shift never asks)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        _, h, w = self.latent_shape()
+        conf = self.pipe.scheduler.config
+        return float(calculate_shift((h // 2) * (w // 2), conf.get("base_image_seq_len", 256),
+                                     conf.get("max_image_seq_len", 4096), conf.get("base_shift", 0.5),
+                                     conf.get("max_shift", 1.15)))
 
     def _scheduler_config(self) -> dict | None:
         """The scheduler config the grid is drawn with when the family's scheduler shapes it beyond

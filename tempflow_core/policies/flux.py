@@ -79,16 +79,6 @@ class FluxPolicy(FlowPolicy):
     def _text_encoders(self) -> list[torch.nn.Module | None]:
         return [self.pipe.text_encoder, self.pipe.text_encoder_2]
 
-    def _mu(self) -> float:
-        """mu of the image's token count, exactly as FluxPipeline.__call__ computes it."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        _, h, w = self.latent_shape()
-        conf = self.pipe.scheduler.config
-        return float(calculate_shift((h // 2) * (w // 2), conf.get("base_image_seq_len", 256),
-                                     conf.get("max_image_seq_len", 4096), conf.get("base_shift", 0.5),
-                                     conf.get("max_shift", 1.15)))
-
     # ------------------------------------------------------------------ text
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

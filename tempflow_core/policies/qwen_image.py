@@ -81,16 +81,6 @@ class QwenImagePolicy(FlowPolicy):
     def _text_encoders(self) -> list[torch.nn.Module | None]:
         return [self.pipe.text_encoder]
 
-    def _mu(self) -> float:
-        """mu of the image's token count, exactly as QwenImagePipeline.__call__ computes it."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        _, h, w = self.latent_shape()
-        conf = self.pipe.scheduler.config
-        return float(calculate_shift((h // 2) * (w // 2), conf.get("base_image_seq_len", 256),
-                                     conf.get("max_image_seq_len", 4096), conf.get("base_shift", 0.5),
-                                     conf.get("max_shift", 1.15)))
-
     def _scheduler_config(self) -> dict:
         return dict(self.pipe.scheduler.config)
 
