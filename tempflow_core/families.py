@@ -9,6 +9,9 @@ from it, in one registration per family (`FamilySpec`).
           negative " " call per step, the combination rescaled to the conditional's norm), no pooled
           embedding, Qwen2.5-VL tokens of the prompt after the pipeline's template, masked;
           resolution-dependent shift with the scheduler's terminal stretch
+    wan   WanPipeline (Wan2.1 text-to-video, the tiny Wan): clips [C, F', H, W] with a frame axis,
+          CFG as two calls (negative ""), UMT5 512 tokens, static flow shift 3.0 (480p); a clip
+          travels as a frame strip
 
 A family's code (its policy, its tiny builder) is named by "module:attribute" and imported only
 when used, so this module reads JSON only (no torch) and the config can resolve a family's
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-ModelFamily = Literal["sd3", "flux", "qwen-image"]
+ModelFamily = Literal["sd3", "flux", "qwen-image", "wan"]
 
 
 # QwenImagePipeline.prompt_template_encode: the prompt goes where "{}" is; its first 34 tokens
@@ -65,6 +68,8 @@ class FamilySpec:
     template_tokens: int = 0  # tokens of the template before the prompt, which the pipeline drops
     negative_prompt: str | None = ""  # the CFG negative prompt (None: no CFG pair)
     guidance_kwarg: str = "guidance_scale"  # the pipeline's __call__ argument that takes the guidance value
+    lora_targets: tuple[str, ...] | None = None  # its LoRA targets when lora.target_modules is the default list
+    #                                            (whose names are SD3's / FLUX's / Qwen-Image's joint attention)
 
     @property
     def pipeline_class(self) -> str:
@@ -111,6 +116,18 @@ FAMILIES: tuple[FamilySpec, ...] = (
                       "rescaled to the conditional prediction's norm).",
         encoder_label="Qwen2.5-VL", prompt_template=QWEN_IMAGE_TEMPLATE, template_tokens=34, negative_prompt=" ",
         guidance_kwarg="true_cfg_scale"),
+    FamilySpec(
+        name="wan",
+        # Flow-GRPO's Wan2.1 recipe: CFG 4.5, a = 0.7 (its default); Wan2.1's flow shift 3.0 at 480p;
+        # UMT5 512 tokens (WanPipeline's max_sequence_length)
+        defaults=FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, text_tokens=512,
+                                pipeline_class="WanPipeline"),
+        policy="tempflow_core.policies.wan:WanPolicy",
+        tiny_builder="tempflow_core.policies.tiny_wan:build_tiny_wan_pipeline",
+        cfg_pair=True, long_tokenizer="tokenizer", long_required=True, optional_components=("transformer_2",),
+        native_side="vae", guidance_note="", encoder_label="UMT5",
+        # self- and cross-attention of every block: the counterpart of the joint attention SD3 adapts
+        lora_targets=tuple(f"attn{i}.{m}" for i in (1, 2) for m in ("to_q", "to_k", "to_v", "to_out.0"))),
 )
 
 
@@ -152,3 +169,10 @@ def detect_family(path: str | Path) -> ModelFamily:
 def pipeline_family(pipe: object) -> ModelFamily:
     """The family of a loaded pipeline object, by its class name."""
     return _by_class(type(pipe).__name__, "pipeline class").name  # type: ignore[return-value]
+
+
+def lora_targets(target_modules: list[str], default: list[str], family: str) -> list[str]:
+    """The modules a run's LoRA wraps: `target_modules` as configured, or, while it is the default
+    list (`default`), the family's own targets where it registers some (Wan's attention is attn1/attn2)."""
+    own = family_spec(family).lora_targets
+    return list(own) if own is not None and list(target_modules) == list(default) else list(target_modules)

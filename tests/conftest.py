@@ -53,6 +53,17 @@ def tiny_qwen_dir(tmp_path_factory):
     return save_pipeline(build_tiny_qwen_image_pipeline(TinyModelConfig(family="qwen-image")), root / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory):
+    """A random tiny WanPipeline (text-to-video) written with save_pretrained (built once)."""
+    from tempflow_core.config import TinyModelConfig
+    from tempflow_core.policies.models import save_pipeline
+    from tempflow_core.policies.tiny_wan import build_tiny_wan_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-wan")
+    return save_pipeline(build_tiny_wan_pipeline(TinyModelConfig(family="wan")), root / "model")
+
+
 @pytest.fixture
 def tiny_pipe(tiny_model_dir):
     """A fresh pipeline per test (Policy attaches its LoRA in place)."""

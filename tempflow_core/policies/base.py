@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tempflow_core.config import LoraSettings
-from tempflow_core.families import ModelFamily, family_defaults
+from tempflow_core.config import DEFAULT_LORA_TARGETS, LoraSettings
+from tempflow_core.families import ModelFamily, family_defaults, lora_targets
 from tempflow_core.policies.models import resolve_device
 from tempflow_core.algorithm.schedule import Schedule, make_schedule
 from tempflow_core.batches import PromptEmbeds  # noqa: F401  (the type encode_prompts returns)
@@ -70,7 +70,7 @@ class FlowPolicy:
             init = {"gaussian": "gaussian", "default": True}[lora.init]
             self.transformer.add_adapter(LoraConfig(
                 r=lora.rank, lora_alpha=lora.alpha, init_lora_weights=init,
-                target_modules=list(lora.target_modules),
+                target_modules=lora_targets(lora.target_modules, DEFAULT_LORA_TARGETS, self.family),
             ))
             for p in self.lora_parameters():
                 p.data = p.data.float()

@@ -12,8 +12,8 @@ from typing import Any, Mapping
 
 from tempflow_core.canonical import canonicalize_file
 from tempflow_core.algorithm.checkpoint import adapter_bytes, load_checkpoint
-from tempflow_core.config import RunConfig
-from tempflow_core.families import family_defaults, family_spec
+from tempflow_core.config import DEFAULT_LORA_TARGETS, RunConfig
+from tempflow_core.families import family_defaults, family_spec, lora_targets
 from tempflow_core.run.fingerprints import folder_sha256
 from tempflow_core.policies.models import absent_components
 from tempflow_core.run.layout import RunLayout
@@ -70,15 +70,19 @@ def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None,
         "sampler": "FlowMatchEulerDiscreteScheduler (ODE)",
         "train_noise_level": s.noise_level if s.noise_level is not None else d.noise_level,
         "train_num_steps": s.num_steps, "resolution": resolution, "max_sequence_length": effective_max_sequence_length(cfg),
-        "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)},
+        "lora": {"rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "target_modules": _targets(cfg)},
         "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
         "algorithm": cfg.algorithm, "reward": cfg.reward.name, "run": run_id, "iteration": iteration,
         "config_digest": cfg.digest(),
     }
 
 
+def _targets(cfg: RunConfig) -> list[str]:
+    return lora_targets(cfg.lora.target_modules, DEFAULT_LORA_TARGETS, cfg.family())
+
+
 def _lora_meta(cfg: RunConfig) -> dict[str, Any]:
-    return {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
+    return {"r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "target_modules": _targets(cfg),
             "init_lora_weights": cfg.lora.init if cfg.lora.init == "gaussian" else True}
 
 

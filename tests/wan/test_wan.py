@@ -1,0 +1,104 @@
+"""The Wan (text-to-video) family against diffusers' own WanPipeline: clips with a frame axis
+through the ODE, the SDE rollout and the learner; decoding to frame strips; the LoRA's export."""
+
+import numpy as np
+import pytest
+import torch
+
+from tempflow_core.algorithm.learner import build_units, evaluate_units
+from tempflow_core.algorithm.rollout import _begin, _ode_from, branched_rollout, initial_noise
+from tempflow_core.algorithm.sde import sde_log_prob
+from tempflow_core.config import LoraSettings, LossConfig
+from tempflow_core.policies.models import load_pipeline
+from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.policies.wan import WanPolicy, frames_of
+
+PROMPTS, IDS = ["a red circle", "two blue squares"], ["p0", "p1"]
+G = 4.5  # Flow-GRPO's CFG for Wan2.1
+
+
+def _perturb(pol, scale=0.02):
+    with torch.no_grad():
+        for i, (n, p) in enumerate(pol.transformer.named_parameters()):
+            if "lora_B" in n:
+                p.normal_(0, scale, generator=torch.Generator().manual_seed(i))
+
+
+def test_a_clip_is_a_latent_with_a_frame_axis_and_the_conditioning_is_the_pipelines(wan_pipe):
+    pol = WanPolicy(wan_pipe, None, "cpu")
+    assert isinstance(make_policy(wan_pipe, None, "cpu"), WanPolicy)
+    assert pol.frames == 5 and pol.latent_shape() == (4, 2, 8, 8) and pol.text_tokens() == 16
+    emb = pol.encode_prompts(PROMPTS)
+    own, neg = wan_pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=16)
+    torch.testing.assert_close(emb.embeds, own.float())
+    torch.testing.assert_close(emb.neg_embeds, neg[:1].float())
+    assert emb.pooled.shape == (2, 0) and emb.mask is None
+    with pytest.raises(ValueError, match=r"6 frames: Wan's VAE takes 1 \+ 4k frames"):
+        WanPolicy(wan_pipe, None, "cpu", frames=6)
+
+
+def test_policy_ode_with_cfg_equals_wan_pipeline_sampling_and_clips_decode_to_its_frames(wan_pipe):
+    pol = WanPolicy(wan_pipe, None, "cpu")
+    s = pol.schedule(4)
+    assert s.noise_level == 0.7
+    su = _begin(pol, PROMPTS, s)
+    x0 = initial_noise(3, IDS, su.shape, su.device)  # [2, C, F', H, W]
+    calls = pol.forward_calls
+    ours = _ode_from(pol, su, x0, torch.arange(2), list(range(5)), G, 64)
+    assert pol.forward_calls - calls == 2 * 4  # a conditional and a negative call per step
+    strips = pol.decode(ours)
+    assert strips.shape == (2, 32, 5 * 32, 3) and strips.dtype == np.uint8
+    for i, p in enumerate(PROMPTS):
+        kw = dict(height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=G, max_sequence_length=16,
+                  latents=x0[i:i + 1])
+        lat = wan_pipe(p, output_type="latent", **kw).frames
+        torch.testing.assert_close(lat[0], ours[i], rtol=1e-4, atol=1e-4)
+        video = wan_pipe(p, output_type="np", **kw).frames[0]  # [F, H, W, 3] in [0, 1]
+        assert np.abs(frames_of(strips[i], 5).astype(np.float32) - video * 255).max() <= 1.0  # uint8 rounding
+    assert frames_of(np.arange(2 * 3 * 12 * 3).reshape(2, 3, 12, 3), 4).shape == (2, 4, 3, 3, 3)
+
+
+def test_rollout_log_probs_are_the_policys_and_the_ratio_at_unchanged_weights_is_one(wan_pipe):
+    torch.manual_seed(0)
+    pol = make_policy(wan_pipe, LoraSettings(rank=4, alpha=8), "cpu")
+    _perturb(pol)
+    T, K = 4, 3
+    s = pol.schedule(T)
+    b = branched_rollout(pol, PROMPTS, IDS, s, [0, 1, 2], K, G, seed=5, max_batch=4)
+    assert b.branch_points[0].x_next.shape == (K, 4, 2, 8, 8) and b.images().shape == (18, 32, 160, 3)
+    sig, ss = s.sigmas, s.sde_sigma()
+    for bp in b.branch_points:
+        r = torch.tensor([bp.prompt_index])
+        with torch.no_grad():
+            v = pol.velocity(bp.x_k[None], torch.tensor(bp.sigma), b.embeds.select(r), G)
+        lp, _, _ = sde_log_prob(bp.x_next, bp.x_k[None].expand_as(bp.x_next), v.expand_as(bp.x_next),
+                                float(sig[bp.step]), float(sig[bp.step + 1]), float(ss[bp.step]))
+        torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)
+    adv = np.random.default_rng(0).normal(size=len(b.sample_keys())).astype(np.float32)
+    units = build_units(b, adv, dict(zip([0, 1, 2], s.step_weights([0, 1, 2]).tolist())))
+    terms = evaluate_units(pol, units, b.embeds, s, G, LossConfig(beta=0.01))
+    torch.testing.assert_close(terms.ratio, torch.ones_like(terms.ratio), rtol=1e-4, atol=1e-4)
+    terms.loss.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pol.lora_parameters())  # every adapter learns
+
+
+def test_lora_on_self_and_cross_attention_exports_into_plain_wan_pipeline(wan_pipe, tiny_wan_dir, tmp_path):
+    torch.manual_seed(0)
+    pol = make_policy(wan_pipe, LoraSettings(rank=4, alpha=8), "cpu")
+    names = {n.split(".lora_")[0] for n, _ in pol.transformer.named_parameters() if "lora_A" in n}
+    assert names == {f"blocks.{b}.attn{a}.{m}" for b in (0, 1) for a in (1, 2)
+                     for m in ("to_q", "to_k", "to_v", "to_out.0")}
+    x, t = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor(0.6)
+    emb = pol.encode_prompts(PROMPTS[:1])
+    with torch.no_grad():
+        v0 = pol.velocity(x, t, emb, G)
+        _perturb(pol, 0.05)
+        v_pol = pol.velocity(x, t, emb, G)
+        with pol.reference():
+            torch.testing.assert_close(pol.velocity(x, t, emb, G), v0)
+    assert (v_pol - v0).abs().max() > 1e-4
+    path = pol.save_lora(tmp_path / "lora")
+    plain = load_pipeline(tiny_wan_dir)
+    plain.load_lora_weights(str(path.parent))  # diffusers' WanPipeline loader, nothing of ours
+    with torch.no_grad():
+        torch.testing.assert_close(WanPolicy(plain, None, "cpu").velocity(x, t, emb, G), v_pol, rtol=1e-4, atol=1e-5)
