@@ -95,8 +95,12 @@ def group_grid_png(lay: RunLayout, iteration: int, max_groups: int = 4) -> bytes
     idx = [i for i, g in enumerate(groups) if g in chosen]
     labels = [f"{groups[i][-8:]} {rewards[i]:.2f}" for i in idx]
     ncols = max(1, sum(1 for g in groups if g == chosen[0]))
+    images = batch.images()
+    if images.shape[2] > images.shape[1]:  # clips as frame strips: one a row, two of each group
+        keep = [j for j, i in enumerate(idx) if sum(1 for i2 in idx[:j] if groups[i2] == groups[i]) < 2]
+        idx, labels, ncols = [idx[j] for j in keep], [labels[j] for j in keep], 1
     buf = io.BytesIO()
-    image_grid(batch.images()[idx], ncols=ncols, labels=labels).save(buf, format="PNG")
+    image_grid(images[idx], ncols=ncols, labels=labels).save(buf, format="PNG")
     return buf.getvalue()
 
 

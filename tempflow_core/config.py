@@ -51,6 +51,7 @@ class ModelConfig(_Section):
     path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base), a FluxPipeline (FLUX.1-dev) or a QwenImagePipeline (Qwen-Image); model_index.json names the family. None builds a random tiny model of model.tiny.family.")
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the frozen weights; LoRA and the sampler math stay float32.")
+    num_frames: int | None = Field(None, ge=1, le=257, description="Frames of a clip, for a video family (Wan2.1: 1 + 4k); unset: the model folder's own (the tiny Wan model: 5) or 33, Flow-GRPO's Wan2.1 clips. An image family refuses it.")
     max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when an SD3 model has T5 (SD3.5), 0 without (no zero padding tokens are spent); FLUX: 512 (FLUX.1-dev), capped by the T5 tokenizer's model_max_length. Qwen-Image: the Qwen2.5-VL tokens every prompt is padded to (masked) after the template, 256 unset; a longer prompt is refused.")
     resolution: int | None = Field(None, ge=16, description="Image side in pixels for rollouts and evaluation (512 as in the paper for SD3.5-M); unset: the model's native size.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:i]'.")
@@ -298,6 +299,8 @@ class RunConfig(_Section):
             sampling["shift"] = defaults.shift
         if data["model"]["tiny"]["family"] == "sd3":
             del data["model"]["tiny"]["family"]
+        if data["model"]["num_frames"] is None:  # images: the configs from before video families
+            del data["model"]["num_frames"]
         for section in ("rollout", "reward", "train"):  # where work runs, not what it computes
             data[section].pop("workers")
         for section, key in (("model", "offload_text_encoders"), ("rollout", "children_on_host")):

@@ -68,6 +68,7 @@ class FamilySpec:
     template_tokens: int = 0  # tokens of the template before the prompt, which the pipeline drops
     negative_prompt: str | None = ""  # the CFG negative prompt (None: no CFG pair)
     guidance_kwarg: str = "guidance_scale"  # the pipeline's __call__ argument that takes the guidance value
+    video: bool = False  # its samples are clips (latents with a frame axis, decoded to frame strips)
     lora_targets: tuple[str, ...] | None = None  # its LoRA targets when lora.target_modules is the default list
     #                                            (whose names are SD3's / FLUX's / Qwen-Image's joint attention)
 
@@ -125,7 +126,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         policy="tempflow_core.policies.wan:WanPolicy",
         tiny_builder="tempflow_core.policies.tiny_wan:build_tiny_wan_pipeline",
         cfg_pair=True, long_tokenizer="tokenizer", long_required=True, optional_components=("transformer_2",),
-        native_side="vae", guidance_note="", encoder_label="UMT5",
+        native_side="vae", guidance_note="", encoder_label="UMT5", video=True,
         # self- and cross-attention of every block: the counterpart of the joint attention SD3 adapts
         lora_targets=tuple(f"attn{i}.{m}" for i in (1, 2) for m in ("to_q", "to_k", "to_v", "to_out.0"))),
 )

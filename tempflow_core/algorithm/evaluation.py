@@ -93,7 +93,8 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
         extra_fn = RewardRegistry.for_config(cfg.reward).build(cfg.eval.extra_reward, options=cfg.reward.options)
         extra, _ = extra_fn(images, texts, meta)
         result[f"extra/{cfg.eval.extra_reward}"] = float(extra.mean())
-    if all("include" in m for m in meta):
+    # GenEval scores images: a clip family's frame strips get its reward (e.g. `frames` of shapes), not the table
+    if all("include" in m for m in meta) and images.shape[1] == images.shape[2]:
         from tempflow_core.shapes import evaluate
 
         geneval = evaluate(images, [r for r, _ in samples], detector_rules(cfg), per_image=True)
@@ -108,6 +109,7 @@ def evaluate_policy(cfg: RunConfig, policy: FlowPolicy, reward_fn: RewardFn, rec
     from tempflow_core.shapes import image_grid
 
     buf = io.BytesIO()
-    n = min(len(images), 32)
-    image_grid(images[:n], ncols=8).save(buf, format="PNG")
+    clips = images.shape[2] > images.shape[1]  # frame strips: one clip a row, fewer of them
+    n = min(len(images), 8 if clips else 32)
+    image_grid(images[:n], ncols=1 if clips else 8).save(buf, format="PNG")
     return result, buf.getvalue()

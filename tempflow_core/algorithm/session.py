@@ -70,7 +70,7 @@ def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -
     # start from the same adapter
     torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
     policy = make_policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
-                         cfg.train.gradient_checkpointing)
+                         cfg.train.gradient_checkpointing, frames=cfg.model.num_frames)
     policy.decode_chunk = cfg.rollout.decode_chunk
     if cfg.model.offload_text_encoders:
         policy.offload_text_encoders()

@@ -116,9 +116,16 @@ class Policy(FlowPolicy):
 
 
 def make_policy(pipe: Any, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
-                resolution: int | None = None, gradient_checkpointing: bool = False) -> FlowPolicy:
+                resolution: int | None = None, gradient_checkpointing: bool = False,
+                frames: int | None = None) -> FlowPolicy:
     """The policy of `pipe`'s family (its registration's `policy`: `Policy` for a
-    StableDiffusion3Pipeline, `FluxPolicy` for a FluxPipeline); anything else is refused naming
-    the supported classes."""
-    policy = family_spec(pipeline_family(pipe)).load("policy")
-    return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)
+    StableDiffusion3Pipeline, `FluxPolicy` for a FluxPipeline, ...); anything else is refused naming
+    the supported classes. `frames` (model.num_frames) is for a video family; an image family refuses it."""
+    spec = family_spec(pipeline_family(pipe))
+    policy = spec.load("policy")
+    if frames is None:
+        return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)
+    if not spec.video:
+        raise ValueError(f"model.num_frames={frames}: {spec.pipeline_class} makes images, not clips; "
+                         "leave model.num_frames unset")
+    return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing, frames=frames)

@@ -57,6 +57,8 @@ BUILTIN: Mapping[str, Entry] = MappingProxyType({
     "pickscore": Entry("tempflow_core.rewards.extra:pickscore"),
     "ocr": Entry("tempflow_core.rewards.ocr:ocr", extra="ocr", requires=("rapidocr", "onnxruntime")),
     "remote": Entry("tempflow_core.rewards.remote:remote"),
+    "frames": Entry("tempflow_core.rewards.clips:frames"),
+    "temporal_consistency": Entry("tempflow_core.rewards.clips:temporal_consistency"),
 })
 
 

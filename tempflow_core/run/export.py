@@ -52,6 +52,23 @@ def native_resolution(cfg: RunConfig) -> int:
     return int(t["sample_size"]) * 2 ** (len(v["block_out_channels"]) - 1)
 
 
+def native_frames(cfg: RunConfig) -> int | None:
+    """Frames of a clip for a video family (model.num_frames, else the folder's VAE config's
+    sample_frames, else 33 as WanPolicy takes them); None for an image family."""
+    if not family_spec(cfg.family()).video:
+        return None
+    if cfg.model.num_frames:
+        return cfg.model.num_frames
+    if not cfg.model.path:
+        from tempflow_core.policies.tiny_wan import TINY_FRAMES
+
+        return TINY_FRAMES
+    from tempflow_core.policies.wan import NATIVE
+
+    v = json.loads((Path(cfg.model.path) / "vae" / "config.json").read_text())
+    return int(v.get("sample_frames", NATIVE[1]))
+
+
 def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None,
            inputs: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The sampling recipe; unset shift / noise level are written as the family's values (FLUX's
@@ -74,6 +91,7 @@ def recipe(cfg: RunConfig, run_id: str, iteration: int, resolution: int | None,
         "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
         "algorithm": cfg.algorithm, "reward": cfg.reward.name, "run": run_id, "iteration": iteration,
         "config_digest": cfg.digest(),
+        **({"num_frames": native_frames(cfg)} if family_spec(cfg.family()).video else {}),
     }
 
 
@@ -126,6 +144,13 @@ def _readme(cfg: RunConfig, layout: RunLayout, iteration: int, out: Path, r: dic
     guidance = f"{spec.guidance_kwarg}={r['guidance_scale']}"
     if spec.negative_prompt and r["guidance_scale"] > 1:  # a negative the pipeline does not default to
         guidance = f"negative_prompt={spec.negative_prompt!r}, {guidance}"
+    imports, scheduler, out_name, frames, take = pipeline, "", "image", "", ".images[0]"
+    if spec.video:  # a clip: its frames, and the Euler sampler it was evaluated with (Wan2.1 folders ship UniPC)
+        imports = f"FlowMatchEulerDiscreteScheduler, {pipeline}"
+        scheduler = f"pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift={r['shift']})\n"
+        out_name, frames, take = "video", f" num_frames={r['num_frames']},", ".frames[0]  # [frames, H, W, 3]"
+        note = ("The policy samples with the flow-matching Euler step; the snippet sets that scheduler with the "
+                "shift it was trained with (Wan2.1 folders ship UniPC, another sampler).")
     return f"""# LoRA from tempflow run `{layout.run_id}`, iteration {iteration}
 
 Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['base_model']}`
@@ -133,14 +158,14 @@ Trained with `{cfg.algorithm}` on reward `{cfg.reward.name}`; base model `{r['ba
 
 ```python
 import torch
-from diffusers import {pipeline}
+from diffusers import {imports}
 
 pipe = {pipeline}.from_pretrained("{r['base_model']}"{none_kwargs})
 pipe.load_lora_weights("{out.resolve()}")
-image = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},
+{scheduler}{out_name} = pipe("a red circle left of a blue square", height={r['resolution']}, width={r['resolution']},{frames}
              num_inference_steps={r['num_inference_steps']},
              {guidance}, max_sequence_length={r['max_sequence_length']},
-             generator=torch.Generator().manual_seed(0)).images[0]
+             generator=torch.Generator().manual_seed(0)){take}
 ```
 
 {note}
