@@ -43,6 +43,17 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A random tiny FluxPipeline written with save_pretrained (built once)."""
+    from tempflow_core.config import TinyModelConfig
+    from tempflow_core.policies.models import save_pipeline
+    from tempflow_core.policies.tiny_flux import build_tiny_flux_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-flux")
+    return save_pipeline(build_tiny_flux_pipeline(TinyModelConfig(family="flux"), root / "tok"), root / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """A random tiny QwenImagePipeline written with save_pretrained (built once)."""
     from tempflow_core.config import TinyModelConfig
