@@ -63,7 +63,8 @@ def _config(args: argparse.Namespace, dtype: str):
 def _estimate(cfg, args: argparse.Namespace) -> dict[str, float]:
     """The estimate's peaks (GiB) without text encoders (gpu_smoke's policy has none)."""
     facts, meta = load_facts(cfg)
-    sample = probe(meta, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale())
+    sample = probe(meta, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale(),
+                   cfg.model.num_frames)
     out = {}
     for stage, f in estimate(cfg, facts, sample, gpu=args.device != "cpu").items():
         out[stage] = max(sum(v for k, v in p.items() if k != "text encoders") for name, p in f.phases.items()

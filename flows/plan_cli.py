@@ -33,7 +33,8 @@ def plan(
               "it at the model folder (its config files are enough: no weights are read)")
     typer.echo(f"probing {cfg.model.path or 'the tiny model'} ({cfg.model.dtype}) on the CPU ...", err=True)
     facts, pipe = load_facts(cfg)
-    sample = probe(pipe, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale())
+    sample = probe(pipe, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale(),
+                   cfg.model.num_frames)
     memory = estimate(cfg, facts, sample)
     nfe, units = rows_per_iteration(cfg)
     rows = cfg.rows_per_sample()

@@ -30,6 +30,7 @@ what an allocator holds for them without rounding or fragmentation; a GPU's atte
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,9 +106,10 @@ class ModelFacts:
 
     component_params: dict[str, int]  # component -> parameters (transformer, text_encoder*, vae)
     lora_params: int
-    latent: tuple[int, int, int]  # (C, H, W) of one latent at the run's resolution
-    pixels: int  # image side
-    tokens: int  # the transformer's sequence: image tokens (2x2 patches of the latent) + text tokens
+    latent: tuple[int, ...]  # (C, H, W) of one latent at the run's resolution; (C, F', H, W) of a clip's
+    pixels: int  # image (frame) side
+    tokens: int  # the transformer's sequence: image tokens (2x2 patches of each latent frame) + text tokens
+    frames: int = 1  # images a sample decodes to (a clip's frames)
 
 
 @dataclass(frozen=True)
@@ -130,9 +132,9 @@ def dtype_bytes(dtype: str) -> int:
     return _DTYPE_BYTES[dtype]
 
 
-def _small_pipeline(meta_pipe: Any, heads: int, dtype: torch.dtype) -> Any:
-    """The pipeline class with only a transformer: its own class at `heads` attention heads,
-    random weights, on the CPU (no text encoders, no VAE)."""
+def _small_pipeline(meta_pipe: Any, heads: int, dtype: torch.dtype, vae: Any) -> Any:
+    """The pipeline class with a transformer of its own class at `heads` attention heads and the
+    given VAE, random weights, on the CPU (no text encoders)."""
     config = dict(meta_pipe.transformer.config)
     width = heads * int(config["attention_head_dim"])
     config["num_attention_heads"] = heads
@@ -142,10 +144,8 @@ def _small_pipeline(meta_pipe: Any, heads: int, dtype: torch.dtype) -> Any:
     transformer = type(meta_pipe.transformer).from_config(config).to(dtype)
     parts = {name: (module if "tokenizer" in name or name == "scheduler" else None)
              for name, module in meta_pipe.components.items()}
-    parts["transformer"] = transformer
-    small = type(meta_pipe)(**parts)
-    small.vae_scale_factor = meta_pipe.vae_scale_factor  # the real VAE's (the small pipeline has none)
-    return small
+    parts["transformer"], parts["vae"] = transformer, vae
+    return type(meta_pipe)(**parts)
 
 
 def _width(config: Any, heads: int | None = None) -> int:
@@ -153,32 +153,31 @@ def _width(config: Any, heads: int | None = None) -> int:
 
 
 def probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_length: int | None,
-          guidance_scale: float) -> SampleBytes:
+          guidance_scale: float, frames: int | None = None) -> SampleBytes:
     """Activation bytes of n samples, measured on the CPU (see the module docstring); the random
-    weights it builds leave the global RNG as it was."""
+    weights it builds leave the global RNG as it was. `frames`: a clip's (model.num_frames)."""
     with torch.random.fork_rng(devices=[]):
-        return _probe(meta_pipe, lora, dtype, resolution, max_sequence_length, guidance_scale)
+        return _probe(meta_pipe, lora, dtype, resolution, max_sequence_length, guidance_scale, frames)
 
 
 def _probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_length: int | None,
-           guidance_scale: float) -> SampleBytes:
-    from tempflow_core.batches import PromptEmbeds
+           guidance_scale: float, frames: int | None) -> SampleBytes:
     from tempflow_core.policies.sd3 import make_policy
 
     torch_dtype = getattr(torch, dtype)
-    small = _small_pipeline(meta_pipe, PROBE_HEADS, torch_dtype)
-    policy = make_policy(small, lora, "cpu", max_sequence_length, resolution)
+    torch.manual_seed(0)
+    vae = type(meta_pipe.vae).from_config(dict(meta_pipe.vae.config)).to(torch_dtype)  # the model's own VAE class
+    small = _small_pipeline(meta_pipe, PROBE_HEADS, torch_dtype, vae)
+    policy = make_policy(small, lora, "cpu", max_sequence_length, resolution, frames=frames)
     config = meta_pipe.transformer.config
     scale = _width(config) / _width(config, PROBE_HEADS)
-    C, H, W = policy.latent_shape()
-    L, joint, pooled_dim = policy.text_tokens(), int(config["joint_attention_dim"]), int(config["pooled_projection_dim"])
-    emb = PromptEmbeds(torch.zeros(1, L, joint), torch.zeros(1, pooled_dim), torch.zeros(1, L, joint),
-                       torch.zeros(1, pooled_dim))
-    x = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(0))
+    shape = policy.latent_shape()  # (C, H, W), or (C, F', H, W) for a clip
+    emb = policy.blank_conditioning(1)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.5])
 
     def measured(n: int, grad: bool) -> float:
-        xs, ts = x.expand(n, -1, -1, -1), t.expand(n)
+        xs, ts = x.expand(n, *shape), t.expand(n)
         with torch.set_grad_enabled(grad), LiveBytes() as m:
             v = policy.velocity(xs, ts, emb.select(torch.zeros(n, dtype=torch.long)), guidance_scale)
             if grad:
@@ -192,23 +191,21 @@ def _probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_
 
     no_grad, with_grad = affine(False), affine(True)
     policy.transformer.enable_gradient_checkpointing()
-    return SampleBytes(no_grad, with_grad, affine(True), _decode(meta_pipe, torch_dtype, resolution))
+    return SampleBytes(no_grad, with_grad, affine(True), _decode(policy, torch_dtype, resolution))
 
 
-def _decode(meta_pipe: Any, dtype: torch.dtype, pixels: int, largest: int = 128) -> Affine:
-    """The VAE decoder's peak on n images of `pixels`: measured at that size up to `largest`
-    pixels, above it at `largest` and scaled by the pixel count (the decoder's activations grow
-    with the pixels; its attention, at the latent's size, is counted linear as a GPU's is)."""
-    vae_meta = meta_pipe.vae
-    torch.manual_seed(0)
-    vae = type(vae_meta).from_config(dict(vae_meta.config)).to(dtype)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+def _decode(policy: Any, dtype: torch.dtype, pixels: int, largest: int = 128) -> Affine:
+    """The VAE decoder's peak on n samples (images, or clips of all their frames) of `pixels`,
+    through the policy's own decoding: measured at that size up to `largest` pixels, above it at
+    `largest` and scaled by the pixel count (the decoder's activations grow with the pixels; its
+    attention, at the latent's size, is counted linear as a GPU's is)."""
     px = min(pixels, largest)
+    shape = policy.latent_shape(px)
     peaks = []
     for n in (1, 2):
-        z = torch.randn(n, vae.config.latent_channels, px // factor, px // factor, dtype=dtype)
+        z = torch.randn(n, *shape, dtype=dtype)
         with torch.no_grad(), LiveBytes() as m:
-            vae.decode(z, return_dict=False)
+            policy._vae_decode(z)
         peaks.append(m.peak * (pixels / px) ** 2)
     return Affine(max(0.0, 2 * peaks[0] - peaks[1]), peaks[1] - peaks[0])
 
@@ -230,9 +227,9 @@ def estimate(cfg: Any, facts: ModelFacts, sample: SampleBytes, prompts: int | No
     held = {"weights": core, "text encoders": 0.0 if cfg.model.offload_text_encoders else text}
     encode = {"weights": core, "text encoders": text}
     lora4 = 4.0 * facts.lora_params
-    C, H, W = facts.latent
-    latent = 4.0 * C * H * W  # one float32 latent
-    kept_latent = C * H * W * b  # as the rollout keeps it: the model's precision
+    elements = math.prod(facts.latent)
+    latent = 4.0 * elements  # one float32 latent
+    kept_latent = elements * b  # as the rollout keeps it: the model's precision
     B = prompts or -(-cfg.rollout.prompts_per_iter // cfg.rollout.slices)
     K, T = cfg.rollout.group_size, cfg.sampling.num_steps
     if cfg.branching:
@@ -287,15 +284,17 @@ def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
     params = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
               if isinstance(module, torch.nn.Module)}
     policy = make_policy(pipe, cfg.lora, "meta" if cfg.model.path else "cpu", cfg.model.max_sequence_length,
-                         cfg.model.resolution)
+                         cfg.model.resolution, frames=cfg.model.num_frames)
     lora = sum(p.numel() for p in policy.lora_parameters())
-    C, H, W = policy.latent_shape()
-    pixels = H * pipe.vae_scale_factor
-    return ModelFacts(params, lora, (C, H, W), pixels, (H // 2) * (W // 2) + policy.text_tokens()), pipe
+    shape = policy.latent_shape()  # (C, H, W), or (C, F', H, W) for a clip
+    H, W = shape[-2:]
+    tokens = math.prod(shape[1:-2]) * (H // 2) * (W // 2) + policy.text_tokens()  # 2x2 patches of every latent frame
+    return ModelFacts(params, lora, shape, policy.pixels(), tokens, int(getattr(policy, "frames", 1))), pipe
 
 
 def plan_memory(cfg: Any, prompts: int | None = None, gpu: bool = True) -> dict[str, Footprint]:
     """`estimate` for cfg's model: facts from its configs, per-sample activations probed on the CPU."""
     facts, pipe = load_facts(cfg)
-    sample = probe(pipe, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale())
+    sample = probe(pipe, cfg.lora, cfg.model.dtype, facts.pixels, cfg.model.max_sequence_length, cfg.guidance_scale(),
+                   cfg.model.num_frames)
     return estimate(cfg, facts, sample, prompts, gpu)

@@ -47,6 +47,8 @@ class FlowPolicy:
     """
 
     family: ModelFamily
+    uses_pooled = True  # the transformer reads a pooled prompt embedding (SD3, FLUX)
+    uses_mask = False  # the conditioning carries a token mask (Qwen-Image)
 
     def __init__(self, pipe: Any, lora: LoraSettings | None, device: str = "auto", resolution: int | None = None,
                  gradient_checkpointing: bool = False):
@@ -112,6 +114,23 @@ class FlowPolicy:
     def text_tokens(self) -> int:
         """Tokens of one prompt's conditioning (the transformer's text sequence)."""
         raise NotImplementedError
+
+    def pixels(self) -> int:
+        """The side in pixels of what the policy samples (model.resolution, else the model's native size)."""
+        return self.latent_shape()[-1] * int(self.pipe.vae_scale_factor)
+
+    def blank_conditioning(self, n: int = 1) -> PromptEmbeds:
+        """Zeros of the shapes `encode_prompts` returns for n prompts, without running an encoder
+        (the memory probe's input): [n, L, D] embeddings, pooled where the family has one, a mask
+        where it has one, and its negative row where it runs CFG."""
+        from tempflow_core.families import family_spec
+
+        conf = self.transformer.config
+        L, D = self.text_tokens(), int(conf.get("joint_attention_dim") or conf.get("text_dim"))
+        P = int(conf.get("pooled_projection_dim") or 0) if self.uses_pooled else 0
+        neg = 1 if family_spec(self.family).negative_prompt is not None else 0
+        mask = (torch.ones(n, L, dtype=torch.long), torch.ones(neg, L, dtype=torch.long)) if self.uses_mask else (None, None)
+        return PromptEmbeds(torch.zeros(n, L, D), torch.zeros(n, P), torch.zeros(neg, L, D), torch.zeros(neg, P), *mask)
 
     # ------------------------------------------------------------------ text encoders
     def offload_text_encoders(self) -> None:

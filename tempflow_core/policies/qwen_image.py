@@ -67,6 +67,7 @@ class QwenImagePolicy(FlowPolicy):
     """
 
     family = "qwen-image"
+    uses_pooled, uses_mask = False, True
 
     def __init__(self, pipe, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
                  resolution: int | None = None, gradient_checkpointing: bool = False):

@@ -52,6 +52,7 @@ class WanPolicy(FlowPolicy):
     """
 
     family = "wan"
+    uses_pooled = False
 
     def __init__(self, pipe, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
                  resolution: int | None = None, gradient_checkpointing: bool = False, frames: int | None = None):
@@ -125,6 +126,9 @@ class WanPolicy(FlowPolicy):
             raise ValueError(f"resolution {resolution} must be a multiple of {spatial * patch[1]} for this Wan model")
         side = resolution // spatial
         return (self.transformer.config.in_channels, (self.frames - 1) // temporal + 1, side, side)
+
+    def pixels(self) -> int:
+        return self.latent_shape()[-1] * int(self.pipe.vae.config.scale_factor_spatial)
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         """[n, C, F', H, W] -> [n, 3, H', F W'] frame strips, de-normalised as WanPipeline does."""

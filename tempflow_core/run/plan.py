@@ -12,6 +12,7 @@ a lower bound).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,10 +179,9 @@ def store_bytes(cfg: Any, facts: ModelFacts) -> tuple[float, float]:
     (tempflow_core/shards/schema.py): the learner's inputs in the dtype the rollout kept them
     (the model's half precision, else float32) and, at most, the raw pixels of every image (PNG
     stores noise-like images raw and deflates real ones)."""
-    C, H, W = facts.latent
-    latent = C * H * W * dtype_bytes(cfg.model.dtype)
+    latent = math.prod(facts.latent) * dtype_bytes(cfg.model.dtype)
     K, T = cfg.rollout.group_size, cfg.sampling.num_steps
-    image = facts.pixels ** 2 * 3
+    image = facts.pixels ** 2 * 3 * facts.frames  # a clip: its frames' pixels
     if cfg.branching:
         points = rows_per_iteration(cfg)[1]  # branch points: one learner unit each
         return points * ((1 + K) * latent + K * (4 + 8)), points * K * image

@@ -53,8 +53,20 @@ CASES = [  # tiny SD3 base (64 px), T 4, LoRA r 8: prompts, K, max_batch, micro_
 
 @pytest.mark.parametrize("prompts,K,max_batch,micro,extra", CASES)
 def test_the_estimate_matches_the_peaks_of_a_real_rollout_and_update_on_the_cpu(prompts, K, max_batch, micro, extra):
+    _estimate_against_a_real_run("models/tiny-shapes-sd3", prompts, K, max_batch, micro, extra)
+
+
+@pytest.mark.parametrize("folder,extra", [("tiny_qwen_dir", []),  # masked text, true CFG, a 3-D VAE
+                                          ("tiny_wan_dir", ["model.num_frames=9"])])  # clips: a frame axis
+def test_the_estimate_holds_for_the_families_unlike_sd3(request, folder, extra):
+    """The same check on the tiny Qwen-Image and Wan models: the probe feeds each policy its own
+    conditioning and latent shape and decodes through its own VAE."""
+    _estimate_against_a_real_run(request.getfixturevalue(folder), 2, 4, 8, 4, extra)
+
+
+def _estimate_against_a_real_run(model, prompts, K, max_batch, micro, extra):
     cfg = load_config(overrides=[
-        "model.path=models/tiny-shapes-sd3", "model.device=cpu", "prompts.source=builtin:colors", "lora.rank=8",
+        f"model.path={model}", "model.device=cpu", "prompts.source=builtin:colors", "lora.rank=8",
         "lora.alpha=16", "sampling.num_steps=4", f"rollout.prompts_per_iter={prompts}", f"rollout.group_size={K}",
         f"rollout.max_batch={max_batch}", f"train.micro_batch={micro}", *extra])
     est = plan_memory(cfg, gpu=False)
