@@ -69,6 +69,8 @@ class FamilySpec:
     negative_prompt: str | None = ""  # the CFG negative prompt (None: no CFG pair)
     guidance_kwarg: str = "guidance_scale"  # the pipeline's __call__ argument that takes the guidance value
     video: bool = False  # its samples are clips (latents with a frame axis, decoded to frame strips)
+    tiny_tokens_factor: int = 1  # the tiny model's long tokenizer reads tiny.max_tokens x this (Qwen-Image: 2,
+    #                               for the prompt and the template's closing tokens)
     lora_targets: tuple[str, ...] | None = None  # its LoRA targets when lora.target_modules is the default list
     #                                            (whose names are SD3's / FLUX's / Qwen-Image's joint attention)
 
@@ -116,7 +118,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         guidance_note="Qwen-Image takes true CFG: true_cfg_scale with the negative prompt \" \" (the combination "
                       "rescaled to the conditional prediction's norm).",
         encoder_label="Qwen2.5-VL", prompt_template=QWEN_IMAGE_TEMPLATE, template_tokens=34, negative_prompt=" ",
-        guidance_kwarg="true_cfg_scale"),
+        guidance_kwarg="true_cfg_scale", tiny_tokens_factor=2),
     FamilySpec(
         name="wan",
         # Flow-GRPO's Wan2.1 recipe: CFG 4.5, a = 0.7 (its default); Wan2.1's flow shift 3.0 at 480p;

@@ -5,15 +5,15 @@ learner, evaluation, session setup and export use only this interface, so they n
 which family they hold:
 
     encode_prompts(prompts)                       -> PromptEmbeds
-    velocity(x, t, cond, guidance)                -> v  [N, C, H, W] float32 (cond: N rows of PromptEmbeds)
-    decode(latents [N, C, H, W])                  -> uint8 images [N, H', W', 3]
-    latent_shape()                                -> (C, H, W)
+    velocity(x, t, cond, guidance)                -> v  [N, *latent] float32 (cond: N rows of PromptEmbeds)
+    decode(latents [N, *latent])                  -> uint8 images [N, H', W', 3] (a clip: its frame strip)
+    latent_shape()                                -> (C, H, W); a clip's (C, F', H, W)
     text_tokens()                                 -> tokens of one prompt's conditioning
     schedule(num_steps, shift, noise_level)       -> the family's sampling grid
     lora_* / save_lora / load_lora / reference()  -> adapter handling
 
-Latents are [N, C, H, W] at the interface for every family (FLUX packs them inside its
-velocity). The reference policy is the same transformer with the adapter disabled, so no
+Latents are [N, C, H, W] at the interface for every image family (FLUX and Qwen-Image pack
+them inside their velocity) and [N, C, F', H, W] for a video family (Wan). The reference policy is the same transformer with the adapter disabled, so no
 second copy of the model is held. Text encoders and the VAE stay frozen; only LoRA trains.
 """
 
@@ -108,7 +108,8 @@ class FlowPolicy:
         conditioning (`PromptEmbeds.select` of the prompts' rows; its negative rides along)."""
         raise NotImplementedError
 
-    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, ...]:
+        """One sample's latent: (C, H, W), or (C, F', H, W) for a clip."""
         raise NotImplementedError
 
     def text_tokens(self) -> int:

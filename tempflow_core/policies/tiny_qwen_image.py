@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tempflow_core.config import TinyModelConfig
-from tempflow_core.families import QWEN_IMAGE_TEMPLATE
+from tempflow_core.families import QWEN_IMAGE_TEMPLATE, family_spec
 from tempflow_core.policies.tiny_parts import TINY_VOCAB_WORDS
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json
@@ -78,7 +78,7 @@ def build_tiny_qwen_image_pipeline(cfg: TinyModelConfig | None = None, workdir: 
     if any(c % base for c in cfg.vae_channels):
         raise ValueError(f"vae_channels {cfg.vae_channels} must be multiples of the first (the VAE's dim_mult)")
     torch.manual_seed(cfg.seed)
-    tokenizer = build_qwen_tokenizer(TINY_VOCAB_WORDS, 2 * cfg.max_tokens)
+    tokenizer = build_qwen_tokenizer(TINY_VOCAB_WORDS, family_spec("qwen-image").tiny_tokens_factor * cfg.max_tokens)
 
     heads = cfg.text_width // 16  # head_dim 16: mrope sections (2, 3, 3) of its 8 rotary pairs
     text = dict(vocab_size=len(tokenizer), hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,

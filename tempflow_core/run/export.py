@@ -32,7 +32,7 @@ def effective_max_sequence_length(cfg: RunConfig) -> int:
         has_t5 = bool(cfg.model.path) and (Path(cfg.model.path) / spec.optional_components[0]).is_dir()
         return tokens if has_t5 else 0
     if not cfg.model.path:
-        return min(tokens, cfg.model.tiny.max_tokens)
+        return min(tokens, cfg.model.tiny.max_tokens * spec.tiny_tokens_factor)
     tok = Path(cfg.model.path) / str(spec.long_tokenizer) / "tokenizer_config.json"
     cap = json.loads(tok.read_text()).get("model_max_length", tokens) if tok.is_file() else tokens
     return int(min(tokens, cap))

@@ -77,6 +77,9 @@ def test_train_in_process_tempflow_on_tiny_qwen_image(tmp_path):
 
     cfg = _cfg(tmp_path, "algorithm=tempflow", "train.lr=0.01")
     assert cfg.family() == "qwen-image" and cfg.guidance_scale() == 4.0 and cfg.rows_per_sample() == 2
+    from tempflow_core.run.export import effective_max_sequence_length
+
+    assert effective_max_sequence_length(cfg) == 32  # what the tiny model's policy pads to (its tokenizer's)
     res = train_in_process(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and np.isfinite(rows[0]["train/loss"]) and rows[0]["train/optimizer_steps"] == 1
