@@ -33,7 +33,7 @@ _NONE: frozenset[str] = frozenset()
 # every leaf of RunConfig (tests check the table covers them); dict-valued settings cover their keys
 AFFECTS: dict[str, frozenset[str]] = {
     "algorithm": frozenset({ROLLOUT, LEARNER}),  # branched vs plain rollouts; std mode and weights
-    **{f"model.{f}": _ALL for f in ("path", "dtype", "max_sequence_length", "resolution", "device")},
+    **{f"model.{f}": _ALL for f in ("path", "dtype", "max_sequence_length", "resolution", "num_frames", "device")},
     **{f"model.tiny.{f}": _ALL for f in ("family", "resolution", "vae_channels", "latent_channels", "layers", "heads",
                                           "head_dim", "patch_size", "text_width", "text_layers", "max_tokens",
                                           "seed")},
