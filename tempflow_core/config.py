@@ -31,9 +31,9 @@ class _Section(BaseModel):
 
 
 class TinyModelConfig(_Section):
-    """Sizes of the tiny pipeline (StableDiffusion3Pipeline or FluxPipeline) built when no model path is given."""
+    """Sizes of the tiny pipeline (of model.tiny.family's pipeline class) built when no model path is given."""
 
-    family: ModelFamily = Field("sd3", description="Which tiny pipeline: 'sd3' (SD3 transformer, two CLIP encoders), 'flux' (FLUX transformer with guidance embedding, CLIP + T5) or 'qwen-image' (Qwen-Image transformer, Qwen2.5-VL encoder, true CFG); a model.path folder names its own family in model_index.json.")
+    family: ModelFamily = Field("sd3", description="Which tiny pipeline: 'sd3' (SD3 transformer, two CLIP encoders), 'flux' (FLUX transformer with guidance embedding, CLIP + T5) , 'qwen-image' (Qwen-Image transformer, Qwen2.5-VL encoder, true CFG) or 'wan' (Wan2.1 text-to-video transformer, UMT5, clips of 5 frames); a model.path folder names its own family in model_index.json.")
     resolution: int = Field(32, ge=16, le=512, description="Image side in pixels.")
     vae_channels: list[int] = Field([8, 16, 16], min_length=1, description="AutoencoderKL block widths; the latent is resolution / 2**(len-1) pixels wide.")
     latent_channels: int = Field(4, ge=1)
@@ -48,11 +48,11 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base), a FluxPipeline (FLUX.1-dev) or a QwenImagePipeline (Qwen-Image); model_index.json names the family. None builds a random tiny model of model.tiny.family.")
+    path: str | None = Field(None, description="Local folder of a StableDiffusion3Pipeline (e.g. SD3.5-M or the shipped tiny base), a FluxPipeline (FLUX.1-dev), a QwenImagePipeline (Qwen-Image) or a WanPipeline (Wan2.1 text-to-video); model_index.json names the family. None builds a random tiny model of model.tiny.family.")
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of the frozen weights; LoRA and the sampler math stay float32.")
     num_frames: int | None = Field(None, ge=1, le=257, description="Frames of a clip, for a video family (Wan2.1: 1 + 4k); unset: the model folder's own (the tiny Wan model: 5) or 33, Flow-GRPO's Wan2.1 clips. An image family refuses it.")
-    max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when an SD3 model has T5 (SD3.5), 0 without (no zero padding tokens are spent); FLUX: 512 (FLUX.1-dev), capped by the T5 tokenizer's model_max_length. Qwen-Image: the Qwen2.5-VL tokens every prompt is padded to (masked) after the template, 256 unset; a longer prompt is refused.")
+    max_sequence_length: int | None = Field(None, ge=0, le=512, description="T5 tokens; unset: 256 when an SD3 model has T5 (SD3.5), 0 without (no zero padding tokens are spent); FLUX: 512 (FLUX.1-dev), capped by the T5 tokenizer's model_max_length; Wan: UMT5's, 512. Qwen-Image: the Qwen2.5-VL tokens every prompt is padded to (masked) after the template, 256 unset; a longer prompt is refused.")
     resolution: int | None = Field(None, ge=16, description="Image side in pixels for rollouts and evaluation (512 as in the paper for SD3.5-M); unset: the model's native size.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu' or 'cuda[:i]'.")
     offload_text_encoders: bool = Field(False, description="Keep the text encoders on the host and move them to the device only while prompts are encoded (once per rollout and evaluation): SD3.5-M's three encoders are ~11 GiB in bf16. Changes memory, not what a run computes.")
@@ -67,9 +67,9 @@ class LoraSettings(_Section):
 
 class SamplingConfig(_Section):
     num_steps: int = Field(10, ge=1, le=1000, description="Denoising steps T of rollouts.")
-    guidance_scale: float | None = Field(None, ge=1.0, description="SD3: CFG scale (1 = no CFG). FLUX: the guidance value fed to the guidance-distilled transformer; no CFG pair, one call per step. Qwen-Image: true CFG (the negative prompt ' ', the combination rescaled to the conditional's norm). Unset: the family's (SD3 4.5, as in the paper; FLUX 3.5, FLUX.1-dev's; Qwen-Image 4.0, its model card's).")
-    shift: float | None = Field(None, gt=0, description="Flow shift of the timestep grid; unset: the family's (SD3: 3.0; FLUX: resolution-dependent, diffusers' calculate_shift over the scheduler config's base/max shift and the image's token count). Set on FLUX: a fixed shift exp(mu) on FLUX's grid.")
-    noise_level: float | None = Field(None, gt=0, description="a in s_t = a sqrt(t/(1-t)); unset: the family's (0.7 for SD3, as for SD3.5-M in the paper; 0.9 for FLUX; 0.7 for Qwen-Image, Flow-GRPO's default).")
+    guidance_scale: float | None = Field(None, ge=1.0, description="SD3: CFG scale (1 = no CFG). FLUX: the guidance value fed to the guidance-distilled transformer; no CFG pair, one call per step. Qwen-Image: true CFG (the negative prompt ' ', the combination rescaled to the conditional's norm). Wan: CFG as two calls. Unset: the family's (SD3 4.5, as in the paper; FLUX 3.5, FLUX.1-dev's; Qwen-Image 4.0, its model card's; Wan 4.5, Flow-GRPO's Wan2.1 recipe).")
+    shift: float | None = Field(None, gt=0, description="Flow shift of the timestep grid; unset: the family's (SD3 and Wan: 3.0; FLUX: resolution-dependent, diffusers' calculate_shift over the scheduler config's base/max shift and the image's token count). Set on FLUX: a fixed shift exp(mu) on FLUX's grid.")
+    noise_level: float | None = Field(None, gt=0, description="a in s_t = a sqrt(t/(1-t)); unset: the family's (0.7 for SD3, as for SD3.5-M in the paper; 0.9 for FLUX; 0.7 for Qwen-Image and Wan, Flow-GRPO's default).")
     eval_num_steps: int = Field(20, ge=1, description="ODE steps for evaluation images.")
     sde_type: Literal["flow_grpo", "cps"] = Field("flow_grpo", description="The stochastic step rollouts take and the learner scores: 'flow_grpo' (the SDE of paper eq. 5, std s_t sqrt(dt)) or 'cps' (coefficients-preserving sampling: from the predicted data and noise with fresh noise of std t_next sin(a pi/2), as Flow-GRPO's sde_type='cps'; log-probs are the exact Gaussian's, noise-aware weights follow its std).")
 

@@ -158,4 +158,3 @@ def read_share(store: Any, prefix: str, m: Manifest, rank: int, world: int,
     batch = RolloutBatch(kind, [], [], emb, sigmas, branch_points=items if kind == "branch" else [],
                          trajectories=items if kind == "plain" else [])
     return batch, positions
-
