@@ -83,6 +83,7 @@ def preflight(cfg: RunConfig, *, roots: Sequence[str | os.PathLike[str]] | None 
     allowed = [Path(r).expanduser().resolve() for r in roots] if roots is not None else None
     check_credentials(cfg)
     check_model(cfg, allowed)
+    check_frames(cfg)
     check_prompts(cfg.prompts.source, "prompts.source", allowed)
     eval_field, eval_source = eval_prompt_source(cfg)
     if eval_source != cfg.prompts.source:
@@ -151,7 +152,7 @@ def check_model(cfg: RunConfig, roots: list[Path] | None = None) -> None:
     if cfg.model.path is None:
         return
     folder = Path(cfg.model.path).expanduser()
-    fix = ("set model.path to a saved diffusers StableDiffusion3Pipeline or FluxPipeline folder (or leave it unset "
+    fix = ("set model.path to a saved diffusers pipeline folder of a supported family (or leave it unset "
            "for a random tiny model)")
     _check_under_roots(folder, "model.path", roots)
     if not folder.exists():
@@ -188,6 +189,26 @@ def check_model(cfg: RunConfig, roots: list[Path] | None = None) -> None:
         if not torch.cuda.is_available():
             raise PreflightError("model.device", f"{cfg.model.device!r} asked for, but no CUDA device is visible",
                                  "set model.device=auto (the GPU when present, else the CPU) or model.device=cpu")
+
+
+def check_frames(cfg: RunConfig) -> None:
+    """model.num_frames: a clip's frames, for a video family only, a count its VAE takes (1 + s k,
+    s the VAE's temporal scale: 4 for Wan2.1, the tiny model's 2**(len(vae_channels) - 1))."""
+    n = cfg.model.num_frames
+    if n is None:
+        return
+    spec = family_spec(cfg.family())
+    if not spec.video:
+        raise PreflightError("model.num_frames", f"{n} frames, but {spec.pipeline_class} makes images, not clips",
+                             "leave model.num_frames unset")
+    if cfg.model.path:
+        vae = json.loads((Path(cfg.model.path).expanduser() / "vae" / "config.json").read_text(encoding="utf-8"))
+        step = int(vae.get("scale_factor_temporal", 4))
+    else:
+        step = 2 ** (len(cfg.model.tiny.vae_channels) - 1)
+    if (n - 1) % step:
+        raise PreflightError("model.num_frames", f"{n} frames: this VAE takes 1 + {step}k frames",
+                             f"use {1 + (n - 1) // step * step} or {1 + ((n - 1) // step + 1) * step}")
 
 
 # A component's declared sizes, bounded before any module is built from them (even on the meta

@@ -131,3 +131,19 @@ def test_stages_evaluation_and_export_reproduce_eval_rewards_with_plain_wan_pipe
         strip = (np.concatenate(list(video), 1)[None] * 255).round().astype(np.uint8)
         score, _ = reward(strip, [sample["prompt"]], [{}])
         assert abs(float(score[0]) - sample["reward"]) < 2e-3
+
+
+def test_frames_are_checked_before_any_work(tiny_wan_dir):
+    """model.num_frames: refused for an image family and for a count the VAE does not take,
+    naming the field and the counts it does take; a saved Wan folder reads its VAE's temporal scale."""
+    from tempflow_core.config import RunConfig
+    from tempflow_core.run.preflight import PreflightError, check_frames
+
+    with pytest.raises(PreflightError, match=r"^model.num_frames: 9 frames, but StableDiffusion3Pipeline makes images"):
+        check_frames(RunConfig(model={"num_frames": 9}))
+    with pytest.raises(PreflightError, match=r"^model.num_frames: 6 frames: this VAE takes 1 \+ 4k frames; fix: use 5 or 9"):
+        check_frames(RunConfig(model={"num_frames": 6, "tiny": {"family": "wan"}}))
+    with pytest.raises(PreflightError, match=r"takes 1 \+ 4k frames; fix: use 9 or 13"):
+        check_frames(RunConfig(model={"num_frames": 10, "path": str(tiny_wan_dir)}))
+    check_frames(RunConfig(model={"num_frames": 9, "path": str(tiny_wan_dir)}))
+    check_frames(RunConfig())  # unset: nothing to check
