@@ -129,3 +129,35 @@ def test_the_shipped_ablation_resolves_as_it_did_over_the_embedded_default():
     ablation = ROOT / "flows" / "configs" / "ablation.yaml"
     alone, layered = load_config(ablation), load_config(ablation, base=embedded)
     assert alone == layered and alone.digest() == layered.digest()
+
+
+def test_qwen_image_config_against_its_real_model_folder():
+    """flows/configs/models/qwen-image.yaml on Qwen-Image's configs (tests/flux/fixtures/qwen-image):
+    the real classes on the meta device give the published 20,430,401,088 transformer parameters,
+    the policy's grid is Qwen-Image's (exponential shift of mu at 1024 tokens, stretched to end at
+    0.02), computed here by hand."""
+    import numpy as np
+
+    from tempflow_core.run.preflight import prompt_token_limit
+
+    cfg = load_config(ROOT / "flows" / "configs" / "models" / "qwen-image.yaml",
+                      [f"model.path={FIXTURES / 'qwen-image'}"])
+    assert cfg.family() == "qwen-image" and cfg.model.resolution == 512 and cfg.guidance_scale() == 4.0
+    assert cfg.rows_per_sample() == 2  # true CFG: a conditional and a negative row
+    pipe = load_pipeline_meta(cfg.model.path)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == 20_430_401_088
+    assert round(sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e9, 2) == 8.29  # Qwen2.5-VL-7B
+    pol = make_policy(pipe, cfg.lora, "meta", cfg.model.max_sequence_length, cfg.model.resolution)
+    assert pol.family == "qwen-image" and pol.latent_shape() == (16, 64, 64)
+    assert pol.max_sequence_length == 256 == effective_max_sequence_length(cfg)
+    assert prompt_token_limit(cfg) == ("tokenizer", 256, "Qwen2.5-VL")
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")}
+    assert len(wrapped) == 60 * 8  # the 8 attention targets of each of the 60 dual-stream blocks
+    s = pol.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    assert s.noise_level == 0.7
+    t = np.linspace(1.0, 0.1, 10)
+    mu = 0.5 + (0.9 - 0.5) * ((64 // 2) ** 2 - 256) / (8192 - 256)  # calculate_shift of 1024 packed tokens
+    shifted = np.exp(mu) / (np.exp(mu) + (1 / t - 1))
+    stretched = 1 - (1 - shifted) / ((1 - shifted[-1]) / (1 - 0.02))  # the terminal sigma becomes 0.02
+    np.testing.assert_allclose(s.sigmas.numpy(), np.append(stretched, 0.0), rtol=1e-6, atol=1e-7)
+    assert native_resolution(cfg.model_copy(update={"model": cfg.model.model_copy(update={"resolution": None})})) == 1024
