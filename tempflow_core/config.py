@@ -33,7 +33,7 @@ class _Section(BaseModel):
 class TinyModelConfig(_Section):
     """Sizes of the tiny pipeline (of model.tiny.family's pipeline class) built when no model path is given."""
 
-    family: ModelFamily = Field("sd3", description="Which tiny pipeline: 'sd3' (SD3 transformer, two CLIP encoders), 'flux' (FLUX transformer with guidance embedding, CLIP + T5) , 'qwen-image' (Qwen-Image transformer, Qwen2.5-VL encoder, true CFG) or 'wan' (Wan2.1 text-to-video transformer, UMT5, clips of 5 frames); a model.path folder names its own family in model_index.json.")
+    family: str = Field("sd3", description="Which tiny pipeline (a registered family, a plugin's too): 'sd3' (SD3 transformer, two CLIP encoders), 'flux' (FLUX transformer with guidance embedding, CLIP + T5), 'qwen-image' (Qwen-Image transformer, Qwen2.5-VL encoder, true CFG) or 'wan' (Wan2.1 text-to-video transformer, UMT5, clips of 5 frames); a model.path folder names its own family in model_index.json.")
     resolution: int = Field(32, ge=16, le=512, description="Image side in pixels.")
     vae_channels: list[int] = Field([8, 16, 16], min_length=1, description="AutoencoderKL block widths; the latent is resolution / 2**(len-1) pixels wide.")
     latent_channels: int = Field(4, ge=1)
@@ -45,6 +45,12 @@ class TinyModelConfig(_Section):
     text_layers: int = Field(1, ge=1)
     max_tokens: int = Field(16, ge=4, description="Tokenizer max length (CLIP position embeddings; FLUX: also the T5 tokens).")
     seed: int = Field(0, description="Seed of the random initialisation.")
+
+    @field_validator("family")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        family_spec(v)  # ValueError naming the registered families
+        return v
 
 
 class ModelConfig(_Section):

@@ -16,7 +16,8 @@ from it, in one registration per family (`FamilySpec`).
 A family's code (its policy, its tiny builder) is named by "module:attribute" and imported only
 when used, so this module reads JSON only (no torch) and the config can resolve a family's
 defaults. Adding a family is one `FamilySpec` in `FAMILIES` plus the family test suite; nothing
-outside a spec asks which family it is.
+outside a spec asks which family it is. An installed package adds one without editing tempflow:
+an entry point of the group "tempflow.families" naming its `FamilySpec` (`plugin_families`).
 """
 
 from __future__ import annotations
@@ -134,12 +135,47 @@ FAMILIES: tuple[FamilySpec, ...] = (
 )
 
 
+PLUGIN_GROUP = "tempflow.families"  # the entry-point group an installed package registers a FamilySpec under
+
+
+def plugin_families() -> tuple[FamilySpec, ...]:
+    """The families installed packages register: each entry point of the group "tempflow.families"
+    names a `FamilySpec` (pyproject: [project.entry-points."tempflow.families"] mine = "pkg.mod:SPEC").
+    Read only when a name or class is not a built-in one, so built-in families never pay for it.
+
+    Raises:
+        ValueError: one line naming the entry point that cannot be loaded, is not a FamilySpec, or
+            takes a name or pipeline class another family has.
+    """
+    from importlib.metadata import entry_points
+
+    found: list[FamilySpec] = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        where = f"model family plugin {ep.name!r} ({ep.value})"
+        try:
+            spec = ep.load()
+        except Exception as e:  # noqa: BLE001 - any import error of a third-party module: name it, one line
+            raise ValueError(f"{where} cannot be loaded ({type(e).__name__}: {e})") from None
+        if not isinstance(spec, FamilySpec):
+            raise ValueError(f"{where} is a {type(spec).__name__}, not a tempflow_core.families.FamilySpec")
+        for other in (*FAMILIES, *found):
+            if spec.name == other.name or spec.pipeline_class == other.pipeline_class:
+                raise ValueError(f"{where} registers family {spec.name!r} ({spec.pipeline_class}), which "
+                                 f"{other.name!r} ({other.pipeline_class}) already is")
+        found.append(spec)
+    return tuple(found)
+
+
 def family_spec(family: str) -> FamilySpec:
-    """The registration of `family` (ValueError naming the registered ones)."""
+    """The registration of `family`, built in or from a plugin (ValueError naming the registered ones)."""
     for spec in FAMILIES:
         if spec.name == family:
             return spec
-    raise ValueError(f"unknown model family {family!r}; expected one of {[s.name for s in FAMILIES]}")
+    plugins = plugin_families()
+    for spec in plugins:
+        if spec.name == family:
+            return spec
+    raise ValueError(f"unknown model family {family!r}; expected one of {[s.name for s in (*FAMILIES, *plugins)]}")
 
 
 def family_defaults(family: str) -> FamilyDefaults:
@@ -151,7 +187,11 @@ def _by_class(name: Any, what: str) -> FamilySpec:
     for spec in FAMILIES:
         if name == spec.pipeline_class:
             return spec
-    supported = ", ".join(s.pipeline_class for s in FAMILIES)
+    plugins = plugin_families()
+    for spec in plugins:
+        if name == spec.pipeline_class:
+            return spec
+    supported = ", ".join(s.pipeline_class for s in (*FAMILIES, *plugins))
     raise ValueError(f"{what} {name!r} is not supported; supported pipelines: {supported}")
 
 
