@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 GIB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PROBE_HEADS = 2  # attention heads of the probed transformer (the real head size and depth)
+PROBE_FRAMES = 2  # latent frames of a probed clip; its activations are scaled to the clip's tokens
 # A GPU holds more for the same activations than the CPU probe counts (kernel workspaces, the
 # caching allocator's rounding): on one H200 the peaks of results/gpu/smoke (SD3.5-M, bf16,
 # 512 px) were 1.14-1.32x the probe's activations and decode (learner at micro-batch 2 and 8,
@@ -148,6 +149,11 @@ def _small_pipeline(meta_pipe: Any, heads: int, dtype: torch.dtype, vae: Any) ->
     return type(meta_pipe)(**parts)
 
 
+def _tokens(shape: tuple[int, ...], text: int) -> int:
+    """The transformer's sequence for one latent of `shape`: 2x2 patches of every latent frame, and the text."""
+    return math.prod(shape[1:-2]) * (shape[-2] // 2) * (shape[-1] // 2) + text
+
+
 def _width(config: Any, heads: int | None = None) -> int:
     return int(heads or config["num_attention_heads"]) * int(config["attention_head_dim"])
 
@@ -171,7 +177,12 @@ def _probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_
     policy = make_policy(small, lora, "cpu", max_sequence_length, resolution, frames=frames)
     config = meta_pipe.transformer.config
     scale = _width(config) / _width(config, PROBE_HEADS)
-    shape = policy.latent_shape()  # (C, H, W), or (C, F', H, W) for a clip
+    full = policy.latent_shape()  # (C, H, W), or (C, F', H, W) for a clip
+    # a clip is probed at PROBE_FRAMES latent frames and scaled by its tokens, as the activations
+    # of a GPU's attention kernels grow (the CPU's quadratic attention at a clip's full length
+    # would not fit a host: Wan2.1 at 480 px x 33 frames is 8,612 tokens a row)
+    shape = (full[0], *(min(f, PROBE_FRAMES) for f in full[1:-2]), *full[-2:])
+    scale *= _tokens(full, policy.text_tokens()) / _tokens(shape, policy.text_tokens())
     emb = policy.blank_conditioning(1)
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.5])
@@ -287,8 +298,7 @@ def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
                          cfg.model.resolution, frames=cfg.model.num_frames)
     lora = sum(p.numel() for p in policy.lora_parameters())
     shape = policy.latent_shape()  # (C, H, W), or (C, F', H, W) for a clip
-    H, W = shape[-2:]
-    tokens = math.prod(shape[1:-2]) * (H // 2) * (W // 2) + policy.text_tokens()  # 2x2 patches of every latent frame
+    tokens = _tokens(shape, policy.text_tokens())
     return ModelFacts(params, lora, shape, policy.pixels(), tokens, int(getattr(policy, "frames", 1))), pipe
 
 

@@ -169,6 +169,9 @@ def load_pipeline_meta(path: str | Path):
                 with tempfile.TemporaryDirectory(prefix="tempflow-tok-") as tmp:
                     write_clip_tokenizer_files(tmp, max_length=length)
                     parts[name] = transformers.CLIPTokenizer.from_pretrained(tmp)
+        elif lib == "diffusers" and cls_name.endswith("Scheduler"):  # no weights; UniPC (Wan) copies its sigmas
+            cls = getattr(diffusers, cls_name)
+            parts[name] = cls.from_config(cls.load_config(str(sub)))
         elif lib == "diffusers":
             cls = getattr(diffusers, cls_name)
             with torch.device("meta"):

@@ -89,7 +89,10 @@ RECIPE = {
 }
 FAMILY = {"sd35m.yaml": {"sampling.guidance_scale": 4.5, "sampling.noise_level": 0.7},
           "flux1-dev.yaml": {"sampling.guidance_scale": 3.5, "sampling.noise_level": 0.9},
-          "qwen-image.yaml": {"sampling.guidance_scale": 4.0, "sampling.noise_level": 0.7}}
+          "qwen-image.yaml": {"sampling.guidance_scale": 4.0, "sampling.noise_level": 0.7},
+          # Wan2.1-1.3B is trained at 480p; its clips' rows are 8x an image's, so fewer rows a call
+          "wan2.1-t2v-1.3b.yaml": {"sampling.guidance_scale": 4.5, "sampling.noise_level": 0.7,
+                                   "model.resolution": 480}}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -116,7 +119,8 @@ def test_a_model_config_resolves_to_the_papers_recipe_and_nothing_of_the_cpu_dem
     assert {k: got[k] for k in want} == want
     code = _flat(RunConfig().model_dump(mode="json"))
     named = set(_flat(yaml.safe_load(path.read_text())))
-    unset = {k for k in code if k not in named and k not in ("output_dir", "pipeline.store", "model.path")}
+    unset = {k for k in code if not any(n == k or n.startswith(k + ".") for n in named)  # a dict's keys name it
+             and k not in ("output_dir", "pipeline.store", "model.path")}
     assert {k: got[k] for k in unset} == {k: code[k] for k in unset}
 
 
@@ -161,3 +165,26 @@ def test_qwen_image_config_against_its_real_model_folder():
     stretched = 1 - (1 - shifted) / ((1 - shifted[-1]) / (1 - 0.02))  # the terminal sigma becomes 0.02
     np.testing.assert_allclose(s.sigmas.numpy(), np.append(stretched, 0.0), rtol=1e-6, atol=1e-7)
     assert native_resolution(cfg.model_copy(update={"model": cfg.model.model_copy(update={"resolution": None})})) == 1024
+
+
+def test_wan_config_against_its_real_model_folder():
+    """flows/configs/models/wan2.1-t2v-1.3b.yaml on Wan2.1-T2V-1.3B's configs: 33-frame clips are
+    9 latent frames of 60 x 60, UMT5 reads 512 tokens, the LoRA adapts self- and cross-attention
+    of the 30 blocks, and the grid is the static flow shift 3.0 (computed here by hand)."""
+    import numpy as np
+
+    cfg = load_config(ROOT / "flows" / "configs" / "models" / "wan2.1-t2v-1.3b.yaml",
+                      [f"model.path={FIXTURES / 'wan2.1-t2v-1.3b'}"])
+    assert cfg.family() == "wan" and cfg.model.num_frames == 33 and cfg.guidance_scale() == 4.5
+    pipe = load_pipeline_meta(cfg.model.path)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == 1_418_996_800
+    pol = make_policy(pipe, cfg.lora, "meta", cfg.model.max_sequence_length, cfg.model.resolution,
+                      frames=cfg.model.num_frames)
+    assert pol.latent_shape() == (16, 9, 60, 60) and pol.pixels() == 480
+    assert pol.max_sequence_length == 512 == effective_max_sequence_length(cfg)
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in pipe.transformer.named_modules() if n.endswith(".lora_A")}
+    assert len(wrapped) == 30 * 8 and all(".attn1." in w or ".attn2." in w for w in wrapped)
+    s = pol.schedule(cfg.sampling.num_steps, cfg.sampling.shift, cfg.sampling.noise_level)
+    shift = lambda t: 3 * t / (1 + 2 * t)  # noqa: E731  (the static flow shift 3.0)
+    t = np.linspace(1.0, shift(1 / 1000), 10)  # diffusers' timesteps: from 1 to the shifted smallest training sigma
+    np.testing.assert_allclose(s.sigmas.numpy(), np.append(shift(t), 0.0), rtol=1e-6, atol=1e-7)
