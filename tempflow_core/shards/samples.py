@@ -18,7 +18,8 @@ import torch
 from tempflow_core.redaction import redact_uri
 from tempflow_core.shards.errors import SchemaError, UnsafeMemberError
 from tempflow_core.shards.png import decode_png, encode_png
-from tempflow_core.shards.schema import FORBIDDEN_EXTENSIONS, SCHEMA_VERSION, check_sample_key, is_forbidden_member, json_bytes
+from tempflow_core.shards.schema import (FORBIDDEN_EXTENSIONS, READABLE_VERSIONS, SCHEMA_VERSION, check_sample_key,
+                                         is_forbidden_member, json_bytes)
 from tempflow_core.batches import BranchPoint, PromptEmbeds, Trajectory
 
 
@@ -142,8 +143,8 @@ def decode_sample(sample: Mapping[str, Any], *, images: bool = True) -> dict[str
     except json.JSONDecodeError as exc:
         raise SchemaError(f"{where}: meta.json is not valid JSON ({exc})") from None
     version, kind = meta.get("schema_version"), meta.get("kind")
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"{where}: schema_version {version!r}, this tempflow reads {SCHEMA_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise SchemaError(f"{where}: schema_version {version!r}, this tempflow reads {list(READABLE_VERSIONS)}")
     if kind not in _REQUIRED:
         raise SchemaError(f"{where}: field 'kind' is {kind!r}, expected 'branch' or 'plain'")
     try:

@@ -1,9 +1,16 @@
-"""The on-store layout of a stage output (schema version 1): names, sample keys, member rules.
+"""The on-store layout of a stage output (schema version 2): names, sample keys, member rules.
+
+Version 2 (model families): the conditioning and the latents are named tensors of any shape.
+embeds.safetensors may hold `mask` and `neg_mask` ([B, L] / [1, L] int64, 1 = a prompt token) for
+a family whose conditioning is masked (Qwen-Image), and `pooled` may be zero-wide; latents are
+[C, H, W] for images and [C, F', H, W] for clips, whose images are frame strips [H, F W, 3].
+Version 1 outputs (no masks, [C, H, W] latents) are read as they were; a newer version is refused.
 
 A rollout stage writes, under its prefix:
 
     shard-000000.tar ...   webdataset shards, one sample per branch point (or plain trajectory)
-    embeds.safetensors     PromptEmbeds (embeds, pooled, neg_embeds, neg_pooled) + sigmas, once
+    embeds.safetensors     PromptEmbeds (embeds, pooled, neg_embeds, neg_pooled; mask, neg_mask where the
+                           family masks its text) + sigmas, once
     prompts.json           prompt texts and ids, rollout kind and counters
     manifest.json          written LAST: schema version, sha256/size/sample count of every object,
                            producing checkpoint URI, config hash; without it the output does not exist
@@ -31,7 +38,8 @@ from typing import Any
 
 from tempflow_core.shards.errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # the versions a reader of this schema takes
 MANIFEST_NAME = "manifest.json"
 EMBEDS_NAME = "embeds.safetensors"
 PROMPTS_NAME = "prompts.json"

@@ -84,7 +84,8 @@ def test_shard_members_and_keys(store):
                      "000000_k02.tensors.safetensors"]
     meta = json.loads(tarfile.open(fileobj=io.BytesIO(data)).extractfile("000000_k02.meta.json").read())
     assert meta["child_keys"] == ["000000_k02_c00", "000000_k02_c01"]
-    assert (meta["step"], meta["group_id"], meta["prompt_id"], meta["schema_version"]) == (2, "000000_k02", "000000", 1)
+    assert (meta["step"], meta["group_id"], meta["prompt_id"], meta["schema_version"]) == (2, "000000_k02", "000000",
+                                                                                          SCHEMA_VERSION)
     # embeddings once per stage output, not per sample
     assert sorted(k.rsplit("/", 1)[1] for k in store.list(PREFIX)) == [
         "embeds.safetensors", "manifest.json", "prompts.json", "shard-000000.tar"]
@@ -412,3 +413,32 @@ def test_shards_hold_no_final_latents_and_shards_written_with_them_are_still_rea
     assert_tensor_identical(got.final_latents, bp.final_latents, "final_latents")
     assert_tensor_identical(got.x_next, bp.x_next, "x_next")
     assert shards.sample_to_dataclass(shards.decode_sample({**new, "__url__": "new.tar"})).final_latents is None
+
+
+def test_version_1_outputs_written_before_model_families_are_still_read_exactly(tmp_path):
+    """tests/data_plane/fixtures/schema-v1: a branched and a plain rollout stage as tempflow wrote them
+    at schema version 1 (committed bytes). They read back as the batches they were written from; a
+    mask-bearing (version 2) stage round-trips its masks; a newer version is refused in one line."""
+    from pathlib import Path
+
+    from tempflow_core.batches import PromptEmbeds
+    from tempflow_core.storage import open_store
+
+    old = open_store(str(Path(__file__).parent / "fixtures" / "schema-v1"))
+    for prefix, batch in (("run/iter-000000/rollout", make_branch_batch(prompts=2, steps=(0, 2), k=3, seed=11,
+                                                                        image_side=8)),
+                          ("run/iter-000001/rollout", make_plain_batch(prompts=2, group=2, steps=3, seed=12))):
+        assert read_manifest(old, prefix).schema_version == 1 != SCHEMA_VERSION
+        got = read_rollouts(old, prefix)
+        assert got.embeds.mask is None
+        assert_batches_identical(got, batch)
+    masked = make_branch_batch(prompts=2, steps=(0, 2), k=3, seed=11)
+    e = masked.embeds
+    masked.embeds = PromptEmbeds(e.embeds, e.pooled[:, :0], e.neg_embeds, e.neg_pooled[:, :0],
+                                 torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 0, 0, 0]]))
+    new = open_store(str(tmp_path))
+    assert write_rollouts(masked, new, "run/iter-000002/rollout").schema_version == SCHEMA_VERSION == 2
+    assert_batches_identical(read_rollouts(new, "run/iter-000002/rollout"), masked)
+    manifest = json.loads(new.get_bytes("run/iter-000002/rollout/manifest.json"))
+    with pytest.raises(SchemaError, match="has schema_version 3; this tempflow reads up to 2 \\(upgrade tempflow\\)"):
+        Manifest.from_json(json.dumps({**manifest, "schema_version": 3}).encode(), "m")
