@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tempflow_core.config import DEFAULT_LORA_TARGETS, LoraSettings
-from tempflow_core.families import ModelFamily, family_defaults, lora_targets
+from tempflow_core.families import ModelFamily, family_defaults, family_spec, lora_targets
 from tempflow_core.policies.models import resolve_device
 from tempflow_core.algorithm.schedule import Schedule, make_schedule
 from tempflow_core.batches import PromptEmbeds  # noqa: F401  (the type encode_prompts returns)
@@ -124,8 +124,6 @@ class FlowPolicy:
         """Zeros of the shapes `encode_prompts` returns for n prompts, without running an encoder
         (the memory probe's input): [n, L, D] embeddings, pooled where the family has one, a mask
         where it has one, and its negative row where it runs CFG."""
-        from tempflow_core.families import family_spec
-
         conf = self.transformer.config
         L, D = self.text_tokens(), int(conf.get("joint_attention_dim") or conf.get("text_dim"))
         P = int(conf.get("pooled_projection_dim") or 0) if self.uses_pooled else 0

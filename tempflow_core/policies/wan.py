@@ -11,14 +11,13 @@ What differs from the image families, all inside this class:
 * Grid: the scheduler's static flow shift (3.0 for Wan2.1 at 480p).
 * Decoding: AutoencoderKLWan de-normalised with its latents_mean / latents_std; a clip goes on
   as a frame strip, its frames side by side ([H', F W', 3]), so that shards, rewards, the MLflow
-  log and evaluation carry a clip as one image (`frames_of` cuts it back into frames).
+  log and evaluation carry a clip as one image (`rewards.clips.split_strips` cuts it back into frames).
 
 Shapes: N rows, C latent channels (16 for Wan2.1), F' latent frames, H, W latent size, L text tokens.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from tempflow_core.batches import PromptEmbeds
@@ -27,15 +26,6 @@ from tempflow_core.families import family_spec
 from tempflow_core.policies.base import FlowPolicy
 
 NATIVE = (480, 33)  # pixels and frames when the VAE config names none: Wan2.1 at 480p, Flow-GRPO's clip length
-
-
-def frames_of(strip: np.ndarray, frames: int) -> np.ndarray:
-    """[..., H, F W, 3] frame strips -> [..., F, H, W, 3] frames."""
-    *lead, h, fw, ch = strip.shape
-    if fw % frames:
-        raise ValueError(f"a strip {fw} pixels wide does not hold {frames} frames")
-    w = fw // frames
-    return np.moveaxis(strip.reshape(*lead, h, frames, w, ch), -3, -4)
 
 
 class WanPolicy(FlowPolicy):

@@ -10,7 +10,8 @@ from tempflow_core.algorithm.rollout import _begin, _ode_from, initial_noise
 from tempflow_core.config import LoraSettings
 from tempflow_core.policies.models import load_pipeline
 from tempflow_core.policies.sd3 import make_policy
-from tempflow_core.policies.wan import WanPolicy, frames_of
+from tempflow_core.policies.wan import WanPolicy
+from tempflow_core.rewards.clips import split_strips
 
 PROMPTS, IDS = ["a red circle", "two blue squares"], ["p0", "p1"]
 G = 4.5  # Flow-GRPO's CFG for Wan2.1
@@ -46,8 +47,8 @@ def test_policy_ode_with_cfg_equals_wan_pipeline_sampling_and_clips_decode_to_it
         lat = wan_pipe(p, output_type="latent", **kw).frames
         torch.testing.assert_close(lat[0], ours[i], rtol=1e-4, atol=1e-4)
         video = wan_pipe(p, output_type="np", **kw).frames[0]  # [F, H, W, 3] in [0, 1]
-        assert np.abs(frames_of(strips[i], 5).astype(np.float32) - video * 255).max() <= 1.0  # uint8 rounding
-    assert frames_of(np.arange(2 * 3 * 12 * 3).reshape(2, 3, 12, 3), 4).shape == (2, 4, 3, 3, 3)
+        assert np.abs(split_strips(strips[i:i + 1])[0].astype(np.float32) - video * 255).max() <= 1.0  # uint8 rounding
+    assert split_strips(np.arange(2 * 3 * 12 * 3).reshape(2, 3, 12, 3)).shape == (2, 4, 3, 3, 3)
 
 
 def test_the_lora_adapts_self_and_cross_attention(wan_pipe):
