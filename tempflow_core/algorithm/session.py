@@ -16,10 +16,11 @@ lifetime is the owner's. A cache holds one model at a time: a new config replace
 from __future__ import annotations
 
 
+import contextlib
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from tempflow_core.algorithm.checkpoint import CheckpointState
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.learner import make_optimizer
 from tempflow_core.policies.models import load_model
-from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.families import make_policy
 from tempflow_core.policies.base import FlowPolicy
 from tempflow_core.prompts import PromptStream, load_prompts
 from tempflow_core.rewards import RewardFn, RewardRegistry
@@ -122,6 +123,21 @@ def update_ema(s: Session, n: int) -> None:
     cur = s.policy.lora_state_dict()
     ema = s.ema if s.ema is not None else initial_ema(s)
     s.ema = {k: d * ema[k] + (1.0 - d) * cur[k].float() for k in cur}
+
+
+@contextlib.contextmanager
+def evaluated_weights(s: Session) -> Iterator[None]:
+    """The session's policy holding the weights evaluations and exports use (the EMA when EMA is
+    on), its trained LoRA put back after."""
+    if s.ema is None:
+        yield
+        return
+    raw = s.policy.lora_state_dict()
+    s.policy.load_lora_state_dict(s.ema)
+    try:
+        yield
+    finally:
+        s.policy.load_lora_state_dict(raw)
 
 
 def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:

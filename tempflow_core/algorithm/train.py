@@ -34,10 +34,9 @@ from tempflow_core.prompts import PromptRecord
 from tempflow_core.rewards import RewardFn
 from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_key
 from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
-from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.seeding import derive_seed
-from tempflow_core.algorithm.session import Session, optimizer_steps, setup, update_ema
-from tempflow_core.algorithm.steps import draw_counts, importance, noise_aware_weights, step_pool
+from tempflow_core.algorithm.session import Session, evaluated_weights, optimizer_steps, setup, update_ema
+from tempflow_core.algorithm.iteration import plan_iteration
 
 
 def batch_prompt_ids(records: list[PromptRecord], start: int = 0) -> list[str]:
@@ -55,7 +54,7 @@ def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
     seed = derive_seed(cfg.train.seed, "rollout", iteration)
     prompts, ids = [r.text for r in records], batch_prompt_ids(records, start)
     if cfg.branching:
-        steps = sorted(branch_counts(cfg, s.schedule, iteration))
+        steps = list(plan_iteration(cfg, s.schedule, iteration).steps)
         return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
                                 cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress,
                                 stride=cfg.rollout.completion_stride, children_on_host=cfg.rollout.children_on_host)
@@ -70,43 +69,6 @@ def score_rollout(reward_fn: RewardFn, batch: RolloutBatch, records: list[Prompt
     return reward_fn(batch.images(), [records[i].text for i in idx], [records[i].metadata for i in idx])
 
 
-def _pool_noise(cfg: RunConfig, schedule: Schedule) -> dict[int, float]:
-    """The branch pool's noise terms s_k sqrt(|dt_k|) (mean 1 over the pool)."""
-    return noise_aware_weights(schedule, step_pool(cfg.rollout.branch_steps, schedule.num_steps))
-
-
-def branch_counts(cfg: RunConfig, schedule: Schedule, iteration: int) -> dict[int, int]:
-    """Iteration i's branch steps and how often each was drawn (steps.draw_counts)."""
-    draw = cfg.rollout.branch_draw
-    return draw_counts(cfg.rollout.branch_steps, schedule.num_steps, cfg.train.seed, iteration, draw,
-                       _pool_noise(cfg, schedule) if draw == "weighted" else None)
-
-
-def importance_for(cfg: RunConfig, schedule: Schedule, steps: list[int], iteration: int) -> dict[int, float]:
-    """I_k of the steps a batch of iteration i trains (steps.importance): 1 unless the branch
-    draw is weighted. Raises ValueError when `steps` are not what iteration i drew (shards from
-    another config)."""
-    if not cfg.branching or cfg.rollout.branch_draw != "weighted":
-        return {k: 1.0 for k in steps}
-    counts = branch_counts(cfg, schedule, iteration)
-    if sorted(counts) != sorted(steps):
-        raise ValueError(f"iteration {iteration}'s batch branches at steps {sorted(steps)}, and the weighted draw "
-                         f"of this config picks {sorted(counts)}: the rollouts were made with another config")
-    return importance(counts, _pool_noise(cfg, schedule), "weighted")
-
-
-def step_weights_for(cfg: RunConfig, schedule: Schedule, steps: list[int]) -> dict[int, float]:
-    """Noise-aware weights of `steps` for tempflow and reweight, 1 otherwise. The mean-1
-    normalisation runs over the configured trainable set, so a step's weight never depends
-    on which other steps this iteration drew."""
-    if not cfg.noise_aware:
-        return {k: 1.0 for k in steps}
-    spec = cfg.rollout.branch_steps if cfg.branching else cfg.train.train_steps
-    w = noise_aware_weights(schedule, step_pool(spec, schedule.num_steps), cfg.loss.weight_norm,
-                            cfg.loss.weight_constant)
-    return {k: w[k] for k in steps}
-
-
 def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: int,
                progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Stage 3: advantages, then the clipped GRPO update of iteration i. Returns metrics."""
@@ -119,8 +81,8 @@ def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndar
     cfg = s.cfg
     adv, astats = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
     steps = trained_steps(batch, cfg.train.train_steps)
-    weights = step_weights_for(cfg, s.schedule, steps)
-    imp = importance_for(cfg, s.schedule, steps, iteration)
+    plan = plan_iteration(cfg, s.schedule, iteration)
+    weights, imp = plan.weights_of(steps), plan.importance_of(steps)
     units = build_units(batch, adv, weights, steps, imp)
     return update_units(s, units, batch.embeds, weights, astats, progress, importance=imp), adv
 
@@ -200,10 +162,8 @@ class InProcessSteps:
         t1 = time.perf_counter()
         rewards, details = score_rollout(s.reward_fn, batch, records)
         t2 = time.perf_counter()
-        n_units = len(batch.branch_points) if batch.kind == "branch" else \
-            len(batch.trajectories) * len(trained_steps(batch, cfg.train.train_steps))
-        with tqdm(total=n_units * cfg.train.inner_epochs, desc=f"iter {it} learner", disable=not self.progress,
-                  leave=False) as bar:
+        units = plan_iteration(cfg, s.schedule, it).learner_units
+        with tqdm(total=units, desc=f"iter {it} learner", disable=not self.progress, leave=False) as bar:
             metrics = run_update(s, batch, rewards, it, bar.update)
         t3 = time.perf_counter()
         metrics.update(reward_metrics(batch, rewards, details))
@@ -217,13 +177,8 @@ class InProcessSteps:
         from tempflow_core.algorithm.evaluation import eval_prompts, evaluate_policy
 
         s = self.s
-        lora = s.policy.lora_state_dict()
-        if s.ema is not None:
-            s.policy.load_lora_state_dict(s.ema)
-        try:
+        with evaluated_weights(s):
             result, _ = evaluate_policy(s.cfg, s.policy, s.reward_fn, eval_prompts(s.cfg))
-        finally:
-            s.policy.load_lora_state_dict(lora)
         return result
 
 
@@ -264,8 +219,6 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
     result.history, result.evals = loop.history, loop.evals
     result.lora_path = s.policy.save_lora(out / "lora")
     if s.ema is not None:
-        raw = s.policy.lora_state_dict()
-        s.policy.load_lora_state_dict(s.ema)
-        s.policy.save_lora(out / "lora_ema")
-        s.policy.load_lora_state_dict(raw)
+        with evaluated_weights(s):
+            s.policy.save_lora(out / "lora_ema")
     return result

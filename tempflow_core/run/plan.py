@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from tempflow_core.algorithm.rollout import completion_rows
+from tempflow_core.algorithm.iteration import IterationPlan, plan_iteration
 from tempflow_core.algorithm.schedule import make_schedule
-from tempflow_core.algorithm.steps import draw_counts, noise_aware_weights, step_pool
 from tempflow_core.memory import GIB, Footprint, ModelFacts, dtype_bytes
 
 # One H200, SD3.5-M, 512 px, bf16, 4 prompts x K 6, T 10 (results/gpu/smoke/sd35m_mb8.json and
@@ -46,21 +45,22 @@ LEVERS = {
 }
 
 
-def rows_per_iteration(cfg: Any, draws: int = 2000) -> tuple[float, float]:
-    """Expected rollout NFEs (a CFG pair counts once) and learner units of one iteration; a random
-    branch draw is averaged over `draws` iterations' draws."""
-    T, K, B = cfg.sampling.num_steps, cfg.rollout.group_size, cfg.rollout.prompts_per_iter
-    if not cfg.branching:
-        return float(B * K * T), float(B * K * len(step_pool(cfg.train.train_steps, T)))
-    bs = cfg.rollout.branch_steps
-    noise = noise_aware_weights(make_schedule(T), step_pool("all", T))
-    nfe, units = [], []
-    for it in range(draws if isinstance(bs, int) and not isinstance(bs, bool) else 1):
-        steps = sorted(draw_counts(bs, T, 0, it, cfg.rollout.branch_draw, noise)) if isinstance(bs, int) \
-            else step_pool(bs, T)
-        nfe.append(B * (steps[-1] + 1 + completion_rows(steps, T, K, cfg.rollout.completion_stride)))
-        units.append(B * len(steps))
-    return float(np.mean(nfe)), float(np.mean(units))
+def iteration_plans(cfg: Any, iterations: int | None = None) -> list[IterationPlan]:
+    """The plans of iterations 0..n-1 (n: the run's train.iterations unless given), on the grid of
+    the config's sampling settings (SD3's static shift; a FLUX run's grid differs only in which
+    steps a weighted draw favours)."""
+    s = cfg.sampling
+    schedule = make_schedule(s.num_steps, s.shift, s.noise_level)
+    n = cfg.train.iterations if iterations is None else iterations
+    fixed = not cfg.branching or not isinstance(cfg.rollout.branch_steps, int)  # every iteration alike
+    return [plan_iteration(cfg, schedule, it) for it in range(1 if fixed else n)]
+
+
+def rows_per_iteration(cfg: Any, iterations: int | None = None) -> tuple[float, float]:
+    """Rollout NFEs (a CFG pair counts once) and learner units of one iteration (IterationPlan's
+    counts), averaged over the run's iterations (or `iterations` of them) where the branch steps are drawn."""
+    plans = iteration_plans(cfg, iterations)
+    return float(np.mean([p.rollout_nfe for p in plans])), float(np.mean([p.learner_units for p in plans]))
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def store_bytes(cfg: Any, facts: ModelFacts) -> tuple[float, float]:
     K, T = cfg.rollout.group_size, cfg.sampling.num_steps
     image = facts.pixels ** 2 * 3 * facts.frames  # a clip: its frames' pixels
     if cfg.branching:
-        points = rows_per_iteration(cfg)[1]  # branch points: one learner unit each
+        points = float(np.mean([p.samples for p in iteration_plans(cfg)]))  # branch points
         return points * ((1 + K) * latent + K * (4 + 8)), points * K * image
     n = cfg.rollout.prompts_per_iter * K
     return n * ((T + 1) * latent + T * 4), n * image

@@ -59,11 +59,10 @@ from tempflow_core.shards import (
     read_embeds, read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
 )
 from tempflow_core.shards.manifest import prepare_prefix
-from tempflow_core.algorithm.steps import step_pool
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.storage import join_key
 from tempflow_core.algorithm.train import (
-    importance_for, reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout,
-    step_weights_for, update_units,
+    reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout, update_units,
 )
 
 log = logging.getLogger("tempflow.stages")
@@ -332,15 +331,14 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     adv, astats = compute_advantages(rewards, [group_of_key(k) for k in keys], cfg.std_mode, cfg.loss.adv_clip_max)
     index = {k: i for i, k in enumerate(keys)}
     local_adv = adv[[index[k] for k in share.sample_keys()]]
-    T = s.schedule.num_steps
+    plan = plan_iteration(cfg, s.schedule, iteration)
     if m.rollout_kind == "branch":
         steps = sorted({branch_step_of_group(group_of_key(k)) for k in keys})
         owned = positions
     else:
-        steps = step_pool(cfg.train.train_steps, T)
+        steps = list(plan.steps)
         owned = [p * len(steps) + j for p in positions for j in range(len(steps))]
-    weights = step_weights_for(cfg, s.schedule, steps)
-    imp = importance_for(cfg, s.schedule, steps, iteration)
+    weights, imp = plan.weights_of(steps), plan.importance_of(steps)
     units = build_units(share, local_adv, weights, steps, imp) if positions else empty_units(
         cfg.rollout.group_size if m.rollout_kind == "branch" else 1)
     total = m.num_samples * (1 if m.rollout_kind == "branch" else len(steps))

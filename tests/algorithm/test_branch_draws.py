@@ -9,7 +9,7 @@ from tempflow_core.algorithm.learner import build_units, evaluate_units
 from tempflow_core.algorithm.objective import grpo_terms
 from tempflow_core.algorithm.schedule import make_schedule
 from tempflow_core.algorithm.steps import draw_counts, importance, noise_aware_weights, select_steps, step_pool
-from tempflow_core.algorithm.train import branch_counts, importance_for, step_weights_for
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.config import ConfigError, LoraSettings, RunConfig, load_config
 from tempflow_core.seeding import derive_seed
 
@@ -75,20 +75,20 @@ def test_uniform_draws_are_the_old_draws_and_the_window_slides():
 
 def test_the_learner_scales_policy_and_kl_terms_by_the_importance(tiny_pipe):
     from tempflow_core.algorithm.rollout import branched_rollout
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
 
     cfg = RunConfig(algorithm="tempflow", sampling={"num_steps": T},
                     rollout={"branch_steps": 3, "branch_draw": "weighted", "group_size": 2})
     s = make_schedule(T)
-    counts = branch_counts(cfg, s, 4)
-    steps = sorted(counts)
-    imp = importance_for(cfg, s, steps, 4)
+    plan = plan_iteration(cfg, s, 4)
+    counts, steps = plan.counts, list(plan.steps)
+    imp = plan.importance_of(steps)
     assert imp == importance(counts, noise_aware_weights(s, POOL), "weighted")
     torch.manual_seed(0)
-    policy = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
+    policy = SD3Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
     batch = branched_rollout(policy, ["a red circle"], ["p0"], s, steps, 2, 4.5, seed=1)
     adv = np.linspace(-1, 1, len(batch.sample_keys()))
-    w = step_weights_for(cfg, s, steps)
+    w = plan.weights_of(steps)
     plain = build_units(batch, adv, w, steps)
     units = build_units(batch, adv, w, steps, imp)
     want = torch.tensor([w[k] * imp[k] for k in units.step.tolist()])
@@ -105,7 +105,7 @@ def test_the_learner_scales_policy_and_kl_terms_by_the_importance(tiny_pipe):
     torch.testing.assert_close(b.loss.detach(), (a.loss * scale).detach(), rtol=1e-5, atol=1e-7)
     assert (a.kl > 0).all()  # the KL term was there to be scaled
     with pytest.raises(ValueError, match="another config"):
-        importance_for(cfg, s, [k for k in POOL if k not in steps][:len(steps)], 4)
+        plan.importance_of([k for k in POOL if k not in steps][:len(steps)])
 
 
 def test_kl_weights_in_the_objective_by_hand():

@@ -9,7 +9,8 @@ from tempflow_core.prompts import PromptRecord
 from tempflow_core.algorithm.schedule import make_schedule
 from tempflow_core.algorithm.steps import noise_aware_weights, select_steps, step_pool
 from tempflow_core.algorithm.session import setup
-from tempflow_core.algorithm.train import run_rollout, step_weights_for
+from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.train import run_rollout
 
 
 def _grid(T: int, shift: float = 3.0, n: int = 1000) -> np.ndarray:
@@ -54,15 +55,16 @@ def test_authors_constant_is_mean_one_over_the_branched_steps():
 def test_a_steps_weight_does_not_depend_on_the_other_drawn_steps():
     cfg = RunConfig(algorithm="tempflow", sampling={"num_steps": 6}, rollout={"branch_steps": 2})
     s = make_schedule(6)
-    w_a = step_weights_for(cfg, s, [0, 4])
-    w_b = step_weights_for(cfg, s, [3, 4])
+    plan = plan_iteration(cfg, s, 0)
+    w_a, w_b = plan.weights_of([0, 4]), plan.weights_of([3, 4])
     assert w_a[4] == w_b[4]
     expected = _noise(6)[:5] / _noise(6)[:5].mean()  # normalised over the trainable set 0..4
     np.testing.assert_allclose([w_a[0], w_a[4], w_b[3]], expected[[0, 4, 3]], rtol=1e-6)
     # plain rollouts: reweight weighs the trained steps, flow_grpo_fixed does not
-    rw = step_weights_for(RunConfig(algorithm="reweight", sampling={"num_steps": 6}), s, list(range(5)))
+    rw = plan_iteration(RunConfig(algorithm="reweight", sampling={"num_steps": 6}), s, 0).weights_of(list(range(5)))
     np.testing.assert_allclose(list(rw.values()), expected, rtol=1e-6)
-    fixed = step_weights_for(RunConfig(algorithm="flow_grpo_fixed", sampling={"num_steps": 6}), s, list(range(5)))
+    fixed = plan_iteration(RunConfig(algorithm="flow_grpo_fixed", sampling={"num_steps": 6}), s, 0).weights_of(
+        list(range(5)))
     assert set(fixed.values()) == {1.0}
 
 
@@ -86,7 +88,7 @@ def test_a_batch_at_T10_trains_B_times_T_minus_1_actions(tiny_pipe, algorithm):
     steps = trained_steps(batch, cfg.train.train_steps)
     assert steps == list(range(T - 1))
     adv = np.zeros(len(batch.sample_keys()), dtype=np.float32)
-    units = build_units(batch, adv, step_weights_for(cfg, sess.schedule, steps), steps)
+    units = build_units(batch, adv, plan_iteration(cfg, sess.schedule, 0).weights_of(steps), steps)
     if algorithm == "tempflow":  # one unit per branch point: B * (T - 1)
         assert len(batch.branch_points) == B * (T - 1) and len(units) == B * (T - 1)
     else:  # one unit per trained step of each of the B * K trajectories

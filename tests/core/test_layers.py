@@ -180,7 +180,7 @@ def test_the_checks_see_cycles_and_upward_imports():
     """The graph reader finds what it is for (a guard that sees nothing passes vacuously)."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     edges, outside = _graph()
-    assert "tempflow_core.algorithm.schedule" in edges["tempflow_core.algorithm.train"]
+    assert "tempflow_core.algorithm.iteration" in edges["tempflow_core.algorithm.train"]
     assert "tasks.tracking" in edges["tasks.tracking_task"] and "tasks.stages" in edges["flows.train"]
     assert "ray" in outside["tempflow_core.engines.ray_engine"] and "mlflow" in outside["tasks.tracking.runs"]
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import flows\ndef f():\n    import tasks\n")

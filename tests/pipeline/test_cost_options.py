@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from tempflow_core.algorithm.rollout import completion_rows
 from tempflow_core.algorithm.session import SessionCache
-from tempflow_core.algorithm.train import branch_counts, train_in_process
+from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.train import train_in_process
 from tempflow_core.config import load_config
 from tempflow_core.run import stages
 from tempflow_core.run.layout import RunLayout
@@ -37,10 +38,11 @@ def test_weighted_draw_and_coarse_children_through_the_stages(tiny_model_dir, tm
     schedule = sessions.get(cfg).schedule
     rows = [json.loads(line) for line in (tmp_path / "inproc" / "metrics.jsonl").read_text().splitlines()]
     for it, m in enumerate(rows):
-        counts = branch_counts(cfg, schedule, it)
-        steps = sorted(counts)
-        # backbone up to the last branch step, children over every 2nd node
-        assert m["rollout/nfe"] == 2 * (steps[-1] + 1) + 2 * completion_rows(steps, T, 3, stride=2)
+        plan = plan_iteration(cfg, schedule, it)
+        steps = list(plan.steps)
+        # backbone up to the last branch step, children over every 2nd node: the rollout's own count of
+        # its transformer calls, the plan's arithmetic and the hand count agree
+        assert m["rollout/nfe"] == 2 * (steps[-1] + 1) + 2 * completion_rows(steps, T, 3, stride=2) == plan.rollout_nfe
         # transformer rows: SD3 under CFG runs a conditional and an unconditional row per sample-step
         assert m["rollout/rows"] == 2 * m["rollout/nfe"] and m["learner/rows"] == 2 * m["learner/nfe"] > 0
         imp = {int(k.rsplit("_", 1)[1]): v for k, v in m.items() if k.startswith("importance/step_")}
