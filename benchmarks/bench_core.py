@@ -1,6 +1,6 @@
 """Benchmark the rollout engine and the learner on the tiny SD3 model.
 
-    .venv/bin/python benchmarks/bench_core.py [--prompts 4] [--k 6] [--steps 10] [--repeats 3] [--device cpu]
+    .venv/bin/python -m benchmarks.bench_core [--prompts 4] [--k 6] [--steps 10] [--repeats 3] [--device cpu]
 
 Rollouts: the wavefront engine against the structure of the paper's public code (ODE backbone;
 at each branch step the K children leave it, then a separate inner loop finishes them).
@@ -18,15 +18,15 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig  # noqa: E402
-from tempflow_core.algorithm.learner import build_units, evaluate_units  # noqa: E402
-from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline  # noqa: E402
-from tempflow_core.policies.sd3 import Policy  # noqa: E402
-from tempflow_core.algorithm.rollout import branched_rollout, branched_rollout_loop  # noqa: E402
-from tempflow_core.algorithm.schedule import make_schedule  # noqa: E402
+from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig
+from tempflow_core.algorithm.learner import build_units, evaluate_units
+from tempflow_core.policies.models import build_tiny_pipeline, load_pipeline
+from tempflow_core.policies.sd3 import SD3Policy
+from tempflow_core.algorithm.rollout import branched_rollout, branched_rollout_loop
+from tempflow_core.algorithm.schedule import make_schedule
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     torch.manual_seed(0)
     pipe = load_pipeline(args.model) if args.model else build_tiny_pipeline(TinyModelConfig(
         resolution=64, vae_channels=[32, 64, 64], layers=6, heads=4, head_dim=32, text_width=64, text_layers=2))
-    policy = Policy(pipe, LoraSettings(rank=32, alpha=64), args.device)
+    policy = SD3Policy(pipe, LoraSettings(rank=32, alpha=64), args.device)
     print(f"device {policy.device}, threads {torch.get_num_threads()}, transformer "
           f"{sum(p.numel() for p in pipe.transformer.parameters()) / 1e6:.2f} M params, latent {policy.latent_shape()}")
     words = ["red", "green", "blue", "yellow"]

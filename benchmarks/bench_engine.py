@@ -6,8 +6,8 @@ Prints the wall time of each stage on each engine, their ratio, and the bytes an
 moves: the LoRA each rollout actor and learner rank loads from the store, the shards, the
 reward scores and the checkpoint written.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_engine.py                      # shipped 32 px model
-    OMP_NUM_THREADS=1 python benchmarks/bench_engine.py --set rollout.prompts_per_iter=8
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_engine                      # shipped 32 px model
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_engine --set rollout.prompts_per_iter=8
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _bytes(lay: RunLayout, it: int, cfg) -> dict[str, int]:
         m = read_manifest(lay.store, prefix)
         return sum(s.bytes for s in m.shards) + sum(o.bytes for o in m.objects.values()) if m else 0
 
-    scores = sum(len(lay.store.get_bytes(k)) for k in lay.store.list(lay.iteration_prefix(it) + "/reward"))
+    scores = sum(len(lay.store.get_bytes(k)) for k in lay.store.list(lay.prefix(it, "reward")))
     ckpt = total(lay.prefix(it, "learner"))
     return {"checkpoint read by each rollout actor and learner rank": total(lay.prefix(it - 1, "learner")),
             "shards + embeddings written": total(lay.prefix(it, "rollout")), "reward scores": scores,

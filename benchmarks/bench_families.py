@@ -1,6 +1,6 @@
 """Model families side by side: sizes of the real SD3.5-M and FLUX.1-dev, CPU throughput of the tiny builders.
 
-    .venv/bin/python benchmarks/bench_families.py [--repeats 3] [--threads 1]
+    .venv/bin/python -m benchmarks.bench_families [--repeats 3] [--threads 1]
         [--sd3 tests/flux/fixtures/sd35m] [--flux tests/flux/fixtures/flux1-dev]
 
 1. Real configs (flows/configs/models/*.yaml against a model folder; config files are enough:
@@ -27,23 +27,22 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig, TrainConfig, load_config
+from tempflow_core.algorithm.learner import build_units, make_optimizer, update
+from tempflow_core.families import FAMILIES, family_spec
+from tempflow_core.policies.models import load_pipeline_meta
+from tempflow_core.families import make_policy
+from tempflow_core.algorithm.rollout import branched_rollout
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig, TrainConfig, load_config  # noqa: E402
-from tempflow_core.algorithm.learner import build_units, make_optimizer, update  # noqa: E402
-from tempflow_core.families import FAMILIES, family_spec  # noqa: E402
-from tempflow_core.policies.models import load_pipeline_meta  # noqa: E402
-from tempflow_core.policies.sd3 import make_policy  # noqa: E402
-from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
 
 C_BLOCK = 16  # live tensors of one block, in units of tokens x width (see the docstring)
 

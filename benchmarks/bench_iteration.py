@@ -5,8 +5,8 @@ overrides and times the rollout, reward and update of a few iterations of the pr
 in-process training loop (`train_in_process`).
 Used to pick the ablation's world (README "Results": the 32 px base against the 64 px one):
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_iteration.py --set model.path=models/tiny-shapes-sd3 &
-    OMP_NUM_THREADS=1 python benchmarks/bench_iteration.py --set model.path=models/tiny-shapes-sd3-32
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_iteration --set model.path=models/tiny-shapes-sd3 &
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_iteration --set model.path=models/tiny-shapes-sd3-32
 """
 
 from __future__ import annotations

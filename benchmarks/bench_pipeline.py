@@ -1,6 +1,6 @@
 """Orchestration overhead: one iteration through Prefect + MLflow + store vs train_in_process.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--iterations 3] [--set key=value ...]
+    .venv/bin/python -m benchmarks.bench_pipeline [--iterations 3] [--set key=value ...]
 
 Both sides run the same config on the same tiny model in this process. The per-iteration
 cost is the marginal time of extra iterations ((t_N - t_1) / (N - 1)), so model loading and

@@ -8,7 +8,7 @@ reward-server --reward shapes` process on 127.0.0.1, alternating, each mode with
 warm session. Prints the median stage seconds of each and their ratio, and checks that both
 give the same scores.
 
-    python benchmarks/bench_reward_server.py [--repeats 7] [--threads 1] [--batch-size N] [--in-flight N]
+    python -m benchmarks.bench_reward_server [--repeats 7] [--threads 1] [--batch-size N] [--in-flight N]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flows.reward_server import reward_server_process
+from tempflow_core.run import stages
+from tempflow_core.config import load_config
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.algorithm.session import SessionCache
+from tempflow_core.shards import read_rollouts, read_scores
 
-from flows.reward_server import reward_server_process  # noqa: E402
-from tempflow_core.run import stages  # noqa: E402
-from tempflow_core.config import load_config  # noqa: E402
-from tempflow_core.run.layout import RunLayout  # noqa: E402
-from tempflow_core.algorithm.session import SessionCache  # noqa: E402
-from tempflow_core.shards import read_rollouts, read_scores  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -58,7 +56,7 @@ def main() -> None:
         stages.rollout_stage(cfgs["in-process"], lay, 0, caches["in-process"])
         batch = read_rollouts(lay.store, lay.prefix(0, "rollout"), images=True)
         print(f"rollout: {len(batch.sample_keys())} images of {batch.images().shape[1]} px, server at {url}")
-        reward_dir = tmp / lay.iteration_prefix(0) / "reward"
+        reward_dir = tmp / lay.prefix(0, "reward")
         times: dict[str, list[float]] = {m: [] for m in cfgs}
         scores: dict[str, np.ndarray] = {}
         for mode, cfg in cfgs.items():  # warm: the session (model + reward) is built once per run

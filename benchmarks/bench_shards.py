@@ -5,7 +5,7 @@ reads its shards through a local folder store and an S3 store (a moto server thi
 as a child process on 127.0.0.1 and stops). Prints MB/s and samples/s for write and read, and the share of the
 rollout stage's wall time spent writing its shards (goal: under 5%).
 
-    .venv/bin/python benchmarks/bench_shards.py [--prompts 4 --k 6 --steps 10 --samples 480]
+    .venv/bin/python -m benchmarks.bench_shards [--prompts 4 --k 6 --steps 10 --samples 480]
 
 `--samples` sets how many branch-point samples the throughput runs move: the rollout's own
 branch points, repeated under fresh prompt ids until there are that many.
@@ -23,22 +23,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
-from flows import children  # noqa: E402
+from flows import children
 
-from tempflow_core.batches import RolloutBatch  # noqa: E402
-from tempflow_core.shards import iter_samples, read_rollouts, write_rollouts  # noqa: E402
-from tempflow_core.storage import ObjectStore, open_store  # noqa: E402
+from tempflow_core.batches import RolloutBatch
+from tempflow_core.shards import iter_samples, read_rollouts, write_rollouts
+from tempflow_core.storage import ObjectStore, open_store
 
 
 def make_rollout(prompts: int, k: int, steps: int, seed: int,
@@ -46,12 +44,12 @@ def make_rollout(prompts: int, k: int, steps: int, seed: int,
     """(run, build seconds): `run()` does one branched rollout of the tiny model (default
     TinyModelConfig, CPU), every step a branch step, images decoded, as a rollout stage does."""
     from tempflow_core.policies.models import build_tiny_pipeline
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
     from tempflow_core.algorithm.rollout import branched_rollout
     from tempflow_core.algorithm.schedule import make_schedule
 
     t0 = time.perf_counter()
-    policy = Policy(build_tiny_pipeline(workdir=workdir), None, device="cpu")
+    policy = SD3Policy(build_tiny_pipeline(workdir=workdir), None, device="cpu")
     build_s = time.perf_counter() - t0
     colors, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
     texts = [f"a {colors[i % 4]} {shapes[i % 3]}" for i in range(prompts)]

@@ -8,14 +8,13 @@ reward model elsewhere). `--iterations` iterations through the local engine, onc
 prints the median seconds per iteration of each (rollout, reward, learner stages and their sum),
 the ratio, and checks that the scores and the final LoRA are the same bit for bit.
 
-    python benchmarks/bench_streamed_rewards.py [--slices 4] [--seconds-per-image 0.05] [--repeats 3]
+    python -m benchmarks.bench_streamed_rewards [--slices 4] [--seconds-per-image 0.05] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flows.reward_server import reward_server_process
+from tempflow_core.algorithm.session import SessionCache
+from tempflow_core.config import load_config
+from tempflow_core.engines.engine import LocalEngine
+from tempflow_core.run import stages
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.shards import read_scores
 
-from flows.reward_server import reward_server_process  # noqa: E402
-from tempflow_core.algorithm.session import SessionCache  # noqa: E402
-from tempflow_core.config import load_config  # noqa: E402
-from tempflow_core.engines.engine import LocalEngine  # noqa: E402
-from tempflow_core.run import stages  # noqa: E402
-from tempflow_core.run.layout import RunLayout  # noqa: E402
-from tempflow_core.shards import read_scores  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(cfg, iterations: int) -> tuple[list[dict[str, float]], list[np.ndarray], dict[str, torch.Tensor]]:

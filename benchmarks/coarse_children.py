@@ -1,7 +1,7 @@
 """Coarse completion of children: do cheap children rank a group like full ones?
 
-    python benchmarks/coarse_children.py --strides 1,2,3,5 --seeds 4 --out results/coarse-children
-    python benchmarks/coarse_children.py --out results/coarse-children --report-only
+    python -m benchmarks.coarse_children --strides 1,2,3,5 --seeds 4 --out results/coarse-children
+    python -m benchmarks.coarse_children --out results/coarse-children --report-only
 
 On the base model (no training), every training prompt is rolled out with branching at every
 trainable step, once per stride of `rollout.completion_stride`, from the same noise: the
@@ -28,17 +28,16 @@ import numpy as np
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tempflow_core.algorithm.rollout import branched_rollout
+from tempflow_core.algorithm.session import setup
+from tempflow_core.algorithm.steps import default_steps
+from tempflow_core.algorithm.train import batch_prompt_ids, score_rollout
+from tempflow_core.config import load_config
+from tempflow_core.prompts import load_prompts
+from tempflow_core.reports.agreement import agreement
+from tempflow_core.seeding import derive_seed
 
-from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
-from tempflow_core.algorithm.session import setup  # noqa: E402
-from tempflow_core.algorithm.steps import default_steps  # noqa: E402
-from tempflow_core.algorithm.train import batch_prompt_ids, score_rollout  # noqa: E402
-from tempflow_core.config import load_config  # noqa: E402
-from tempflow_core.prompts import load_prompts  # noqa: E402
-from tempflow_core.reports.agreement import agreement  # noqa: E402
-from tempflow_core.seeding import derive_seed  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_SET = ["model.path=models/tiny-shapes-sd3", "reward.name=shapes"]
 

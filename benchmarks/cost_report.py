@@ -1,8 +1,8 @@
 """Cost against score: what each arm of a comparison spent (transformer rows, seconds) to reach
 its held-out score, paired by training seed and evaluation image.
 
-    python benchmarks/cost_report.py --store STORE [--base CURVES_JSON] --reference ARM [--categories A,B] --out DIR
-    python benchmarks/cost_report.py --out DIR          # summary and figure from the records
+    python -m benchmarks.cost_report --store STORE [--base CURVES_JSON] --reference ARM [--categories A,B] --out DIR
+    python -m benchmarks.cost_report --out DIR          # summary and figure from the records
 
 An arm is one algorithm with its cost settings (`rollout.prompts_per_iter`, `rollout.group_size`,
 `rollout.branch_steps`, `rollout.branch_draw`, `rollout.completion_stride`, `sampling.sde_type`,
@@ -52,12 +52,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tempflow_core.reports.paired import (  # noqa: E402
+from tempflow_core.reports.paired import (
     MIN_SEEDS, bootstrap_se, compare, lower_bound, overall_weights, reaches,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: no timestamp)
 MARGIN_SHARE = 0.25  # "reaches": within a quarter of the reference's gain over the base model
@@ -91,15 +90,12 @@ def collect(store_uri: str) -> tuple[list[dict], list[dict]]:
     from tempflow_core.config import RunConfig
     from tempflow_core.run import stages
     from tempflow_core.run.layout import RunLayout
-    from tempflow_core.storage import ObjectNotFound, open_store
+    from tempflow_core.storage import open_store
 
     store = open_store(store_uri)
     points, images = [], []
-    for run in sorted({key.split("/", 1)[0] for key in store.list("")}):
-        try:
-            config = json.loads(store.get_bytes(f"{run}/run.json"))["config"]
-        except ObjectNotFound:
-            continue
+    for run in RunLayout.runs(store):
+        config = json.loads(store.get_bytes(RunLayout(store, run).record_key))["config"]
         cfg = RunConfig.model_validate(config)
         layout = RunLayout.open(cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(
             update={"store": store_uri})}), run)

@@ -1,7 +1,7 @@
 """Audit the shapes detector on trained images: how much of a run's measured gain holds under a
 stricter reading of the images.
 
-    python benchmarks/detector_audit.py --store STORE --run RUN [--run RUN ...] \\
+    python -m benchmarks.detector_audit --store STORE --run RUN [--run RUN ...] \\
         --eval-seed 4321 --out results/detector-audit
 
 For each run: the base model (the run's initial adapter, which is the base) and the run's last

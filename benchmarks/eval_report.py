@@ -3,7 +3,7 @@ way, paired by image.
 
     tempflow eval --run RUN --iteration N --set eval.guidance_scale=1 --out DIR/RUN.json   # per checkpoint
     tempflow eval --config CFG --set eval.guidance_scale=1 --out DIR/base.json             # the base model
-    python benchmarks/eval_report.py --out DIR [--categories A,B]
+    python -m benchmarks.eval_report --out DIR [--categories A,B]
 
 Reads every `*.json` in DIR (the scores `tempflow eval --out` writes, each image's included).
 A file without a run is the base model; the others are grouped into arms by run name less its
@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tempflow_core.reports.paired import compare, overall_weights
 
-from tempflow_core.reports.paired import compare, overall_weights  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fail(msg: str) -> int:

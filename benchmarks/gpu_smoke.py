@@ -1,7 +1,7 @@
 """GPU smoke test: one branched rollout and one learner update of an SD3.5-M-shaped model.
 
-    python benchmarks/gpu_smoke.py                     # SD3.5-M transformer + VAE, 512 px, bf16, on the GPU
-    python benchmarks/gpu_smoke.py --size toy          # the shipped tiny sizes on the CPU (what CI runs)
+    python -m benchmarks.gpu_smoke                     # SD3.5-M transformer + VAE, 512 px, bf16, on the GPU
+    python -m benchmarks.gpu_smoke --size toy          # the shipped tiny sizes on the CPU (what CI runs)
 
 The transformer and the VAE are the real SD3.5-Medium configs (tests/flux/fixtures/sd35m,
 copied from the public repository) with random weights: nothing is downloaded. The text
@@ -25,29 +25,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from tempflow_core.config import LossConfig, LoraSettings, TrainConfig  # noqa: E402
-from tempflow_core.algorithm.learner import build_units, evaluate_units, make_optimizer, update  # noqa: E402
-from tempflow_core.policies.sd3 import Policy  # noqa: E402
-from tempflow_core.batches import PromptEmbeds  # noqa: E402
-from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
-from tempflow_core.algorithm.steps import noise_aware_weights, step_pool  # noqa: E402
+from tempflow_core.config import LossConfig, LoraSettings, TrainConfig
+from tempflow_core.algorithm.learner import build_units, evaluate_units, make_optimizer, update
+from tempflow_core.policies.sd3 import SD3Policy
+from tempflow_core.batches import PromptEmbeds
+from tempflow_core.algorithm.rollout import branched_rollout
+from tempflow_core.algorithm.steps import noise_aware_weights, step_pool
 
 REAL = Path(__file__).resolve().parents[1] / "tests" / "flux" / "fixtures" / "sd35m"
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # dense, SXM
 CLIP_TOKENS, T5_TOKENS = 77, 256
 
 
-class RandomTextPolicy(Policy):
+class RandomTextPolicy(SD3Policy):
     """The SD3 policy with the text encoders replaced by fixed random embeddings of the
     transformer's shapes (seeded per prompt, so a prompt always gets the same ones)."""
 

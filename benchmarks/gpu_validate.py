@@ -1,8 +1,8 @@
 """One command for the day a GPU is lent: the paper's path at SD3.5-M's size, checked against
 the estimates the project makes without a GPU.
 
-    .venv/bin/python benchmarks/gpu_validate.py --json results/gpu/validate/h100.json
-    .venv/bin/python benchmarks/gpu_validate.py --size toy --device cpu     # the tiny sizes (what CI runs)
+    .venv/bin/python -m benchmarks.gpu_validate --json results/gpu/validate/h100.json
+    .venv/bin/python -m benchmarks.gpu_validate --size toy --device cpu     # the tiny sizes (what CI runs)
 
 SD3.5-M's transformer and VAE are built from their published configs (tests/flux/fixtures/sd35m)
 with random weights: nothing is downloaded; the text encoders are replaced by random embeddings
@@ -22,30 +22,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from benchmarks.gpu_smoke import PEAK_BF16_TFLOPS, RandomTextPolicy, build_pipeline, flops_of, peak_gib, sync
+from tempflow_core.algorithm.advantages import compute_advantages
+from tempflow_core.algorithm.learner import build_units, make_optimizer, update
+from tempflow_core.algorithm.rollout import branched_rollout
+from tempflow_core.algorithm.steps import noise_aware_weights, step_pool
+from tempflow_core.batches import group_of_key
+from tempflow_core.config import LoraSettings, load_config
+from tempflow_core.memory import GIB, estimate, load_facts, probe
+from tempflow_core.rewards import RewardRegistry
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.shards import write_rollouts
+from tempflow_core.storage import open_store
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from gpu_smoke import PEAK_BF16_TFLOPS, RandomTextPolicy, build_pipeline, flops_of, peak_gib, sync  # noqa: E402
-from tempflow_core.algorithm.advantages import compute_advantages  # noqa: E402
-from tempflow_core.algorithm.learner import build_units, make_optimizer, update  # noqa: E402
-from tempflow_core.algorithm.rollout import branched_rollout  # noqa: E402
-from tempflow_core.algorithm.steps import noise_aware_weights, step_pool  # noqa: E402
-from tempflow_core.batches import group_of_key  # noqa: E402
-from tempflow_core.config import LoraSettings, load_config  # noqa: E402
-from tempflow_core.memory import GIB, estimate, load_facts, probe  # noqa: E402
-from tempflow_core.rewards import RewardRegistry  # noqa: E402
-from tempflow_core.shards import write_rollouts  # noqa: E402
-from tempflow_core.storage import open_store  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "flux" / "fixtures" / "sd35m"
 
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.group_size, 4.5, seed=it, max_batch=args.max_batch)
         sync(device)
         rollout_s, nfe, rollout_peak = time.perf_counter() - t0, policy.nfe - nfe0, peak_gib(device)
-        m = write_rollouts(batch, open_store(store_dir), f"validate/iter-{it:06d}/rollout")
+        m = write_rollouts(batch, open_store(store_dir), RunLayout(open_store(store_dir), "validate").prefix(it, "rollout"))
         shard_bytes = sum(s.bytes for s in m.shards)
         keys = batch.sample_keys()
         idx = batch.prompt_index_per_sample()

@@ -1,8 +1,8 @@
 """Compare two variants image by image: per-image records from a run store, and the paired
 comparison of `tempflow_core.reports.paired` at every evaluated iteration.
 
-    python benchmarks/paired_report.py --store STORE --out results/<experiment>   # records + summary
-    python benchmarks/paired_report.py --out results/<experiment>                 # summary from the records
+    python -m benchmarks.paired_report --store STORE --out results/<experiment>   # records + summary
+    python -m benchmarks.paired_report --out results/<experiment>                 # summary from the records
 
 Records (`images.jsonl`): one line per evaluated image of every run in the store (variant,
 training seed, iteration, prompt, category, noise seed, strict score, reward, the detector's
@@ -20,20 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from tempflow_core.reports.paired import compare
-from tempflow_core.storage import ObjectNotFound, open_store
+from tempflow_core.run.layout import RunLayout
+from tempflow_core.storage import join_key, open_store
 
 
 def collect(store_uri: str) -> list[dict]:
     """Every evaluated image of every run in the store, as records."""
     store = open_store(store_uri)
     out = []
-    for run in sorted({key.split("/", 1)[0] for key in store.list("")}):
-        try:
-            cfg = json.loads(store.get_bytes(f"{run}/run.json"))["config"]
-        except ObjectNotFound:
-            continue
+    for run in RunLayout.runs(store):
+        lay = RunLayout(store, run)
+        cfg = json.loads(store.get_bytes(lay.record_key))["config"]
         for key in sorted(k for k in store.list(run) if k.endswith("/eval/eval.json")):
-            it = int(key.split("/")[1].removeprefix("iter-"))
+            it = lay.iteration_of(key)
+            if it is None or key != join_key(lay.prefix(it, "eval"), "eval.json"):
+                continue  # not an iteration's evaluation (one moved aside under quarantine/)
             ev = json.loads(store.get_bytes(key))
             if not all("strict" in s for s in ev.get("samples", [])):
                 continue  # an evaluation made before per-image scores were recorded

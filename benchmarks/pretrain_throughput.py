@@ -1,6 +1,6 @@
 """Throughput of the pretraining phases for the shipped 64 px config (images/s), on this CPU.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/pretrain_throughput.py --threads 2
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.pretrain_throughput --threads 2
 
 OMP_WAIT_POLICY=PASSIVE matters on shared cores: with the default (spinning) policy and 2 threads,
 another busy process on the same 2 cores slowed the tiny pretrain 5-10x in our measurements.

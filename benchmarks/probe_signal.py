@@ -5,7 +5,7 @@ advantages as in training; the policy-gradient of each at the current LoRA; thei
 overall and per denoising step. A cosine near 0 means the batch is too small for the gradient
 to point anywhere: Adam then takes full-size steps in a random direction each iteration.
 
-    python benchmarks/probe_signal.py --groups 4,16,48 --algorithms flow_grpo_fixed,tempflow
+    python -m benchmarks.probe_signal --groups 4,16,48 --algorithms flow_grpo_fixed,tempflow
 
 Prints one line per (algorithm, groups) and the per-step cosines. beta = 0 and ratio = 1 (the
 gradient of the first minibatch of an iteration), so this measures the reward signal alone.
@@ -24,14 +24,15 @@ from tempflow_core.config import load_config
 from tempflow_core.algorithm.learner import build_units, evaluate_units, trained_steps
 from tempflow_core.prompts import load_prompts
 from tempflow_core.algorithm.session import setup
-from tempflow_core.algorithm.train import run_rollout, score_rollout, step_weights_for
+from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.train import run_rollout, score_rollout
 
 
 def grads_by_step(s, batch, rewards, cfg) -> dict[int, torch.Tensor]:
     """{step: flat LoRA gradient of the policy loss of that step's units} (mean over terms)."""
     adv, _ = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
     steps = trained_steps(batch, cfg.train.train_steps)
-    units = build_units(batch, adv, step_weights_for(cfg, s.schedule, steps), steps)
+    units = build_units(batch, adv, plan_iteration(cfg, s.schedule, 0).weights_of(steps), steps)
     params = list(s.policy.lora_parameters())
     loss_cfg = cfg.loss.model_copy(update={"beta": 0.0})
     out = {}

@@ -1,8 +1,8 @@
 """The pre-registered replication of `--preset fast` (results/cost/64px-t10-replication/PROTOCOL.md):
 its control, its one primary test and its secondary figures, from records alone.
 
-    python benchmarks/replication_report.py --store STORE --out DIR   # collect the runs' records, then report
-    python benchmarks/replication_report.py --out DIR                 # report from DIR's records
+    python -m benchmarks.replication_report --store STORE --out DIR   # collect the runs' records, then report
+    python -m benchmarks.replication_report --out DIR                 # report from DIR's records
 
 The replication's runs (the arm on the protocol's seeds, and default `tempflow` again on the
 control seed) are collected from STORE into DIR's `points.jsonl` and `images.jsonl.gz` (the
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.cost_report import BASE, IMAGES, Scores, collect
+from tempflow_core.reports.paired import bootstrap_se, compare, lower_bound, reaches
 
-from cost_report import BASE, IMAGES, Scores, collect  # noqa: E402
-from tempflow_core.reports.paired import bootstrap_se, compare, lower_bound, reaches  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE = "cost-t10-default-shapes-tempflow"  # the recorded default runs (and the control's arm name)
 ARM = "rep-t10-p0123-shapes-tempflow"

@@ -12,7 +12,7 @@ peak resident memory (VmHWM) after they are answered. Two request kinds:
 
 Prints the idle and peak memory and the peak above idle per concurrent request.
 
-    python benchmarks/reward_server_memory.py [--workers 4] [--kind typical|worst]
+    python -m benchmarks.reward_server_memory [--workers 4] [--kind typical|worst]
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from flows.children import stop
+from tempflow_core.rewards.protocol import Limits
+from tempflow_core.shards.png import encode_png
 
-from flows.children import stop  # noqa: E402
-from tempflow_core.rewards.protocol import Limits  # noqa: E402
-from tempflow_core.shards.png import encode_png  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _status(pid: int, field: str) -> int:

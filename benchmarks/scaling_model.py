@@ -1,7 +1,7 @@
 """Minutes per iteration on one H200 at the paper's batch, per cost setting: the scaling model of
 docs/ray.md evaluated from each setting's transformer rows.
 
-    python benchmarks/scaling_model.py [--prompts 48] [--group-size 24] [--steps 10]
+    python -m benchmarks.scaling_model [--prompts 48] [--group-size 24] [--steps 10]
 
 Rows per iteration come from the rollout's and the learner's arithmetic (the counts the
 `rollout/nfe` and `learner/nfe` metrics report, tested against real rollouts); a random branch
@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from tempflow_core.config import load_config
+from tempflow_core.presets import PRESETS
+from tempflow_core.run.plan import rows_per_iteration as plan_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tempflow_core.config import load_config  # noqa: E402
-from tempflow_core.presets import PRESETS  # noqa: E402
-from tempflow_core.run.plan import rows_per_iteration as plan_rows  # noqa: E402
 
 SMOKE = ROOT / "results" / "gpu" / "smoke" / "sd35m_mb8.json"
 FAST = PRESETS["fast"]  # the preset's branch points and share of the iterations

@@ -9,7 +9,7 @@ evaluated point also carries the cumulative rollout and learner NFEs (rows throu
 transformer, a CFG pair counted once; the learner's include the KL reference's forward) and
 the cumulative seconds spent in rollout, reward and learner up to it.
 
-    python benchmarks/sweep.py --iterations 24 --eval-every 6 \\
+    python -m benchmarks.sweep --iterations 24 --eval-every 6 \\
         --run fixed-lr3e-4:algorithm=flow_grpo_fixed,train.lr=3e-4 \\
         --run tempflow-lr3e-4:algorithm=tempflow,train.lr=3e-4
 """

@@ -16,7 +16,7 @@ py=${PYTHON:-python3}
 pids=()
 for v in ${VARIANTS:-flow_grpo flow_grpo_fixed reweight branch tempflow}; do
   for s in ${SEEDS:-0 1 2}; do
-    OMP_NUM_THREADS=1 timeout -s TERM "$deadline" "$py" benchmarks/sweep.py --threads 1 "$@" \
+    OMP_NUM_THREADS=1 timeout -s TERM "$deadline" "$py" -m benchmarks.sweep --threads 1 "$@" \
       --run "$v-s$s:algorithm=$v,train.seed=$s" --out "$out/runs.jsonl" --points "$out/points.jsonl" \
       >> "$out/log.txt" 2>&1 &
     pids+=($!)

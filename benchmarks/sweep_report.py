@@ -8,21 +8,18 @@ evaluated), so the variants are compared at equal iterations. The implementation
 `tempflow_core.reports.sweep` and `tempflow_core.reports.redraw`, which `tempflow report DIR`
 also uses (it redraws a committed folder in place from its points alone).
 
-    python benchmarks/sweep_report.py results/gpu/ablation-64px/points.jsonl \\
+    python -m benchmarks.sweep_report results/gpu/ablation-64px/points.jsonl \\
         --out results/gpu/ablation-64px [--at 30]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tempflow_core.reports import redraw  # noqa: E402
-from tempflow_core.reports.sweep import NAME, ORDER, common_iteration, curves_of, load_points  # noqa: E402,F401
+from tempflow_core.reports import redraw
+from tempflow_core.reports.sweep import load_points
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, at: int | None = None) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Markdown tables from `benchmarks/sweep.py` records (one JSON line per run).
 
-    python benchmarks/sweep_table.py sweep.jsonl [more.jsonl ...] [--runs REGEX]
+    python -m benchmarks.sweep_table sweep.jsonl [more.jsonl ...] [--runs REGEX]
 
 Prints one row per run (the eval curve, the final per-category scores, cumulative rollout
 NFEs and stage seconds where the record has them), then one row per group of seeds: runs

@@ -66,7 +66,7 @@ def describe_run(config: RunConfig, lay: RunLayout, tracker: RunTracker) -> None
 
 
 def _marker_key(lay: RunLayout, iteration: int) -> str:
-    return join_key(lay.iteration_prefix(iteration), "mlflow.json")
+    return lay.tracked_key(iteration)
 
 
 def _read_marker(lay: RunLayout, iteration: int, tracker: RunTracker) -> dict[str, Any] | None:
@@ -152,7 +152,7 @@ def score_key(config: RunConfig) -> str:
 def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
     """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
     lay = RunLayout.open(config, run_id)
-    eval_marker = join_key(lay.iteration_prefix(iteration), "mlflow-eval.json")
+    eval_marker = lay.tracked_key(iteration, evaluation=True)
     try:  # logged before a resume, to this MLflow run: never twice
         if _logged_here(json.loads(lay.store.get_bytes(eval_marker)), tracker):
             return
@@ -171,7 +171,7 @@ def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTrack
         tracker.log_eval(iteration, scores, table, grid)
     marker = _read_marker(lay, iteration, tracker)
     score = eval_score(config.reward.name, result)  # what the run trains, never another objective
-    best_key = join_key(run_id, "best.json")
+    best_key = lay.best_key
     try:
         best = json.loads(lay.store.get_bytes(best_key))
     except ObjectNotFound:

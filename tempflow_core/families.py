@@ -26,7 +26,11 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from tempflow_core.config import LoraSettings
+    from tempflow_core.policies.base import FlowPolicy
 
 ModelFamily = Literal["sd3", "flux", "qwen-image", "wan"]
 
@@ -94,7 +98,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         name="sd3",
         defaults=FamilyDefaults(guidance_scale=4.5, noise_level=0.7, shift=3.0, text_tokens=256,
                                 pipeline_class="StableDiffusion3Pipeline"),
-        policy="tempflow_core.policies.sd3:Policy",
+        policy="tempflow_core.policies.sd3:SD3Policy",
         tiny_builder="tempflow_core.policies.models:build_tiny_pipeline",
         cfg_pair=True, long_tokenizer="tokenizer_3", long_required=False,
         optional_components=("text_encoder_3", "tokenizer_3"), native_side="transformer", guidance_note=""),
@@ -219,3 +223,19 @@ def lora_targets(target_modules: list[str], default: list[str], family: str) -> 
     list (`default`), the family's own targets where it registers some (Wan's attention is attn1/attn2)."""
     own = family_spec(family).lora_targets
     return list(own) if own is not None and list(target_modules) == list(default) else list(target_modules)
+
+
+def make_policy(pipe: Any, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
+                resolution: int | None = None, gradient_checkpointing: bool = False,
+                frames: int | None = None) -> FlowPolicy:
+    """The policy of `pipe`'s family (its registration's `policy`: `SD3Policy` for a
+    StableDiffusion3Pipeline, `FluxPolicy` for a FluxPipeline, ...); anything else is refused naming
+    the supported classes. `frames` (model.num_frames) is for a video family; an image family refuses it."""
+    spec = family_spec(pipeline_family(pipe))
+    policy = spec.load("policy")
+    if frames is None:
+        return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)
+    if not spec.video:
+        raise ValueError(f"model.num_frames={frames}: {spec.pipeline_class} makes images, not clips; "
+                         "leave model.num_frames unset")
+    return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing, frames=frames)

@@ -168,7 +168,7 @@ def probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_l
 
 def _probe(meta_pipe: Any, lora: Any, dtype: str, resolution: int, max_sequence_length: int | None,
            guidance_scale: float, frames: int | None) -> SampleBytes:
-    from tempflow_core.policies.sd3 import make_policy
+    from tempflow_core.families import make_policy
 
     torch_dtype = getattr(torch, dtype)
     torch.manual_seed(0)
@@ -286,7 +286,7 @@ def load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
 def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
     from tempflow_core.families import family_spec
     from tempflow_core.policies.models import load_pipeline_meta
-    from tempflow_core.policies.sd3 import make_policy
+    from tempflow_core.families import make_policy
 
     if cfg.model.path:
         pipe = load_pipeline_meta(cfg.model.path)

@@ -77,7 +77,7 @@ def tiny_wan_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_pipe(tiny_model_dir):
-    """A fresh pipeline per test (Policy attaches its LoRA in place)."""
+    """A fresh pipeline per test (a policy attaches its LoRA in place)."""
     from tempflow_core.policies.models import load_pipeline
 
     return load_pipeline(tiny_model_dir)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tempflow_core.executables import executable
+from tempflow_core.run.layout import RunLayout
 
 from . import models
 from .datasets import dataset_input
@@ -47,7 +48,6 @@ from .values import (
     clip,
     finite,
     flatten_params,
-    iteration_run_name,
     markdown_table,
     metric_key,
     redact,
@@ -253,7 +253,7 @@ class RunTracker:
     def start_iteration(self, iteration: int) -> None:
         """Child run ``iter-000003`` under the parent; an existing one (resume) is reused."""
         it = int(iteration)
-        name = iteration_run_name(it)
+        name = RunLayout.iteration_name(it)
         with self._lock, self._guard():
             rid = self._iter_runs.get(it)
             if rid is None:
@@ -291,7 +291,7 @@ class RunTracker:
                             context: str = "rollouts") -> None:
         """A MetaDataset input on the iteration child run (source resolved from the URI)."""
         di = dataset_input(
-            manifest_uri, f"rollouts-{iteration_run_name(iteration)}", digest, context,
+            manifest_uri, f"rollouts-{RunLayout.iteration_name(iteration)}", digest, context,
             {"num_samples": str(int(num_samples)), TAG_ITERATION: str(int(iteration))},
         )
         with self._guard():
@@ -363,7 +363,7 @@ class RunTracker:
             child = self._child(it)
             self._log_metric_dict([child, self.run_id], scores, it, prefix="eval/")
             if table_markdown:
-                name = f"eval/{iteration_run_name(it)}"
+                name = f"eval/{RunLayout.iteration_name(it)}"
                 for rid in (child, self.run_id):
                     self._client.log_text(rid, table_markdown, f"{name}.md")
                 table = markdown_table(table_markdown)

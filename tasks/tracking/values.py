@@ -112,10 +112,6 @@ def finite(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def iteration_run_name(iteration: int) -> str:
-    return f"iter-{int(iteration):06d}"
-
-
 def markdown_table(md: str) -> dict[str, list[str]] | None:
     """A pipe table -> {column: [cells]} (None when the text holds no such table)."""
     rows = [ln.strip() for ln in md.splitlines() if ln.strip().startswith("|")]

@@ -122,7 +122,7 @@ def make_schedule(
 
     Args:
         shift: SD3's static shift (3.0); None: 3.0, the SD3 default, for callers that pass an
-            unset config field (a FLUX run passes `mu`, see `Policy.schedule`).
+            unset config field (a FLUX run passes `mu`, see `FluxPolicy.schedule`).
         noise_level: the `a` of s_t; None: 0.7, the SD3 default.
         mu: FLUX's time shift: the grid FluxPipeline samples on, sigmas linspace(1, 1/T, T)
             shifted by exp(mu) (diffusers' `use_dynamic_shifting`); `shift` is then unused.

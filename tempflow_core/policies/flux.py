@@ -1,6 +1,6 @@
 """The FLUX.1 policy: a diffusers FluxPipeline with a peft LoRA on its transformer.
 
-What differs from SD3 (policy.py), all inside this class so that rollouts, the learner,
+What differs from SD3 (sd3.py), all inside this class so that rollouts, the learner,
 evaluation and export see the same [N, C, H, W] latents and the same calls:
 
 * Guidance-distilled: FLUX.1-dev takes the guidance value (3.5) as an input of its guidance

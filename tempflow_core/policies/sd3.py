@@ -1,28 +1,26 @@
-"""The SD3 policy: a diffusers StableDiffusion3Pipeline with a peft LoRA on its transformer,
-and `make_policy`, which picks the policy of a pipeline's family (SD3 here, FLUX in flux.py).
+"""The SD3 policy: a diffusers StableDiffusion3Pipeline with a peft LoRA on its transformer
+(`families.make_policy` picks the policy of a pipeline's family).
 
-The LoRA, reference (adapter disabled), decoding and grid live in policy_base.FlowPolicy;
+The LoRA, reference (adapter disabled), decoding and grid live in base.FlowPolicy;
 this file holds what is SD3's own: CLIP-L/G + T5 prompt encoding, CFG pairs in one
 transformer call, the static-shift grid.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from tempflow_core.config import LoraSettings
-from tempflow_core.families import family_defaults, family_spec, pipeline_family
+from tempflow_core.families import family_defaults
 from tempflow_core.batches import PromptEmbeds
-
 from tempflow_core.policies.base import FlowPolicy
-__all__ = ["Policy", "PromptEmbeds", "FlowPolicy", "make_policy", "T5_TOKENS"]
+
+__all__ = ["SD3Policy", "T5_TOKENS"]
 
 T5_TOKENS = family_defaults("sd3").text_tokens  # T5 tokens of SD3.5 prompts when model.max_sequence_length is unset
 
 
-class Policy(FlowPolicy):
+class SD3Policy(FlowPolicy):
     """Velocity predictions with CFG, LoRA handling and decoding for one SD3 pipeline.
 
     Args:
@@ -113,19 +111,3 @@ class Policy(FlowPolicy):
                                  f"{self.pipe.vae_scale_factor * cfg.patch_size} for this model")
             side = resolution // self.pipe.vae_scale_factor
         return (cfg.in_channels, side, side)
-
-
-def make_policy(pipe: Any, lora: LoraSettings | None, device: str = "auto", max_sequence_length: int | None = None,
-                resolution: int | None = None, gradient_checkpointing: bool = False,
-                frames: int | None = None) -> FlowPolicy:
-    """The policy of `pipe`'s family (its registration's `policy`: `Policy` for a
-    StableDiffusion3Pipeline, `FluxPolicy` for a FluxPipeline, ...); anything else is refused naming
-    the supported classes. `frames` (model.num_frames) is for a video family; an image family refuses it."""
-    spec = family_spec(pipeline_family(pipe))
-    policy = spec.load("policy")
-    if frames is None:
-        return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing)
-    if not spec.video:
-        raise ValueError(f"model.num_frames={frames}: {spec.pipeline_class} makes images, not clips; "
-                         "leave model.num_frames unset")
-    return policy(pipe, lora, device, max_sequence_length, resolution, gradient_checkpointing, frames=frames)

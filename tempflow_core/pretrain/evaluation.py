@@ -36,12 +36,12 @@ def _eval_records(split: str, per_prompt: int) -> tuple[list[str], list[str], li
 def sample_split(pipe, split: str, per_prompt: int, steps: int, shift: float, cfg_scale: float, seed: int,
                  max_batch: int = 128) -> tuple[np.ndarray, list[dict[str, Any]], list[str]]:
     """The evaluation protocol's samples: uint8 [N, H, W, 3], their records and prompts."""
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
     from tempflow_core.algorithm.rollout import sample_images
     from tempflow_core.algorithm.schedule import make_schedule
 
     prompts, ids, meta = _eval_records(split, per_prompt)
-    policy = Policy(pipe, None, "cpu")
+    policy = SD3Policy(pipe, None, "cpu")
     images = sample_images(policy, prompts, ids, make_schedule(steps, shift=shift), cfg_scale, seed, max_batch=max_batch)
     return images, meta, prompts
 

@@ -40,7 +40,6 @@ from tempflow_core.storage import ObjectNotFound, ObjectStore, iter_chunks, join
 
 log = logging.getLogger("tempflow.heal")
 
-QUARANTINE = "quarantine"
 HEAL_FILE = "heal.json"
 VOLATILE = {"checkpoint": frozenset({"state.json"})}  # objects holding wall times, by manifest kind
 
@@ -146,15 +145,10 @@ def check(layout: RunLayout, iteration: int, stage: str, inputs: Mapping[str, st
     return quarantine(layout, iteration, stage, reason, m)
 
 
-def _quarantine_base(layout: RunLayout, iteration: int, stage: str) -> str:
-    rel = layout.prefix(iteration, stage)[len(layout.run_id) + 1:]  # "iter-000001/rollout" or "init/learner"
-    return join_key(layout.run_id, QUARANTINE, rel)
-
-
 def quarantine(layout: RunLayout, iteration: int, stage: str, reason: str, m: Manifest | None) -> Quarantined:
     """Move the output at (iteration, stage) under the quarantine prefix, manifest first out."""
     store, prefix = layout.store, layout.prefix(iteration, stage)
-    base = _quarantine_base(layout, iteration, stage)
+    base = layout.quarantine_prefix(iteration, stage)
     taken = {k[len(base) + 1:].split("/", 1)[0] for k in store.list(base)}
     dest = join_key(base, f"{len(taken) + 1:02d}")
     keys = store.list(prefix)

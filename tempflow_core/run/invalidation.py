@@ -74,7 +74,8 @@ AFFECTS: dict[str, frozenset[str]] = {
                                                 "images_per_category", "extra_reward", "seed", "guidance_scale")},
     **{f"guard.{f}": _NONE for f in ("max_bad_iterations", "zero_spread_fraction")},
     **{f"pipeline.{f}": _NONE for f in ("store", "shared_store", "s3_endpoint_url", "samples_per_shard", "mlflow_uri", "experiment",
-                                        "registered_model", "grid_every", "gpu_limit", "engine")},
+                                        "registered_model", "grid_every", "gpu_limit", "engine", "placement",
+                                        "ray_gpus")},
     "output_dir": _NONE,
 }
 

@@ -14,10 +14,9 @@ run writes anything:
 
 from __future__ import annotations
 
-from tempflow_core.run.runlock import LOCK_FILE  # a run's lock: no sign that a run exists
+from tempflow_core.run.layout import LOCK_FILE, RUN_FILE  # a lock alone is no sign that a run exists
 from tempflow_core.storage import ObjectStore, join_key
 
-RUN_FILE = "run.json"  # a run's record (runs.py)
 BASELINES = "_baselines"  # the base model's evaluations (baseline.py); never a run id (those start alphanumeric)
 ROOT_ENTRIES_CHECKED = 200  # a store root's first entries looked at (a large store: one listing page)
 RUN_FOLDER_FIX = "choose another run id"

@@ -27,11 +27,10 @@ from typing import Any, Iterator
 
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.shards.writing import SHARD_TMP
-from tempflow_core.storage import ObjectNotFound, join_key
+from tempflow_core.storage import ObjectNotFound
 
 log = logging.getLogger("tempflow.runlock")
 
-LOCK_FILE = "lock.json"
 
 
 class RunLocked(RuntimeError):
@@ -66,17 +65,17 @@ def held_by_another(layout: RunLayout) -> str | None:
     """Why `layout`'s run cannot be written now (a live holder of its lock, or one on another
     host), in one line; None when it is free or its holder is gone. Reads only: the check a
     command makes before it creates any state (`acquire` still decides)."""
-    holder = _read(layout, join_key(layout.run_id, LOCK_FILE))
+    holder = _read(layout, layout.lock_key)
     if holder is None or _stale(holder):
         return None
     return (f"run {layout.run_id!r} is being written by pid {holder.get('pid')} on host {holder.get('host')} "
             f"(since {holder.get('since')}); wait for that run to end, or if it is dead delete "
-            f"{layout.store.uri_for(join_key(layout.run_id, LOCK_FILE))}")
+            f"{layout.store.uri_for(layout.lock_key)}")
 
 
 def acquire(layout: RunLayout) -> str:
     """Take the run's lock; returns its token. Raises RunLocked naming the live holder."""
-    key = join_key(layout.run_id, LOCK_FILE)
+    key = layout.lock_key
     me = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex,
           "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     for _ in range(3):
@@ -99,7 +98,7 @@ def acquire(layout: RunLayout) -> str:
 
 def release(layout: RunLayout, token: str) -> None:
     """Delete the lock if it is still ours."""
-    key = join_key(layout.run_id, LOCK_FILE)
+    key = layout.lock_key
     holder = _read(layout, key)
     if holder and holder.get("token") == token:
         layout.store.delete(key)

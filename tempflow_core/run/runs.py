@@ -21,7 +21,7 @@ from tempflow_core.run.fingerprints import changed_inputs, fingerprints
 from tempflow_core.run.invalidation import plan_branch
 from tempflow_core.shards import MANIFEST_NAME
 from tempflow_core.run.layout import STAGES, RunLayout
-from tempflow_core.run.ownership import RUN_FILE, RUN_FOLDER_FIX, is_run_folder, run_folder_problem
+from tempflow_core.run.ownership import RUN_FOLDER_FIX, is_run_folder, run_folder_problem
 from tempflow_core.storage import ObjectNotFound, join_key
 
 _ORDER = {"rollout": 0, "reward": 1, "advantages": 2, "learner": 2, "eval": 3}
@@ -53,13 +53,13 @@ def config_yaml(cfg: RunConfig) -> str:
 
 def read_run(layout: RunLayout) -> dict[str, Any] | None:
     try:
-        return json.loads(layout.store.get_bytes(join_key(layout.run_id, RUN_FILE)))
+        return json.loads(layout.store.get_bytes(layout.record_key))
     except ObjectNotFound:
         return None
 
 
 def write_run(layout: RunLayout, record: dict[str, Any]) -> None:
-    layout.store.put_bytes(join_key(layout.run_id, RUN_FILE), json.dumps(record, indent=1, sort_keys=True).encode())
+    layout.store.put_bytes(layout.record_key, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def new_run_id(cfg: RunConfig, flow_run_id: str | None = None) -> str:
@@ -143,7 +143,7 @@ def branch_run(src: RunLayout, dst: RunLayout, from_stage: str, from_iteration: 
                        f"'{from_stage}' from")
     record = existing or _new_record(cfg, dst, origin)
     write_run(dst, record)  # first: a branch killed during the copy is continued by the same branch
-    copied = _copy_prefix(src, dst, join_key(src.run_id, "init"), join_key(dst.run_id, "init")) if plan.copy_init else 0
+    copied = _copy_prefix(src, dst, src.init_prefix, dst.init_prefix) if plan.copy_init else 0
     for it in range(from_iteration + 1):
         base_s, base_d = src.iteration_prefix(it), dst.iteration_prefix(it)
         for stage in ("rollout", "reward", "advantages", "learner", "eval"):

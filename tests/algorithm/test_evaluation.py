@@ -7,7 +7,7 @@ import pytest
 
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.evaluation import eval_samples, evaluate_policy, images_per_prompt
-from tempflow_core.policies.sd3 import Policy
+from tempflow_core.policies.sd3 import SD3Policy
 from tempflow_core.prompts import PromptRecord, load_prompts
 from tempflow_core.reports.report import headline, mean_curve
 from tempflow_core.rewards import build_reward
@@ -65,7 +65,7 @@ def test_policy_evaluation_scores_every_category_with_its_error(tiny_pipe):
     cfg = RunConfig(sampling={"eval_num_steps": 2, "guidance_scale": 1.0}, reward={"name": "shapes"},
                     eval={"prompts": "builtin:shapes_eval", "images_per_category": 8})
     records = load_prompts("builtin:shapes_eval")
-    result, png = evaluate_policy(cfg, Policy(tiny_pipe, None, "cpu"), build_reward("shapes"), records)
+    result, png = evaluate_policy(cfg, SD3Policy(tiny_pipe, None, "cpu"), build_reward("shapes"), records)
     counts = result["geneval_counts"]
     # 8 per category at least: single_object 3 prompts x 3 seeds, colors 12 x 1, color_attr 18 x 1
     assert counts == {"single_object": 9, "two_object": 12, "counting": 9, "colors": 12, "position": 12,
@@ -91,7 +91,7 @@ def test_evaluation_samples_with_its_own_guidance_when_set(tiny_pipe, monkeypatc
     real = evaluation.sample_images
     monkeypatch.setattr(evaluation, "sample_images", lambda *a, **k: seen.append(a[4]) or real(*a, **k))
     records = load_prompts("builtin:colors")[:2]
-    policy = Policy(tiny_pipe, None, "cpu")
+    policy = SD3Policy(tiny_pipe, None, "cpu")
     base = {"sampling": {"eval_num_steps": 2, "guidance_scale": 1.0}, "reward": {"name": "brightness"}}
     a, _ = evaluate_policy(RunConfig(**base), policy, build_reward("brightness"), records)
     b, _ = evaluate_policy(RunConfig(**base, eval={"guidance_scale": 4.0}), policy, build_reward("brightness"), records)

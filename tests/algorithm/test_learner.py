@@ -6,7 +6,7 @@ import torch
 
 from tempflow_core.config import LoraSettings, LossConfig, TrainConfig
 from tempflow_core.algorithm.learner import build_units, evaluate_units, make_optimizer, update
-from tempflow_core.policies.sd3 import Policy
+from tempflow_core.policies.sd3 import SD3Policy
 from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
 from tempflow_core.algorithm.schedule import make_schedule
 
@@ -16,7 +16,7 @@ PROMPTS, IDS = ["a red circle", "two blue squares"], ["p0", "p1"]
 @pytest.fixture
 def policy(tiny_pipe):
     torch.manual_seed(0)  # the gaussian LoRA init draws from the global RNG: the same A in every process
-    pol = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
+    pol = SD3Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
     with torch.no_grad():  # move off the zero-init LoRA so that gradients reach A and B
         for i, (n, p) in enumerate(pol.transformer.named_parameters()):
             if "lora_B" in n:  # a seed per parameter that is the same in every process

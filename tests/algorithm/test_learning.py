@@ -33,9 +33,9 @@ REWARDS = {"test_match_target": _match_target}  # this module as a reward plugin
                                        pytest.param("flow_grpo_fixed", marks=pytest.mark.slow)])
 def test_a_few_iterations_raise_the_reward(tiny_model_dir, tmp_path, algorithm):
     from tempflow_core.policies.models import load_pipeline
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
 
-    base = Policy(load_pipeline(tiny_model_dir), None, "cpu")
+    base = SD3Policy(load_pipeline(tiny_model_dir), None, "cpu")
     _TARGET["img"] = base.decode(torch.full((1, 4, 8, 8), 2.0))[0].astype(np.float32) / 255.0
     reward = _match_target()
     ev = make_schedule(6)
@@ -53,7 +53,7 @@ def test_a_few_iterations_raise_the_reward(tiny_model_dir, tmp_path, algorithm):
         f"model.path={tiny_model_dir}",
     ])
     result = train_in_process(cfg, tmp_path / algorithm)
-    trained = Policy(load_pipeline(tiny_model_dir), None, "cpu")
+    trained = SD3Policy(load_pipeline(tiny_model_dir), None, "cpu")
     trained.pipe.load_lora_weights(str(result.lora_path.parent))
     after = [eval_reward(trained, s) for s in (1, 2, 3)]
     spread = max(before) - min(before)  # seed-to-seed spread of the untrained model

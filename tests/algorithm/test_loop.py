@@ -3,7 +3,6 @@ evaluation schedule and the reward guard; the experiment runner trains through i
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -57,8 +56,7 @@ def test_the_experiment_runner_trains_through_the_products_loop(tiny_model_dir, 
     leave the training untouched (the same LoRA bytes as a run without them)."""
     from tempflow_core.algorithm.train import train_in_process
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import sweep
+    from benchmarks import sweep
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "train.iterations=2", "rollout.prompts_per_iter=2",
                              "rollout.group_size=3", "lora.rank=4", "sampling.num_steps=4",

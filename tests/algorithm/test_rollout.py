@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tempflow_core.policies.sd3 import Policy
+from tempflow_core.policies.sd3 import SD3Policy
 from tempflow_core.algorithm.rollout import branched_rollout, branched_rollout_loop, plain_rollout
 from tempflow_core.algorithm.schedule import make_schedule
 from tempflow_core.algorithm.sde import sde_log_prob
@@ -15,7 +15,7 @@ IDS = ["p0", "p1", "p2"]
 
 @pytest.fixture
 def policy(tiny_pipe):
-    return Policy(tiny_pipe, None, "cpu")
+    return SD3Policy(tiny_pipe, None, "cpu")
 
 
 def test_children_share_x_k_bit_for_bit_and_nfe_is_at_the_floor(policy):
@@ -87,7 +87,7 @@ def test_a_bf16_model_keeps_its_states_in_bf16_with_the_log_probs_of_those_state
     """States are kept (and written to the shards) in the model's half precision: the log-prob
     kept with each is the transition's density at the rounded state from the rounded state, what
     the learner computes from the shards, exactly."""
-    pol = Policy(tiny_pipe.to(torch.bfloat16), None, "cpu")
+    pol = SD3Policy(tiny_pipe.to(torch.bfloat16), None, "cpu")
     s = make_schedule(4)
     sig, ss = s.sigmas, s.sde_sigma()
     emb = None

@@ -385,11 +385,11 @@ def test_plain_webdataset_reads_shard_urls(store):
 def test_real_tiny_rollout_roundtrip(tmp_path):
     """One real (small) branched rollout of the tiny model survives the store exactly."""
     from tempflow_core.policies.models import build_tiny_pipeline
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
     from tempflow_core.algorithm.rollout import branched_rollout
     from tempflow_core.algorithm.schedule import make_schedule
 
-    policy = Policy(build_tiny_pipeline(workdir=tmp_path / "tok"), None, device="cpu")
+    policy = SD3Policy(build_tiny_pipeline(workdir=tmp_path / "tok"), None, device="cpu")
     batch = branched_rollout(policy, ["a red circle", "a blue square"], ["000000", "000001"], make_schedule(3),
                              [0, 1], group_size=2, guidance_scale=4.5, seed=0)
     write_rollouts(batch, str(tmp_path / "store"), PREFIX, samples_per_shard=3, producer=PRODUCER)

@@ -25,7 +25,7 @@ from tempflow_core.algorithm.sde import sde_log_prob
 from tempflow_core.config import LoraSettings, LossConfig, TrainConfig
 from tempflow_core.families import FAMILIES
 from tempflow_core.policies.models import load_pipeline
-from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.families import make_policy
 
 FOLDERS = {"sd3": "tiny_model_dir", "flux": "tiny_flux_dir", "qwen-image": "tiny_qwen_dir", "wan": "tiny_wan_dir"}
 PROMPTS, IDS = ["a red circle", "two blue squares left of a green star"], ["p0", "p1"]

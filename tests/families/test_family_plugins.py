@@ -11,10 +11,10 @@ from pathlib import Path
 
 PLUGIN = '''
 from tempflow_core.families import FamilyDefaults, FamilySpec
-from tempflow_core.policies.sd3 import Policy
+from tempflow_core.policies.sd3 import SD3Policy
 
 
-class Img2ImgPolicy(Policy):
+class Img2ImgPolicy(SD3Policy):
     family = "sd3-img2img"
 
 

@@ -9,7 +9,8 @@ from tempflow_core.config import LoraSettings
 from tempflow_core.families import detect_family
 from tempflow_core.policies.flux import FluxPolicy, image_ids, pack_latents, unpack_latents
 from tempflow_core.policies.models import load_pipeline
-from tempflow_core.policies.sd3 import Policy, make_policy
+from tempflow_core.families import make_policy
+from tempflow_core.policies.sd3 import SD3Policy
 from tempflow_core.algorithm.rollout import _ode_from, _begin, initial_noise  # noqa: F401  (ODE of evaluation)
 from tempflow_core.algorithm.schedule import make_schedule
 
@@ -79,7 +80,7 @@ def test_one_transformer_call_per_step_without_cfg(flux_pipe):
 
 
 def test_grid_is_flux_pipelines(flux_pipe):
-    """Policy.schedule = the sigmas FluxPipeline.__call__ sets (dynamic shift of the token count)."""
+    """FluxPolicy.schedule = the sigmas FluxPipeline.__call__ sets (dynamic shift of the token count)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     pol = FluxPolicy(flux_pipe, None, "cpu")
@@ -160,6 +161,6 @@ def test_family_detection_and_refusal(tiny_flux_dir, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model_index\.json'?: _class_name 'StableDiffusionXLPipeline' is not "
                                          r"supported; supported pipelines: StableDiffusion3Pipeline, FluxPipeline"):
         load_pipeline(tmp_path / "sdxl")
-    assert isinstance(make_policy(load_pipeline(tiny_model_dir), None, "cpu"), Policy)
+    assert isinstance(make_policy(load_pipeline(tiny_model_dir), None, "cpu"), SD3Policy)
     with pytest.raises(ValueError, match="not supported"):
         make_policy(object(), None, "cpu")

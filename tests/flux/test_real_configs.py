@@ -18,7 +18,7 @@ import torch
 from tempflow_core.config import load_config
 from tempflow_core.run.export import effective_max_sequence_length, native_resolution
 from tempflow_core.policies.models import load_pipeline_meta
-from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.families import make_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_smoke_runs_at_toy_size_and_counts_what_it_ran(tmp_path):
     out = tmp_path / "smoke.json"
     B, K, T = 2, 3, 5
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_smoke.py"), "--size", "toy", "--device", "cpu",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--size", "toy", "--device", "cpu",
                           "--prompts", str(B), "--group-size", str(K), "--steps", str(T), "--json", str(out)],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads(out.read_text())
     # branch points at steps 0..T-2; the backbone runs to the last of them, each child ODEs to the end

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_validate_runs_at_toy_size_with_two_ranks(tmp_path):
     out = tmp_path / "validate.json"
     B, K, T = 2, 3, 4
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_validate.py"), "--size", "toy", "--device", "cpu",
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_validate", "--size", "toy", "--device", "cpu",
                           "--prompts", str(B), "--group-size", str(K), "--steps", str(T), "--iterations", "2",
-                          "--two-ranks", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          "--two-ranks", "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "TEMPFLOW_VALIDATE_PORT": "29617"})
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())

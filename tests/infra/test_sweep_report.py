@@ -4,16 +4,15 @@ ablation's report, compared at the last iteration every run reached."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from benchmarks import sweep_report
+from tempflow_core.reports import sweep
 
-import sweep_report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 CATS = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
 
@@ -35,9 +34,9 @@ def _write(path: Path) -> dict[str, dict[int, float]]:
 
 def test_report_compares_at_the_last_iteration_every_run_reached(tmp_path):
     scores = _write(tmp_path / "points.jsonl")
-    rows = sweep_report.load_points(tmp_path / "points.jsonl")
-    assert sweep_report.common_iteration(rows) == 30  # tempflow-s0 stopped there
-    curves, finals = sweep_report.curves_of(rows, 30)
+    rows = sweep.load_points(tmp_path / "points.jsonl")
+    assert sweep.common_iteration(rows) == 30  # tempflow-s0 stopped there
+    curves, finals = sweep.curves_of(rows, 30)
     assert list(curves) == ["flow_grpo_fixed", "tempflow"]
     assert max(p["iteration"] for pts in curves.values() for p in pts) == 30
     # NFE = rollout + learner, cumulative, as the pipeline's curves count it
@@ -58,4 +57,4 @@ def test_report_compares_at_the_last_iteration_every_run_reached(tmp_path):
 def test_a_run_name_without_a_seed_is_refused(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"name": "tempflow", "point": _point(0, 0.3)}) + "\n")
     with pytest.raises(ValueError, match="VARIANT-sSEED"):
-        sweep_report.curves_of(sweep_report.load_points(tmp_path / "p.jsonl"), 0)
+        sweep.curves_of(sweep.load_points(tmp_path / "p.jsonl"), 0)

@@ -10,7 +10,7 @@ from tempflow_core.batches import PromptEmbeds
 from tempflow_core.config import LoraSettings, TinyModelConfig
 from tempflow_core.policies.models import load_pipeline
 from tempflow_core.policies.tiny_parts import TINY_VOCAB_WORDS, write_clip_tokenizer_files
-from tempflow_core.policies.sd3 import Policy
+from tempflow_core.policies.sd3 import SD3Policy
 
 
 def test_tokenizer_keeps_every_vocab_word_whole(tmp_path):
@@ -53,7 +53,7 @@ def test_missing_model_folder_is_named(tmp_path):
 
 
 def test_lora_saved_by_policy_loads_into_plain_diffusers(tiny_pipe, tiny_model_dir, tmp_path):
-    pol = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
+    pol = SD3Policy(tiny_pipe, LoraSettings(rank=4, alpha=8), "cpu")
     with torch.no_grad():
         for n, p in pol.transformer.named_parameters():
             if "lora_B" in n:
@@ -69,18 +69,18 @@ def test_lora_saved_by_policy_loads_into_plain_diffusers(tiny_pipe, tiny_model_d
 
     plain = load_pipeline(tiny_model_dir)
     plain.load_lora_weights(str(tmp_path / "lora"))
-    other = Policy(plain, None, "cpu")
+    other = SD3Policy(plain, None, "cpu")
     v_plain = other.velocity(x, torch.tensor(0.6), emb, 4.5)
     torch.testing.assert_close(v_plain, v_pol, rtol=1e-4, atol=1e-5)
 
     # and back into a fresh policy through load_lora
-    again = Policy(load_pipeline(tiny_model_dir), LoraSettings(rank=4, alpha=8), "cpu")
+    again = SD3Policy(load_pipeline(tiny_model_dir), LoraSettings(rank=4, alpha=8), "cpu")
     again.load_lora(tmp_path / "lora")
     torch.testing.assert_close(again.velocity(x, torch.tensor(0.6), emb, 4.5), v_pol)
 
 
 def test_gaussian_init_lora_starts_equal_to_reference(tiny_pipe):
-    pol = Policy(tiny_pipe, LoraSettings(rank=4, alpha=8, init="gaussian"), "cpu")
+    pol = SD3Policy(tiny_pipe, LoraSettings(rank=4, alpha=8, init="gaussian"), "cpu")
     n_lora = sum(p.numel() for p in pol.lora_parameters())
     assert n_lora > 0
     targets = {n.split(".lora_")[0].split(".", 2)[-1] for n, _ in pol.transformer.named_parameters() if "lora_A" in n}
@@ -94,7 +94,7 @@ def test_gaussian_init_lora_starts_equal_to_reference(tiny_pipe):
 
 
 def test_cfg_combines_conditional_and_unconditional(tiny_pipe):
-    pol = Policy(tiny_pipe, None, "cpu")
+    pol = SD3Policy(tiny_pipe, None, "cpu")
     emb = pol.encode_prompts(["a red circle"])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor(0.5)
     v_c = pol.velocity(x, t, emb, 1.0)

@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory, one_thread):
 
 def test_tiny_run_writes_a_loadable_pipeline_that_samples(tiny_run):
     from tempflow_core.policies.models import load_pipeline
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
     from tempflow_core.algorithm.rollout import sample_images
     from tempflow_core.algorithm.schedule import make_schedule
 
@@ -59,7 +59,7 @@ def test_tiny_run_writes_a_loadable_pipeline_that_samples(tiny_run):
     assert [p["step"] for p in curve] == [0, 10, 20]
 
     pipe = load_pipeline(out)  # offline (HF_HUB_OFFLINE=1 in conftest)
-    imgs = sample_images(Policy(pipe, None, "cpu"), ["a red circle", "two blue squares"], ["a", "b"],
+    imgs = sample_images(SD3Policy(pipe, None, "cpu"), ["a red circle", "two blue squares"], ["a", "b"],
                          make_schedule(2, shift=3.0), 4.0, seed=0)
     assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == np.uint8
 
@@ -82,13 +82,13 @@ def test_loss_decreases(tiny_run):
 
 def test_training_prompt_path_is_the_inference_path(tiny_run):
     from tempflow_core.policies.models import load_pipeline
-    from tempflow_core.policies.sd3 import Policy
+    from tempflow_core.policies.sd3 import SD3Policy
 
     pipe = load_pipeline(tiny_run.out_dir)
     prompts = ["a red circle", "", "a blue square left of a yellow triangle", "a red circle"]
     with torch.no_grad():
         embeds, pooled = encode_text(pipe, prompts)
-    emb = Policy(pipe, None, "cpu").encode_prompts(prompts)
+    emb = SD3Policy(pipe, None, "cpu").encode_prompts(prompts)
     # same computation; only float summation order may differ with the batch layout
     torch.testing.assert_close(embeds, emb.embeds, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pooled, emb.pooled, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from tempflow_core.algorithm.rollout import _begin, _ode_from, initial_noise
 from tempflow_core.config import RunConfig, load_config
 from tempflow_core.families import QWEN_IMAGE_TEMPLATE
 from tempflow_core.policies.qwen_image import QwenImagePolicy, pack_latents, unpack_latents
-from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.families import make_policy
 
 PROMPTS, IDS = ["a red circle", "two blue squares left of a green star"], ["p0", "p1"]
 G = 4.0  # Qwen-Image's true CFG

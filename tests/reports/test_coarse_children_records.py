@@ -17,7 +17,7 @@ RECORDS = ROOT / "results" / "coarse-children"
 
 def test_the_summary_is_what_the_per_child_records_give(tmp_path):
     shutil.copy(RECORDS / "children.jsonl", tmp_path / "children.jsonl")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "coarse_children.py"), "--report-only",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.coarse_children", "--report-only",
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "summary.md").read_text() == (RECORDS / "summary.md").read_text()
@@ -36,7 +36,7 @@ def test_every_stride_scores_the_same_children_and_its_rows_follow_the_grid():
 
 
 def test_report_only_without_records_exits_2_with_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "coarse_children.py"), "--report-only",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.coarse_children", "--report-only",
                           "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "children.jsonl" in out.stderr
     assert not (tmp_path / "none").exists()

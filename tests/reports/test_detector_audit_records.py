@@ -19,7 +19,7 @@ def test_the_audit_summary_is_what_its_per_image_records_give(tmp_path):
     copy = tmp_path / "audit"
     copy.mkdir()
     shutil.copy(AUDIT / "images.jsonl", copy / "images.jsonl")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "detector_audit.py"), "--report-only", "--out", str(copy)],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.detector_audit", "--report-only", "--out", str(copy)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (copy / "summary.md").read_text() == (AUDIT / "summary.md").read_text()

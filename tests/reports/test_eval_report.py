@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "eval_report.py"
+SCRIPT = ["-m", "benchmarks.eval_report"]
 ITEMS = [("p0", "a"), ("p1", "a"), ("p2", "b"), ("p3", "b")]
 
 
@@ -22,7 +22,7 @@ def _file(path: Path, passed: set[str], run: str | None = None, guidance: float 
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *extra], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *SCRIPT, "--out", str(out), *extra], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
 
 

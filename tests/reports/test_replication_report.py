@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "replication_report.py"
+SCRIPT = ["-m", "benchmarks.replication_report"]
 REF, ARM = "cost-t10-default-shapes-tempflow", "rep-t10-p0123-shapes-tempflow"
 ITEMS = [("p0", "colors"), ("p1", "colors"), ("p2", "single_object"), ("p3", "single_object")]
 
@@ -47,7 +47,7 @@ def _run(tmp_path: Path, control_flip: bool) -> str:
         ours_img[-1] = {**ours_img[-1], "strict": 1 - ours_img[-1]["strict"]}
     _write(tmp_path / "ref", ref_pts, ref_img)
     _write(tmp_path / "ours", ours_pts, ours_img)
-    r = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "ours"), "--reference-records",
+    r = subprocess.run([sys.executable, *SCRIPT, "--out", str(tmp_path / "ours"), "--reference-records",
                         str(tmp_path / "ref")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     return (tmp_path / "ours" / "summary.md").read_text()

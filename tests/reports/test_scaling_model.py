@@ -1,13 +1,9 @@
 """The scaling model's row counts against counts worked out by hand."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from scaling_model import main, rows_per_iteration  # noqa: E402
+from benchmarks.scaling_model import main, rows_per_iteration
 
 
 def test_row_counts_by_hand(capsys):

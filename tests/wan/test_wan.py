@@ -9,7 +9,7 @@ import torch
 from tempflow_core.algorithm.rollout import _begin, _ode_from, initial_noise
 from tempflow_core.config import LoraSettings
 from tempflow_core.policies.models import load_pipeline
-from tempflow_core.policies.sd3 import make_policy
+from tempflow_core.families import make_policy
 from tempflow_core.policies.wan import WanPolicy
 from tempflow_core.rewards.clips import split_strips
 

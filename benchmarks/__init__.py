@@ -1,0 +1,1 @@
+"""Benchmarks and experiment scripts; run each from the checkout's root as `python -m benchmarks.<name>`."""
