@@ -173,10 +173,12 @@ def ray_preflight(cfg: RunConfig) -> None:
 
 
 @contextlib.contextmanager
-def ray_cluster(num_cpus: int | None = None) -> Iterator[str]:
+def ray_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[str]:
     """The address of the Ray cluster to drive: RAY_ADDRESS when set (nothing started; with a
     configured token this process's driver uses token mode), else a local head on 127.0.0.1
-    with `num_cpus` logical CPUs and a token of its own (head_token), stopped when the block ends."""
+    with `num_cpus` logical CPUs (and `num_gpus` GPUs, else the ones Ray finds; tests give a CPU
+    machine pretend GPUs to check placements) and a token of its own (head_token), stopped when
+    the block ends."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         auth = {"RAY_AUTH_MODE": "token"} if token_configured() and "RAY_AUTH_MODE" not in os.environ else {}
@@ -192,6 +194,8 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[str]:
            "--include-dashboard=false", "--disable-usage-stats", "--block"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        cmd.append(f"--num-gpus={num_gpus}")
     with head_token() as auth, _environ(auth):
         proc = spawn(cmd, grace=5.0, env={**os.environ, **LOCAL_ONLY}, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL)

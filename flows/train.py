@@ -13,7 +13,6 @@ its tasks, dropped at the end.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -22,21 +21,20 @@ from typing import Any, Literal, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.stages import base_eval_task, eval_task, gpu_slot, init_task, learner_task, reward_task, rollout_task
+from tasks.stages import base_eval_task, eval_task, init_task, learner_task, local_engine, reward_task, rollout_task
 from flows.ray_head import ray_preflight
 from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
 from tempflow_core.reports import report
 from tempflow_core.run import stages
 from tempflow_core.algorithm.loop import Hooks, LoopResult, train_loop
 from tempflow_core.config import RunConfig
-from tempflow_core.engines.engine import Engine, LocalEngine
+from tempflow_core.engines.engine import Engine
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import preflight, read_roots
 from tempflow_core.prompts import load_prompts
 from tempflow_core.run.runlock import run_lock
 from tempflow_core.run.runs import branch_run, config_yaml, display_name, new_run_id, open_run, write_run
 from tempflow_core.algorithm.session import SessionCache
-from tempflow_core.storage import join_key
 
 
 def preflight_check(config: RunConfig) -> None:
@@ -133,7 +131,7 @@ def _engine(config: RunConfig, stack: contextlib.ExitStack) -> Engine:
     (holding the GPU concurrency slot around rollout and learner); ray on RAY_ADDRESS or on a
     local head of the run's own (flows.ray_head), both closed by `stack`."""
     if config.pipeline.engine != "ray":
-        return LocalEngine(hold=functools.partial(gpu_slot, config))
+        return local_engine(config)
     from flows.ray_head import ray_cluster
     from tempflow_core.engines.ray_engine import RayEngine
 
@@ -165,7 +163,7 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         # the exact prompt set goes into the run's folder, so lineage points at what was used
         data = "\n".join(json.dumps({"id": r.id, "prompt": r.text, **r.metadata}, sort_keys=True)
                          for r in load_prompts(config.prompts.source)).encode()
-        key = join_key(run_id, "prompts", "train.jsonl")
+        key = lay.prompts_key
         lay.store.put_bytes(key, data)
         tracker.log_prompts_dataset(config.prompts.source.replace(":", "-"), lay.store.uri_for(key),
                                     hashlib.sha256(data).hexdigest()[:16])
@@ -176,7 +174,7 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     status, base = "FAILED", None
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
     try:
-        init_task(config, run_id, sessions)
+        init_task(config, run_id, sessions, engine)
 
         def tracked(it: int, metrics: dict[str, float]) -> None:
             track_iteration(config, run_id, it, tracker)
@@ -185,7 +183,7 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
 
         train_loop(config, _FlowSteps(config, lay, sessions, engine),
                    Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, run_id, it, tracker, e)), loop)
-        base = base_eval_task(config, sessions, record.get("inputs"))  # what the final evaluation is read against
+        base = base_eval_task(config, sessions, record.get("inputs"), engine)  # what the final evaluation is read against
         status = "FINISHED"
     finally:
         sessions.clear()
@@ -212,7 +210,7 @@ class _FlowSteps:
         return stages.checkpoint_metrics(self.lay, it)
 
     def evaluate(self, it: int) -> dict[str, Any]:
-        eval_task(self.config, self.lay.run_id, it, self.sessions)
+        eval_task(self.config, self.lay.run_id, it, self.sessions, self.engine)
         return stages.read_eval(self.lay, it)
 
 

@@ -6,8 +6,8 @@ it wrote. A stage whose manifest exists returns at once, so retries (Prefect's o
 `tempflow train --resume`) never redo finished work; I/O-bound stages retry with a delay on
 transient faults. The rollout, reward and learner tasks run their stage on the flow's engine
 (tempflow_core.engines.engine: here, or on Ray's actors and Ray Train group) without asking which it
-is; the local engine holds a slot of the GPU concurrency limit (`gpu_slot`, which the flow
-hands it) around rollout and learner, and the eval task holds one itself.
+is, and so do the init and eval tasks; the local engine holds a slot of the GPU concurrency limit
+(`gpu_slot`) around rollout, learner and evaluation.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from typing import Any, Callable, Iterator, TypeVar
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.engines.engine import Engine
+from tempflow_core.engines.engine import Engine, LocalEngine
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.storage.retry import is_retryable_failure
@@ -105,8 +104,8 @@ _common = STAGE_TASK_OPTIONS
 
 @task(name="init", task_run_name="init", **_common)
 @core_log
-def init_task(config: RunConfig, run_id: str, sessions: SessionCache) -> str:
-    return stages.init_stage(config, RunLayout.open(config, run_id), sessions)
+def init_task(config: RunConfig, run_id: str, sessions: SessionCache, engine: Engine) -> str:
+    return engine.init(config, RunLayout.open(config, run_id), sessions)
 
 
 @task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
@@ -132,21 +131,23 @@ def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: Sessi
     return engine.update(config, RunLayout.open(config, run_id), iteration, sessions, bar=progress_bar)
 
 
+def local_engine(config: RunConfig) -> LocalEngine:
+    """The stages in this process, holding a slot of the GPU concurrency limit around GPU work."""
+    return LocalEngine(hold=functools.partial(gpu_slot, config))
+
+
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)
 @core_log
-def eval_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache) -> str:
-    with gpu_slot(config):
-        return stages.eval_stage(config, RunLayout.open(config, run_id), iteration, sessions)
+def eval_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
+              engine: Engine | None = None) -> str:
+    return (engine or local_engine(config)).evaluate(config, RunLayout.open(config, run_id), iteration, sessions)
 
 
 @task(name="base-eval", task_run_name="base-eval", **_common)
 @core_log
-def base_eval_task(config: RunConfig, sessions: SessionCache, inputs: dict[str, str] | None = None) -> dict[str, Any]:
+def base_eval_task(config: RunConfig, sessions: SessionCache, inputs: dict[str, str] | None = None,
+                   engine: Engine | None = None) -> dict[str, Any]:
     """The base model's evaluation: read from the store's `_baselines/`, else computed once and kept there."""
-    from tempflow_core.run.baseline import base_evaluation
-    from tempflow_core.run.layout import open_run_store
-
-    with gpu_slot(config):
-        result, cached = base_evaluation(config, open_run_store(config), sessions.get(config), inputs)
+    result, cached = (engine or local_engine(config)).base_eval(config, sessions, inputs)
     get_run_logger().info("base model evaluation %s", "read from the store" if cached else "computed and stored")
     return result

@@ -179,6 +179,8 @@ class PipelineConfig(_Section):
     shared_store: bool = Field(False, description="The store root may hold things that are not tempflow runs (a folder or bucket prefix shared with other data); off: such a root is refused before a run writes, so a mistyped store never gets runs written among other files.")
     samples_per_shard: int = Field(32, ge=1, description="Rollout samples (branch points or trajectories) per webdataset shard.")
     engine: Literal["local", "ray"] = Field("local", description="Where stage work runs: 'local' (this process) or 'ray' (rollout and reward actors, a Ray Train learner; RAY_ADDRESS when set, else a local Ray started and stopped by the run). Stage outputs, URIs and resume are the same on both.")
+    placement: Literal["auto", "colocated", "separate"] = Field("auto", description="pipeline.engine=ray: which workers hold the model. 'colocated': the train.workers learner ranks also sample the rollouts, write the initial adapter and evaluate, one copy of the model each (rollout.workers is not used; rewards that need no GPU take none; the run's own process builds no model); 'separate': rollout actors, reward actors and learner ranks each hold a GPU and a model (for large clusters); 'auto': colocated when the workers use GPUs, separate otherwise. Does not change what a run computes.")
+    ray_gpus: float | None = Field(None, ge=0, description="pipeline.engine=ray: GPUs each model worker asks Ray for; unset: 1 when model.device is cuda (or auto on a machine with CUDA), else 0. Set it where Ray's GPUs are not the driver's (a head without GPUs), or to test placements on CPUs whose Ray pretends to have GPUs.")
     # read by the orchestration only (flows/, tasks/); opaque to the core
     mlflow_uri: str | None = Field(None, description="Orchestration: tracking server URI the flows log to (default: MLFLOW_TRACKING_URI, else sqlite in the run folder).")
     experiment: str = Field("tempflow", description="Orchestration: experiment name runs are tracked under.")
@@ -221,7 +223,13 @@ class RunConfig(_Section):
         if self.rollout.slices > self.rollout.prompts_per_iter:
             raise ValueError(f"rollout.slices ({self.rollout.slices}) exceeds rollout.prompts_per_iter "
                              f"({self.rollout.prompts_per_iter}): a slice needs at least one prompt")
-        if self.pipeline.engine == "ray" and self.rollout.workers > self.rollout.slices:
+        if self.pipeline.engine == "ray" and self.pipeline.placement == "colocated" and self.rollout.workers not in (
+                1, self.train.workers):
+            raise ValueError(f"rollout.workers ({self.rollout.workers}) with pipeline.placement=colocated: the "
+                             f"train.workers ({self.train.workers}) learner ranks sample the rollouts; set rollout.workers "
+                             "to train.workers (or leave it unset), or pipeline.placement=separate for rollout actors")
+        if self.pipeline.engine == "ray" and self.pipeline.placement != "colocated" and \
+                self.rollout.workers > self.rollout.slices:
             raise ValueError(f"rollout.workers ({self.rollout.workers}) exceeds rollout.slices ({self.rollout.slices}): "
                              f"a worker samples whole slices, so set rollout.slices to a multiple of rollout.workers")
         if self.rollout.branch_draw != "uniform" and not (isinstance(self.rollout.branch_steps, int)

@@ -3,8 +3,8 @@
     LocalEngine   here, one stage after the other (pipeline.engine=local, the default)
     RayEngine     rollout and reward actors and a Ray Train group (ray_engine.py; engine=ray)
 
-The flow builds the engine once (flows/train.py) and the stage tasks call `rollout`, `score`
-and `update` on whichever they hold. Both run the same stages (stages.py): the prefixes,
+The flow builds the engine once (flows/train.py) and the stage tasks call `init`, `rollout`,
+`score`, `update` and `evaluate` on whichever they hold. Both run the same stages (stages.py): the prefixes,
 manifests, healing and resume are the same, and so are the outputs (tests/pipeline/
 test_ray_engine.py compares them).
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
-from tempflow_core.algorithm.steps import select_steps, step_pool
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.run.rollout_slices import sample_slice
 from tempflow_core.shards import RolloutPart
 
@@ -39,7 +39,9 @@ def no_bar(total: int, description: str) -> Iterator[Tick]:
 
 
 class Engine(Protocol):
-    """The work of a run's stages; each call returns the URI of what the stage wrote."""
+    """The work of a run's stages; each stage call returns the URI of what the stage wrote."""
+
+    def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str: ...
 
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                 bar: Bar = no_bar, log: Log | None = None) -> str: ...
@@ -49,20 +51,12 @@ class Engine(Protocol):
     def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                bar: Bar = no_bar) -> str: ...
 
+    def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str: ...
+
+    def base_eval(self, cfg: RunConfig, sessions: SessionCache,
+                  inputs: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]: ...
+
     def close(self) -> None: ...
-
-
-def update_units(cfg: RunConfig, iteration: int) -> int:
-    """Training units of iteration i's update: one per branch point (branching), else one per
-    trained step of each trajectory; times the inner epochs."""
-    T, B = cfg.sampling.num_steps, cfg.rollout.prompts_per_iter
-    if cfg.branching:
-        draw, spec = cfg.rollout.branch_draw, cfg.rollout.branch_steps
-        # a weighted draw needs the model's schedule: count its m draws, at most that many distinct steps
-        units = B * (int(spec) if draw == "weighted" else len(select_steps(spec, T, cfg.train.seed, iteration, draw)))
-    else:
-        units = B * cfg.rollout.group_size * len(step_pool(cfg.train.train_steps, T))
-    return units * cfg.train.inner_epochs
 
 
 class LocalEngine:
@@ -76,6 +70,9 @@ class LocalEngine:
         self.hold = hold
         self._pool: ThreadPoolExecutor | None = None
         self._streamed: dict[tuple[str, int], list[Future]] = {}  # (run, iteration) -> each slice's scores
+
+    def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
+        return stages.init_stage(cfg, layout, sessions)
 
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                 bar: Bar = no_bar, log: Log | None = None) -> str:
@@ -109,8 +106,25 @@ class LocalEngine:
 
     def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                bar: Bar = no_bar) -> str:
-        with self.hold(), bar(update_units(cfg, iteration), f"iter {iteration} learner") as tick:
+        # the session the stage loads anyway; a finished stage (reused) loads nothing and counts nothing
+        units = 0 if layout.complete(iteration, "learner") else \
+            plan_iteration(cfg, sessions.get(cfg).schedule, iteration).learner_units
+        with self.hold(), bar(units, f"iter {iteration} learner") as tick:
             return stages.learner_stage(cfg, layout, iteration, sessions, progress=tick)
+
+    def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
+        with self.hold():
+            return stages.eval_stage(cfg, layout, iteration, sessions)
+
+    def base_eval(self, cfg: RunConfig, sessions: SessionCache,
+                  inputs: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+        """The base model's evaluation: read from the store's `_baselines/`, else computed once (the
+        model is loaded only then) and kept there."""
+        from tempflow_core.run.baseline import base_evaluation
+        from tempflow_core.run.layout import open_run_store
+
+        with self.hold():
+            return base_evaluation(cfg, open_run_store(cfg), lambda: sessions.get(cfg), inputs)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -1,21 +1,28 @@
 """The Ray engine (pipeline.engine=ray), an implementation of engine.Engine: where a stage's
-work runs, nothing else.
+work runs, nothing else. Two placements (pipeline.placement):
 
-    rollout   `rollout.workers` actors, each with its model resident across iterations; the
-              stage's slices (rollout_slices.py) are handed out to them, each actor loads
-              checkpoint i-1's LoRA from the store and writes its slice's shards itself; the
-              stage merges the parts into one manifest, written last.
-    reward    `reward.workers` actors, the reward loaded once per actor (GPU rewards ask Ray
-              for a GPU); each scores shards r, r+W, ... of the stage.
-    learner   Ray Train's TorchTrainer, `train.workers` ranks (gloo on CPU, NCCL on GPU), started
-              once per run and resident (its fit() runs in a thread of the driver); each
-              learner stage hands every rank the iteration through a Ray queue, each rank runs
-              stages.learner_rank on its share of the shards; rank 0 writes the checkpoint.
+    separate   rollout: `rollout.workers` actors, each with its model resident across
+               iterations; the stage's slices (rollout_slices.py) are handed out to them, each
+               actor loads checkpoint i-1's LoRA from the store and writes its slice's shards
+               itself; the stage merges the parts into one manifest, written last.
+               learner: Ray Train's TorchTrainer, `train.workers` ranks (gloo on CPU, NCCL on
+               GPU), started once per run and resident (its fit() runs in a thread of the
+               driver); each learner stage hands every rank the iteration through a Ray queue,
+               each rank runs stages.learner_rank on its share of the shards; rank 0 writes the
+               checkpoint. The initial adapter and evaluations are computed by the driver.
+    colocated  the learner's ranks are the only model workers (one copy of the model each, the
+               default when the workers use GPUs): the rollout's slices go to them (slice j to
+               rank j mod W), then the update; rank 0 writes the initial adapter and runs the
+               evaluations. The driver builds no model. Switching between sampling and training
+               is a LoRA load from the store (the session keeps one transformer).
+
+    reward     `reward.workers` actors in both, the reward loaded once per actor (a GPU only for a
+               reward that runs a model: RewardRegistry.needs_gpu); each scores shards r, r+W, ...
 
 Stage prefixes, manifests and resume are those of the local engine (`rollout`, `score` and
 `update` call the same stages, with the runners below as their hooks). A killed actor is restarted by Ray and its task retried; a learner
-group that dies under a stage is started anew and reruns the stage's update from checkpoint
-i-1, which gives the same result. Ray is imported here only: `tempflow train` on the local engine never needs it. The engine
+group that dies under a job (an update, or in the colocated placement any job) is started anew
+and reruns it, which gives the same result. Ray is imported here only: `tempflow train` on the local engine never needs it. The engine
 connects to the cluster at `address` (flows/ray_head.py: RAY_ADDRESS, or a local head on
 127.0.0.1 that ends with the run's process).
 """
@@ -207,8 +214,8 @@ def _node_id() -> str:
 
 def _learner_loop(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: a resident learner rank. It keeps its model across
-    iterations and runs one learner stage per job it takes from its queue, (cfg, run_id,
-    iteration), answering (rank, iteration, None or RankError, its node id); None ends it."""
+    iterations and runs each job it takes from its queue, (kind, job id, cfg, run_id, iteration,
+    argument), answering (rank, job id, None or RankError, its node id, the job's result); None ends it."""
     import traceback
 
     import ray.train
@@ -218,16 +225,35 @@ def _learner_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     sessions = SessionCache()
     while (job := config["jobs"][rank].get()) is not None:
-        cfg, run_id, iteration = job
-        failpoints.hit(f"learner.job/rank{rank}")
+        kind, job_id, cfg, run_id, iteration, arg = job
+        failpoints.hit(f"learner.job/rank{rank}" if kind == "update" else f"worker.{kind}/rank{rank}")
         try:
-            learner_rank(cfg, RunLayout.open(cfg, run_id), iteration, sessions, rank, world)
-            config["done"].put((rank, iteration, None, _node_id()))
+            result = _run_job(kind, cfg, RunLayout.open(cfg, run_id), iteration, arg, sessions, rank, world)
+            config["done"].put((rank, job_id, None, _node_id(), result))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it in the stage
             damaged = exc if isinstance(exc, DAMAGED_INPUT) else None
             error = RankError(traceback.format_exc(limit=8), damaged, peer_lost(exc))
-            config["done"].put((rank, iteration, error, _node_id()))
+            config["done"].put((rank, job_id, error, _node_id(), None))
             raise
+
+
+def _run_job(kind: str, cfg: RunConfig, layout: RunLayout, iteration: int, arg: Any, sessions: SessionCache,
+             rank: int, world: int) -> Any:
+    """One job of a learner rank: its share of an update, or (colocated) rollout slices, the
+    initial adapter, an evaluation or the base model's evaluation, on the rank's one session."""
+    if kind == "update":
+        return learner_rank(cfg, layout, iteration, sessions, rank, world)
+    if kind == "rollout":  # arg: the slice indices of this rank
+        return [sample_slice(cfg, layout, iteration, j, sessions) for j in arg]
+    if kind == "init":
+        return stages.init_stage(cfg, layout, sessions)
+    if kind == "eval":
+        return stages.eval_stage(cfg, layout, iteration, sessions)
+    if kind == "base_eval":  # arg: the run's input fingerprints
+        from tempflow_core.run.baseline import base_evaluation
+
+        return base_evaluation(cfg, layout.store, lambda: sessions.get(cfg), arg)
+    raise ValueError(f"unknown learner job {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -243,6 +269,20 @@ def _uses_gpu(cfg: RunConfig) -> bool:
     import torch
 
     return cfg.model.device.startswith("cuda") or (cfg.model.device == "auto" and torch.cuda.is_available())
+
+
+def worker_gpus(cfg: RunConfig) -> float:
+    """GPUs a model worker asks Ray for: pipeline.ray_gpus, else 1 when the model runs on CUDA."""
+    if cfg.pipeline.ray_gpus is not None:
+        return float(cfg.pipeline.ray_gpus)
+    return 1.0 if _uses_gpu(cfg) else 0.0
+
+
+def colocated(cfg: RunConfig) -> bool:
+    """Whether the learner's ranks also sample, write the initial adapter and evaluate
+    (pipeline.placement; 'auto': when the workers use GPUs)."""
+    p = cfg.pipeline.placement
+    return p == "colocated" or (p == "auto" and worker_gpus(cfg) > 0)
 
 
 class RayEngine:
@@ -271,23 +311,28 @@ class RayEngine:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        gpu = 1 if _uses_gpu(cfg) else 0
-        opts = dict(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, num_cpus=1, num_gpus=gpu)
+        gpus = worker_gpus(cfg)
+        reward_gpus = gpus if RewardRegistry.for_config(cfg.reward).needs_gpu(cfg.reward.name, cfg.reward.weights) else 0
+        self.colocated = colocated(cfg)
         env = _forwarded_env()
-        self.rank_nodes: dict[int, str] = {}  # learner rank -> node id of its last finished stage
-        # each stage's actors in a SPREAD placement group: over as many nodes as have room (Ray moves
+        self.rank_nodes: dict[int, str] = {}  # learner rank -> node id of its last finished job
+        # each pool of actors in a SPREAD placement group: over as many nodes as have room (Ray moves
         # the bundles of a node that dies, and the actors restart there)
-        self._groups = [placement_group([{"CPU": 1, **({"GPU": gpu} if gpu else {})}] * n, strategy="SPREAD")
-                        for n in (cfg.rollout.workers, cfg.reward.workers)]
+        pools = {"rollout": (0 if self.colocated else cfg.rollout.workers, gpus), "reward": (cfg.reward.workers, reward_gpus)}
+        self._groups = {k: placement_group([{"CPU": 1, **({"GPU": g} if g else {})}] * n, strategy="SPREAD")
+                        for k, (n, g) in pools.items() if n}
 
-        def placed(cls: type, group: Any, index: int) -> Any:
-            where = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
+        def placed(cls: type, pool: str, index: int) -> Any:
+            where = PlacementGroupSchedulingStrategy(self._groups[pool], placement_group_bundle_index=index)
+            opts = dict(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, num_cpus=1,
+                        num_gpus=pools[pool][1])
             return ray.remote(**opts)(cls).options(scheduling_strategy=where, runtime_env={"env_vars": env})
 
-        self.rollout_workers = [placed(_RolloutWorker, self._groups[0], i).remote(self.home)
-                                for i in range(cfg.rollout.workers)]
-        self.reward_workers = [placed(_RewardWorker, self._groups[1], i).remote(cfg, self.home)
+        self.rollout_workers = [placed(_RolloutWorker, "rollout", i).remote(self.home)
+                                for i in range(pools["rollout"][0])]
+        self.reward_workers = [placed(_RewardWorker, "reward", i).remote(cfg, self.home)
                                for i in range(cfg.reward.workers)]
+        self._job_id = 0
         self._storage = tempfile.mkdtemp(prefix="tempflow-raytrain-")
         self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
         self._groups_started = 0
@@ -297,16 +342,40 @@ class RayEngine:
     @staticmethod
     def cpus_needed(cfg: RunConfig) -> int:
         """Logical CPUs the run holds at once: one per actor while it lives, plus the learner's ranks."""
-        return cfg.rollout.workers + cfg.reward.workers + cfg.train.workers
+        return (0 if colocated(cfg) else cfg.rollout.workers) + cfg.reward.workers + cfg.train.workers
 
     # -- the Engine interface (engine.py): the same stages, their work on the actors and the group
 
+    def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
+        """The initial adapter: written by learner rank 0 when colocated, else here."""
+        if not self.colocated:
+            return stages.init_stage(cfg, layout, sessions)
+        return self._on_group(cfg, layout.run_id, -1, "init", {0: None})[0]
+
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                 bar: Bar = no_bar, log: Log | None = None) -> str:
-        """Slices sampled by the rollout actors (one tick per finished slice)."""
+        """Slices sampled by the rollout actors, or by the learner's ranks when colocated (one tick
+        per finished slice; colocated, a rank's slices tick together)."""
         with bar(cfg.rollout.slices, f"iter {iteration} rollout slices") as tick:
-            return stages.rollout_stage(cfg, layout, iteration, sessions,
-                                        run_slices=self.rollout_runner(cfg, layout.run_id, iteration, tick, log))
+            runner = self.colocated_rollout_runner(cfg, layout.run_id, iteration, tick) if self.colocated else \
+                self.rollout_runner(cfg, layout.run_id, iteration, tick, log)
+            return stages.rollout_stage(cfg, layout, iteration, sessions, run_slices=runner)
+
+    def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
+        """The evaluation of checkpoint i: on learner rank 0 when colocated, else here."""
+        if not self.colocated:
+            return stages.eval_stage(cfg, layout, iteration, sessions)
+        return self._on_group(cfg, layout.run_id, iteration, "eval", {0: None})[0]
+
+    def base_eval(self, cfg: RunConfig, sessions: SessionCache,
+                  inputs: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+        """The base model's evaluation (stored once per store): on learner rank 0 when colocated."""
+        if not self.colocated:
+            from tempflow_core.run.baseline import base_evaluation
+            from tempflow_core.run.layout import open_run_store
+
+            return base_evaluation(cfg, open_run_store(cfg), lambda: sessions.get(cfg), inputs)
+        return tuple(self._on_group(cfg, "base", -1, "base_eval", {0: inputs})[0])  # type: ignore[return-value]
 
     def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
         """Shares of the shards scored by the reward actors."""
@@ -374,39 +443,61 @@ class RayEngine:
 
         return run
 
-    def learner_runner(self, cfg: RunConfig, run_id: str, iteration: int) -> Callable[[], None]:
-        """stages.RankRunner: the run's resident Ray Train group (started at the first learner
-        stage) runs this stage; a group that died is started anew and given the stage again."""
+    def colocated_rollout_runner(self, cfg: RunConfig, run_id: str, iteration: int,
+                                 progress: Callable[[int], None] | None = None) -> Callable[[list[int]], list[RolloutPart]]:
+        """stages.SliceRunner of the colocated placement: slice j to learner rank j mod W, each
+        rank sampling its slices one after the other with its one session."""
 
-        def run() -> None:
-            for attempt in range(ACTOR_RESTARTS + 1):
-                group = self._learner_group(cfg)
-                for q in group["jobs"]:
-                    q.put((cfg, run_id, iteration))
-                answers = self._await_ranks(group, iteration)
-                errors = [e for e in answers.values() if e is not None]
-                damaged = next((e.damaged for e in errors if e.damaged is not None), None)
-                if damaged is not None:  # learner_stage heals its inputs and runs the stage again (a new group)
-                    self._stop_learner_group()
-                    raise damaged
-                failed = [e for e in errors if not e.peer_lost]
-                if failed:  # an error of the stage itself (a survivor may have lost it as a peer): fail
-                    self._stop_learner_group()
-                    raise RuntimeError(f"learner rank failed in iteration {iteration}:\n{failed[0].traceback}")
-                if len(answers) < len(group["jobs"]) or errors:
-                    # a rank died (or lost a peer) under the stage: a new group reruns it from checkpoint i-1
-                    log.warning("iteration %d: a learner rank died during the stage (attempt %d, %d of %d ranks "
-                                "answered); restarting the group", iteration, attempt + 1, len(answers),
-                                len(group["jobs"]))
-                    if errors:
-                        self._last_group_error = errors[0].traceback[-2000:]
-                    self._stop_learner_group()
-                    continue
-                return
-            raise RuntimeError(f"the learner group kept failing in iteration {iteration}: "
-                               f"{self._last_group_error or 'no rank reported an error'}")
+        def run(indices: list[int]) -> list[RolloutPart]:
+            W = cfg.train.workers
+            share = {r: [j for j in indices if j % W == r] for r in range(W)}
+            parts = [p for ps in self._on_group(cfg, run_id, iteration, "rollout", share).values() for p in ps]
+            if progress is not None:
+                progress(len(parts))
+            return sorted(parts, key=lambda p: p.index)
 
         return run
+
+    def learner_runner(self, cfg: RunConfig, run_id: str, iteration: int) -> Callable[[], None]:
+        """stages.RankRunner: the run's resident Ray Train group (started at the first job) runs
+        this stage on every rank; a group that died is started anew and given the stage again."""
+
+        def run() -> None:
+            self._on_group(cfg, run_id, iteration, "update", {r: None for r in range(cfg.train.workers)})
+
+        return run
+
+    def _on_group(self, cfg: RunConfig, run_id: str, iteration: int, kind: str, args: dict[int, Any]) -> dict[int, Any]:
+        """Job `kind` on the learner ranks of `args` (rank -> the job's argument); their results.
+        A rank that dies under it (or whose peer died under a collective) makes a new group run the
+        job again, from the store's state (checkpoint i-1); a damaged input is raised for the stage
+        to heal; any other error fails it."""
+        for attempt in range(ACTOR_RESTARTS + 1):
+            group = self._learner_group(cfg)
+            self._job_id += 1
+            for r, arg in args.items():
+                group["jobs"][r].put((kind, self._job_id, cfg, run_id, iteration, arg))
+            answers = self._await_ranks(group, self._job_id, set(args))
+            errors = [e for e, _ in answers.values() if e is not None]
+            damaged = next((e.damaged for e in errors if e.damaged is not None), None)
+            if damaged is not None:  # the stage heals its inputs and runs again (a new group)
+                self._stop_learner_group()
+                raise damaged
+            failed = [e for e in errors if not e.peer_lost]
+            if failed:  # an error of the job itself (a survivor may have lost it as a peer): fail
+                self._stop_learner_group()
+                raise RuntimeError(f"learner rank failed in iteration {iteration} ({kind}):\n{failed[0].traceback}")
+            if len(answers) < len(args) or errors:
+                # a rank died (or lost a peer) under the job: a new group reruns it
+                log.warning("iteration %d: a learner rank died during its %s job (attempt %d, %d of %d ranks "
+                            "answered); restarting the group", iteration, kind, attempt + 1, len(answers), len(args))
+                if errors:
+                    self._last_group_error = errors[0].traceback[-2000:]
+                self._stop_learner_group()
+                continue
+            return {r: result for r, (_, result) in answers.items()}
+        raise RuntimeError(f"the learner group kept failing in iteration {iteration} ({kind}): "
+                           f"{self._last_group_error or 'no rank reported an error'}")
 
     def _learner_group(self, cfg: RunConfig) -> dict[str, Any]:
         """The resident TorchTrainer of train.workers ranks, its fit() running in a thread."""
@@ -417,15 +508,16 @@ class RayEngine:
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        gpu = _uses_gpu(cfg)
+        gpus, backend = worker_gpus(cfg), "nccl" if _uses_gpu(cfg) else "gloo"
         # the queues live on the driver's node: a node that dies takes its ranks, not the group's mail
         here = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(self.home[0], soft=True)}
         jobs, done = [Queue(actor_options=here) for _ in range(cfg.train.workers)], Queue(actor_options=here)
         self._groups_started += 1
         trainer = TorchTrainer(
             _learner_loop, train_loop_config={"jobs": jobs, "done": done, "home": self.home, "env": _forwarded_env()},
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu, resources_per_worker={"CPU": 1},
+            torch_config=TorchConfig(backend=backend),
+            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpus > 0,
+                                         resources_per_worker={"CPU": 1, **({"GPU": gpus} if gpus else {})},
                                          placement_strategy="SPREAD"),
             run_config=TrainRunConfig(name=f"learner-{os.getpid()}-{self._groups_started}", storage_path=self._storage,
                                       failure_config=FailureConfig(max_failures=0)),
@@ -443,23 +535,23 @@ class RayEngine:
         self._group = {"jobs": jobs, "done": done, "thread": thread, "outcome": outcome}
         return self._group
 
-    def _await_ranks(self, group: dict[str, Any], iteration: int) -> dict[int, RankError | None]:
-        """Each rank's answer for `iteration` (None: it finished), until every rank answered or
-        the group ended (then the ranks that died are missing)."""
+    def _await_ranks(self, group: dict[str, Any], job_id: int, ranks: set[int]) -> dict[int, tuple[RankError | None, Any]]:
+        """Each rank's answer to job `job_id`, (None or its error, its result), until every rank of
+        `ranks` answered or the group ended (then the ranks that died are missing)."""
         from ray.util.queue import Empty
 
-        answers: dict[int, RankError | None] = {}
-        while len(answers) < len(group["jobs"]):
+        answers: dict[int, tuple[RankError | None, Any]] = {}
+        while len(answers) < len(ranks):
             try:
-                rank, it, error, node = group["done"].get(timeout=2.0)
+                rank, job, error, node, result = group["done"].get(timeout=2.0)
             except Empty:
                 if not group["thread"].is_alive():  # a rank that died or failed took the group down with it
                     return answers
                 continue
             except Exception:  # noqa: BLE001 - the queue's actor died with its node: the group is lost too
                 return answers
-            if it == iteration:
-                answers[rank] = error
+            if job == job_id and rank in ranks:
+                answers[rank] = (error, result)
                 self.rank_nodes[rank] = node
         return answers
 
@@ -485,9 +577,9 @@ class RayEngine:
         self._stop_learner_group()
         for a in self.rollout_workers + self.reward_workers:
             ray.kill(a)
-        for g in self._groups:
+        for g in self._groups.values():
             remove_placement_group(g)
-        self.rollout_workers, self.reward_workers, self._groups = [], [], []
+        self.rollout_workers, self.reward_workers, self._groups = [], [], {}
         shutil.rmtree(self._storage, ignore_errors=True)
         if self._connected:
             ray.shutdown()

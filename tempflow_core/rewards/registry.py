@@ -45,20 +45,21 @@ class Entry:
     target: str | Factory  # "module:function", imported when the reward is built, or the factory
     extra: str | None = None  # the pip extra of tempflow that installs its optional dependencies
     requires: tuple[str, ...] = ()  # modules the reward imports when built (checked without importing)
+    gpu: bool = True  # runs a model that wants a GPU; False: numpy, a CPU library or a server does the work
 
 
 BUILTIN: Mapping[str, Entry] = MappingProxyType({
-    "brightness": Entry("tempflow_core.rewards.basic:brightness"),
-    "shapes": Entry("tempflow_core.rewards.extra:shapes"),
-    "shapes_strict": Entry("tempflow_core.rewards.extra:shapes_strict"),
-    "jpeg_compressibility": Entry("tempflow_core.rewards.extra:jpeg_compressibility"),
-    "jpeg_incompressibility": Entry("tempflow_core.rewards.extra:jpeg_incompressibility"),
+    "brightness": Entry("tempflow_core.rewards.basic:brightness", gpu=False),
+    "shapes": Entry("tempflow_core.rewards.extra:shapes", gpu=False),
+    "shapes_strict": Entry("tempflow_core.rewards.extra:shapes_strict", gpu=False),
+    "jpeg_compressibility": Entry("tempflow_core.rewards.extra:jpeg_compressibility", gpu=False),
+    "jpeg_incompressibility": Entry("tempflow_core.rewards.extra:jpeg_incompressibility", gpu=False),
     "clipscore": Entry("tempflow_core.rewards.extra:clipscore"),
     "pickscore": Entry("tempflow_core.rewards.extra:pickscore"),
-    "ocr": Entry("tempflow_core.rewards.ocr:ocr", extra="ocr", requires=("rapidocr", "onnxruntime")),
-    "remote": Entry("tempflow_core.rewards.remote:remote"),
-    "frames": Entry("tempflow_core.rewards.clips:frames"),
-    "temporal_consistency": Entry("tempflow_core.rewards.clips:temporal_consistency"),
+    "ocr": Entry("tempflow_core.rewards.ocr:ocr", extra="ocr", requires=("rapidocr", "onnxruntime"), gpu=False),
+    "remote": Entry("tempflow_core.rewards.remote:remote", gpu=False),
+    "frames": Entry("tempflow_core.rewards.clips:frames", gpu=False),
+    "temporal_consistency": Entry("tempflow_core.rewards.clips:temporal_consistency", gpu=False),
 })
 
 
@@ -121,6 +122,16 @@ class RewardRegistry:
         except KeyError:
             return False
         return True
+
+    def needs_gpu(self, name: str, weights: Mapping[str, float] | None = None) -> bool:
+        """Whether building `name` (any part of 'weighted') loads a model that wants a GPU: the
+        CLIP-based rewards do; image statistics, the shapes detector, OCR on onnxruntime's CPU
+        provider and a reward server do not. A plugin's reward counts as needing one unless its
+        factory says otherwise (an attribute `gpu = False`)."""
+        if name == "weighted":
+            return any(self.needs_gpu(n) for n in (weights or {}))
+        _, entry = self._entry(name)
+        return bool(getattr(entry.target, "gpu", True)) if callable(entry.target) else entry.gpu
 
     def factory(self, name: str) -> Factory:
         """The factory of `name` (of BASE for `BASE:LABEL`), imported if need be.

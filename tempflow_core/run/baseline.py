@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tempflow_core.config import RunConfig
 from tempflow_core.run.ownership import BASELINES
@@ -50,11 +50,11 @@ def write_baseline(store: ObjectStore, key: str, result: Mapping[str, Any]) -> N
     store.put_bytes(join_key(BASELINES, f"{key}.json"), json.dumps(result, sort_keys=True).encode())
 
 
-def base_evaluation(cfg: RunConfig, store: ObjectStore, session: Any,
+def base_evaluation(cfg: RunConfig, store: ObjectStore, session: Callable[[], Any],
                     inputs: Mapping[str, str] | None = None) -> tuple[dict[str, Any], bool]:
-    """(the base model's evaluation, whether it came from the store). Computed with `session`'s
-    policy at its initial (zero-effect) adapter when absent, then stored; the session's adapter
-    is left at the initial one."""
+    """(the base model's evaluation, whether it came from the store). When absent, computed with
+    the policy of `session()` (called then only: a stored result loads no model) at its initial
+    (zero-effect) adapter, then stored; that session's adapter is left at the initial one."""
     from tempflow_core.algorithm import evaluation
     from tempflow_core.run.fingerprints import fingerprints
 
@@ -62,7 +62,8 @@ def base_evaluation(cfg: RunConfig, store: ObjectStore, session: Any,
     cached = read_baseline(store, key)
     if cached is not None:
         return cached, True
-    session.policy.load_lora_state_dict(session.init_lora)
-    result, _ = evaluation.evaluate_policy(cfg, session.policy, session.reward_fn, evaluation.eval_prompts(cfg))
+    s = session()
+    s.policy.load_lora_state_dict(s.init_lora)
+    result, _ = evaluation.evaluate_policy(cfg, s.policy, s.reward_fn, evaluation.eval_prompts(cfg))
     write_baseline(store, key, result)
     return result, False

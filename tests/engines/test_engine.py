@@ -9,15 +9,20 @@ import pytest
 
 from tempflow_core.run import stages
 from tempflow_core.config import load_config
-from tempflow_core.engines.engine import LocalEngine, update_units
+from tempflow_core.engines.engine import LocalEngine
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
+from tempflow_core.shards import read_rollouts
 
 
-@pytest.mark.parametrize("algorithm", ["tempflow", "flow_grpo"])  # one unit per branch point / per trained step
+# one unit per branch point / per trained step; a weighted draw of 3 may draw a step twice, and the
+# learner runs one unit per distinct step drawn
+@pytest.mark.parametrize("algorithm", ["tempflow", "flow_grpo", "weighted"])
 def test_the_local_engine_runs_the_stages_holding_the_gpu_slot_and_ticks_its_bars_to_their_totals(
         tiny_model_dir, tmp_path, algorithm):
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"algorithm={algorithm}", "rollout.prompts_per_iter=2",
+    draw = ["rollout.branch_steps=3", "rollout.branch_draw=weighted"] if algorithm == "weighted" else []
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"algorithm={algorithm.replace('weighted', 'tempflow')}",
+                             *draw, "rollout.prompts_per_iter=2",
                              "rollout.group_size=3", "sampling.num_steps=4", "lora.rank=4", "train.minibatches=2",
                              "train.inner_epochs=2", "rollout.slices=2", f"pipeline.store={tmp_path / 'store'}",
                              "prompts.source=builtin:colors"])
@@ -47,7 +52,8 @@ def test_the_local_engine_runs_the_stages_holding_the_gpu_slot_and_ticks_its_bar
     assert held == ["in", "out", "in", "out"]  # rollout and update, not the reward
     assert set(bars) == {"iter 0 rollout", "iter 0 learner"}
     assert bars["iter 0 rollout"] == [4 * 2, 4 * 2]  # T steps x slices
-    units = update_units(cfg, 0)
-    # tempflow: 2 prompts x 3 branch points (0..T-2) x 2 epochs; flow_grpo: 2 x 3 trajectories x 3 steps x 2
-    assert units == (2 * 3 * 2 if algorithm == "tempflow" else 2 * 3 * 3 * 2)
+    # tempflow: 2 prompts x 3 branch points (0..T-2) x 2 epochs; flow_grpo: 2 x 3 trajectories x 3 steps x 2;
+    # weighted: 2 prompts x the distinct steps the rollout branched at x 2 epochs
+    branched = {bp.step for bp in read_rollouts(lay.store, lay.prefix(0, "rollout"), images=False).branch_points}
+    units = {"tempflow": 2 * 3 * 2, "flow_grpo": 2 * 3 * 3 * 2, "weighted": 2 * len(branched) * 2}[algorithm]
     assert bars["iter 0 learner"] == [units, units]

@@ -3,6 +3,8 @@
 One local Ray (127.0.0.1) serves the module. What is checked:
   * rollouts do not depend on the worker count: 1 and 2 rollout actors write the same
     tensors as the local engine sampling the same slices, and 1 and 2 reward actors the same scores;
+  * colocated placement (2 pretend GPUs): the learner's ranks sample, train and evaluate, the
+    driver builds no model, the reward actors take no GPU;
   * a learner of 2 Ray Train ranks (gloo) ends with the LoRA and AdamW state of the one-process
     update within the stated tolerance (float summation order of the all-reduce), for plain
     trajectories and for branch points;
@@ -73,7 +75,7 @@ def local_ray():
 
     # the workers' torch threads: this process's (the local references run here)
     os.environ["TEMPFLOW_WORKER_THREADS"] = str(torch.get_num_threads())
-    with ray_cluster(num_cpus=6) as address:
+    with ray_cluster(num_cpus=6, num_gpus=2) as address:  # 2 pretend GPUs: placements ask for them by name
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         try:
@@ -101,6 +103,13 @@ def _iteration(cfg, run_id: str, sessions: SessionCache, engine=None, learner: b
     return lay
 
 
+@pytest.fixture(scope="module")
+def local_reference(tiny_model_dir, tmp_path_factory) -> RunLayout:
+    """One iteration of the tests' config on the local engine (rollout, reward, update): what the
+    Ray runs of the default algorithm are compared with."""
+    return _iteration(_cfg(tmp_path_factory.mktemp("local"), tiny_model_dir, "local", 1, "local"), "r", SessionCache())
+
+
 def _same_rollouts(a: RunLayout, b: RunLayout) -> None:
     x, y = read_rollouts(a.store, a.prefix(0, "rollout")), read_rollouts(b.store, b.prefix(0, "rollout"))
     assert x.sample_keys() == y.sample_keys() and x.prompt_ids == y.prompt_ids
@@ -122,22 +131,14 @@ def _lora_delta_close(got: dict, want: dict, init: dict) -> float:
     return worst
 
 
-def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_model_dir, tmp_path):
+def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, local_reference, tiny_model_dir, tmp_path):
+    """2 rollout actors write the tensors the local engine writes (1 actor: the killed actor's test
+    below), each slice its own shards merged into one manifest; with reward.stream each written
+    slice goes to one of the 2 reward actors at once, and the scores are the local engine's (scores
+    in shares: the tests below)."""
     from tempflow_core.engines.ray_engine import RayEngine
 
-    sessions = SessionCache()
-    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions, learner=False)
-    for w in (1, 2):
-        cfg = _cfg(tmp_path, tiny_model_dir, f"ray{w}", w)
-        with RayEngine(cfg) as eng:
-            lay = _iteration(cfg, "r", sessions, eng, learner=False)
-        _same_rollouts(ref, lay)
-        keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
-        a, b = (read_scores(x.store, x.iteration_prefix(0), "reward") for x in (ref, lay))
-        assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
-        parts = {s.name.split("-shard-")[0] for s in require_manifest(lay.store, lay.prefix(0, "rollout")).shards}
-        assert parts == {"part-000", "part-001"}  # each slice's own shards, merged into one manifest
-    # reward.stream: each slice goes to a reward actor as soon as it is written; the same scores
+    sessions, ref = SessionCache(), local_reference
     cfg = _cfg(tmp_path, tiny_model_dir, "ray-stream", 2, extra=["reward.stream=true"])
     with RayEngine(cfg) as eng:
         lay = RunLayout.open(cfg, "r")
@@ -146,10 +147,59 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, tiny_
         assert len(eng._streamed[("r", 0)]) == 2  # both slices handed to the reward actors already
         stages.reward_stage(cfg, lay, 0, sessions, run_scoring=eng.reward_runner(cfg, "r", 0))
         assert eng._streamed == {}
+    _same_rollouts(ref, lay)
+    parts = {s.name.split("-shard-")[0] for s in require_manifest(lay.store, lay.prefix(0, "rollout")).shards}
+    assert parts == {"part-000", "part-001"}
+    keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
     a, b = (read_scores(x.store, x.iteration_prefix(0), "reward") for x in (ref, lay))
     assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
 
 
+class _NoModel(SessionCache):
+    """The driver's sessions in the colocated placement: asked for a model, the test fails."""
+
+    def get(self, cfg):
+        raise AssertionError("the driver's process built a model")
+
+
+def test_colocated_ranks_sample_train_and_evaluate_and_the_driver_builds_no_model(local_ray, local_reference,
+                                                                                   tiny_model_dir, tmp_path):
+    """pipeline.ray_gpus=1 on a Ray with 2 pretend GPUs: the placement (auto) is colocated. The 2
+    learner ranks, one GPU each, write the initial adapter, sample the rollout's slices, update and
+    evaluate, with one model each; the shapes reward's actors take no GPU; the driver never asks
+    for a model. The rollouts and scores are the local engine's bit for bit, the update its update."""
+    from tempflow_core.engines.ray_engine import RayEngine, colocated
+    from tempflow_core.run.baseline import base_evaluation
+
+    sessions, ref = SessionCache(), local_reference
+    local_cfg = _cfg(tmp_path, tiny_model_dir, "local", 1, "local", [f"pipeline.store={ref.store.uri_for('')}"])
+    stages.eval_stage(local_cfg, ref, 0, sessions)
+    cfg = _cfg(tmp_path, tiny_model_dir, "colocated", 2, extra=["pipeline.ray_gpus=1"])
+    assert colocated(cfg) and not colocated(local_cfg)
+    driver = _NoModel()
+    with RayEngine(cfg) as eng:
+        assert eng.rollout_workers == []
+        assert ray.available_resources().get("GPU") == 2  # the 2 reward actors hold none
+        lay = RunLayout.open(cfg, "r")
+        eng.init(cfg, lay, driver)
+        assert ray.available_resources().get("GPU", 0) == 0  # the 2 ranks hold both
+        eng.rollout(cfg, lay, 0, driver)
+        eng.score(cfg, lay, 0, driver)
+        eng.update(cfg, lay, 0, driver)
+        eng.evaluate(cfg, lay, 0, driver)
+        base, cached = eng.base_eval(cfg, driver, {})
+    _same_rollouts(ref, lay)
+    keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
+    a, b = (read_scores(v.store, v.iteration_prefix(0), "reward") for v in (ref, lay))
+    assert np.array_equal(a.aligned(keys, "reward"), b.aligned(keys, "reward"))
+    _same_update(ref, lay)
+    want, got = stages.read_eval(ref, 0), stages.read_eval(lay, 0)
+    assert [x["prompt"] for x in got["samples"]] == [x["prompt"] for x in want["samples"]]
+    assert got["reward"] == pytest.approx(want["reward"], abs=0.02)  # of a LoRA within LORA_RTOL
+    assert not cached and base == base_evaluation(local_cfg, ref.store, lambda: sessions.get(local_cfg), {})[0]
+
+
+@pytest.mark.slow  # the engine is family-agnostic: the family contract suite and the collectives' tests cover what it found
 def test_qwen_image_on_ray_is_the_local_engine(local_ray, tiny_qwen_dir, tmp_path):
     """The Qwen-Image family (masked conditioning, true CFG) on Ray: 2 rollout actors write the local
     engine's rollouts bit for bit, masks included, 2 reward actors its scores, and 2 learner ranks
@@ -199,7 +249,8 @@ def test_a_learner_rank_that_finds_a_damaged_shard_makes_the_stage_heal_and_matc
 KILL_POINTS = ("learner.job/rank1", "learner.minibatch/rank0", "learner.allreduce/rank1")
 
 
-def test_a_learner_rank_killed_anywhere_in_a_stage_never_fails_it(local_ray, tiny_model_dir, tmp_path, monkeypatch):
+def test_a_learner_rank_killed_anywhere_in_a_stage_never_fails_it(local_ray, local_reference, tiny_model_dir, tmp_path,
+                                                                  monkeypatch):
     """One learner stage of 2 ranks in which a rank is SIGKILLed three times (tempflow_core.failpoints):
     having taken the job, at its first minibatch, entering the all-reduce. The survivor's errors
     (gloo's 'Connection closed by peer') restart the group, a group in which no rank dies finishes,
@@ -207,8 +258,7 @@ def test_a_learner_rank_killed_anywhere_in_a_stage_never_fails_it(local_ray, tin
     from tempflow_core import failpoints
     from tempflow_core.engines.ray_engine import RayEngine
 
-    sessions = SessionCache()
-    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions)
+    sessions, ref = SessionCache(), local_reference
     cfg = _cfg(tmp_path, tiny_model_dir, "ray", 2)
     markers = [tmp_path / f"killed-{i}" for i in range(len(KILL_POINTS))]
     monkeypatch.setenv(failpoints.ENV, ",".join(f"{p}={m}" for p, m in zip(KILL_POINTS, markers)))
@@ -261,12 +311,11 @@ def _same_update(ref: RunLayout, lay: RunLayout, moment_rtol: float = MOMENT_RTO
     assert mg["train/loss"] == pytest.approx(mw["train/loss"], rel=1e-3, abs=1e-7)
 
 
-def test_a_rollout_actor_killed_mid_stage_is_replaced_and_the_output_is_the_same(local_ray, tiny_model_dir,
-                                                                                tmp_path):
+def test_a_rollout_actor_killed_mid_stage_is_replaced_and_the_output_is_the_same(local_ray, local_reference,
+                                                                                tiny_model_dir, tmp_path):
     from tempflow_core.engines.ray_engine import RayEngine
 
-    sessions = SessionCache()
-    ref = _iteration(_cfg(tmp_path, tiny_model_dir, "local", 1, "local"), "r", sessions, learner=False)
+    sessions, ref = SessionCache(), local_reference
     cfg = _cfg(tmp_path, tiny_model_dir, "killed", 1)
     with RayEngine(cfg) as eng:
         actor = eng.rollout_workers[0]
