@@ -3,6 +3,7 @@
     schedule.py       timesteps, sigmas, the SDE noise level s_t and the noise-aware weights
     sde.py            the ODE step, the SDE step (eq. 5) with its log-prob, the closed-form KL (eq. 6)
     steps.py          which steps branch and train, and each step's weight
+    iteration.py      IterationPlan: one iteration's steps, weights, importance and counts, decided once
     rollout.py        branched (ODE -> one SDE step -> ODE) and plain SDE rollouts; ODE sampling
     advantages.py     group-wise or global-std advantages
     objective.py      the clipped ratio x step weight + beta KL

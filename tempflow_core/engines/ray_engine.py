@@ -280,9 +280,12 @@ def worker_gpus(cfg: RunConfig) -> float:
 
 def colocated(cfg: RunConfig) -> bool:
     """Whether the learner's ranks also sample, write the initial adapter and evaluate
-    (pipeline.placement; 'auto': when the workers use GPUs)."""
+    (pipeline.placement; 'auto': when the workers use GPUs and rollout.workers asks for no
+    rollout actors of their own, i.e. is 1 or train.workers)."""
     p = cfg.pipeline.placement
-    return p == "colocated" or (p == "auto" and worker_gpus(cfg) > 0)
+    if p != "auto":
+        return p == "colocated"
+    return worker_gpus(cfg) > 0 and cfg.rollout.workers in (1, cfg.train.workers)
 
 
 class RayEngine:
