@@ -25,7 +25,10 @@ def plan(
         tempflow plan --config flows/configs/models/sd35m.yaml --gpu-memory 80
     """
     from tempflow_core.memory import GIB, estimate, load_facts, probe
-    from tempflow_core.run.plan import minutes, refusal, rows_per_iteration, size, store_bytes, table
+    from tempflow_core.rewards import RewardRegistry
+    from tempflow_core.run.plan import (
+        minutes, placements, refusal, rows_per_iteration, size, store_bytes, table, wall_minutes,
+    )
 
     cfg = resolve(config, set_)
     if cfg.model.path and not (Path(cfg.model.path) / "model_index.json").is_file():
@@ -38,7 +41,10 @@ def plan(
     memory = estimate(cfg, facts, sample)
     nfe, units = rows_per_iteration(cfg)
     rows = cfg.rows_per_sample()
-    workers = {"rollout": min(cfg.rollout.workers, cfg.rollout.slices), "learner": cfg.train.workers, "eval": 1}
+    reward_gpus = RewardRegistry.for_config(cfg.reward).needs_gpu(cfg.reward.name, cfg.reward.weights)
+    where = placements(cfg, reward_gpus)  # the run's placement first
+    mine = where[0]
+    workers = {"rollout": mine.rollout_workers, "learner": mine.learner_workers, "eval": 1}
     typer.echo(f"{cfg.algorithm} on {cfg.model.path or 'a tiny random model'}: {cfg.rollout.prompts_per_iter} prompts x "
                f"K {cfg.rollout.group_size}, T {cfg.sampling.num_steps}, {facts.pixels} px, {cfg.model.dtype}, "
                f"{cfg.train.iterations} iterations")
@@ -51,15 +57,23 @@ def plan(
     tensors, images = store_bytes(cfg, facts)
     typer.echo(f"rollout shards per iteration: {size(tensors)} of learner inputs + at most {size(images)} of images "
                f"(PNG)")
-    B, S = cfg.rollout.prompts_per_iter, cfg.rollout.slices
-    calls = -(-S // workers["rollout"]) * -(-B // S)  # prompts the busiest rollout worker samples
     for m in minutes(cfg, facts):
-        wall = m.rollout * calls / B + m.learner / workers["learner"]
+        wall = wall_minutes(cfg, m, mine)
         typer.echo(f"one {m.gpu}: {m.total:.2f} GPU-minutes per iteration (rollout {m.rollout:.2f}, learner "
-                   f"{m.learner:.2f}), {wall:.2f} min wall on {workers['rollout']} rollout / {workers['learner']} "
+                   f"{m.learner:.2f}), {wall:.2f} min wall on {mine.rollout_workers} rollout / {mine.learner_workers} "
                    f"learner GPUs, {wall * cfg.train.iterations / 60:.1f} h for the run "
                    f"({'per-row costs measured on this GPU' if m.measured else 'estimated'}; rewards and "
                    "orchestration not counted)")
+    if cfg.pipeline.engine == "ray":
+        h200 = minutes(cfg, facts)[0]
+        peak = max(f.peak for f in memory.values())
+        for i, p in enumerate(where):
+            wall = wall_minutes(cfg, h200, p)
+            hours = wall * cfg.train.iterations / 60
+            held = f"the largest stage peak, {size(peak)}, per GPU" if p.name == "colocated" else "a model per GPU"
+            typer.echo(f"{'this run' if i == 0 else 'instead'}: {p.name} placement on Ray holds {p.gpus} GPU{'s' if p.gpus != 1 else ''} "
+                       f"({held}; the reward {'takes a GPU per actor' if reward_gpus else 'takes none'}): "
+                       f"{wall:.2f} min wall per iteration on H200s, {hours * p.gpus:,.0f} GPU-hours for the run")
     if gpu_memory is not None:
         why = refusal(memory, gpu_memory * GIB, f"a {gpu_memory:g} GiB GPU")
         if why:

@@ -282,10 +282,10 @@ def colocated(cfg: RunConfig) -> bool:
     """Whether the learner's ranks also sample, write the initial adapter and evaluate
     (pipeline.placement; 'auto': when the workers use GPUs and rollout.workers asks for no
     rollout actors of their own, i.e. is 1 or train.workers)."""
-    p = cfg.pipeline.placement
-    if p != "auto":
-        return p == "colocated"
-    return worker_gpus(cfg) > 0 and cfg.rollout.workers in (1, cfg.train.workers)
+    from tempflow_core.run.plan import placement_on_gpus
+
+    on_gpus = placement_on_gpus(cfg) == "colocated"
+    return on_gpus if cfg.pipeline.placement != "auto" else on_gpus and worker_gpus(cfg) > 0
 
 
 class RayEngine:

@@ -88,6 +88,48 @@ def minutes(cfg: Any, facts: ModelFacts) -> list[Minutes]:
     return [Minutes("H200", roll, learn, measured), Minutes("H100", roll, learn, False)]
 
 
+def placement_on_gpus(cfg: Any) -> str:
+    """The Ray placement a run takes on GPUs (pipeline.placement; 'auto': colocated unless
+    rollout.workers asks for rollout actors of their own)."""
+    p = cfg.pipeline.placement
+    if p != "auto":
+        return p
+    return "colocated" if cfg.rollout.workers in (1, cfg.train.workers) else "separate"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's stages run on GPUs, and what that holds."""
+
+    name: str  # "one GPU" (the local engine), "colocated" or "separate"
+    gpus: int  # GPUs held for the whole run
+    rollout_workers: int  # workers sampling at once
+    learner_workers: int
+
+
+def placements(cfg: Any, reward_gpus: bool) -> list[Placement]:
+    """The run's placement first: one GPU on the local engine; on Ray the configured one and the
+    other (colocated: train.workers ranks sample and train; separate: rollout actors, learner ranks
+    and, for a reward that runs a model, reward actors each hold a GPU)."""
+    if cfg.pipeline.engine != "ray":
+        return [Placement("one GPU", 1, 1, 1)]
+    W, S = cfg.train.workers, cfg.rollout.slices
+    rollout = cfg.rollout.workers if cfg.rollout.workers != 1 else W  # separate pools with one actor per rank
+    reward = cfg.reward.workers if reward_gpus else 0
+    both = {"colocated": Placement("colocated", W + reward, min(W, S), W),
+            "separate": Placement("separate", rollout + reward + W, min(rollout, S), W)}
+    mine = placement_on_gpus(cfg)
+    return [both[mine]] + [p for k, p in both.items() if k != mine]
+
+
+def wall_minutes(cfg: Any, m: Minutes, p: Placement) -> float:
+    """Minutes of one iteration on `p`'s workers: the busiest rollout worker's prompts (whole slices)
+    and the learner's units split over its ranks."""
+    B, S = cfg.rollout.prompts_per_iter, cfg.rollout.slices
+    calls = -(-S // p.rollout_workers) * -(-B // S)  # prompts the busiest rollout worker samples
+    return m.rollout * calls / B + m.learner / p.learner_workers
+
+
 def refusal(memory: dict[str, Footprint], capacity: float, where: str = "the device") -> str | None:
     """None when every stage fits `capacity` bytes; else one line naming the stage, its estimate,
     the largest part of it and the setting that shrinks that part."""

@@ -47,3 +47,23 @@ def test_only_rewards_that_run_a_model_ask_for_a_gpu():
     cpu_reward.gpu = False
     plugins = reg.with_rewards({"mine": cpu_reward, "theirs": model_reward})
     assert not plugins.needs_gpu("mine") and plugins.needs_gpu("theirs")  # unknown: assumed to want one
+
+
+def test_the_plan_counts_the_gpus_each_placement_holds_and_its_wall_minutes_by_hand():
+    from tempflow_core.run.plan import Minutes, placements, wall_minutes
+
+    node = ["rollout.prompts_per_iter=48", "rollout.slices=48", "train.workers=8"]
+    colo, sep = placements(_cfg(*node), reward_gpus=False)
+    assert (colo.name, colo.gpus, colo.rollout_workers, colo.learner_workers) == ("colocated", 8, 8, 8)
+    assert (sep.name, sep.gpus) == ("separate", 16)  # one rollout actor per rank, beside the ranks
+    actors = ["rollout.prompts_per_iter=48", "rollout.slices=48", "rollout.workers=6", "reward.workers=1",
+              "train.workers=1"]
+    mine = placements(_cfg(*actors), reward_gpus=False)[0]
+    assert (mine.name, mine.gpus, mine.rollout_workers, mine.learner_workers) == ("separate", 7, 6, 1)
+    assert placements(_cfg(*actors), reward_gpus=True)[0].gpus == 8  # a reward model: one more GPU
+    assert [p.name for p in placements(load_config(None, []), False)] == ["one GPU"]
+    m = Minutes("H200", rollout=48.0, learner=8.0, measured=True)  # one GPU's minutes of one iteration
+    # colocated: 6 one-prompt slices per rank, the update over 8 ranks; separate: 8 slices on the
+    # busiest of 6 actors, the update on one rank
+    assert wall_minutes(_cfg(*node), m, colo) == 48.0 * 6 / 48 + 8.0 / 8
+    assert wall_minutes(_cfg(*actors), m, mine) == 48.0 * 8 / 48 + 8.0 / 1
