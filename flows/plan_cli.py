@@ -71,7 +71,8 @@ def plan(
             wall = wall_minutes(cfg, h200, p)
             hours = wall * cfg.train.iterations / 60
             held = f"the largest stage peak, {size(peak)}, per GPU" if p.name == "colocated" else "a model per GPU"
-            typer.echo(f"{'this run' if i == 0 else 'instead'}: {p.name} placement on Ray holds {p.gpus} GPU{'s' if p.gpus != 1 else ''} "
+            gpus = f"{p.gpus} GPU{'s' if p.gpus != 1 else ''}"
+            typer.echo(f"{'this run' if i == 0 else 'instead'}: {p.name} placement on Ray holds {gpus} "
                        f"({held}; the reward {'takes a GPU per actor' if reward_gpus else 'takes none'}): "
                        f"{wall:.2f} min wall per iteration on H200s, {hours * p.gpus:,.0f} GPU-hours for the run")
     if gpu_memory is not None:

@@ -86,8 +86,9 @@ class IterationPlan:
         if not self.weighted_draw:
             return {k: 1.0 for k in steps}
         if sorted(steps) != list(self.steps):
-            raise ValueError(f"iteration {self.iteration}'s batch branches at steps {sorted(steps)}, and the weighted "
-                             f"draw of this config picks {list(self.steps)}: the rollouts were made with another config")
+            raise ValueError(f"iteration {self.iteration}'s batch branches at steps {sorted(steps)}, and the "
+                             f"weighted draw of this config picks {list(self.steps)}: the rollouts were made with "
+                             "another config")
         return dict(self.importance)
 
 

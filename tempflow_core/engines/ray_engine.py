@@ -315,13 +315,15 @@ class RayEngine:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpus = worker_gpus(cfg)
-        reward_gpus = gpus if RewardRegistry.for_config(cfg.reward).needs_gpu(cfg.reward.name, cfg.reward.weights) else 0
+        registry = RewardRegistry.for_config(cfg.reward)
+        reward_gpus = gpus if registry.needs_gpu(cfg.reward.name, cfg.reward.weights) else 0
         self.colocated = colocated(cfg)
         env = _forwarded_env()
         self.rank_nodes: dict[int, str] = {}  # learner rank -> node id of its last finished job
         # each pool of actors in a SPREAD placement group: over as many nodes as have room (Ray moves
         # the bundles of a node that dies, and the actors restart there)
-        pools = {"rollout": (0 if self.colocated else cfg.rollout.workers, gpus), "reward": (cfg.reward.workers, reward_gpus)}
+        pools = {"rollout": (0 if self.colocated else cfg.rollout.workers, gpus),
+                 "reward": (cfg.reward.workers, reward_gpus)}
         self._groups = {k: placement_group([{"CPU": 1, **({"GPU": g} if g else {})}] * n, strategy="SPREAD")
                         for k, (n, g) in pools.items() if n}
 
@@ -447,7 +449,8 @@ class RayEngine:
         return run
 
     def colocated_rollout_runner(self, cfg: RunConfig, run_id: str, iteration: int,
-                                 progress: Callable[[int], None] | None = None) -> Callable[[list[int]], list[RolloutPart]]:
+                                 progress: Callable[[int], None] | None = None
+                                 ) -> Callable[[list[int]], list[RolloutPart]]:
         """stages.SliceRunner of the colocated placement: slice j to learner rank j mod W, each
         rank sampling its slices one after the other with its one session."""
 
@@ -538,7 +541,8 @@ class RayEngine:
         self._group = {"jobs": jobs, "done": done, "thread": thread, "outcome": outcome}
         return self._group
 
-    def _await_ranks(self, group: dict[str, Any], job_id: int, ranks: set[int]) -> dict[int, tuple[RankError | None, Any]]:
+    def _await_ranks(self, group: dict[str, Any], job_id: int,
+                     ranks: set[int]) -> dict[int, tuple[RankError | None, Any]]:
         """Each rank's answer to job `job_id`, (None or its error, its result), until every rank of
         `ranks` answered or the group ended (then the ranks that died are missing)."""
         from ray.util.queue import Empty

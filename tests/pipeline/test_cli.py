@@ -16,6 +16,7 @@ import torch
 
 from tempflow_core.algorithm.train import train_in_process
 
+from .cli_runner import run_cli
 from .conftest import tiny_overrides
 
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -32,12 +33,13 @@ def _env(tmp_path: Path, prefect_api: str | None) -> dict[str, str]:
 
 
 def test_invalid_config_exits_2_naming_the_field_and_writes_nothing(tmp_path):
-    for override, field in (("rollout.group_size=-1", "rollout.group_size"), ("algorithm=ppo", "algorithm"),
-                            ("reward.bogus=1", "reward.bogus"), ("train.lr=fast", "train.lr")):
-        out = subprocess.run(CLI + ["train", "--set", override], capture_output=True, text=True, timeout=120,
-                             env=_env(tmp_path, None), cwd=tmp_path)
-        assert out.returncode == 2, out.stderr[-500:]
-        assert field in out.stderr
+    """The first case in a process of its own, the others through the same CLI in this one."""
+    cases = (("rollout.group_size=-1", "rollout.group_size"), ("algorithm=ppo", "algorithm"),
+             ("reward.bogus=1", "reward.bogus"), ("train.lr=fast", "train.lr"))
+    for i, (override, field) in enumerate(cases):
+        code, _, stderr = run_cli(["train", "--set", override], _env(tmp_path, None), tmp_path, own_process=i == 0)
+        assert code == 2, stderr[-500:]
+        assert field in stderr
     assert not (tmp_path / "home" / "store").exists() and not (tmp_path / "home" / "runs").exists()
 
 
@@ -51,11 +53,11 @@ def test_unknown_reward_is_refused_before_any_work(prefect_api, tiny_model_dir, 
 
 def test_preset_fast_rewrites_a_new_runs_config_and_is_refused_where_it_cannot_apply(tiny_model_dir, tmp_path):
     sets = sum((["--set", o] for o in tiny_overrides(tmp_path, tiny_model_dir)), [])  # T = 4
-    for extra, field in ((["--set", "algorithm=flow_grpo"], "algorithm"), ([], "sampling.num_steps"),
-                         (["--resume", "r"], "--resume")):
-        out = subprocess.run(CLI + ["train", "--preset", "fast"] + sets + extra, capture_output=True, text=True,
-                             timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
-        assert out.returncode == 2 and field in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for i, (extra, field) in enumerate(((["--set", "algorithm=flow_grpo"], "algorithm"), ([], "sampling.num_steps"),
+                                        (["--resume", "r"], "--resume"))):
+        code, _, stderr = run_cli(["train", "--preset", "fast"] + sets + extra, _env(tmp_path, None), tmp_path,
+                                  own_process=i == 0)
+        assert code == 2 and field in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "runs").exists()
     out = subprocess.run(CLI + ["train", "--in-process", "--preset", "fast"] + sets + ["--set", "sampling.num_steps=5"],
                          capture_output=True, text=True, timeout=300, env=_env(tmp_path, None), cwd=tmp_path)
@@ -252,11 +254,11 @@ def test_a_run_id_that_is_not_one_safe_name_is_refused_before_any_state(tmp_path
         with pytest.raises(ValueError, match="not a single safe name"):
             check_run_id(bad)
     assert check_run_id("tempflow-20261207-123456-1a2b.c_d") == "tempflow-20261207-123456-1a2b.c_d"
-    for flag, bad in (("--run-id", "../x"), ("--run-id", "/abs"), ("--resume", "../../etc")):
-        out = subprocess.run(CLI + ["train", flag, bad, "--set", f"pipeline.store={tmp_path / 'store'}"],
-                             capture_output=True, text=True, timeout=120, env=_env(tmp_path, None), cwd=tmp_path)
-        assert out.returncode == 2, (bad, out.stderr[-500:])
-        assert out.stderr.strip().count("\n") == 0 and "not a single safe name" in out.stderr, out.stderr
+    for i, (flag, bad) in enumerate((("--run-id", "../x"), ("--run-id", "/abs"), ("--resume", "../../etc"))):
+        code, _, stderr = run_cli(["train", flag, bad, "--set", f"pipeline.store={tmp_path / 'store'}"],
+                                  _env(tmp_path, None), tmp_path, own_process=i == 0)
+        assert code == 2, (bad, stderr[-500:])
+        assert stderr.strip().count("\n") == 0 and "not a single safe name" in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no Prefect state, no runs
 
 
@@ -271,11 +273,10 @@ def test_a_store_or_run_folder_holding_other_things_is_refused_with_exit_2_and_l
     cases = ((["--set", f"pipeline.store={etc.as_uri()}"], "pipeline.store: " + etc.as_uri(), "pipeline.shared_store=true"),
              (["--set", f"pipeline.store={etc}", "--set", "pipeline.shared_store=true", "--run-id", "ssh"],
               "--run-id ssh: " + (etc / "ssh").as_uri(), "choose another run id"))
-    for args, named, fix in cases:
-        out = subprocess.run(CLI + ["train"] + args, capture_output=True, text=True, timeout=120,
-                             env=_env(tmp_path, None), cwd=tmp_path)
-        assert out.returncode == 2, out.stderr[-800:]
-        assert named in out.stderr and fix in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    for i, (args, named, fix) in enumerate(cases):
+        code, _, stderr = run_cli(["train"] + args, _env(tmp_path, None), tmp_path, own_process=i == 0)
+        assert code == 2, stderr[-800:]
+        assert named in stderr and fix in stderr and stderr.strip().count("\n") == 0, stderr
     assert sorted(str(p.relative_to(etc)) for p in etc.rglob("*")) == before
     assert not (tmp_path / "home").exists()  # no Prefect database, so no flow run
 

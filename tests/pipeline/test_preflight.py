@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,9 @@ import pytest
 from tempflow_core.config import RunConfig, load_config
 from tempflow_core.run.preflight import PROMPT_ID, PreflightError, check_prompts, preflight
 
-_SCRIPT = Path(sys.executable).parent / "tempflow"  # the console script a user runs
-CLI = [str(_SCRIPT), "train"] if _SCRIPT.is_file() else [sys.executable, "-m", "flows.cli", "train"]
+from .cli_runner import CLI as TEMPFLOW, run_cli
+
+CLI = [*TEMPFLOW, "train"]
 CHECKOUT = Path(__file__).resolve().parents[2]
 SHIPPED = CHECKOUT / "models" / "tiny-shapes-sd3"
 SECRET = "hunter2-preflight-secret"
@@ -108,27 +108,6 @@ IN_A_PROCESS = {"binary config", "model folder missing", "S3 without credentials
                 "MLflow server down (credentials in the URI)", "a credential in a reward option"}
 
 
-def _cli(args: list[str], env: dict[str, str], cwd: Path, own_process: bool) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `tempflow train ARGS` in `cwd` under `env`."""
-    if own_process:
-        out = subprocess.run(CLI + args, capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
-        return out.returncode, out.stdout, out.stderr
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    delta: dict[str, str | None] = {k: v for k, v in env.items() if os.environ.get(k) != v}
-    delta.update({k: None for k in os.environ if k not in env})
-    delta.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cwd.parent / "inductor"))  # else the CLI makes one in $TMPDIR
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(app, ["train", *args], env=delta)
-    finally:
-        os.chdir(here)
-    return result.exit_code, result.stdout, result.stderr
-
-
 @pytest.mark.parametrize("case,args,field", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(s3_server, tmp_path, case, args, field):
     cwd, home, user_home = tmp_path / "cwd", tmp_path / "tempflow-home", tmp_path / "user-home"
@@ -143,7 +122,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(s3_server, tmp_path,
             env.pop(var, None)
         env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
     before = _tree(cwd, user_home)
-    code, stdout, stderr = _cli(args, env, cwd, own_process=case in IN_A_PROCESS)
+    code, stdout, stderr = run_cli(["train", *args], env, cwd, own_process=case in IN_A_PROCESS)
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert code == 2, stderr[-2000:]
     assert len(lines) == 1, stderr
