@@ -114,11 +114,12 @@ def placements(cfg: Any, reward_gpus: bool) -> list[Placement]:
     if cfg.pipeline.engine != "ray":
         return [Placement("one GPU", 1, 1, 1)]
     W, S = cfg.train.workers, cfg.rollout.slices
-    rollout = cfg.rollout.workers if cfg.rollout.workers != 1 else W  # separate pools with one actor per rank
+    mine = placement_on_gpus(cfg)
+    # the rollout actors: the run's own count; as the alternative to colocated ranks, one actor per rank
+    rollout = cfg.rollout.workers if mine == "separate" or cfg.rollout.workers != 1 else W
     reward = cfg.reward.workers if reward_gpus else 0
     both = {"colocated": Placement("colocated", W + reward, min(W, S), W),
             "separate": Placement("separate", rollout + reward + W, min(rollout, S), W)}
-    mine = placement_on_gpus(cfg)
     return [both[mine]] + [p for k, p in both.items() if k != mine]
 
 

@@ -61,6 +61,8 @@ def test_the_plan_counts_the_gpus_each_placement_holds_and_its_wall_minutes_by_h
     mine = placements(_cfg(*actors), reward_gpus=False)[0]
     assert (mine.name, mine.gpus, mine.rollout_workers, mine.learner_workers) == ("separate", 7, 6, 1)
     assert placements(_cfg(*actors), reward_gpus=True)[0].gpus == 8  # a reward model: one more GPU
+    one_actor = placements(_cfg("pipeline.placement=separate", "train.workers=2"), reward_gpus=False)[0]
+    assert (one_actor.gpus, one_actor.rollout_workers) == (3, 1)  # the run's one rollout actor and 2 ranks
     assert [p.name for p in placements(load_config(None, []), False)] == ["one GPU"]
     m = Minutes("H200", rollout=48.0, learner=8.0, measured=True)  # one GPU's minutes of one iteration
     # colocated: 6 one-prompt slices per rank, the update over 8 ranks; separate: 8 slices on the
