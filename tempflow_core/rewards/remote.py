@@ -1,4 +1,4 @@
-"""Reward `remote`: scores from a reward server (service.py) over HTTP.
+"""Reward `remote`: scores from a reward server (server.py) over HTTP.
 
     tempflow reward-server --reward shapes --port 8701 &
     tempflow train --set reward.name=remote --set reward.options.remote.url=http://127.0.0.1:8701
