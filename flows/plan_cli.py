@@ -57,7 +57,8 @@ def plan(
     tensors, images = store_bytes(cfg, facts)
     typer.echo(f"rollout shards per iteration: {size(tensors)} of learner inputs + at most {size(images)} of images "
                f"(PNG)")
-    for m in minutes(cfg, facts):
+    per_gpu = minutes(cfg, facts)  # H200, H100
+    for m in per_gpu:
         wall = wall_minutes(cfg, m, mine)
         typer.echo(f"one {m.gpu}: {m.total:.2f} GPU-minutes per iteration (rollout {m.rollout:.2f}, learner "
                    f"{m.learner:.2f}), {wall:.2f} min wall on {mine.rollout_workers} rollout / {mine.learner_workers} "
@@ -65,7 +66,7 @@ def plan(
                    f"({'per-row costs measured on this GPU' if m.measured else 'estimated'}; rewards and "
                    "orchestration not counted)")
     if cfg.pipeline.engine == "ray":
-        h200 = minutes(cfg, facts)[0]
+        h200 = per_gpu[0]
         peak = max(f.peak for f in memory.values())
         for i, p in enumerate(where):
             wall = wall_minutes(cfg, h200, p)

@@ -284,9 +284,8 @@ def load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
 
 
 def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
-    from tempflow_core.families import family_spec
+    from tempflow_core.families import family_spec, make_policy
     from tempflow_core.policies.models import load_pipeline_meta
-    from tempflow_core.families import make_policy
 
     if cfg.model.path:
         pipe = load_pipeline_meta(cfg.model.path)

@@ -43,7 +43,7 @@ from tempflow_core import failpoints
 
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.engines.engine import Bar, Log, no_bar
+from tempflow_core.engines.engine import Bar, LocalEngine, Log, no_bar
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
@@ -338,6 +338,7 @@ class RayEngine:
         self.reward_workers = [placed(_RewardWorker, "reward", i).remote(cfg, self.home)
                                for i in range(cfg.reward.workers)]
         self._job_id = 0
+        self._here = LocalEngine()  # the separate placement's initial adapter and evaluations, in the driver
         self._storage = tempfile.mkdtemp(prefix="tempflow-raytrain-")
         self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
         self._groups_started = 0
@@ -354,7 +355,7 @@ class RayEngine:
     def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
         """The initial adapter: written by learner rank 0 when colocated, else here."""
         if not self.colocated:
-            return stages.init_stage(cfg, layout, sessions)
+            return self._here.init(cfg, layout, sessions)
         return self._on_group(cfg, layout.run_id, -1, "init", {0: None})[0]
 
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
@@ -369,17 +370,14 @@ class RayEngine:
     def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
         """The evaluation of checkpoint i: on learner rank 0 when colocated, else here."""
         if not self.colocated:
-            return stages.eval_stage(cfg, layout, iteration, sessions)
+            return self._here.evaluate(cfg, layout, iteration, sessions)
         return self._on_group(cfg, layout.run_id, iteration, "eval", {0: None})[0]
 
     def base_eval(self, cfg: RunConfig, sessions: SessionCache,
                   inputs: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
         """The base model's evaluation (stored once per store): on learner rank 0 when colocated."""
         if not self.colocated:
-            from tempflow_core.run.baseline import base_evaluation
-            from tempflow_core.run.layout import open_run_store
-
-            return base_evaluation(cfg, open_run_store(cfg), lambda: sessions.get(cfg), inputs)
+            return self._here.base_eval(cfg, sessions, inputs)
         return tuple(self._on_group(cfg, "base", -1, "base_eval", {0: inputs})[0])  # type: ignore[return-value]
 
     def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
@@ -582,6 +580,7 @@ class RayEngine:
         from ray.util.placement_group import remove_placement_group
 
         self._stop_learner_group()
+        self._here.close()
         for a in self.rollout_workers + self.reward_workers:
             ray.kill(a)
         for g in self._groups.values():
