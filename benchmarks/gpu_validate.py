@@ -13,8 +13,9 @@ the noise-aware weights. Per stage it prints the peak device memory against the 
 `tempflow plan` (tempflow_core/memory.py, probed on the CPU; text encoders left out of both),
 the rollout's MFU, the first minibatch's likelihood ratio (unchanged weights: it must be 1) and
 the bytes the rollout's shards take. With two or more GPUs the same update also runs on two
-ranks under NCCL (the learner's data parallelism), and both ranks must end with the one-process
-LoRA. The default batch (2 prompts x K 6) runs in a few minutes on one H100.
+ranks under NCCL (the learner's data parallelism), once with the whole transformer on each rank
+and once sharded with FSDP2 (train.sharding=fsdp, with each rank's peak memory against the
+sharded estimate), and both ranks must end with the one-process LoRA. The default batch (2 prompts x K 6) runs in a few minutes on one H100.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "flux" / "fixtures" / "sd35m"
 
 
-def _config(args: argparse.Namespace, dtype: str):
-    sets = [f"rollout.prompts_per_iter={args.prompts}", f"rollout.group_size={args.group_size}",
+def _config(args: argparse.Namespace, dtype: str, *extra: str):
+    sets = [*extra, f"rollout.prompts_per_iter={args.prompts}", f"rollout.group_size={args.group_size}",
             f"sampling.num_steps={args.steps}", f"rollout.max_batch={args.max_batch}",
             f"train.micro_batch={args.micro_batch}", f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
             f"model.dtype={dtype}", "reward.name=brightness", "train.minibatches=1"]
@@ -71,14 +72,16 @@ def _estimate(cfg, args: argparse.Namespace) -> dict[str, float]:
     return out
 
 
-def _ranks(rank: int, world: int, args: argparse.Namespace, path: str, result: str) -> None:
+def _ranks(rank: int, world: int, args: argparse.Namespace, path: str, result: str, sharded: bool) -> None:
     """One NCCL rank of the update in `path` (units, embeddings, initial LoRA): its share, the
-    all-reduces, its final LoRA written to `result`-rank.safetensors."""
+    all-reduces (the transformer FSDP-sharded when `sharded`), its final LoRA written to
+    `result`-rank.safetensors and its peak memory (GiB, a GPU's) to `result`-rank.json."""
     import safetensors.torch
     import torch.distributed as dist
 
     from tempflow_core.algorithm.data_parallel import DataParallel, collective_device
     from tempflow_core.algorithm.learner import TrainUnits
+    from tempflow_core.algorithm.sharding import shard_transformer
     from tempflow_core.batches import PromptEmbeds
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("TEMPFLOW_VALIDATE_PORT", "29511"))
@@ -94,12 +97,19 @@ def _ranks(rank: int, world: int, args: argparse.Namespace, path: str, result: s
     units = TrainUnits(*(saved[f"units.{f}"] for f in ("x", "x_next", "old_log_prob", "advantages", "step",
                                                        "prompt_index", "weight", "kl_weight")))
     emb = PromptEmbeds.from_tensors({k[4:]: v for k, v in saved.items() if k.startswith("emb.")}).to(policy.device)
+    if sharded:
+        shard_transformer(policy.transformer, policy.device)
     owned = torch.arange(rank, len(units), world)
-    dp = DataParallel(rank, world, len(units), owned, collective_device(dist.get_backend_config(), policy.device))
+    dp = DataParallel(rank, world, len(units), owned, collective_device(dist.get_backend_config(), policy.device),
+                      sharded=sharded)
     optimizer = make_optimizer(policy, cfg.train)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(policy.device)
     update(policy, optimizer, units.subset(owned), emb, schedule, cfg.guidance_scale(), cfg.train, cfg.loss,
            torch.Generator().manual_seed(0), dp=dp)
-    safetensors.torch.save_file(policy.lora_state_dict(), f"{result}-{rank}.safetensors")
+    lora = policy.lora_state_dict()  # every rank: gathering a sharded LoRA is a collective
+    safetensors.torch.save_file(lora, f"{result}-{rank}.safetensors")
+    Path(f"{result}-{rank}.json").write_text(json.dumps({"peak_gib": peak_gib(policy.device)}))
     dist.destroy_process_group()
 
 
@@ -210,15 +220,27 @@ def _two_ranks(args, policy, units, emb, lora0, schedule, cfg) -> dict:
                                                                        "step", "prompt_index", "weight", "kl_weight")},
              **{f"emb.{k}": v.cpu().contiguous() for k, v in emb.tensors().items()}}
     safetensors.torch.save_file(saved, f"{tmp}/inputs.safetensors")
-    mp.spawn(_ranks, args=(2, args, f"{tmp}/inputs.safetensors", f"{tmp}/lora"), nprocs=2, join=True)
-    worst = 0.0
-    for rank in range(2):
-        got = safetensors.torch.load_file(f"{tmp}/lora-{rank}.safetensors")
-        for k, w in want.items():
-            worst = max(worst, float((got[k].float() - w.float()).norm() / (w - lora0[k]).float().norm().clamp_min(1e-12)))
-    print(f"two {'NCCL' if args.device == 'cuda' else 'gloo'} ranks: the update's LoRA delta within {worst:.2e} (relative) of one process's", flush=True)
-    return {"two_ranks_max_relative_delta_error": worst}
-
+    out: dict = {}
+    for sharded in (False, True):
+        name = "fsdp" if sharded else "two_ranks"
+        os.environ["TEMPFLOW_VALIDATE_PORT"] = str(int(os.environ.get("TEMPFLOW_VALIDATE_PORT", "29511")) + sharded)
+        mp.spawn(_ranks, args=(2, args, f"{tmp}/inputs.safetensors", f"{tmp}/{name}", sharded), nprocs=2, join=True)
+        worst = 0.0
+        for rank in range(2):
+            got = safetensors.torch.load_file(f"{tmp}/{name}-{rank}.safetensors")
+            for k, w in want.items():
+                worst = max(worst, float((got[k].float() - w.float()).norm()
+                                         / (w - lora0[k]).float().norm().clamp_min(1e-12)))
+        peaks = [json.loads(Path(f"{tmp}/{name}-{rank}.json").read_text())["peak_gib"] for rank in range(2)]
+        ranks = ["pipeline.engine=ray", "train.workers=2", f"train.sharding={'fsdp' if sharded else 'none'}"]
+        est = _estimate(_config(args, cfg.model.dtype, *ranks), args)["learner"]
+        out.update({f"{name}_max_relative_delta_error": worst, f"{name}_peak_gib": peaks, f"{name}_estimate_gib": est})
+        where = "NCCL" if args.device == "cuda" else "gloo"
+        peak = f"peak {max(peaks):.2f} GiB a rank (estimate {est:.2f})" if peaks[0] is not None else \
+            f"estimate {est:.2f} GiB a rank"
+        print(f"two {where} ranks{', transformer sharded (FSDP2)' if sharded else ''}: the update's LoRA delta "
+              f"within {worst:.2e} (relative) of one process's, {peak}", flush=True)
+    return out
 
 if __name__ == "__main__":
     raise SystemExit(main())

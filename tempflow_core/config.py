@@ -131,6 +131,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: data-parallel learner ranks (Ray Train, gloo on CPU, NCCL on GPU); the global batch, minibatches and update do not depend on it (up to the all-reduce's float summation order).")
+    sharding: Literal["none", "fsdp"] = Field("none", description="pipeline.engine=ray with train.workers >= 2: 'fsdp' shards the transformer (frozen weights, LoRA, AdamW moments) over the learner ranks with FSDP2, each rank holding 1/train.workers of it, for models whose learner does not fit one GPU; the update is the data-parallel one (up to float summation order). Takes the separate placement (sampling workers hold a whole model). 'none': every rank holds the whole model.")
 
 
 class RewardConfig(_Section):
@@ -228,6 +229,13 @@ class RunConfig(_Section):
             raise ValueError(f"rollout.workers ({self.rollout.workers}) with pipeline.placement=colocated: the "
                              f"train.workers ({self.train.workers}) learner ranks sample the rollouts; set rollout.workers "
                              "to train.workers (or leave it unset), or pipeline.placement=separate for rollout actors")
+        if self.train.sharding == "fsdp" and (self.pipeline.engine != "ray" or self.train.workers < 2):
+            raise ValueError(f"train.sharding=fsdp shards the transformer over the learner's ranks, and this run has one "
+                             f"(pipeline.engine={self.pipeline.engine}, train.workers={self.train.workers}): set "
+                             "pipeline.engine=ray and train.workers to 2 or more, or train.sharding=none")
+        if self.train.sharding == "fsdp" and self.pipeline.placement == "colocated":
+            raise ValueError("train.sharding=fsdp with pipeline.placement=colocated: a colocated rank samples alone "
+                             "with a whole model; set pipeline.placement=separate (or auto)")
         if self.pipeline.engine == "ray" and self.pipeline.placement != "colocated" and \
                 self.rollout.workers > self.rollout.slices:
             raise ValueError(f"rollout.workers ({self.rollout.workers}) exceeds rollout.slices ({self.rollout.slices}): "
@@ -317,6 +325,7 @@ class RunConfig(_Section):
             del data["model"]["num_frames"]
         for section in ("rollout", "reward", "train"):  # where work runs, not what it computes
             data[section].pop("workers")
+        data["train"].pop("sharding")
         for section, key in (("model", "offload_text_encoders"), ("rollout", "children_on_host")):
             data[section].pop(key)  # where tensors live, not what is computed
         if data["rollout"]["decode_chunk"] == 64:  # the chunk every config had before the option

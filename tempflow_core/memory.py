@@ -7,6 +7,9 @@ A stage's peak is the largest sum, over its phases, of what it holds on the devi
                  model folder's configs on the meta device.
     lora         the float32 LoRA (4 B a parameter); the learner adds its gradient and AdamW's two
                  moments (16 B a parameter).
+    sharding     with train.sharding=fsdp the learner holds 1/train.workers of the transformer and
+                 of the LoRA, gradient and moments, plus two whole blocks (the one computing and
+                 the next one gathered ahead).
     latents      a branched rollout keeps x_k and the K children x_next of every branch point
                  (in the model's half precision, else float32; on the host with
                  rollout.children_on_host) and solves a wavefront of live float32 samples (the
@@ -111,6 +114,7 @@ class ModelFacts:
     pixels: int  # image (frame) side
     tokens: int  # the transformer's sequence: image tokens (2x2 patches of each latent frame) + text tokens
     frames: int = 1  # images a sample decodes to (a clip's frames)
+    block_params: int = 0  # the transformer's largest block: what FSDP gathers at once
 
 
 @dataclass(frozen=True)
@@ -263,8 +267,13 @@ def estimate(cfg: Any, facts: ModelFacts, sample: SampleBytes, prompts: int | No
     })
     units = cfg.train.micro_batch
     per = sample.checkpointed if cfg.train.gradient_checkpointing else sample.grad
+    learner_held, adapter = dict(held), 16.0 * facts.lora_params
+    if cfg.train.sharding == "fsdp":
+        W, transformer = cfg.train.workers, params.get("transformer", 0) * b
+        learner_held["weights"] = core - transformer + transformer / W + 2 * facts.block_params * b
+        adapter /= W
     learner = Footprint("learner", {
-        "update": {**held, "lora + grad + AdamW": 16.0 * facts.lora_params,
+        "update": {**learner_held, "lora + grad + AdamW": adapter,
                    "units": units * (1 + 2 * (K if cfg.branching else 1)) * latent, "activations": per.at(units)},
     })
     n_eval = cfg.rollout.max_batch  # evaluation samples its prompts max_batch at a time
@@ -284,6 +293,7 @@ def load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
 
 
 def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
+    from tempflow_core.algorithm.sharding import transformer_blocks
     from tempflow_core.families import family_spec, make_policy
     from tempflow_core.policies.models import load_pipeline_meta
 
@@ -298,7 +308,9 @@ def _load_facts(cfg: Any) -> tuple[ModelFacts, Any]:
     lora = sum(p.numel() for p in policy.lora_parameters())
     shape = policy.latent_shape()  # (C, H, W), or (C, F', H, W) for a clip
     tokens = _tokens(shape, policy.text_tokens())
-    return ModelFacts(params, lora, shape, policy.pixels(), tokens, int(getattr(policy, "frames", 1))), pipe
+    blocks = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(pipe.transformer)]
+    return ModelFacts(params, lora, shape, policy.pixels(), tokens, int(getattr(policy, "frames", 1)),
+                      max(blocks, default=0)), pipe
 
 
 def plan_memory(cfg: Any, prompts: int | None = None, gpu: bool = True) -> dict[str, Footprint]:

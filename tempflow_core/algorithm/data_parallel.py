@@ -74,6 +74,7 @@ class DataParallel:
     total: int  # N: units of the whole stage
     owned: torch.Tensor  # [n_r] long: global index of each of this rank's units, in local order
     device: torch.device = torch.device("cpu")  # where every collective's tensors live (collective_device)
+    sharded: bool = False  # the transformer is FSDP-sharded (sharding.py): FSDP reduces the gradients
 
     @functools.cached_property
     def _position(self) -> torch.Tensor:
@@ -87,6 +88,13 @@ class DataParallel:
         failpoints.hit(f"learner.minibatch/rank{self.rank}")
         pos = self._position[global_index]
         return pos[pos >= 0]
+
+    def pads(self, calls: int) -> int:
+        """How many pad calls this rank adds to its `calls` micro-batches so that every rank makes
+        as many transformer calls (a sharded transformer's forward is a collective); 0 unsharded."""
+        if not self.sharded:
+            return 0
+        return int(self.reduce([float(calls)], "max")[0]) - calls
 
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients of `params` over ranks (a rank without units adds zeros). A parameter

@@ -19,6 +19,7 @@ import torch
 from tempflow_core.config import LossConfig, TrainConfig
 from tempflow_core.algorithm.data_parallel import DataParallel
 from tempflow_core.algorithm.objective import grpo_terms
+from tempflow_core.algorithm.sharding import full, pad_call
 from tempflow_core.batches import PromptEmbeds
 from tempflow_core.policies.base import FlowPolicy
 from tempflow_core.batches import RolloutBatch
@@ -176,16 +177,19 @@ def evaluate_units(
 
 @torch.no_grad()
 def learner_log_probs(policy: FlowPolicy, units: TrainUnits, emb: PromptEmbeds, schedule: Schedule,
-                      guidance_scale: float, micro_batches: list[torch.Tensor], shared: bool = True) -> TrainUnits:
+                      guidance_scale: float, micro_batches: list[torch.Tensor], shared: bool = True,
+                      pads: int = 0) -> TrainUnits:
     """`units` with old log-probs recomputed by the learner at its current (unchanged) weights,
     micro-batch by micro-batch in the shapes its first pass will use: the ratio of that pass is
-    then 1 whatever the rollout's batch shapes and kernels were (train.recompute_old_log_probs)."""
+    then 1 whatever the rollout's batch shapes and kernels were (train.recompute_old_log_probs).
+    `pads` calls follow that keep a sharded transformer's ranks in step (sharding.py)."""
     old = units.old_log_prob.clone()  # [N, K']
     for micro in micro_batches:
-        if micro.numel():
-            u = units.subset(micro).to(policy.device)
-            *_, mean, std = _policy_step(policy, u, emb, schedule, guidance_scale, shared)
-            old[micro] = _children_log_prob(u, mean, std, shared).view(len(micro), -1).float().cpu()
+        u = units.subset(micro).to(policy.device)
+        *_, mean, std = _policy_step(policy, u, emb, schedule, guidance_scale, shared)
+        old[micro] = _children_log_prob(u, mean, std, shared).view(len(micro), -1).float().cpu()
+    for _ in range(pads):
+        pad_call(policy, emb, guidance_scale, reference=False, backward=False)
     return TrainUnits(units.x, units.x_next, old, units.advantages, units.step, units.prompt_index, units.weight,
                       units.kl_weight)
 
@@ -236,17 +240,22 @@ def update(
     perms = [torch.randperm(N, generator=generator) for _ in range(train_cfg.inner_epochs)]  # [N] each
 
     def micro_batches(mb: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(dp.local(mb) if dp is not None else mb, train_cfg.micro_batch))
+        """This rank's micro-batches of minibatch `mb` (none where it holds none of its units)."""
+        return [m for m in torch.split(dp.local(mb) if dp is not None else mb, train_cfg.micro_batch) if m.numel()]
 
     minibatches = [torch.tensor_split(perm, min(train_cfg.minibatches, N)) for perm in perms]
     if train_cfg.recompute_old_log_probs:
-        units = learner_log_probs(policy, units, emb, schedule, guidance_scale,
-                                  [m for mb in minibatches[0] for m in micro_batches(mb)], shared)
+        first = [m for mb in minibatches[0] for m in micro_batches(mb)]
+        units = learner_log_probs(policy, units, emb, schedule, guidance_scale, first, shared,
+                                  dp.pads(len(first)) if dp is not None else 0)
     for epoch in range(train_cfg.inner_epochs):
         for j, mb in enumerate(minibatches[epoch]):
             optimizer.zero_grad(set_to_none=True)
             n_terms = len(mb) * K
-            for micro in micro_batches(mb):
+            micros = micro_batches(mb)
+            for _ in range(dp.pads(len(micros)) if dp is not None else 0):
+                pad_call(policy, emb, guidance_scale, reference=loss_cfg.beta > 0, backward=True)
+            for micro in micros:
                 terms = evaluate_units(policy, units.subset(micro), emb, schedule, guidance_scale, loss_cfg, shared)
                 (terms.loss.sum() / n_terms).backward()
                 for name, val in zip(_STAT_NAMES, (terms.loss, terms.policy, terms.kl, terms.approx_kl,
@@ -261,9 +270,9 @@ def update(
                         first_max = max(first_max, float(terms.ratio.max()))
                 if progress is not None:
                     progress(len(micro))
-            if dp is not None:
+            if dp is not None and not dp.sharded:  # FSDP has reduce-scattered the sharded gradients
                 dp.all_reduce_grads(params)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)))
+            grad_norms.append(float(full(torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip))))
             optimizer.step()
             if after_step is not None:
                 after_step()

@@ -34,6 +34,7 @@ from tempflow_core.policies.base import FlowPolicy
 from tempflow_core.prompts import PromptStream, load_prompts
 from tempflow_core.rewards import RewardFn, RewardRegistry
 from tempflow_core.algorithm.schedule import Schedule
+from tempflow_core.algorithm.sharding import is_sharded, shard_transformer, sharded_optimizer_state
 from tempflow_core.seeding import derive_seed
 
 
@@ -140,6 +141,15 @@ def evaluated_weights(s: Session) -> Iterator[None]:
         s.policy.load_lora_state_dict(raw)
 
 
+def shard(s: Session) -> None:
+    """Shard the session's transformer over the learner's process group (train.sharding=fsdp,
+    sharding.py), once; the optimizer is built anew over the sharded LoRA."""
+    if any(is_sharded(p) for p in s.policy.lora_parameters()):
+        return
+    shard_transformer(s.policy.transformer, s.policy.device)
+    s.optimizer = make_optimizer(s.policy, s.cfg.train)
+
+
 def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
     """Put the session in the state of checkpoint `ck`: LoRA and EMA; with_optimizer also a
     fresh AdamW loaded with the checkpoint's moments and the shuffling RNG (the learner's state).
@@ -150,7 +160,7 @@ def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
         return
     s.optimizer = make_optimizer(s.policy, s.cfg.train)
     if ck.optimizer is not None:
-        s.optimizer.load_state_dict(ck.optimizer)
+        s.optimizer.load_state_dict(sharded_optimizer_state(ck.optimizer, s.optimizer))
         # load_state_dict also restores the old hyperparameters; the config decides them
         # (a run branched from another with a new train.lr must train with the new rate)
         t = s.cfg.train

@@ -176,18 +176,26 @@ class FlowPolicy:
         return params
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's whole tensors on the host (gathered from every rank when the transformer
+        is sharded: then every rank calls it, see algorithm/sharding.py)."""
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        from tempflow_core.algorithm.sharding import full
+
+        return {k: full(v.detach()).cpu().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load whole adapter tensors (a sharded transformer keeps this rank's cut of each)."""
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        own = set(get_peft_model_state_dict(self.transformer))
-        missing = sorted(own - set(state))
+        from tempflow_core.algorithm.sharding import shard_like
+
+        own = get_peft_model_state_dict(self.transformer)
+        missing = sorted(set(own) - set(state))
         if missing:  # a partial state would silently keep the previous weights of those layers
             raise ValueError(f"LoRA state lacks {len(missing)} of this adapter's tensors, e.g. {missing[:2]}")
-        result = set_peft_model_state_dict(self.transformer, {k: v.to(self.device) for k, v in state.items()})
+        result = set_peft_model_state_dict(self.transformer, {
+            k: shard_like(v.to(self.device), own[k]) if k in own else v.to(self.device) for k, v in state.items()})
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"LoRA state has keys this model does not know: {unexpected[:3]}...")

@@ -90,11 +90,12 @@ def minutes(cfg: Any, facts: ModelFacts) -> list[Minutes]:
 
 def placement_on_gpus(cfg: Any) -> str:
     """The Ray placement a run takes on GPUs (pipeline.placement; 'auto': colocated unless
-    rollout.workers asks for rollout actors of their own)."""
+    rollout.workers asks for rollout actors of their own or the learner is sharded)."""
     p = cfg.pipeline.placement
     if p != "auto":
         return p
-    return "colocated" if cfg.rollout.workers in (1, cfg.train.workers) else "separate"
+    return "colocated" if cfg.rollout.workers in (1, cfg.train.workers) and cfg.train.sharding == "none" \
+        else "separate"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class Placement:
 def placements(cfg: Any, reward_gpus: bool) -> list[Placement]:
     """The run's placement first: one GPU on the local engine; on Ray the configured one and the
     other (colocated: train.workers ranks sample and train; separate: rollout actors, learner ranks
-    and, for a reward that runs a model, reward actors each hold a GPU)."""
+    and, for a reward that runs a model, reward actors each hold a GPU). A sharded learner
+    (train.sharding=fsdp) has no colocated alternative."""
     if cfg.pipeline.engine != "ray":
         return [Placement("one GPU", 1, 1, 1)]
     W, S = cfg.train.workers, cfg.rollout.slices
@@ -120,7 +122,7 @@ def placements(cfg: Any, reward_gpus: bool) -> list[Placement]:
     reward = cfg.reward.workers if reward_gpus else 0
     both = {"colocated": Placement("colocated", W + reward, min(W, S), W),
             "separate": Placement("separate", rollout + reward + W, min(rollout, S), W)}
-    return [both[mine]] + [p for k, p in both.items() if k != mine]
+    return [both[mine]] + [p for k, p in both.items() if k != mine and cfg.train.sharding == "none"]
 
 
 def wall_minutes(cfg: Any, m: Minutes, p: Placement) -> float:

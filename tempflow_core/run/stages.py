@@ -53,7 +53,8 @@ from tempflow_core.rewards import reward_servers
 from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_key
 from tempflow_core.run.rollout_slices import iteration_records, sample_slice
 from tempflow_core.seeding import derive_seed
-from tempflow_core.algorithm.session import Session, SessionCache, restore
+from tempflow_core.algorithm.session import Session, SessionCache, restore, shard
+from tempflow_core.algorithm.sharding import full_optimizer_state
 from tempflow_core.shards import (
     Manifest, ObjectInfo, RolloutPart, SchemaError, ShardIntegrityError, StageNotFound, iter_samples, publish_rollouts,
     read_embeds, read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
@@ -319,6 +320,8 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     writes. Needs torch.distributed initialised (Ray Train does it)."""
     import torch.distributed as dist
 
+    if cfg.train.sharding == "fsdp":
+        shard(sessions.get(cfg))
     s, _ = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=True)
     device = collective_device(dist.get_backend_config(), s.policy.device)  # before any work: NCCL takes cuda only
     rp = layout.prefix(iteration, "rollout")
@@ -342,11 +345,14 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     units = build_units(share, local_adv, weights, steps, imp) if positions else empty_units(
         cfg.rollout.group_size if m.rollout_kind == "branch" else 1)
     total = m.num_samples * (1 if m.rollout_kind == "branch" else len(steps))
-    dp = DataParallel(rank, world, total, torch.tensor(owned, dtype=torch.long), device)
+    dp = DataParallel(rank, world, total, torch.tensor(owned, dtype=torch.long), device,
+                      sharded=cfg.train.sharding == "fsdp")
     metrics = update_units(s, units, share.embeds, weights, astats, progress, dp, importance=imp)
     metrics.update(reward_metrics_of(m.rollout_kind or "branch", keys, rewards, details))
+    # every rank gathers the state: under sharding, gathering is a collective
+    lora, opt = s.policy.lora_state_dict(), full_optimizer_state(s.optimizer.state_dict())
     if rank == 0:
-        _write_learner(cfg, layout, iteration, s, m, keys, adv, metrics, time.perf_counter() - t0)
+        _write_learner(cfg, layout, iteration, s, m, keys, adv, metrics, time.perf_counter() - t0, (lora, opt))
 
 
 def _check_grid(s: Session, layout: RunLayout, rp: str, m: Manifest, sigmas: torch.Tensor) -> None:
@@ -362,8 +368,10 @@ def _rewards(layout: RunLayout, iteration: int, keys: list[str]) -> tuple[np.nda
 
 
 def _write_learner(cfg: RunConfig, layout: RunLayout, iteration: int, s: Session, m: Manifest, keys: list[str],
-                   adv: np.ndarray, metrics: dict[str, float], seconds: float) -> None:
-    """The learner stage's outputs: the advantages it trained on, then checkpoint i (manifest last)."""
+                   adv: np.ndarray, metrics: dict[str, float], seconds: float,
+                   gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None) -> None:
+    """The learner stage's outputs: the advantages it trained on, then checkpoint i (manifest last).
+    `gathered`: the LoRA and optimizer state, when the ranks have gathered them (else the session's)."""
     prev, rp = layout.prefix(iteration - 1, "learner"), layout.prefix(iteration, "rollout")
     metrics.update({"iteration": iteration, "rollout/nfe": m.extra.get("nfe", 0),
                     "rollout/rows": m.extra.get("nfe", 0) * cfg.rows_per_sample(),
@@ -373,9 +381,9 @@ def _write_learner(cfg: RunConfig, layout: RunLayout, iteration: int, s: Session
                  producer={"stage": "learner", "iteration": iteration, "run": layout.run_id},
                  config_hash=cfg.digest(), overwrite=True)
     failpoints.hit("learner.checkpoint/rank0")
+    lora, opt = gathered or (s.policy.lora_state_dict(), s.optimizer.state_dict())
     state = CheckpointState(
-        iteration, int(m.extra["stream_position"]), s.policy.lora_state_dict(), s.optimizer.state_dict(),
-        s.generator.get_state(),
+        iteration, int(m.extra["stream_position"]), lora, opt, s.generator.get_state(),
         {"config_digest": cfg.digest(), "parent_checkpoint": layout.store.uri_for(prev),
          "rollouts": layout.store.uri_for(rp), "metrics": metrics},
         s.ema,

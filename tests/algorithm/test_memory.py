@@ -220,3 +220,25 @@ def test_store_bytes_match_the_shards_a_rollout_writes(tmp_path, dtype):
     assert 0 < sizes[".png"] <= images * 1.01  # PNG: stored or deflated, never much above raw
     if dtype == "bfloat16":  # the learner's inputs kept in the model's half precision
         assert all(bp.x_k.dtype == bp.x_next.dtype == torch.bfloat16 for bp in batch.branch_points)
+
+
+def test_a_sharded_learner_holds_its_share_of_the_transformer_and_two_whole_blocks(sd35m):
+    """train.sharding=fsdp over 8 ranks: SD3.5-M's transformer and the adapter's training state
+    divided by 8, plus the two largest blocks FSDP holds gathered; the block counted here from the
+    parameter names (transformer_blocks.<i>.), independently of the estimate's module walk."""
+    facts, sample = sd35m
+    over = [f"model.path={ROOT / 'tests' / 'flux' / 'fixtures' / 'sd35m'}", "pipeline.engine=ray", "train.workers=8"]
+    path = ROOT / "flows" / "configs" / "models" / "sd35m.yaml"
+    plain, sharded = (estimate(load_config(path, over + extra), facts, sample)["learner"].phases["update"]
+                      for extra in ([], ["train.sharding=fsdp"]))
+    _, pipe = load_facts(load_config(path, over))
+    per_block: dict[str, int] = {}
+    for name, p in pipe.transformer.named_parameters():
+        if name.startswith("transformer_blocks."):
+            block = name.split(".")[1]
+            per_block[block] = per_block.get(block, 0) + p.numel()
+    transformer = sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora_" not in n) * 2  # bf16
+    assert facts.block_params == max(per_block.values()) and len(per_block) == 24
+    assert sharded["weights"] == pytest.approx(plain["weights"] - transformer * 7 / 8 + 2 * 2 * max(per_block.values()))
+    assert sharded["lora + grad + AdamW"] == pytest.approx(plain["lora + grad + AdamW"] / 8)
+    assert sharded["activations"] == plain["activations"] and sharded["units"] == plain["units"]

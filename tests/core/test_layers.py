@@ -6,7 +6,7 @@ functions; `if TYPE_CHECKING:` blocks are not imports at run time):
 and inside tempflow_core, by concept (CORE_LAYERS):
 
     base modules (config, families, seeding, batches, ...) < data plane (storage, shards)
-    < shapes, rewards, prompts < algorithm.schedule, algorithm.sde < policies
+    < shapes, rewards, prompts < algorithm.schedule, algorithm.sde < algorithm.sharding < policies
     < algorithm, pretrain, memory < run < engines < reports
 
 A module imports only from its own layer or lower ones; tempflow_core imports neither Prefect
@@ -30,6 +30,7 @@ CORE_LAYERS = [  # tempflow_core's packages and top-level modules, lowest first;
     {"storage", "shards"},
     {"shapes", "rewards", "prompts"},
     {"algorithm.schedule", "algorithm.sde"},  # the paper's grid and steps, which a policy's schedule builds on
+    {"algorithm.sharding"},  # how a sharded transformer's tensors are gathered and cut: a policy's state dicts
     {"policies"},
     {"algorithm", "pretrain", "memory"},
     {"run"},

@@ -1,5 +1,5 @@
 """benchmarks/gpu_validate.py, the GPU check, keeps working: CI runs it at the toy size on the CPU,
-with the two-rank update on gloo (on GPUs it runs on NCCL)."""
+with the two-rank update on gloo, whole and FSDP-sharded (on GPUs it runs on NCCL)."""
 
 from __future__ import annotations
 
@@ -27,5 +27,9 @@ def test_gpu_validate_runs_at_toy_size_with_two_ranks(tmp_path):
         assert x["rollout_nfe"] == B * ((T - 1) + K * sum(T - 1 - k for k in range(T - 1)))
         assert x["ratio_first_min"] == x["ratio_first_max"] == 1.0  # unchanged weights, the rollout's own shapes
         assert x["shard_bytes"] > 0 and x["rollout_estimate_gib"] > 0 and x["learner_estimate_gib"] > 0
-    assert r["records"][-1]["two_ranks_max_relative_delta_error"] < 1e-3  # the all-reduce's summation order only
+    ranks = r["records"][-1]
+    assert ranks["two_ranks_max_relative_delta_error"] < 1e-3  # the all-reduce's summation order only
+    assert ranks["fsdp_max_relative_delta_error"] < 1e-3  # the reduce-scatter's summation order only
+    assert ranks["fsdp_estimate_gib"] > 0  # its arithmetic: tests/algorithm/test_memory.py
     assert "two gloo ranks" in res.stdout and "first minibatch's ratio" in res.stdout
+    assert "two gloo ranks, transformer sharded (FSDP2)" in res.stdout

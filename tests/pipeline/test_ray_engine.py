@@ -131,15 +131,17 @@ def _lora_delta_close(got: dict, want: dict, init: dict) -> float:
     return worst
 
 
-def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, local_reference, tiny_model_dir, tmp_path):
+def test_rollouts_and_rewards_do_not_depend_on_the_worker_count_and_the_sharded_learner_is_the_local_update(
+        local_ray, local_reference, tiny_model_dir, tmp_path):
     """2 rollout actors write the tensors the local engine writes (1 actor: the killed actor's test
     below), each slice its own shards merged into one manifest; with reward.stream each written
     slice goes to one of the 2 reward actors at once, and the scores are the local engine's (scores
-    in shares: the tests below)."""
+    in shares: the tests below). The learner's 2 Ray Train ranks shard the transformer
+    (train.sharding=fsdp, tests/algorithm/test_sharding.py) and write the local engine's update."""
     from tempflow_core.engines.ray_engine import RayEngine
 
     sessions, ref = SessionCache(), local_reference
-    cfg = _cfg(tmp_path, tiny_model_dir, "ray-stream", 2, extra=["reward.stream=true"])
+    cfg = _cfg(tmp_path, tiny_model_dir, "ray-stream", 2, extra=["reward.stream=true", "train.sharding=fsdp"])
     with RayEngine(cfg) as eng:
         lay = RunLayout.open(cfg, "r")
         stages.init_stage(cfg, lay, sessions)
@@ -147,7 +149,9 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, local
         assert len(eng._streamed[("r", 0)]) == 2  # both slices handed to the reward actors already
         stages.reward_stage(cfg, lay, 0, sessions, run_scoring=eng.reward_runner(cfg, "r", 0))
         assert eng._streamed == {}
+        stages.learner_stage(cfg, lay, 0, sessions, run_ranks=eng.learner_runner(cfg, "r", 0))
     _same_rollouts(ref, lay)
+    _same_update(ref, lay)
     parts = {s.name.split("-shard-")[0] for s in require_manifest(lay.store, lay.prefix(0, "rollout")).shards}
     assert parts == {"part-000", "part-001"}
     keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
