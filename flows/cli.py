@@ -25,6 +25,7 @@ from flows.reward_server_cli import reward_server
 
 from flows.checks import check_not_locked as _check_not_locked, check_run_ids as _check_run_ids, preflight as _preflight
 from flows.plan_cli import plan
+from flows.sweep_cli import sweep
 from flows.resolve import CHECKOUT, STATE, resolve as _resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -574,6 +575,7 @@ def ui(
 
 app.command("reward-server")(reward_server)
 app.command("plan")(plan)
+app.command("sweep")(sweep)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ runner, which differ only in their steps and hooks.
 
     flows/train.py          steps: the stage tasks on the run's engine; hooks: MLflow tracking
     algorithm/train.py      steps: the same step functions on one in-memory session (train_in_process)
-    benchmarks/sweep.py     train_in_process with an evaluation schedule and points written
+    tempflow sweep          train_in_process with an evaluation schedule and points written
 """
 
 from __future__ import annotations

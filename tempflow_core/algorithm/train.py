@@ -1,7 +1,7 @@
 """`train_in_process`: the training loop (loop.py) without orchestration or a store.
 
 It is what the tests drive, the baseline the Prefect pipeline's overhead is measured against,
-and what the experiment runner (benchmarks/sweep.py) trains with. It owns one `Session`
+and what the experiment runner (`tempflow sweep`, flows/sweep.py) trains with. It owns one `Session`
 (session.py) for the whole run. The step functions below (run_rollout, score_rollout,
 run_update, reward_metrics) are the same ones the pipeline's stages call (run/stages.py), on a
 session they get from their caller; InProcessSteps is the loop's steps on one session:

@@ -4,7 +4,7 @@ An experiment folder under results/ holds one kind of record:
 
 - ``curves.json``: written by `tempflow ablation` (every evaluation point of every seed, the
   final evaluations, the base model's, Figure 1's reward std per step, the sampling grid);
-- ``points.jsonl``: appended by `benchmarks/sweep.py --points` (one evaluated point per line,
+- ``points.jsonl``: appended by `tempflow sweep` (one evaluated point per line,
   runs named VARIANT-sSEED); a ``records.json`` beside it may name more points files to join
   (paths relative to the folder) and the variants to keep, e.g. a second run of more seeds:
   ``{"points": ["points.jsonl", "../ablation-64px/points.jsonl"], "variants": ["tempflow"]}``;
@@ -29,7 +29,7 @@ MANIFEST = "records.json"
 CURVES_KEYS = ("reward", "curves", "std_by_step", "finals", "base_eval", "config")
 SMOKE_KEYS = ("rollout_s", "rollout_nfe", "images", "images_per_s", "learner_s", "learner_units",
               "learner_terms", "learner_units_per_s")
-WRITERS = (f"{CURVES} (tempflow ablation), {POINTS} (benchmarks/sweep_parallel.sh) or the JSON files of "
+WRITERS = (f"{CURVES} (tempflow ablation), {POINTS} (tempflow sweep) or the JSON files of "
            "benchmarks/gpu_smoke.py --json")
 
 
@@ -101,10 +101,10 @@ def read_points(folder: Path) -> Records:
     if not rows:
         raise RecordsError(f"{folder}: its points files hold no points"
                            + (f" of {', '.join(keep)}" if keep else "")
-                           + "; rerun the sweep into it (benchmarks/sweep_parallel.sh)")
+                           + "; rerun the sweep into it (tempflow sweep --out FOLDER)")
     if not any(r["point"]["iteration"] == 0 for r in rows):
         raise RecordsError(f"{folder}: no point at iteration 0 (the base model every curve starts from); "
-                           "rerun the sweep: benchmarks/sweep.py evaluates the base model first")
+                           "rerun the sweep: tempflow sweep evaluates the base model first")
     return Records(folder, "points", rows=rows)
 
 

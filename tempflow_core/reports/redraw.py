@@ -1,7 +1,7 @@
 """An experiment folder's figures and tables, drawn from its records alone.
 
 One implementation for every writer: `tempflow ablation` (flows/ablation.py, from the runs it
-collected), `benchmarks/sweep_report.py` (from sweep points) and `tempflow report DIR` (from
+collected), `tempflow sweep` (from its points) and `tempflow report DIR` (from
 the committed records of a folder, ``records.read_records``: no run store, no tracking, no
 network). Each file is written under a temporary name and renamed, so a redrawn folder never
 holds half a file; the names are the ones the folder already has.

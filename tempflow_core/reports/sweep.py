@@ -1,4 +1,4 @@
-"""Sweep points as the ablation's curves: the records `benchmarks/sweep.py --points` appends,
+"""Sweep points as the ablation's curves: the records `tempflow sweep` appends,
 one JSON line per evaluated point ({name: "VARIANT-sSEED", device, point}), read into the
 form `tempflow ablation` keeps (curves per variant, the final evaluations, the base model's).
 

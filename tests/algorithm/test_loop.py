@@ -52,17 +52,16 @@ def test_the_loop_stops_a_reward_without_signal_and_keeps_what_finished():
 
 
 def test_the_experiment_runner_trains_through_the_products_loop(tiny_model_dir, tmp_path):
-    """benchmarks/sweep.py's run: train_in_process with evaluations between iterations, which
-    leave the training untouched (the same LoRA bytes as a run without them)."""
+    """`tempflow sweep`'s run (flows/sweep.py): train_in_process with evaluations between
+    iterations, which leave the training untouched (the same LoRA bytes as a run without them)."""
+    from flows.sweep import run_curve
     from tempflow_core.algorithm.train import train_in_process
-
-    from benchmarks import sweep
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "train.iterations=2", "rollout.prompts_per_iter=2",
                              "rollout.group_size=3", "lora.rank=4", "sampling.num_steps=4",
                              "sampling.eval_num_steps=4", "eval.max_prompts=4", "prompts.source=builtin:colors"])
     lines: list[str] = []
-    out = sweep.run("t", cfg, 1, lines.append, out_dir=str(tmp_path / "sweep"))
+    out = run_curve("t", cfg, 1, lines.append, out_dir=str(tmp_path / "sweep"))
     assert [p["iteration"] for p in out["curve"]] == [0, 1, 2]
     assert out["curve"][1]["nfe"] > 0 and out["curve"][2]["nfe"] == 2 * out["curve"][1]["nfe"]  # cumulative rows
     plain = train_in_process(cfg, tmp_path / "plain")

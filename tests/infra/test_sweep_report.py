@@ -1,4 +1,4 @@
-"""benchmarks/sweep_report.py: sweep points (runs stopped at different iterations) become the
+"""`tempflow sweep`'s report (tempflow_core/reports/redraw.py): sweep points (runs stopped at different iterations) become the
 ablation's report, compared at the last iteration every run reached."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import sweep_report
-from tempflow_core.reports import sweep
+from tempflow_core.reports import redraw, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,7 +40,7 @@ def test_report_compares_at_the_last_iteration_every_run_reached(tmp_path):
     assert max(p["iteration"] for pts in curves.values() for p in pts) == 30
     # NFE = rollout + learner, cumulative, as the pipeline's curves count it
     assert {p["nfe"] for p in curves["tempflow"]} == {110 * it for it in range(0, 31, 6)}
-    sweep_report.write_report(rows, tmp_path / "out")
+    redraw.write_sweep_report(rows, tmp_path / "out")
     summary = (tmp_path / "out" / "summary.md").read_text()
     for v in ("flow_grpo_fixed", "tempflow"):
         finals_at_30 = [scores[f"{v}-s{s}"][30] for s in (0, 1)]
