@@ -26,6 +26,7 @@ from flows.reward_server_cli import reward_server
 from flows.checks import check_not_locked as _check_not_locked, check_run_ids as _check_run_ids, preflight as _preflight
 from flows.plan_cli import plan
 from flows.sweep_cli import sweep
+from flows.report_cli import report
 from flows.resolve import CHECKOUT, STATE, resolve as _resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -509,18 +510,6 @@ def compare(
     typer.echo(f"wrote {out}")
 
 
-@app.command("report")
-def report_cmd(folder: Path = typer.Argument(..., help="Experiment folder, e.g. results/gpu/ablation-64px.")) -> None:
-    """Redraw a results folder's figures and tables in place from its committed records alone."""
-    from tempflow_core.reports.records import RecordsError, read_records
-    from tempflow_core.reports.redraw import redraw
-    try:
-        records = read_records(folder)
-    except RecordsError as e:
-        _fail(str(e))
-    typer.echo("\n".join(f"{name}: {path}" for name, path in redraw(records).items()))
-
-
 @app.command("show-config")
 def show_config(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
@@ -576,6 +565,7 @@ def ui(
 app.command("reward-server")(reward_server)
 app.command("plan")(plan)
 app.command("sweep")(sweep)
+app.command("report")(report)
 
 
 if __name__ == "__main__":

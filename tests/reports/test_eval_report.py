@@ -1,5 +1,5 @@
-"""benchmarks/eval_report.py from `tempflow eval --out` files: the gain over the base model by
-hand; mixed guidance, two base files and missing images refused with one line."""
+"""`tempflow report` (tempflow_core/reports/checkpoint_evals.py) on `tempflow eval --out` files: the
+gain over the base model by hand; mixed guidance, two base files and missing images refused with one line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ["-m", "benchmarks.eval_report"]
+SCRIPT = ["-m", "flows.cli", "report"]
 ITEMS = [("p0", "a"), ("p1", "a"), ("p2", "b"), ("p3", "b")]
 
 
@@ -22,7 +22,7 @@ def _file(path: Path, passed: set[str], run: str | None = None, guidance: float 
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *SCRIPT, "--out", str(out), *extra], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *SCRIPT, str(out), *extra], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
 
 
@@ -59,7 +59,8 @@ def test_the_committed_unguided_scores_are_what_their_records_give(tmp_path):
     src = ROOT / "results" / "cost" / "64px-unguided"
     for f in src.glob("*.json"):
         (tmp_path / f.name).write_bytes(f.read_bytes())
-    r = _run(tmp_path, "--categories", "single_object,two_object,colors")
+    assert json.loads((src / "report.json").read_text()) == {"categories": ["colors", "single_object", "two_object"]}
+    r = _run(tmp_path)  # the categories come from report.json
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
-    assert {json.loads(f.read_text())["guidance_scale"] for f in src.glob("*.json")} == {1.0}
+    assert {json.loads(f.read_text())["guidance_scale"] for f in src.glob("*.json") if f.name != "report.json"} == {1.0}

@@ -1,4 +1,4 @@
-"""benchmarks/replication_report.py from records alone: the control decides whether a verdict is
+"""`tempflow report` on a replication folder (its PROTOCOL.md) from records alone: the control decides whether a verdict is
 drawn, and the primary difference is the arm after 4 against the recorded reference after 8."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ["-m", "benchmarks.replication_report"]
+SCRIPT = ["-m", "flows.cli", "report"]
 REF, ARM = "cost-t10-default-shapes-tempflow", "rep-t10-p0123-shapes-tempflow"
 ITEMS = [("p0", "colors"), ("p1", "colors"), ("p2", "single_object"), ("p3", "single_object")]
 
@@ -45,10 +45,11 @@ def _run(tmp_path: Path, control_flip: bool) -> str:
     ours_img += [r for r in ref_img if r["arm"] == REF and r["seed"] == 28]  # the control reproduces the record
     if control_flip:
         ours_img[-1] = {**ours_img[-1], "strict": 1 - ours_img[-1]["strict"]}
-    _write(tmp_path / "ref", ref_pts, ref_img)
+    _write(tmp_path / "64px-t10", ref_pts, ref_img)  # the reference's records: the folder beside the replication
     _write(tmp_path / "ours", ours_pts, ours_img)
-    r = subprocess.run([sys.executable, *SCRIPT, "--out", str(tmp_path / "ours"), "--reference-records",
-                        str(tmp_path / "ref")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    (tmp_path / "ours" / "PROTOCOL.md").write_text("# the protocol\n")
+    r = subprocess.run([sys.executable, *SCRIPT, str(tmp_path / "ours")], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     return (tmp_path / "ours" / "summary.md").read_text()
 

@@ -1,8 +1,8 @@
 """Compare two variants image by image: per-image records from a run store, and the paired
 comparison of `tempflow_core.reports.paired` at every evaluated iteration.
 
-    python -m benchmarks.paired_report --store STORE --out results/<experiment>   # records + summary
-    python -m benchmarks.paired_report --out results/<experiment>                 # summary from the records
+    tempflow report results/<experiment> --store STORE --kind paired   # records + summary
+    tempflow report results/<experiment>                                # summary from the records
 
 Records (`images.jsonl`): one line per evaluated image of every run in the store (variant,
 training seed, iteration, prompt, category, noise seed, strict score, reward, the detector's
@@ -13,13 +13,14 @@ evaluation set), p and the verdict ("beyond the noise" from 4 seeds and p < 0.05
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
 from tempflow_core.reports.paired import compare
+from tempflow_core.reports.records import RecordsError
+from tempflow_core.reports.report import write_text
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.storage import join_key, open_store
 
@@ -77,23 +78,30 @@ def summarize(records: list[dict], a: str, b: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default=None, help="run store to collect the records from (omit: use --out's images.jsonl)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--a", default="tempflow")
-    ap.add_argument("--b", default="flow_grpo_fixed")
-    args = ap.parse_args()
-    path = args.out / "images.jsonl"
-    if args.store:
-        records = collect(args.store)
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+IMAGES = "images.jsonl"
+
+
+def is_pairs_folder(folder: Path) -> bool:
+    return (folder / IMAGES).is_file()
+
+
+def report(out: Path, store: str | None = None, a: str = "tempflow", b: str = "flow_grpo_fixed") -> str:
+    """Collect the per-image records from `store` into `out` (or read `out`'s), write summary.md
+    (a - b at every iteration both evaluated) and return it."""
+    path = out / IMAGES
+    if store:
+        records = collect(store)
+        if not records:
+            raise RecordsError(f"no evaluated image in store {store}: pass the store the runs wrote to (--store)")
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    elif not path.is_file():
+        raise RecordsError(f"{path} does not exist: collect the records with --store first")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    summary = summarize(records, args.a, args.b)
-    (args.out / "summary.md").write_text(summary)
-    print(summary)
-
-
-if __name__ == "__main__":
-    main()
+    variants = sorted({r["variant"] for r in records})
+    missing = [v for v in (a, b) if v not in variants]
+    if missing:
+        raise RecordsError(f"--pair: {missing[0]!r} is not a variant of these records: use two of {variants}")
+    summary = summarize(records, a, b)
+    write_text(out / "summary.md", summary)
+    return summary

@@ -1,13 +1,13 @@
 """Cost against score: what each arm of a comparison spent (transformer rows, seconds) to reach
 its held-out score, paired by training seed and evaluation image.
 
-    python -m benchmarks.cost_report --store STORE [--base CURVES_JSON] --reference ARM [--categories A,B] --out DIR
-    python -m benchmarks.cost_report --out DIR          # summary and figure from the records
+    tempflow report DIR --store STORE --kind cost [--base CURVES_JSON] --reference ARM [--categories A,B]
+    tempflow report DIR          # summary and figure from the records
 
 An arm is one algorithm with its cost settings (`rollout.prompts_per_iter`, `rollout.group_size`,
 `rollout.branch_steps`, `rollout.branch_draw`, `rollout.completion_stride`, `sampling.sde_type`,
 `sampling.noise_level`, `sampling.guidance_scale`, `eval.guidance_scale`); the runs of an arm
-differ by `train.seed` only. Writes to `--out`:
+differ by `train.seed` only. Writes to DIR:
 
 * `points.jsonl`: one line per evaluated point (arm, its settings, seed, iteration, cumulative
   rollout rows, learner rows and stage seconds, the held-out GenEval-style overall with its
@@ -43,11 +43,9 @@ recomputed from the two JSONL files alone.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +53,10 @@ import numpy as np
 from tempflow_core.reports.paired import (
     MIN_SEEDS, bootstrap_se, compare, lower_bound, overall_weights, reaches,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tempflow_core.reports.records import RecordsError
 
 IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: no timestamp)
+POINTS, COMPARISON = "points.jsonl", "comparison.json"
 MARGIN_SHARE = 0.25  # "reaches": within a quarter of the reference's gain over the base model
 TARGET_ROWS, TARGET_SECONDS = 0.5, 0.6  # the cost target: at most these shares of the reference's
 Z_POWER = 1.645 + 0.842  # one-sided 5% test with 80% power (normal quantiles)
@@ -82,7 +80,7 @@ def label_arms(points: list[dict]) -> None:
     for arm in {p["arm"] for p in points}:
         settings = {json.dumps(p["settings"], sort_keys=True) for p in points if p["arm"] == arm}
         if len(settings) > 1:
-            raise SystemExit(f"the runs named {arm!r} differ in their cost settings: start each arm under its own --name")
+            raise RecordsError(f"the runs named {arm!r} differ in their cost settings: start each arm under its own --name")
 
 
 def collect(store_uri: str) -> tuple[list[dict], list[dict]]:
@@ -169,9 +167,8 @@ class Scores:
             by = self.by[key]
             missing = [i for i in self.items if i not in by]
             if missing:
-                print(f"{arm} iteration {iteration} seed {seed} has no record of {missing[0]}: every evaluation "
-                      f"must score the same prompts and noise", file=sys.stderr)
-                raise SystemExit(2)
+                raise RecordsError(f"{arm} iteration {iteration} seed {seed} has no record of {missing[0]}: every "
+                                   "evaluation must score the same prompts and noise")
             return [by[i] for i in self.items]
         return np.array([row(s) for s in seeds], dtype=float)
 
@@ -408,91 +405,63 @@ def _write_bytes(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _ablation_train_source() -> str:
-    import yaml
-
-    return yaml.safe_load((ROOT / "flows" / "configs" / "ablation.yaml").read_text())["prompts"]["source"]
+def is_cost_folder(folder: Path) -> bool:
+    return (folder / IMAGES).is_file() or (folder / COMPARISON).is_file()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default=None, help="run store to collect the records from (omit: use --out's records)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--reference", default=None,
-                    help="the arm the others are compared with (its last point); default: the one the records name "
-                         "(comparison.json), else 'tempflow'")
-    ap.add_argument("--base", type=Path, default=None,
-                    help="with --store: an ablation's curves.json whose base-model evaluation starts every curve")
-    ap.add_argument("--categories", default=None,
-                    help="comma-separated categories the score is taken over; default: those comparison.json names, "
-                         "else every evaluated one")
-    ap.add_argument("--train-prompts", default=None,
-                    help="the prompt source the runs train on (its texts are left out of the 'untrained prompts' "
-                         "yardstick); default: comparison.json's, else flows/configs/ablation.yaml's prompts.source")
-    ap.add_argument("--margin-share", type=float, default=None,
-                    help=f"'reaches' margin as a share of the reference's gain over the base model; default: "
-                         f"comparison.json's, else {MARGIN_SHARE}")
-    args = ap.parse_args(argv)
-    saved = args.out / "comparison.json"
-    if args.store:
-        points, images = collect(args.store)
+def report(out: Path, store: str | None = None, reference: str | None = None, base: Path | None = None,
+           categories: str | None = None, train_prompts: str | None = None, margin_share: float | None = None,
+           default_train_source: str = "builtin:shapes_train") -> str:
+    """Collect the records from `store` into `out` (or read `out`'s), then write comparison.json,
+    summary.md and the figure; returns summary.md. Every option left None takes what
+    comparison.json recorded, else its default. Raises RecordsError (one line) before writing
+    anything when an input or option is bad."""
+    saved = out / COMPARISON
+    if store:
+        points, images = collect(store)
         if not points:
-            print(f"no evaluated run in store {args.store}: pass the store the runs wrote to (--store)", file=sys.stderr)
-            return 2
-        if args.base is not None:
-            if not args.base.is_file():
-                print(f"--base {args.base} does not exist: pass the curves.json of an ablation over these runs",
-                      file=sys.stderr)
-                return 2
-            starts, base_images = base_records(args.base, points)
+            raise RecordsError(f"no evaluated run in store {store}: pass the store the runs wrote to (--store)")
+        if base is not None:
+            if not base.is_file():
+                raise RecordsError(f"--base {base} does not exist: pass the curves.json of an ablation over these runs")
+            starts, base_images = base_records(base, points)
             points = sorted(starts + points, key=lambda p: (p["arm"], p["seed"], p["iteration"]))
             images = base_images + images
         before = {}
     else:
-        missing = [n for n in ("points.jsonl", IMAGES) if not (args.out / n).is_file()]
+        missing = [n for n in (POINTS, IMAGES) if not (out / n).is_file()]
         if missing:
-            print(f"{args.out / missing[0]} does not exist: collect the records with --store first", file=sys.stderr)
-            return 2
-        points = [json.loads(line) for line in (args.out / "points.jsonl").read_text().splitlines()]
-        images = [json.loads(line) for line in gzip.decompress((args.out / IMAGES).read_bytes()).decode().splitlines()]
+            raise RecordsError(f"{out / missing[0]} does not exist: collect the records with --store first")
+        points = [json.loads(line) for line in (out / POINTS).read_text().splitlines()]
+        images = [json.loads(line) for line in gzip.decompress((out / IMAGES).read_bytes()).decode().splitlines()]
         before = json.loads(saved.read_text()) if saved.is_file() else {}
     arms = sorted({p["arm"] for p in points})
     every = sorted({r["category"] for r in images})
-    reference = args.reference or before.get("reference", "tempflow")
-    categories = args.categories.split(",") if args.categories else before.get("categories", every)
-    share = args.margin_share if args.margin_share is not None else before.get("margin_share", MARGIN_SHARE)
-    train_source = args.train_prompts or before.get("train_prompts") or _ablation_train_source()
+    reference = reference or before.get("reference", "tempflow")
+    chosen = categories.split(",") if categories else before.get("categories", every)
+    share = margin_share if margin_share is not None else before.get("margin_share", MARGIN_SHARE)
+    train_source = train_prompts or before.get("train_prompts") or default_train_source
     try:
         from tempflow_core.prompts import load_prompts
 
-        train_prompts = {r.text for r in load_prompts(train_source)}
+        trained = {r.text for r in load_prompts(train_source)}
     except (OSError, ValueError) as e:
-        print(f"--train-prompts {train_source!r}: {e}", file=sys.stderr)
-        return 2
+        raise RecordsError(f"--train-prompts {train_source!r}: {e}") from None
     if reference not in arms:
-        print(f"--reference {reference!r} is not an arm of these records: use one of {arms}", file=sys.stderr)
-        return 2
-    unknown = [c for c in categories if c not in every]
+        raise RecordsError(f"--reference {reference!r} is not an arm of these records: use one of {arms}")
+    unknown = [c for c in chosen if c not in every]
     if unknown:
-        print(f"--categories: {unknown[0]!r} is not an evaluated category: use some of {','.join(every)}",
-              file=sys.stderr)
-        return 2
+        raise RecordsError(f"--categories: {unknown[0]!r} is not an evaluated category: use some of {','.join(every)}")
     if not 0 <= share < 1:
-        print(f"--margin-share {share} is not a share in [0, 1): pass e.g. {MARGIN_SHARE}", file=sys.stderr)
-        return 2
-    categories = sorted(categories)
-    text, scored, margin = summarize(points, images, reference, categories, share, train_prompts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.store:
-        _write(args.out / "points.jsonl", "".join(json.dumps(p) + "\n" for p in points))
-        _write_bytes(args.out / IMAGES, gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode(), mtime=0))
-    _write(saved, json.dumps({"reference": reference, "categories": categories, "margin_share": share,
+        raise RecordsError(f"--margin-share {share} is not a share in [0, 1): pass e.g. {MARGIN_SHARE}")
+    chosen = sorted(chosen)
+    text, scored, margin = summarize(points, images, reference, chosen, share, trained)
+    out.mkdir(parents=True, exist_ok=True)
+    if store:
+        _write(out / POINTS, "".join(json.dumps(p) + "\n" for p in points))
+        _write_bytes(out / IMAGES, gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode(), mtime=0))
+    _write(saved, json.dumps({"reference": reference, "categories": chosen, "margin_share": share,
                               "train_prompts": train_source}) + "\n")
-    _write(args.out / "summary.md", text)
-    figure(scored, args.out, reference, margin)
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    _write(out / "summary.md", text)
+    figure(scored, out, reference, margin)
+    return text

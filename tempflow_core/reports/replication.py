@@ -1,13 +1,14 @@
 """The pre-registered replication of `--preset fast` (results/cost/64px-t10-replication/PROTOCOL.md):
 its control, its one primary test and its secondary figures, from records alone.
 
-    python -m benchmarks.replication_report --store STORE --out DIR   # collect the runs' records, then report
-    python -m benchmarks.replication_report --out DIR                 # report from DIR's records
+    tempflow report DIR --store STORE --kind replication   # collect the runs' records, then report
+    tempflow report DIR                                     # report from DIR's records
 
 The replication's runs (the arm on the protocol's seeds, and default `tempflow` again on the
 control seed) are collected from STORE into DIR's `points.jsonl` and `images.jsonl.gz` (the
-format of benchmarks/cost_report.py). The reference, default `tempflow` after 8 iterations, and
-the base model come from the records of `--reference-records` (results/cost/64px-t10). Writes
+format of tempflow_core/reports/cost.py). The reference, default `tempflow` after 8 iterations,
+and the base model come from the records of the folder `REFERENCE_RECORDS` names beside DIR
+(results/cost/64px-t10). Writes
 DIR/summary.md:
 
 * the control: the re-run default's per-image strict scores against the recorded ones, image by
@@ -22,18 +23,19 @@ DIR/summary.md:
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.cost_report import BASE, IMAGES, Scores, collect
+from tempflow_core.reports.cost import BASE, IMAGES, Scores, collect
 from tempflow_core.reports.paired import bootstrap_se, compare, lower_bound, reaches
+from tempflow_core.reports.records import RecordsError
+from tempflow_core.reports.report import write_text
 
-ROOT = Path(__file__).resolve().parents[1]
+PROTOCOL = "PROTOCOL.md"  # a replication folder holds its protocol
+REFERENCE_RECORDS = "64px-t10"  # the recorded reference runs: a folder beside the replication's
 
 REFERENCE = "cost-t10-default-shapes-tempflow"  # the recorded default runs (and the control's arm name)
 ARM = "rep-t10-p0123-shapes-tempflow"
@@ -57,12 +59,10 @@ def _write(folder: Path, points: list[dict], images: list[dict]) -> None:
     (folder / IMAGES).write_bytes(gzip.compress(data, mtime=0))
 
 
-def _training_prompts() -> set[str]:
-    from tempflow_core.config import load_config
+def _training_prompts(source: str) -> set[str]:
     from tempflow_core.prompts import load_prompts
 
-    cfg = load_config(ROOT / "flows" / "configs" / "ablation.yaml")
-    return {r.text for r in load_prompts(cfg.prompts.source)}
+    return {r.text for r in load_prompts(source)}
 
 
 def _line(name: str, r, boot: float | None = None, margin: float | None = None) -> str:
@@ -73,7 +73,7 @@ def _line(name: str, r, boot: float | None = None, margin: float | None = None) 
             f"{extra} | {r.p:.3f} | {r.won}/{r.seeds} | {lb:+.4f}{verdict or ' | '} |")
 
 
-def report(ours: tuple[list[dict], list[dict]], ref: tuple[list[dict], list[dict]]) -> str:
+def report(ours: tuple[list[dict], list[dict]], ref: tuple[list[dict], list[dict]], train_prompts: set[str]) -> str:
     points, images = ours
     ref_points, ref_images = ref
     recorded = [r for r in ref_images if r["arm"] in (REFERENCE, BASE)]
@@ -87,14 +87,13 @@ def report(ours: tuple[list[dict], list[dict]], ref: tuple[list[dict], list[dict
     lines = ["# Replication of `--preset fast` at T = 10: results", "",
              "Pre-registered in [PROTOCOL.md](PROTOCOL.md); made with the commands there; this page is drawn from",
              "`points.jsonl` and `images.jsonl.gz` beside it and the records of",
-             "[`results/cost/64px-t10`](../64px-t10/README.md) by `benchmarks/replication_report.py --out` this folder.", "",
+             "[`results/cost/64px-t10`](../64px-t10/README.md) by `tempflow report` on this folder.", "",
              f"## Control: default `tempflow` again on seed {CONTROL_SEED}", "",
              f"{len(shared)} evaluated images (after {JUDGED_AT} and {REFERENCE_AT} iterations) compared with the records: "
              f"{len(differ)} differ in the strict score, {len(reward_differ)} in the reward (beyond 1e-6). "
              + ("The code computes what it computed when the records were made: the pairing holds."
                 if valid else "**The pairing with the records is void**: no verdict is drawn below.")]
     every = sorted({r["category"] for r in images})
-    train_prompts = _training_prompts()
     all_images = recorded + [r for r in images if r["arm"] == ARM]
     arm_seeds = sorted({p["seed"] for p in points if p["arm"] == ARM and p["iteration"] == JUDGED_AT})
     seeds = [s for s in SEEDS if s in arm_seeds]
@@ -141,27 +140,23 @@ def report(ours: tuple[list[dict], list[dict]], ref: tuple[list[dict], list[dict
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--store", default=None, help="the store the replication's runs wrote to (omit: --out's records)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--reference-records", type=Path, default=ROOT / "results" / "cost" / "64px-t10")
-    args = ap.parse_args(argv)
-    if args.store:
-        points, images = collect(args.store)
+def is_replication_folder(folder: Path) -> bool:
+    return (folder / PROTOCOL).is_file()
+
+
+def report_folder(out: Path, store: str | None = None, reference_records: Path | None = None,
+                  train_source: str = "builtin:shapes_train") -> str:
+    """Collect the replication's records from `store` into `out` (or read `out`'s), write
+    summary.md against `reference_records` (default: REFERENCE_RECORDS beside `out`) and return it."""
+    reference_records = reference_records or out.parent / REFERENCE_RECORDS
+    if store:
+        points, images = collect(store)
         if not points:
-            print(f"no evaluated run in store {args.store}", file=sys.stderr)
-            return 2
-        _write(args.out, points, images)
-    for folder in (args.out, args.reference_records):
+            raise RecordsError(f"no evaluated run in store {store}: pass the store the runs wrote to (--store)")
+        _write(out, points, images)
+    for folder in (out, reference_records):
         if not (folder / "points.jsonl").is_file():
-            print(f"{folder / 'points.jsonl'} does not exist: collect the records with --store first", file=sys.stderr)
-            return 2
-    text = report(_read(args.out), _read(args.reference_records))
-    (args.out / "summary.md").write_text(text)
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+            raise RecordsError(f"{folder / 'points.jsonl'} does not exist: collect the records with --store first")
+    text = report(_read(out), _read(reference_records), _training_prompts(train_source))
+    write_text(out / "summary.md", text)
+    return text
