@@ -5,21 +5,15 @@
 Rollouts: the wavefront engine against the structure of the paper's public code (ODE backbone;
 at each branch step the K children leave it, then a separate inner loop finishes them).
 Learner: one velocity per branch point (shared x_k) against one forward/backward per child.
-Variants are interleaved (A, B, A, B, ...) and medians reported, so a busy machine biases
-both sides alike; still, measure on an idle machine.
+Variants are interleaved and medians reported (benchmarks/harness.py); measure on an idle machine.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import time
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import numpy as np
 import torch
+
+from benchmarks.harness import interleaved, parser, set_threads
 
 from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig
 from tempflow_core.algorithm.learner import build_units, evaluate_units
@@ -30,15 +24,15 @@ from tempflow_core.algorithm.schedule import make_schedule
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__, repeats=3)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--model", default=None, help="SD3 pipeline folder (default: random tiny model at 64 px)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    set_threads(args)
     torch.manual_seed(0)
     pipe = load_pipeline(args.model) if args.model else build_tiny_pipeline(TinyModelConfig(
         resolution=64, vae_channels=[32, 64, 64], layers=6, heads=4, head_dim=32, text_width=64, text_layers=2))
@@ -53,22 +47,18 @@ def main() -> None:
     steps = list(range(T))
 
     # ---------------------------------------------------------------- rollouts
-    times = {"wavefront": [], "loop": []}
-    stats = {}
-    for _ in range(args.repeats):
-        for name, fn in (("wavefront", branched_rollout), ("loop", branched_rollout_loop)):
-            t0 = time.perf_counter()
-            b = fn(policy, prompts, ids, s, steps, K, 4.5, seed=0, max_batch=args.max_batch, decode=False)
-            times[name].append(time.perf_counter() - t0)
-            stats[name] = (b.forward_calls, b.nfe, len(b.branch_points) * K)
+    def rollout(fn):
+        return lambda: fn(policy, prompts, ids, s, steps, K, 4.5, seed=0, max_batch=args.max_batch, decode=False)
+
+    times = interleaved({"wavefront": rollout(branched_rollout), "loop": rollout(branched_rollout_loop)}, args.repeats)
     floor = args.prompts * (T + K * T * (T - 1) // 2)
     print(f"\nrollouts: {args.prompts} prompts, K={K}, T={T}, CFG 4.5, all steps branch, max_batch {args.max_batch}")
     print(f"{'engine':<10} {'fwd calls':>9} {'NFE':>7} {'NFE/action':>10} {'median s':>9}")
-    for name in times:
-        calls, nfe, actions = stats[name]
-        print(f"{name:<10} {calls:>9} {nfe:>7} {nfe / actions:>10.2f} {statistics.median(times[name]):>9.3f}")
+    for name, b in times.results.items():
+        actions = len(b.branch_points) * K
+        print(f"{name:<10} {b.forward_calls:>9} {b.nfe:>7} {b.nfe / actions:>10.2f} {times.median(name):>9.3f}")
     print(f"NFE floor T + K*T(T-1)/2 per prompt: {floor} in all; "
-          f"speed-up wavefront vs loop: {statistics.median(times['loop']) / statistics.median(times['wavefront']):.2f}x")
+          f"speed-up wavefront vs loop: {times.ratio('loop', 'wavefront'):.2f}x")
 
     # ---------------------------------------------------------------- learner
     b = branched_rollout(policy, prompts, ids, s, steps, K, 4.5, seed=0, decode=False)
@@ -80,25 +70,27 @@ def main() -> None:
         for p in params:
             p.add_(1e-3 * torch.randn_like(p))
     micro = 8
-    ltimes = {"shared": [], "per-child": []}
-    results = {}
-    for _ in range(args.repeats):
-        for name, shared in (("shared", True), ("per-child", False)):
-            for p in params:
-                p.grad = None
-            t0 = time.perf_counter()
+
+    def learner(shared: bool):
+        def step():
             total = 0.0
             for idx in torch.split(torch.arange(len(units)), micro):
                 terms = evaluate_units(policy, units.subset(idx), b.embeds, s, 4.5, loss_cfg, shared=shared)
                 (terms.loss.sum() / (len(units) * K)).backward()
                 total += float(terms.loss.detach().sum())
-            ltimes[name].append(time.perf_counter() - t0)
-            results[name] = (total / (len(units) * K), torch.cat([p.grad.flatten() for p in params]))
-    g1, g2 = results["shared"][1], results["per-child"][1]
+            return total / (len(units) * K), torch.cat([p.grad.flatten() for p in params])
+        return step
+
+    def clear(_name: str) -> None:
+        for p in params:
+            p.grad = None
+
+    ltimes = interleaved({"shared": learner(True), "per-child": learner(False)}, args.repeats, before=clear)
+    g1, g2 = ltimes.results["shared"][1], ltimes.results["per-child"][1]
     print(f"\nlearner: {len(units)} branch points x K={K} children, micro-batch {micro} units, CFG, KL on")
-    for name in ltimes:
-        print(f"{name:<10} loss {results[name][0]:+.6f}  median {statistics.median(ltimes[name]):.3f} s")
-    print(f"speed-up shared vs per-child: {statistics.median(ltimes['per-child']) / statistics.median(ltimes['shared']):.2f}x, "
+    for name, (loss, _) in ltimes.results.items():
+        print(f"{name:<10} loss {loss:+.6f}  median {ltimes.median(name):.3f} s")
+    print(f"speed-up shared vs per-child: {ltimes.ratio('per-child', 'shared'):.2f}x, "
           f"relative gradient difference {float((g1 - g2).norm() / g1.norm()):.2e}")
 
 

@@ -12,16 +12,15 @@ reward scores and the checkpoint written.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
+from benchmarks.harness import parser, set_threads
 from tempflow_core.run import stages
 from tempflow_core.config import load_config
 from tempflow_core.engines.engine import Engine, LocalEngine
@@ -55,13 +54,12 @@ def _bytes(lay: RunLayout, it: int, cfg) -> dict[str, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=1)
     ap.add_argument("--config", default=str(ROOT / "flows/configs/ablation.yaml"))
     ap.add_argument("--base", default=str(ROOT / "flows/configs/default.yaml"))
     ap.add_argument("--set", action="append", default=[], help="override, e.g. rollout.prompts_per_iter=8")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     os.environ["TEMPFLOW_WORKER_THREADS"] = str(args.threads)
     store = tempfile.mkdtemp(prefix="bench-engine-")
     walls: dict[str, dict[str, float]] = {}

@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -35,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 
+from benchmarks.harness import parser, set_threads
 from tempflow_core.config import LoraSettings, LossConfig, TinyModelConfig, TrainConfig, load_config
 from tempflow_core.algorithm.learner import build_units, make_optimizer, update
 from tempflow_core.families import FAMILIES, family_spec
@@ -124,15 +124,13 @@ def tiny_throughput(family: str, repeats: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap = parser(__doc__, repeats=3, threads=1)
     ap.add_argument("--sd3", default=str(ROOT / "tests" / "flux" / "fixtures" / "sd35m"),
                     help="SD3.5-M folder (configs suffice)")
     ap.add_argument("--flux", default=str(ROOT / "tests" / "flux" / "fixtures" / "flux1-dev"),
                     help="FLUX.1-dev folder (configs suffice)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)")
     real_sizes("sd35m.yaml", args.sd3)
     real_sizes("flux1-dev.yaml", args.flux)

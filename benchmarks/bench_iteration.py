@@ -11,7 +11,6 @@ Used to pick the ablation's world (README "Results": the 32 px base against the 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.harness import parser, set_threads
 from tempflow_core.config import load_config
 from tempflow_core.algorithm.train import train_in_process
 
@@ -26,15 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, threads=1)
     ap.add_argument("--config", default=str(ROOT / "flows/configs/ablation.yaml"))
     ap.add_argument("--base", default=str(ROOT / "flows/configs/default.yaml"))
     ap.add_argument("--set", action="append", default=[], help="override, e.g. algorithm=flow_grpo_fixed")
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer's forward first")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     cfg = load_config(args.config, [*args.set, f"train.iterations={args.iterations}"],
                       base=yaml.safe_load(Path(args.base).read_text()))
     rows = []

@@ -13,16 +13,13 @@ give the same scores.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from benchmarks.harness import interleaved, parser, set_threads
 from flows.reward_server import reward_server_process
 from tempflow_core.run import stages
 from tempflow_core.config import load_config
@@ -34,13 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the server")
+    ap = parser(__doc__, repeats=7, threads=1)
     ap.add_argument("--batch-size", type=int, default=None, help="reward.options.remote.batch_size (default: the option's)")
     ap.add_argument("--in-flight", type=int, default=None, help="reward.options.remote.in_flight (default: the option's)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     with reward_server_process("shapes", threads=args.threads, timeout=120) as url, \
             tempfile.TemporaryDirectory(prefix="bench-reward-") as tmpdir:
         tmp = Path(tmpdir)
@@ -57,24 +52,21 @@ def main() -> None:
         batch = read_rollouts(lay.store, lay.prefix(0, "rollout"), images=True)
         print(f"rollout: {len(batch.sample_keys())} images of {batch.images().shape[1]} px, server at {url}")
         reward_dir = tmp / lay.prefix(0, "reward")
-        times: dict[str, list[float]] = {m: [] for m in cfgs}
-        scores: dict[str, np.ndarray] = {}
         for mode, cfg in cfgs.items():  # warm: the session (model + reward) is built once per run
             caches[mode].get(cfg)
-        for rep in range(args.repeats + 1):  # the first round is a warm-up, not counted
-            for mode, cfg in cfgs.items():
-                shutil.rmtree(reward_dir, ignore_errors=True)
-                t = time.perf_counter()
-                stages.reward_stage(cfg, lay, 0, caches[mode])
-                if rep:
-                    times[mode].append(time.perf_counter() - t)
-                keys = batch.sample_keys()
-                scores[mode] = read_scores(lay.store, lay.iteration_prefix(0), "reward").aligned(keys, "reward")
-        same = np.array_equal(scores["in-process"], scores["server"])
-        med = {m: statistics.median(v) for m, v in times.items()}
-        for m, v in times.items():
-            print(f"{m:>10}: reward stage median {med[m]:.3f} s (min {min(v):.3f}, max {max(v):.3f}, n {len(v)})")
-        print(f"server / in-process: {med['server'] / med['in-process']:.2f}x; scores identical: {same}")
+
+        def stage(mode: str):
+            return lambda: stages.reward_stage(cfgs[mode], lay, 0, caches[mode])
+
+        def scores(_mode: str) -> np.ndarray:
+            return read_scores(lay.store, lay.iteration_prefix(0), "reward").aligned(batch.sample_keys(), "reward")
+
+        times = interleaved({mode: stage(mode) for mode in cfgs}, args.repeats, warmup=1,
+                            before=lambda _mode: shutil.rmtree(reward_dir, ignore_errors=True), after=scores)
+        same = np.array_equal(times.results["in-process"], times.results["server"])
+        for m in cfgs:
+            print(f"{m:>10}: reward stage {times.line(m)}")
+        print(f"server / in-process: {times.ratio('server', 'in-process'):.2f}x; scores identical: {same}")
         if not same:
             raise SystemExit("the server's scores differ from the in-process reward's")
 

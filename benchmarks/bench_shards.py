@@ -13,7 +13,6 @@ branch points, repeated under fresh prompt ids until there are that many.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import os
@@ -32,6 +31,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import torch
 
+from benchmarks.harness import interleaved, parser, set_threads
 from flows import children
 
 from tempflow_core.batches import RolloutBatch
@@ -81,12 +81,9 @@ def replicate(batch: RolloutBatch, samples: int) -> RolloutBatch:
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    """(median seconds of `repeats` calls, the last call's value)."""
+    t = interleaved({"fn": fn}, repeats)
+    return t.median("fn"), t.results["fn"]
 
 
 def throughput(name: str, store: ObjectStore, big: RolloutBatch, spp: int, repeats: int) -> dict[str, float]:
@@ -154,18 +151,15 @@ def stop_moto(proc: subprocess.Popen[bytes]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, repeats=3, threads=1)  # 1 thread: on a shared box 2 threads stall under contention
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--samples", type=int, default=480, help="branch points moved in the throughput runs")
     ap.add_argument("--samples-per-shard", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="medians of this many runs")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for the rollout (1: on a shared box 2 threads stall under contention)")
     ap.add_argument("--no-s3", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
 
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="tempflow-bench-shards-"))

@@ -13,7 +13,6 @@ the ratio, and checks that the scores and the final LoRA are the same bit for bi
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.harness import parser, set_threads
 from flows.reward_server import reward_server_process
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.config import load_config
@@ -55,14 +55,12 @@ def run(cfg, iterations: int) -> tuple[list[dict[str, float]], list[np.ndarray],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, repeats=3, threads=2)
     ap.add_argument("--slices", type=int, default=4)
     ap.add_argument("--seconds-per-image", type=float, default=0.05)
     ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the run (the server waits, it does not compute)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     with reward_server_process("heavy_shapes", [f"seconds_per_image={args.seconds_per_image}"], threads=1,
                                timeout=120, plugins=["benchmarks.heavy_reward"]) as url:
         per_mode: dict[bool, list[dict[str, float]]] = {False: [], True: []}

@@ -8,21 +8,21 @@ another busy process on the same 2 cores slowed the tiny pretrain 5-10x in our m
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import numpy as np
 import torch
 
+from benchmarks.harness import parser, set_threads
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
+    ap = parser(__doc__, threads=2)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--eval", action="store_true", help="also time one evaluation (39 test prompts x 6, 20 steps, CFG)")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    set_threads(a)
     from tempflow_core.policies.models import build_tiny_pipeline
     from tempflow_core.pretrain import SHIPPED_MODEL, evaluate_pipeline, flow_loss, to_pixels
 
