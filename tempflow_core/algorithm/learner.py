@@ -244,17 +244,21 @@ def update(
         return [m for m in torch.split(dp.local(mb) if dp is not None else mb, train_cfg.micro_batch) if m.numel()]
 
     minibatches = [torch.tensor_split(perm, min(train_cfg.minibatches, N)) for perm in perms]
+    padded = 0  # pad calls this rank made (sharding.py): computed, no unit in them
     if train_cfg.recompute_old_log_probs:
         first = [m for mb in minibatches[0] for m in micro_batches(mb)]
-        units = learner_log_probs(policy, units, emb, schedule, guidance_scale, first, shared,
-                                  dp.pads(len(first)) if dp is not None else 0)
+        pads = dp.pads(len(first)) if dp is not None else 0
+        units = learner_log_probs(policy, units, emb, schedule, guidance_scale, first, shared, pads)
+        padded += pads
     for epoch in range(train_cfg.inner_epochs):
         for j, mb in enumerate(minibatches[epoch]):
             optimizer.zero_grad(set_to_none=True)
             n_terms = len(mb) * K
             micros = micro_batches(mb)
-            for _ in range(dp.pads(len(micros)) if dp is not None else 0):
+            pads = dp.pads(len(micros)) if dp is not None else 0
+            for _ in range(pads):
                 pad_call(policy, emb, guidance_scale, reference=loss_cfg.beta > 0, backward=True)
+            padded += pads
             for micro in micros:
                 terms = evaluate_units(policy, units.subset(micro), emb, schedule, guidance_scale, loss_cfg, shared)
                 (terms.loss.sum() / n_terms).backward()
@@ -277,12 +281,12 @@ def update(
             if after_step is not None:
                 after_step()
     if dp is not None:  # every rank reports the whole update's statistics
-        total = dp.reduce([sums.get(n, 0.0) for n in _STAT_NAMES] + [float(count)])
-        sums, count = dict(zip(_STAT_NAMES, total[:-1])), int(total[-1])
+        total = dp.reduce([sums.get(n, 0.0) for n in _STAT_NAMES] + [float(count), float(padded)])
+        sums, count, padded = dict(zip(_STAT_NAMES, total[:-2])), int(total[-2]), int(total[-1])
         ratio_min, first_min = dp.reduce([ratio_min, first_min], "min")
         ratio_max, first_max = dp.reduce([ratio_max, first_max], "max")
     stats = {k: v / max(1, count) for k, v in sums.items()}
     stats.update(ratio_min=ratio_min, ratio_max=ratio_max, ratio_first_min=first_min, ratio_first_max=first_max,
                  grad_norm=float(np.mean(grad_norms)),
-                 units=float(N), optimizer_steps=float(len(grad_norms)))
+                 units=float(N), optimizer_steps=float(len(grad_norms)), pad_calls=float(padded))
     return stats

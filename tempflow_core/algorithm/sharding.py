@@ -91,8 +91,10 @@ def sharded_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimi
 
 def pad_call(policy: Any, emb: Any, guidance_scale: float, reference: bool, backward: bool) -> None:
     """The transformer calls of one micro-batch on one row of zeros, adding nothing: keeps a
-    rank with fewer units in step with its peers' collectives (module docstring). Its rows
-    count in the policy's NFE: they are computed."""
+    rank with fewer units in step with its peers' collectives (module docstring). They are left
+    out of the policy's NFE and call counts (the learner's rows stay those of its units, as
+    without sharding); the update reports them as `train/pad_calls`."""
+    counts = policy.nfe, policy.forward_calls
     x = torch.zeros(1, *policy.latent_shape(), device=policy.device)  # [1, C, H, W] (Wan: [1, C, F, H, W])
     t = torch.full((1,), 0.5, device=policy.device)
     cond = emb.select(torch.zeros(1, dtype=torch.long, device=policy.device))
@@ -103,3 +105,4 @@ def pad_call(policy: Any, emb: Any, guidance_scale: float, reference: bool, back
                 policy.velocity(x, t, cond, guidance_scale)
         if backward:
             (v.sum() * 0.0).backward()
+    policy.nfe, policy.forward_calls = counts

@@ -49,6 +49,7 @@ AFFECTS: dict[str, frozenset[str]] = {
     "rollout.branch_draw": frozenset({ROLLOUT, LEARNER}),  # which steps branch, and their importance in the loss
     # where work runs (pipeline.engine=ray), not what it computes (the learner's ranks: up to float summation order)
     **{f"{section}.workers": _NONE for section in ("rollout", "reward", "train")},
+    "train.sharding": _NONE,  # the learner's ranks holding shards of the transformer: the same update
     "reward.stream": _NONE,  # when the slices are scored, not what they score
     # where tensors live, not what is computed (tests/algorithm/test_memory.py: the same rollout bit for bit)
     "model.offload_text_encoders": _NONE,

@@ -34,3 +34,9 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, own_process: bool =
     finally:
         os.chdir(here)
     return result.exit_code, result.stdout, result.stderr
+
+
+def in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`tempflow ARGS` in this process (typer's runner) as a CompletedProcess: exit code, stdout, stderr."""
+    code, out, err = run_cli(args, dict(os.environ), cwd, own_process=False)
+    return subprocess.CompletedProcess(["tempflow", *args], code, out, err)

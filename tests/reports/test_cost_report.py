@@ -6,11 +6,16 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.pipeline.cli_runner import in_process
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ["-m", "flows.cli", "report"]
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+    return in_process(["report", *args], ROOT)  # typer's runner: no interpreter start per call
+
 
 
 def _records(tmp_path: Path, base: bool = False, earlier: bool = False) -> Path:
@@ -48,8 +53,7 @@ def _records(tmp_path: Path, base: bool = False, earlier: bool = False) -> Path:
 
 def test_shares_and_differences_by_hand(tmp_path):
     out = _records(tmp_path)
-    r = subprocess.run([sys.executable, *SCRIPT, str(out)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    r = _report(str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     row = next(line for line in (out / "summary.md").read_text().splitlines()
                if line.startswith("| tempflow branch_steps=2 | 8 | 0.50 |"))
@@ -70,8 +74,7 @@ def test_shares_are_taken_on_the_seeds_both_arms_ran(tmp_path):
     more = [json.dumps({**r, "seed": r["seed"] + 4}) for r in map(json.loads, images) if r["arm"] == "tempflow"]
     (out / "points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in points + extra))
     (out / "images.jsonl.gz").write_bytes(gzip.compress("".join(line + "\n" for line in images + more).encode()))
-    r = subprocess.run([sys.executable, *SCRIPT, str(out)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    r = _report(str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     row = next(line for line in (out / "summary.md").read_text().splitlines()
                if line.startswith("| tempflow branch_steps=2 | 8 | 0.50 |"))
@@ -80,8 +83,7 @@ def test_shares_are_taken_on_the_seeds_both_arms_ran(tmp_path):
 
 def test_gain_reaches_and_the_target_by_hand(tmp_path):
     out = _records(tmp_path, base=True)
-    r = subprocess.run([sys.executable, *SCRIPT, str(out), "--reference", "tempflow"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(out), "--reference", "tempflow")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (out / "summary.md").read_text().splitlines()
 
@@ -113,8 +115,7 @@ def test_gain_reaches_and_the_target_by_hand(tmp_path):
     # nothing over the base there, so that yardstick's margin is 0; 2 points were compared (5% / 2)
     train = tmp_path / "train.txt"
     train.write_text("p0\np2\n")
-    r = subprocess.run([sys.executable, *SCRIPT, str(out), "--train-prompts", str(train)],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(out), "--train-prompts", str(train))
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (out / "summary.md").read_text().splitlines()
     assert any("untrained prompts: 2 items, margin 0.0000" in line and "0.05 / 2" in line for line in lines)
@@ -124,12 +125,10 @@ def test_gain_reaches_and_the_target_by_hand(tmp_path):
     assert json.loads((out / "comparison.json").read_text())["train_prompts"] == str(train)
     (out / "comparison.json").write_text(json.dumps({"reference": "tempflow", "categories": ["a", "b"],
                                                      "margin_share": 0.25}))
-    r = subprocess.run([sys.executable, *SCRIPT, str(out), "--categories", "a,c"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(out), "--categories", "a,c")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "'c' is not an evaluated category" in r.stderr
     # over category a alone the +0.25 arm is 1.0 against 0.5
-    r = subprocess.run([sys.executable, *SCRIPT, str(out), "--categories", "a"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(out), "--categories", "a")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (out / "summary.md").read_text().splitlines()
     assert cells("| tempflow branch_steps=2 | 8 |", "## Against")[6] == "+0.5000"
@@ -137,8 +136,7 @@ def test_gain_reaches_and_the_target_by_hand(tmp_path):
 
 def test_an_arms_last_point_against_its_earlier_one_by_hand(tmp_path):
     out = _records(tmp_path, earlier=True)
-    r = subprocess.run([sys.executable, *SCRIPT, str(out)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    r = _report(str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     text = (out / "summary.md").read_text()
     section = text.split("## Does the rest")[1].split("\n## ")[0].splitlines()
@@ -153,14 +151,13 @@ def test_an_arms_last_point_against_its_earlier_one_by_hand(tmp_path):
 
 def test_an_unknown_reference_is_refused_with_one_line_and_nothing_written(tmp_path):
     out = _records(tmp_path)
-    r = subprocess.run([sys.executable, *SCRIPT, str(out), "--reference", "flow_grpo"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(out), "--reference", "flow_grpo")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--reference 'flow_grpo'" in r.stderr
     assert not (out / "summary.md").exists()
     half = tmp_path / "half"  # per-image records without their points
     half.mkdir()
     (half / "images.jsonl.gz").write_bytes((out / "images.jsonl.gz").read_bytes())
-    r = subprocess.run([sys.executable, *SCRIPT, str(half)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(half))
     assert r.returncode == 2 and "points.jsonl does not exist" in r.stderr and not (half / "summary.md").exists()
 
 
@@ -169,8 +166,7 @@ def _recomputed(src: Path, tmp_path: Path) -> list[dict]:
     byte for byte. Returns its points."""
     for name in ("points.jsonl", "images.jsonl.gz", "comparison.json"):
         (tmp_path / name).write_bytes((src / name).read_bytes())
-    r = subprocess.run([sys.executable, *SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    r = _report(str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()
     return [json.loads(line) for line in (src / "points.jsonl").read_text().splitlines()]
@@ -197,9 +193,8 @@ def test_the_committed_comparison_is_what_its_records_give(tmp_path):
     images = gzip.decompress((src / "images.jsonl.gz").read_bytes()).decode().splitlines()
     assert len(images) == 414 + sum(414 for p in points if p["iteration"] > 0)  # the base model's once
     # the score over every category is the overall each evaluation recorded (computed apart)
-    r = subprocess.run([sys.executable, *SCRIPT, str(tmp_path), "--categories",
-                        "color_attr,colors,counting,position,single_object,two_object"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = _report(str(tmp_path), "--categories",
+                        "color_attr,colors,counting,position,single_object,two_object")
     assert r.returncode == 0, r.stderr[-2000:]
     table = [line for line in (tmp_path / "summary.md").read_text().split("## The arms")[0].splitlines()
              if line.startswith("| cost-")]

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.pipeline.cli_runner import in_process
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ["-m", "flows.cli", "report"]
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+    return in_process(["report", *args], ROOT)  # typer's runner: no interpreter start per call
+
 ITEMS = [("p0", "a"), ("p1", "a"), ("p2", "b"), ("p3", "b")]
 
 
@@ -22,8 +27,7 @@ def _file(path: Path, passed: set[str], run: str | None = None, guidance: float 
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *SCRIPT, str(out), *extra], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    return _report(str(out), *extra)
 
 
 def test_gain_over_the_base_by_hand(tmp_path):

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.pipeline.cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_paired_summary_is_what_its_per_image_records_give(tmp_path, experiment):
     src = ROOT / "results" / experiment
     shutil.copy(src / "images.jsonl", tmp_path / "images.jsonl")
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "report", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, _, err = run_cli(["report", str(tmp_path)], dict(os.environ), ROOT, own_process=False)
+    assert code == 0, err[-2000:]
     assert (tmp_path / "summary.md").read_text() == (src / "summary.md").read_text()

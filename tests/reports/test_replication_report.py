@@ -6,11 +6,16 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+from tests.pipeline.cli_runner import in_process
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ["-m", "flows.cli", "report"]
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+    return in_process(["report", *args], ROOT)  # typer's runner: no interpreter start per call
+
 REF, ARM = "cost-t10-default-shapes-tempflow", "rep-t10-p0123-shapes-tempflow"
 ITEMS = [("p0", "colors"), ("p1", "colors"), ("p2", "single_object"), ("p3", "single_object")]
 
@@ -48,8 +53,7 @@ def _run(tmp_path: Path, control_flip: bool) -> str:
     _write(tmp_path / "64px-t10", ref_pts, ref_img)  # the reference's records: the folder beside the replication
     _write(tmp_path / "ours", ours_pts, ours_img)
     (tmp_path / "ours" / "PROTOCOL.md").write_text("# the protocol\n")
-    r = subprocess.run([sys.executable, *SCRIPT, str(tmp_path / "ours")], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT)
+    r = _report(str(tmp_path / "ours"))
     assert r.returncode == 0, r.stderr[-2000:]
     return (tmp_path / "ours" / "summary.md").read_text()
 
