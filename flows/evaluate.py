@@ -61,7 +61,7 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
         log.info("run %s iteration %d with %s: %s", run_id, iteration, eval_overrides,
                  {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
         return result
-    eval_task(config, run_id, iteration, sessions)
+    eval_task(config, lay, iteration, sessions)
     result = stages.read_eval(lay, iteration)
     log.info("run %s iteration %d: %s", run_id, iteration, {k: v for k, v in result.items() if not isinstance(v, dict)})
     return result

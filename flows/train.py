@@ -174,15 +174,15 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     status, base = "FAILED", None
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
     try:
-        init_task(config, run_id, sessions, engine)
+        init_task(config, lay, sessions, engine)
 
         def tracked(it: int, metrics: dict[str, float]) -> None:
-            track_iteration(config, run_id, it, tracker)
+            track_iteration(config, lay, it, tracker)
             log.info("iteration %d: reward %.4f ± %.4f, loss %+.4f, clip %.2f", it, metrics["reward/mean"],
                      metrics["reward/std"], metrics["train/loss"], metrics["train/clip_frac"])
 
         train_loop(config, _FlowSteps(config, lay, sessions, engine),
-                   Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, run_id, it, tracker, e)), loop)
+                   Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, lay, it, tracker, e)), loop)
         base = base_eval_task(config, sessions, record.get("inputs"), engine)  # what the final evaluation is read against
         status = "FINISHED"
     finally:
@@ -203,14 +203,14 @@ class _FlowSteps:
         self.config, self.lay, self.sessions, self.engine = config, lay, sessions, engine
 
     def iterate(self, it: int) -> dict[str, float]:
-        args = (self.config, self.lay.run_id, it, self.sessions, self.engine)
+        args = (self.config, self.lay, it, self.sessions, self.engine)
         rollout_task(*args)
         reward_task(*args)
         learner_task(*args)
         return stages.checkpoint_metrics(self.lay, it)
 
     def evaluate(self, it: int) -> dict[str, Any]:
-        eval_task(self.config, self.lay.run_id, it, self.sessions, self.engine)
+        eval_task(self.config, self.lay, it, self.sessions, self.engine)
         return stages.read_eval(self.lay, it)
 
 

@@ -1,8 +1,8 @@
 """Prefect tasks for the pipeline stages: thin wrappers over tempflow_core.run.stages.
 
-Each task takes the run config, a run id and the flow's `SessionCache` (the flow owns the
-model; tasks of one flow run share it), calls one core stage, and returns the URI of what
-it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
+Each task takes the run config, the run's layout on its store (opened once by the flow) and
+the flow's `SessionCache` (the flow owns the model; tasks of one flow run share it), calls one
+core stage, and returns the URI of what it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
 `tempflow train --resume`) never redo finished work; I/O-bound stages retry with a delay on
 transient faults. The rollout, reward and learner tasks run their stage on the flow's engine
 (tempflow_core.engines.engine: here, or on Ray's actors and Ray Train group) without asking which it
@@ -104,14 +104,13 @@ _common = STAGE_TASK_OPTIONS
 
 @task(name="init", task_run_name="init", **_common)
 @core_log
-def init_task(config: RunConfig, run_id: str, sessions: SessionCache, engine: Engine) -> str:
-    return engine.init(config, RunLayout.open(config, run_id), sessions)
+def init_task(config: RunConfig, lay: RunLayout, sessions: SessionCache, engine: Engine) -> str:
+    return engine.init(config, lay, sessions)
 
 
 @task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
 @core_log
-def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache, engine: Engine) -> str:
-    lay = RunLayout.open(config, run_id)
+def rollout_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache, engine: Engine) -> str:
     log = get_run_logger()
     if not lay.complete(iteration, "rollout"):
         log.info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
@@ -121,14 +120,14 @@ def rollout_task(config: RunConfig, run_id: str, iteration: int, sessions: Sessi
 
 @task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
 @core_log
-def reward_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache, engine: Engine) -> str:
-    return engine.score(config, RunLayout.open(config, run_id), iteration, sessions)
+def reward_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache, engine: Engine) -> str:
+    return engine.score(config, lay, iteration, sessions)
 
 
 @task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
 @core_log
-def learner_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache, engine: Engine) -> str:
-    return engine.update(config, RunLayout.open(config, run_id), iteration, sessions, bar=progress_bar)
+def learner_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache, engine: Engine) -> str:
+    return engine.update(config, lay, iteration, sessions, bar=progress_bar)
 
 
 def local_engine(config: RunConfig) -> LocalEngine:
@@ -138,9 +137,9 @@ def local_engine(config: RunConfig) -> LocalEngine:
 
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)
 @core_log
-def eval_task(config: RunConfig, run_id: str, iteration: int, sessions: SessionCache,
+def eval_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache,
               engine: Engine | None = None) -> str:
-    return (engine or local_engine(config)).evaluate(config, RunLayout.open(config, run_id), iteration, sessions)
+    return (engine or local_engine(config)).evaluate(config, lay, iteration, sessions)
 
 
 @task(name="base-eval", task_run_name="base-eval", **_common)

@@ -106,9 +106,8 @@ def group_grid_png(lay: RunLayout, iteration: int, max_groups: int = 4) -> bytes
 
 @task(name="track-iteration", task_run_name="track-iter-{iteration}", cache_policy=NONE, retries=2,
       retry_delay_seconds=5)
-def track_iteration(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker) -> str:
+def track_iteration(config: RunConfig, lay: RunLayout, iteration: int, tracker: RunTracker) -> str:
     """Metrics, the rollout shard set as a dataset input, the checkpoint as a logged model."""
-    lay = RunLayout.open(config, run_id)
     done = _read_marker(lay, iteration, tracker)
     if done is not None:
         return done["model_id"]
@@ -149,9 +148,8 @@ def score_key(config: RunConfig) -> str:
 
 
 @task(name="track-eval", task_run_name="track-eval-{iteration}", cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def track_eval(config: RunConfig, run_id: str, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
+def track_eval(config: RunConfig, lay: RunLayout, iteration: int, tracker: RunTracker, result: dict[str, Any]) -> None:
     """Eval scores, table and grid; the best checkpoint by held-out score gets the alias 'best'."""
-    lay = RunLayout.open(config, run_id)
     eval_marker = lay.tracked_key(iteration, evaluation=True)
     try:  # logged before a resume, to this MLflow run: never twice
         if _logged_here(json.loads(lay.store.get_bytes(eval_marker)), tracker):

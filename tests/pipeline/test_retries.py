@@ -11,6 +11,7 @@ import pytest
 from prefect import flow, task
 
 from tasks.stages import STAGE_TASK_OPTIONS, reward_task
+from tempflow_core.run.layout import RunLayout, open_run_store
 from tempflow_core.engines.engine import LocalEngine
 from tempflow_core.config import load_config
 from tempflow_core.algorithm.session import SessionCache
@@ -63,19 +64,24 @@ def test_a_transient_error_is_retried(prefect_api, tmp_path, kind):
 
 
 def test_a_stage_task_with_an_invalid_key_runs_once(prefect_api, tiny_model_dir, tmp_path, quiet_env):
-    """The real reward task on a run id that is no valid store key (InvalidKey, a StoreError):
-    one attempt on the Prefect server (it used to be tried three times)."""
+    """The real reward task on a layout whose run id is no valid store key, so the store refuses
+    the stage's first read (InvalidKey, a StoreError): one attempt on the Prefect server (it used
+    to be tried three times). RunLayout refuses such an id when it is built; the layout here is
+    made past that check, so that the store's own refusal is what the task meets."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     cfg = load_config(None, tiny_overrides(tmp_path, tiny_model_dir) + ["reward.name=brightness"])
+    escape = object.__new__(RunLayout)
+    object.__setattr__(escape, "store", open_run_store(cfg))
+    object.__setattr__(escape, "run_id", "runs/../escape")
 
     @flow(name="retry-probe-reward")
     def one_reward() -> str:
         from prefect.runtime import flow_run
 
         try:
-            reward_task(cfg, "runs/../escape", 0, SessionCache(), LocalEngine())
+            reward_task(cfg, escape, 0, SessionCache(), LocalEngine())
         except Exception:  # noqa: BLE001 - the flow's own id is what the test needs
             pass
         return flow_run.get_id()
