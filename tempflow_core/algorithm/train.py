@@ -27,7 +27,7 @@ import numpy as np
 from tempflow_core.algorithm.advantages import AdvantageStats, compute_advantages
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.data_parallel import DataParallel
-from tempflow_core.algorithm.learner import TrainUnits, build_units, trained_steps, update
+from tempflow_core.algorithm.learner import TrainUnits, build_units, empty_units, update
 from tempflow_core.algorithm.loop import Hooks, LoopResult, train_loop
 from tempflow_core.batches import PromptEmbeds
 from tempflow_core.prompts import PromptRecord
@@ -37,6 +37,7 @@ from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
 from tempflow_core.seeding import derive_seed
 from tempflow_core.algorithm.session import Session, evaluated_weights, optimizer_steps, setup, update_ema
 from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.schedule import Schedule
 
 
 def batch_prompt_ids(records: list[PromptRecord], start: int = 0) -> list[str]:
@@ -78,13 +79,46 @@ def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: 
 def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: int,
                                progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], np.ndarray]:
     """run_update that also returns the advantages [S] (sample_keys order) it trained on."""
-    cfg = s.cfg
-    adv, astats = compute_advantages(rewards, batch.group_ids(), cfg.std_mode, cfg.loss.adv_clip_max)
-    steps = trained_steps(batch, cfg.train.train_steps)
-    plan = plan_iteration(cfg, s.schedule, iteration)
+    samples = len(batch.branch_points if batch.kind == "branch" else batch.trajectories)
+    inp = update_inputs(s.cfg, s.schedule, iteration, batch.sample_keys(), rewards, batch, list(range(samples)))
+    metrics = update_units(s, inp.units, batch.embeds, inp.weights, inp.stats, progress, importance=inp.importance)
+    return metrics, inp.advantages
+
+
+@dataclass(frozen=True)
+class UpdateInputs:
+    """What an update trains on: one rank's share of the stage (all of it in one process)."""
+
+    units: TrainUnits  # [n] the share's training units
+    owned: list[int]  # [n] each unit's index among the stage's N units
+    total: int  # N: units of the whole stage
+    advantages: np.ndarray  # [S] every sample's advantage, in the stage's key order
+    stats: AdvantageStats
+    weights: dict[int, float]  # trained step -> w_k
+    importance: dict[int, float]  # trained step -> I_k
+
+
+def update_inputs(cfg: RunConfig, schedule: Schedule, iteration: int, keys: list[str], rewards: np.ndarray,
+                  share: RolloutBatch, positions: list[int]) -> UpdateInputs:
+    """The learner's preparation, for one process or one rank: advantages over every sample of the
+    stage (`keys` and `rewards` [S]: a group needs all its rewards, flow_grpo's global std the
+    batch's), the trained steps with their weights and importance (the iteration's plan), and
+    the units of `share`, the samples at `positions` [s] of the stage (branch points or trajectories)."""
+    adv, astats = compute_advantages(rewards, [group_of_key(k) for k in keys], cfg.std_mode, cfg.loss.adv_clip_max)
+    plan = plan_iteration(cfg, schedule, iteration)
+    if share.kind == "branch":  # the steps the rollouts branched at (checked against the plan)
+        steps, owned = sorted({branch_step_of_group(group_of_key(k)) for k in keys}), list(positions)
+        total = len(keys) // cfg.rollout.group_size
+    else:  # each trajectory's trained steps, in units of (trajectory, step)
+        steps = list(plan.steps)
+        owned = [p * len(steps) + j for p in positions for j in range(len(steps))]
+        total = len(keys) * len(steps)
     weights, imp = plan.weights_of(steps), plan.importance_of(steps)
-    units = build_units(batch, adv, weights, steps, imp)
-    return update_units(s, units, batch.embeds, weights, astats, progress, importance=imp), adv
+    index = {k: i for i, k in enumerate(keys)}
+    local = adv[[index[k] for k in share.sample_keys()]]
+    units = build_units(share, local, weights, steps, imp) if positions else empty_units(
+        cfg.rollout.group_size if share.kind == "branch" else 1)
+    return UpdateInputs(units, owned, total, adv, astats, weights, imp)
 
 
 def update_units(s: Session, units: TrainUnits, emb: PromptEmbeds, weights: dict[int, float], astats: AdvantageStats,

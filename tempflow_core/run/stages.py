@@ -41,16 +41,14 @@ import torch
 from tempflow_core import failpoints
 
 from tempflow_core.run import healing
-from tempflow_core.algorithm.advantages import compute_advantages
 from tempflow_core.algorithm.checkpoint import CheckpointState, load_checkpoint, read_state, save_checkpoint
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.data_parallel import DataParallel, collective_device, read_share, sample_keys_of
 from tempflow_core.algorithm.evaluation import detector_rules, eval_prompts, evaluate_policy
 from tempflow_core.run.layout import RunLayout
-from tempflow_core.algorithm.learner import build_units, empty_units
 from tempflow_core.prompts import PromptRecord
 from tempflow_core.rewards import reward_servers
-from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_key
+from tempflow_core.batches import RolloutBatch
 from tempflow_core.run.rollout_slices import iteration_records, sample_slice
 from tempflow_core.seeding import derive_seed
 from tempflow_core.algorithm.session import Session, SessionCache, restore, shard
@@ -60,10 +58,10 @@ from tempflow_core.shards import (
     read_embeds, read_rollouts, read_scores, require_manifest, write_manifest, write_rollouts, write_scores,
 )
 from tempflow_core.shards.manifest import prepare_prefix
-from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.storage import join_key
 from tempflow_core.algorithm.train import (
-    reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout, update_units,
+    reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout, update_inputs,
+    update_units,
 )
 
 log = logging.getLogger("tempflow.stages")
@@ -331,23 +329,11 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     keys = sample_keys_of(m, cfg.rollout.group_size)
     rewards, details = _rewards(layout, iteration, keys)
     t0 = time.perf_counter()
-    adv, astats = compute_advantages(rewards, [group_of_key(k) for k in keys], cfg.std_mode, cfg.loss.adv_clip_max)
-    index = {k: i for i, k in enumerate(keys)}
-    local_adv = adv[[index[k] for k in share.sample_keys()]]
-    plan = plan_iteration(cfg, s.schedule, iteration)
-    if m.rollout_kind == "branch":
-        steps = sorted({branch_step_of_group(group_of_key(k)) for k in keys})
-        owned = positions
-    else:
-        steps = list(plan.steps)
-        owned = [p * len(steps) + j for p in positions for j in range(len(steps))]
-    weights, imp = plan.weights_of(steps), plan.importance_of(steps)
-    units = build_units(share, local_adv, weights, steps, imp) if positions else empty_units(
-        cfg.rollout.group_size if m.rollout_kind == "branch" else 1)
-    total = m.num_samples * (1 if m.rollout_kind == "branch" else len(steps))
-    dp = DataParallel(rank, world, total, torch.tensor(owned, dtype=torch.long), device,
+    inp = update_inputs(cfg, s.schedule, iteration, keys, rewards, share, positions)
+    dp = DataParallel(rank, world, inp.total, torch.tensor(inp.owned, dtype=torch.long), device,
                       sharded=cfg.train.sharding == "fsdp")
-    metrics = update_units(s, units, share.embeds, weights, astats, progress, dp, importance=imp)
+    metrics = update_units(s, inp.units, share.embeds, inp.weights, inp.stats, progress, dp, importance=inp.importance)
+    adv = inp.advantages
     metrics.update(reward_metrics_of(m.rollout_kind or "branch", keys, rewards, details))
     # every rank gathers the state: under sharding, gathering is a collective
     lora, opt = s.policy.lora_state_dict(), full_optimizer_state(s.optimizer.state_dict())
