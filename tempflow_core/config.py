@@ -131,7 +131,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute transformer activations in backward: less memory (SD3.5-M on one GPU), more compute.")
     seed: int = Field(0, description="Seed of prompts, noise and shuffling.")
     workers: int = Field(1, ge=1, description="pipeline.engine=ray: data-parallel learner ranks (Ray Train, gloo on CPU, NCCL on GPU); the global batch, minibatches and update do not depend on it (up to the all-reduce's float summation order).")
-    sharding: Literal["none", "fsdp"] = Field("none", description="pipeline.engine=ray with train.workers >= 2: 'fsdp' shards the transformer (frozen weights, LoRA, AdamW moments) over the learner ranks with FSDP2, each rank holding 1/train.workers of it, for models whose learner does not fit one GPU; the update is the data-parallel one (up to float summation order). Takes the separate placement (sampling workers hold a whole model). 'none': every rank holds the whole model.")
+    sharding: Literal["none", "fsdp"] = Field("none", description="pipeline.engine=ray with train.workers >= 2: 'fsdp' shards the transformer (frozen weights, LoRA, AdamW moments) over the learner ranks with FSDP2, each rank holding 1/train.workers of it through the update, for a learner whose update does not fit one GPU (each rank still loads the whole model before sharding it); the update is the data-parallel one (up to float summation order). Takes the separate placement (sampling workers hold a whole model). 'none': every rank holds the whole model.")
 
 
 class RewardConfig(_Section):
