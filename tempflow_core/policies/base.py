@@ -30,6 +30,7 @@ from tempflow_core.config import DEFAULT_LORA_TARGETS, LoraSettings
 from tempflow_core.families import ModelFamily, family_defaults, family_spec, lora_targets
 from tempflow_core.policies.models import resolve_device
 from tempflow_core.algorithm.schedule import Schedule, make_schedule
+from tempflow_core.algorithm.sharding import full, shard_like
 from tempflow_core.batches import PromptEmbeds  # noqa: F401  (the type encode_prompts returns)
 
 
@@ -180,15 +181,11 @@ class FlowPolicy:
         is sharded: then every rank calls it, see algorithm/sharding.py)."""
         from peft.utils import get_peft_model_state_dict
 
-        from tempflow_core.algorithm.sharding import full
-
         return {k: full(v.detach()).cpu().clone() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load whole adapter tensors (a sharded transformer keeps this rank's cut of each)."""
         from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-        from tempflow_core.algorithm.sharding import shard_like
 
         own = get_peft_model_state_dict(self.transformer)
         missing = sorted(set(own) - set(state))
