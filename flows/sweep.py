@@ -4,16 +4,16 @@ Each run trains through the product's in-process loop (`train_in_process`: no Pr
 MLflow, no run store), evaluates the base model first, every `eval_every` iterations and
 after the last, and appends each evaluated point to OUT/points.jsonl as it is measured, so a
 run stopped at the deadline keeps its curve; a finished run also lands in OUT/runs.jsonl (its
-curve, minutes and config). A point carries the cumulative rollout and learner NFEs (rows
+curve, minutes and config, secrets scrubbed: tempflow_core/redaction.py). A point carries the cumulative rollout and learner NFEs (rows
 through the transformer, a CFG pair counted once; the learner's include the KL reference's
 forward) and the cumulative seconds of rollout, reward and learner up to it.
 
 Runs go `jobs` at a time, each in a process of its own (one torch thread each when several
-share the machine) bound to this one's life (flows/children.py); a rerun skips the runs
-runs.jsonl already holds. The report (figures 2 and 5, summary.md, table.md) is then drawn
+share the machine) bound to this one's life (flows/children.py), its config handed over in its
+environment (never written to disk); a rerun skips the runs runs.jsonl already holds. The report (figures 2 and 5, summary.md, table.md) is then drawn
 from the points into OUT, as `tempflow report OUT` redraws it.
 
-    python -m flows.sweep NAME CONFIG.json EVAL_EVERY OUT THREADS   # one run (the worker)
+    TEMPFLOW_SWEEP_CONFIG=JSON python -m flows.sweep NAME EVAL_EVERY OUT THREADS   # one run (the worker)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 POINTS, RUNS, LOG = "points.jsonl", "runs.jsonl", "log.txt"
+CONFIG_ENV = "TEMPFLOW_SWEEP_CONFIG"  # a worker's run config (JSON)
 
 
 def run_curve(name: str, cfg: Any, eval_every: int, log: Callable[[str], None],
@@ -77,8 +78,10 @@ def run_curve(name: str, cfg: Any, eval_every: int, log: Callable[[str], None],
     t0 = time.perf_counter()
     train_in_process(cfg, out_dir or tempfile.mkdtemp(prefix=f"sweep-{name}-"), on_iteration=iterated, eval_at=due,
                      on_eval=evaluated, before=base)
+    from tempflow_core.redaction import scrub_mapping
+
     return {"name": name, "curve": curve, "minutes": (time.perf_counter() - t0) / 60,
-            "config": cfg.model_dump(mode="json")}
+            "config": scrub_mapping(cfg.model_dump(mode="json"))}
 
 
 def _append(path: Path, record: dict) -> None:
@@ -95,15 +98,15 @@ def finished(out: Path) -> set[str]:
 
 
 def worker(argv: list[str]) -> None:
-    """One run: NAME CONFIG.json EVAL_EVERY OUT THREADS (what `sweep` starts)."""
+    """One run: NAME EVAL_EVERY OUT THREADS, its config in CONFIG_ENV (what `sweep` starts)."""
     import torch
 
     from tempflow_core.config import RunConfig
 
-    name, config, eval_every, out, threads = argv
+    name, eval_every, out, threads = argv
     if int(threads) > 0:
         torch.set_num_threads(int(threads))
-    cfg = RunConfig.model_validate(json.loads(Path(config).read_text()))
+    cfg = RunConfig.model_validate(json.loads(os.environ.pop(CONFIG_ENV)))
     out_dir = Path(out)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
@@ -123,7 +126,6 @@ def sweep(configs: dict[str, Any], out: Path, eval_every: int, jobs: int, deadli
     from flows import children
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "configs").mkdir(exist_ok=True)
     done = finished(out)
     todo = [n for n in configs if n not in done]
     if len(todo) < len(configs):
@@ -141,11 +143,9 @@ def sweep(configs: dict[str, Any], out: Path, eval_every: int, jobs: int, deadli
                     break
                 while todo and len(running) < jobs:
                     name = todo.pop(0)
-                    path = out / "configs" / f"{name}.json"
-                    path.write_text(json.dumps(configs[name].model_dump(mode="json"), indent=1))
                     running[name] = children.spawn(
-                        [sys.executable, "-m", "flows.sweep", name, str(path), str(eval_every), str(out), threads],
-                        stdout=log, stderr=log, env=env)
+                        [sys.executable, "-m", "flows.sweep", name, str(eval_every), str(out), threads],
+                        stdout=log, stderr=log, env={**env, CONFIG_ENV: configs[name].model_dump_json()})
                     started += 1
                     echo(f"{name}: started ({started} of {len(configs) - len(done)})")
                 for name, proc in list(running.items()):

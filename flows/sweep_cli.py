@@ -70,9 +70,15 @@ def sweep(
     from tempflow_core.reports.redraw import write_sweep_report
     from tempflow_core.reports.sweep import load_points
 
+    from flows.train import reward_credentials_to_env
+
     runs = _runs(variants, seeds, run)
     base = config if config is not None else ABLATION_CONFIG
     configs = {name: resolve(base, [*set_, f"train.iterations={iterations}", *own]) for name, own in runs.items()}
+    try:  # a reward server's token travels in the workers' environment, as in `tempflow train`
+        configs = {name: reward_credentials_to_env(cfg) for name, cfg in configs.items()}
+    except ValueError as e:
+        _fail(str(e))
     done = run_sweep(configs, out, eval_every, jobs, deadline, typer.echo)
     typer.echo(f"{len(done)} of {len(configs)} runs finished; points in {out / POINTS}")
     if not (out / POINTS).exists():

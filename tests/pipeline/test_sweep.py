@@ -13,6 +13,9 @@ import pytest
 from tests.pipeline.cli_runner import run_cli
 
 
+PASSWORD = "planted-sweep-password-7341"
+
+
 def _sets(model_dir: Path) -> list[str]:
     sets = [f"model.path={model_dir}", "rollout.prompts_per_iter=2", "rollout.group_size=3", "lora.rank=4",
             "lora.alpha=8", "sampling.num_steps=4", "sampling.eval_num_steps=4", "eval.images_per_category=0",
@@ -25,9 +28,11 @@ def _lines(path: Path) -> list[dict]:
 
 
 def test_a_sweep_trains_its_runs_side_by_side_reports_them_and_a_rerun_skips_them(tiny_model_dir, tmp_path):
+    """Also: a password in the config (an MLflow URI's, which a sweep never uses) is written nowhere."""
     out = tmp_path / "out"
     args = ["sweep", "--variants", "tempflow,flow_grpo_fixed", "--seeds", "0", "--iterations", "2", "--eval-every", "2",
-            "--jobs", "2", "--out", str(out), *_sets(tiny_model_dir)]
+            "--jobs", "2", "--out", str(out), *_sets(tiny_model_dir),
+            "--set", f"pipeline.mlflow_uri=http://tempflow:{PASSWORD}@127.0.0.1:9"]
     code, stdout, stderr = run_cli(args, dict(os.environ), tmp_path, own_process=False, timeout=600)
     assert code == 0, stdout + stderr
     points = _lines(out / "points.jsonl")
@@ -45,6 +50,8 @@ def test_a_sweep_trains_its_runs_side_by_side_reports_them_and_a_rerun_skips_the
     for name in ("summary.md", "table.md", "fig2_score_vs_iteration.png", "fig5_score_vs_nfe.png"):
         assert (out / name).stat().st_size > 0, name
     assert "tempflow" in (out / "summary.md").read_text() and "flow_grpo_fixed" in (out / "summary.md").read_text()
+    assert runs["tempflow-s0"]["config"]["pipeline"]["mlflow_uri"] == "http://tempflow:***@127.0.0.1:9"
+    assert not [p for p in out.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
 
     code, stdout, stderr = run_cli(args, dict(os.environ), tmp_path, own_process=False)
     assert code == 0, stdout + stderr
