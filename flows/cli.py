@@ -27,7 +27,7 @@ from flows.checks import check_not_locked as _check_not_locked, check_run_ids as
 from flows.plan_cli import plan
 from flows.sweep_cli import sweep
 from flows.report_cli import report
-from flows.resolve import CHECKOUT, STATE, resolve as _resolve
+from flows.resolve import ABLATION_CONFIG, CHECKOUT, PAPER_VARIANTS, STATE, resolve as _resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # third-party telemetry off unless turned on
@@ -59,7 +59,6 @@ def _scratch() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
 
-ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 
 
 def _interrupted(e: BaseException) -> bool:
@@ -443,7 +442,7 @@ def ablation(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Base config of every variant."),
     set_: list[str] = typer.Option([], "--set", "-s"),
     seeds: str = typer.Option("0,1,2", help="Comma-separated seeds."),
-    variants: str = typer.Option("flow_grpo,flow_grpo_fixed,reweight,branch,tempflow", help="Comma-separated variants."),
+    variants: str = typer.Option(PAPER_VARIANTS, help="Comma-separated variants."),
     rewards: str = typer.Option("shapes", help="Comma-separated rewards (one set of figures each)."),
     out: Path = typer.Option(Path("ablation"), "--out", help="Folder for figures, table and curves."),
     name: str = typer.Option("abl", help="Prefix of the run ids (re-running resumes them)."),

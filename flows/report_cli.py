@@ -16,9 +16,9 @@ from typing import Optional
 import typer
 
 from flows.cli_errors import fail as _fail
+from flows.resolve import ABLATION_CONFIG
 
 KINDS = ("cost", "paired", "replication")
-ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
 
 
 def _train_source() -> str:

@@ -12,6 +12,8 @@ from flows.cli_errors import fail as _fail
 STATE = Path(os.environ.get("TEMPFLOW_HOME", "").strip() or ".tempflow").resolve()  # empty counts as unset
 CHECKOUT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"  # the shipped ablation's settings
+PAPER_VARIANTS = "flow_grpo,flow_grpo_fixed,reweight,branch,tempflow"  # the paper's five, in its order
 
 
 def resolve(config: Optional[Path], overrides: list[str], base: Optional[dict] = None):

@@ -159,5 +159,6 @@ def sweep(configs: dict[str, Any], out: Path, eval_every: int, jobs: int, deadli
                 children.stop(proc)
     return [n for n in configs if n in finished(out)]
 
+
 if __name__ == "__main__":
     worker(sys.argv[1:])

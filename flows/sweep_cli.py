@@ -9,10 +9,7 @@ from typing import Optional
 import typer
 
 from flows.cli_errors import fail as _fail
-from flows.resolve import resolve
-
-ABLATION_CONFIG = Path(__file__).parent / "configs" / "ablation.yaml"
-PAPER_VARIANTS = "flow_grpo,flow_grpo_fixed,reweight,branch,tempflow"
+from flows.resolve import ABLATION_CONFIG, PAPER_VARIANTS, resolve
 
 
 def _runs(variants: Optional[str], seeds: str, run: list[str]) -> dict[str, list[str]]:

@@ -54,6 +54,7 @@ from tempflow_core.reports.paired import (
     MIN_SEEDS, bootstrap_se, compare, lower_bound, overall_weights, reaches,
 )
 from tempflow_core.reports.records import RecordsError
+from tempflow_core.reports.report import write_text
 
 IMAGES = "images.jsonl.gz"  # per-image records, gzip-compressed (byte-stable: no timestamp)
 POINTS, COMPARISON = "points.jsonl", "comparison.json"
@@ -395,10 +396,6 @@ def figure(points: list[dict], out: Path, reference: str, margin: float | None) 
     return path
 
 
-def _write(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode())
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
@@ -458,10 +455,10 @@ def report(out: Path, store: str | None = None, reference: str | None = None, ba
     text, scored, margin = summarize(points, images, reference, chosen, share, trained)
     out.mkdir(parents=True, exist_ok=True)
     if store:
-        _write(out / POINTS, "".join(json.dumps(p) + "\n" for p in points))
+        write_text(out / POINTS, "".join(json.dumps(p) + "\n" for p in points))
         _write_bytes(out / IMAGES, gzip.compress("".join(json.dumps(r) + "\n" for r in images).encode(), mtime=0))
-    _write(saved, json.dumps({"reference": reference, "categories": chosen, "margin_share": share,
+    write_text(saved, json.dumps({"reference": reference, "categories": chosen, "margin_share": share,
                               "train_prompts": train_source}) + "\n")
-    _write(out / "summary.md", text)
+    write_text(out / "summary.md", text)
     figure(scored, out, reference, margin)
     return text
