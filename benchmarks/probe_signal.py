@@ -73,7 +73,7 @@ def main() -> None:
             g = []
             rew = []
             for draw in (0, 1):  # two independent noise draws of the same prompts
-                batch = run_rollout(s, batch_records, 10_000 + draw)
+                batch = run_rollout(s, batch_records, plan_iteration(cfg, s.schedule, 10_000 + draw))
                 rewards, _ = score_rollout(s.reward_fn, batch, batch_records)
                 rew.append(float(rewards.mean()))
                 g.append(grads_by_step(s, batch, rewards, cfg))

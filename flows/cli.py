@@ -135,7 +135,7 @@ def train(
         return
     _local_state()
     from flows.train import reward_credentials_to_env, tracking_credentials_to_env, train_flow
-    from tempflow_core.algorithm.loop import DegenerateRewardError
+    from tempflow_core.algorithm.controller import DegenerateRewardError
 
     try:  # never into the flow parameters Prefect stores
         cfg = reward_credentials_to_env(tracking_credentials_to_env(cfg))

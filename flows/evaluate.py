@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 
-from tasks.stages import base_eval_task, eval_task
+from tasks.stages import base_eval_task, eval_task, stored_run
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
@@ -61,7 +61,6 @@ def eval_flow(config: RunConfig = RunConfig(), run_id: Optional[str] = None, ite
         log.info("run %s iteration %d with %s: %s", run_id, iteration, eval_overrides,
                  {k: v for k, v in result.items() if not isinstance(v, (dict, list))})
         return result
-    eval_task(config, lay, iteration, sessions)
-    result = stages.read_eval(lay, iteration)
+    result = eval_task(stored_run(config, lay, sessions), iteration)
     log.info("run %s iteration %d: %s", run_id, iteration, {k: v for k, v in result.items() if not isinstance(v, dict)})
     return result

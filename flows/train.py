@@ -4,10 +4,10 @@
     prefect flow-run retry <run>           # or the UI's Retry: finished stages are skipped
 
 Stages talk only through URIs on the object store (see tempflow_core.run.stages). The flow
-runs the training loop (tempflow_core.algorithm.loop, the same one `train_in_process` runs)
-with the stage tasks as its steps and MLflow tracking as its hooks; the loop stops a run whose
-reward has gone degenerate. The flow owns the model: one SessionCache per flow run, shared by
-its tasks, dropped at the end.
+runs the training controller (tempflow_core.algorithm.controller, the same one `train_in_process`
+runs) on the run's stored stages with each stage a Prefect task (tasks.stages.FlowStages) and
+MLflow tracking as its hooks; the controller stops a run whose reward has gone degenerate. The
+flow owns the model: one SessionCache per flow run, shared by its tasks, dropped at the end.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from typing import Any, Literal, Optional
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.stages import base_eval_task, eval_task, init_task, learner_task, local_engine, reward_task, rollout_task
+from tasks.stages import FlowStages, base_eval_task, local_engine, stored_run
 from flows.ray_head import ray_preflight
 from tasks.tracking_task import describe_run, track_eval, track_iteration, tracker_for
 from tempflow_core.reports import report
-from tempflow_core.run import stages
-from tempflow_core.algorithm.loop import Hooks, LoopResult, train_loop
+from tempflow_core.algorithm.controller import Hooks, RunResult, train
 from tempflow_core.config import RunConfig
 from tempflow_core.engines.engine import Engine
 from tempflow_core.run.layout import RunLayout
@@ -170,19 +169,17 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
         describe_run(config, lay, tracker)
     log.info("run %s: store %s, MLflow run %s", run_id, lay.store.uri_for(run_id), tracker.run_id)
     _config_artifact(config, run_id)
-    loop = LoopResult()  # filled as the loop goes: the artifacts show what finished, also after a failure
+    loop = RunResult()  # filled as the run goes: the artifacts show what finished, also after a failure
     status, base = "FAILED", None
     sessions = SessionCache()  # this flow run's model, shared by its stage tasks
     try:
-        init_task(config, lay, sessions, engine)
-
         def tracked(it: int, metrics: dict[str, float]) -> None:
             track_iteration(config, lay, it, tracker)
             log.info("iteration %d: reward %.4f ± %.4f, loss %+.4f, clip %.2f", it, metrics["reward/mean"],
                      metrics["reward/std"], metrics["train/loss"], metrics["train/clip_frac"])
 
-        train_loop(config, _FlowSteps(config, lay, sessions, engine),
-                   Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, lay, it, tracker, e)), loop)
+        train(config, FlowStages(stored_run(config, lay, sessions, engine)),
+              Hooks(on_iteration=tracked, on_eval=lambda it, e: track_eval(config, lay, it, tracker, e)), loop)
         base = base_eval_task(config, sessions, record.get("inputs"), engine)  # what the final evaluation is read against
         status = "FINISHED"
     finally:
@@ -193,25 +190,6 @@ def _train_run(config: RunConfig, lay: RunLayout, resume_from: Optional[str], fr
     return {"run_id": run_id, "checkpoint": final, "mlflow_run_id": tracker.run_id,
             "mlflow_ui": tracker.ui_command(), "mlflow_page": tracker.ui_page(), "store": lay.store.uri_for(run_id),
             "evals": loop.evals, "base_eval": base}
-
-
-class _FlowSteps:
-    """loop.Steps of a flow run: the stage tasks on the run's engine, metrics and evaluations
-    read back from the store."""
-
-    def __init__(self, config: RunConfig, lay: RunLayout, sessions: SessionCache, engine: Engine) -> None:
-        self.config, self.lay, self.sessions, self.engine = config, lay, sessions, engine
-
-    def iterate(self, it: int) -> dict[str, float]:
-        args = (self.config, self.lay, it, self.sessions, self.engine)
-        rollout_task(*args)
-        reward_task(*args)
-        learner_task(*args)
-        return stages.checkpoint_metrics(self.lay, it)
-
-    def evaluate(self, it: int) -> dict[str, Any]:
-        eval_task(self.config, self.lay, it, self.sessions, self.engine)
-        return stages.read_eval(self.lay, it)
 
 
 def _config_artifact(cfg: RunConfig, run_id: str) -> None:

@@ -1,13 +1,13 @@
-"""Prefect tasks for the pipeline stages: thin wrappers over tempflow_core.run.stages.
+"""Prefect tasks for the pipeline stages: each a thin wrapper over one method of the run's
+`StoredRun` (tempflow_core/engines/stored_run.py), and `FlowStages`, the training controller's
+context that calls them.
 
-Each task takes the run config, the run's layout on its store (opened once by the flow) and
-the flow's `SessionCache` (the flow owns the model; tasks of one flow run share it), calls one
-core stage, and returns the URI of what it wrote. A stage whose manifest exists returns at once, so retries (Prefect's own or
-`tempflow train --resume`) never redo finished work; I/O-bound stages retry with a delay on
-transient faults. The rollout, reward and learner tasks run their stage on the flow's engine
-(tempflow_core.engines.engine: here, or on Ray's actors and Ray Train group) without asking which it
-is, and so do the init and eval tasks; the local engine holds a slot of the GPU concurrency limit
-(`gpu_slot`) around rollout, learner and evaluation.
+The StoredRun holds the run config, the run's layout on its store (opened once by the flow), the
+flow's `SessionCache` (the flow owns the model; tasks of one flow run share it) and the run's
+engine (here, or Ray's actors and Ray Train group). A stage whose output is finished and intact
+returns at once, so retries (Prefect's own or `tempflow train --resume`) never redo finished work;
+the stages retry with a delay on transient faults only. The local engine holds a slot of the GPU
+concurrency limit (`gpu_slot`) around rollout, learner and evaluation.
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from typing import Any, Callable, Iterator, TypeVar
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from tempflow_core.algorithm.iteration import IterationPlan
+from tempflow_core.algorithm.schedule import Schedule
+from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.config import RunConfig
 from tempflow_core.engines.engine import Engine, LocalEngine
+from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.run.layout import RunLayout
-from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.storage.retry import is_retryable_failure
 
 T = TypeVar("T")
@@ -102,44 +105,73 @@ STAGE_TASK_OPTIONS = dict(cache_policy=NONE, retries=2, retry_delay_seconds=[2, 
 _common = STAGE_TASK_OPTIONS
 
 
-@task(name="init", task_run_name="init", **_common)
-@core_log
-def init_task(config: RunConfig, lay: RunLayout, sessions: SessionCache, engine: Engine) -> str:
-    return engine.init(config, lay, sessions)
-
-
-@task(name="rollout", task_run_name="rollout-iter-{iteration}", **_common)
-@core_log
-def rollout_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache, engine: Engine) -> str:
-    log = get_run_logger()
-    if not lay.complete(iteration, "rollout"):
-        log.info("iteration %d: sampling %d prompts x %d", iteration, config.rollout.prompts_per_iter,
-                 config.rollout.group_size)
-    return engine.rollout(config, lay, iteration, sessions, bar=progress_bar, log=log.info)
-
-
-@task(name="reward", task_run_name="reward-iter-{iteration}", **_common)
-@core_log
-def reward_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache, engine: Engine) -> str:
-    return engine.score(config, lay, iteration, sessions)
-
-
-@task(name="learner", task_run_name="learner-iter-{iteration}", **_common)
-@core_log
-def learner_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache, engine: Engine) -> str:
-    return engine.update(config, lay, iteration, sessions, bar=progress_bar)
-
-
 def local_engine(config: RunConfig) -> LocalEngine:
     """The stages in this process, holding a slot of the GPU concurrency limit around GPU work."""
     return LocalEngine(hold=functools.partial(gpu_slot, config))
 
 
+def stored_run(config: RunConfig, lay: RunLayout, sessions: SessionCache, engine: Engine | None = None) -> StoredRun:
+    """The run's StoredRun with a progress bar on a terminal and progress lines in the current task's log."""
+    return StoredRun(config, lay, sessions, engine or local_engine(config), bar=progress_bar,
+                     log=lambda line: get_run_logger().info(line))
+
+
+@task(name="init", task_run_name="init", **_common)
+@core_log
+def init_task(run: StoredRun) -> None:
+    run.init()
+
+
+@task(name="rollout", task_run_name="rollout-iter-{plan.iteration}", **_common)
+@core_log
+def rollout_task(run: StoredRun, plan: IterationPlan) -> str:
+    if not run.layout.complete(plan.iteration, "rollout"):
+        get_run_logger().info("iteration %d: sampling %d prompts x %d", plan.iteration, plan.prompts, plan.group_size)
+    return run.rollout(plan)
+
+
+@task(name="reward", task_run_name="reward-iter-{plan.iteration}", **_common)
+@core_log
+def reward_task(run: StoredRun, plan: IterationPlan, rollouts: str) -> str:
+    return run.score(plan, rollouts)
+
+
+@task(name="learner", task_run_name="learner-iter-{plan.iteration}", **_common)
+@core_log
+def learner_task(run: StoredRun, plan: IterationPlan, rollouts: str, rewards: str) -> dict[str, float]:
+    return run.update(plan, rollouts, rewards)
+
+
 @task(name="eval", task_run_name="eval-iter-{iteration}", **_common)
 @core_log
-def eval_task(config: RunConfig, lay: RunLayout, iteration: int, sessions: SessionCache,
-              engine: Engine | None = None) -> str:
-    return (engine or local_engine(config)).evaluate(config, lay, iteration, sessions)
+def eval_task(run: StoredRun, iteration: int) -> dict[str, Any]:
+    return run.evaluate(iteration)
+
+
+class FlowStages:
+    """controller.Context of a flow run: the run's StoredRun with each stage a Prefect task (the
+    URIs a stage returns are the next task's inputs, so the UI draws the iteration's graph)."""
+
+    def __init__(self, run: StoredRun) -> None:
+        self.run = run
+
+    def init(self) -> None:
+        init_task(self.run)
+
+    def schedule(self) -> Schedule:
+        return self.run.schedule()
+
+    def rollout(self, plan: IterationPlan) -> str:
+        return rollout_task(self.run, plan)
+
+    def score(self, plan: IterationPlan, rollouts: str) -> str:
+        return reward_task(self.run, plan, rollouts)
+
+    def update(self, plan: IterationPlan, rollouts: str, rewards: str) -> dict[str, float]:
+        return learner_task(self.run, plan, rollouts, rewards)
+
+    def evaluate(self, iteration: int) -> dict[str, Any]:
+        return eval_task(self.run, iteration)
 
 
 @task(name="base-eval", task_run_name="base-eval", **_common)

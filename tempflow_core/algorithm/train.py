@@ -1,16 +1,16 @@
-"""`train_in_process`: the training loop (loop.py) without orchestration or a store.
+"""`train_in_process`: a training run (controller.py) on one in-memory session, without
+orchestration or a store.
 
 It is what the tests drive, the baseline the Prefect pipeline's overhead is measured against,
-and what the experiment runner (`tempflow sweep`, flows/sweep.py) trains with. It owns one `Session`
-(session.py) for the whole run. The step functions below (run_rollout, score_rollout,
-run_update, reward_metrics) are the same ones the pipeline's stages call (run/stages.py), on a
-session they get from their caller; InProcessSteps is the loop's steps on one session:
+and what the experiment runner (`tempflow sweep`, flows/sweep.py) trains with. `InMemory` is the
+controller's context on one `Session` (session.py) for the whole run. The stage functions below
+(run_rollout, score_rollout, update_inputs + update_units, reward_metrics) are the ones the
+pipeline's stages call too (run/stages.py), on a session they get from their caller:
 
-    setup -> train_loop, each iteration:
-        1. rollout   (no grad): branched (branch/tempflow) or plain SDE (flow_grpo*)
-        2. rewards   -> advantages (group std, or global std for flow_grpo)
-        3. update    inner epochs x minibatches, micro-batched, clipped + weighted + KL
-        4. metrics   (metrics.jsonl), the reward guard, evaluations where asked
+    1. rollout   (no grad): branched (branch/tempflow) or plain SDE (flow_grpo*)
+    2. rewards   -> advantages (group std, or global std for flow_grpo)
+    3. update    inner epochs x minibatches, micro-batched, clipped + weighted + KL
+    4. metrics   (metrics.jsonl), the reward guard, evaluations where asked
     -> save the LoRA (safetensors, loadable by diffusers)
 """
 
@@ -28,7 +28,7 @@ from tempflow_core.algorithm.advantages import AdvantageStats, compute_advantage
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.data_parallel import DataParallel
 from tempflow_core.algorithm.learner import TrainUnits, build_units, empty_units, update
-from tempflow_core.algorithm.loop import Hooks, LoopResult, train_loop
+from tempflow_core.algorithm.controller import Hooks, RunResult, train
 from tempflow_core.batches import PromptEmbeds
 from tempflow_core.prompts import PromptRecord
 from tempflow_core.rewards import RewardFn
@@ -36,7 +36,7 @@ from tempflow_core.batches import RolloutBatch, branch_step_of_group, group_of_k
 from tempflow_core.algorithm.rollout import branched_rollout, plain_rollout
 from tempflow_core.seeding import derive_seed
 from tempflow_core.algorithm.session import Session, evaluated_weights, optimizer_steps, setup, update_ema
-from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.iteration import IterationPlan
 from tempflow_core.algorithm.schedule import Schedule
 
 
@@ -46,17 +46,16 @@ def batch_prompt_ids(records: list[PromptRecord], start: int = 0) -> list[str]:
     return [f"b{slot:03d}_{rec.id}" for slot, rec in enumerate(records, start)]
 
 
-def run_rollout(s: Session, records: list[PromptRecord], iteration: int,
+def run_rollout(s: Session, records: list[PromptRecord], plan: IterationPlan,
                 progress: Callable[[int], None] | None = None, start: int = 0) -> RolloutBatch:
-    """Stage 1: sample this iteration's rollouts with the current policy. `records` may be a
-    slice of the iteration's batch starting at slot `start`: noise is seeded by slot and
-    prompt id, so a slice samples what the whole batch would have for its prompts."""
+    """Stage 1: sample the plan's rollouts with the current policy. `records` may be a slice of
+    the iteration's batch starting at slot `start`: noise is seeded by slot and prompt id, so a
+    slice samples what the whole batch would have for its prompts."""
     cfg = s.cfg
-    seed = derive_seed(cfg.train.seed, "rollout", iteration)
+    seed = derive_seed(cfg.train.seed, "rollout", plan.iteration)
     prompts, ids = [r.text for r in records], batch_prompt_ids(records, start)
-    if cfg.branching:
-        steps = list(plan_iteration(cfg, s.schedule, iteration).steps)
-        return branched_rollout(s.policy, prompts, ids, s.schedule, steps, cfg.rollout.group_size,
+    if plan.kind == "branch":
+        return branched_rollout(s.policy, prompts, ids, s.schedule, list(plan.steps), cfg.rollout.group_size,
                                 cfg.guidance_scale(), seed, cfg.rollout.max_batch, progress=progress,
                                 stride=cfg.rollout.completion_stride, children_on_host=cfg.rollout.children_on_host)
     return plain_rollout(s.policy, prompts, ids, s.schedule, cfg.rollout.group_size, cfg.guidance_scale(),
@@ -70,17 +69,12 @@ def score_rollout(reward_fn: RewardFn, batch: RolloutBatch, records: list[Prompt
     return reward_fn(batch.images(), [records[i].text for i in idx], [records[i].metadata for i in idx])
 
 
-def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: int,
-               progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Stage 3: advantages, then the clipped GRPO update of iteration i. Returns metrics."""
-    return run_update_with_advantages(s, batch, rewards, iteration, progress)[0]
-
-
-def run_update_with_advantages(s: Session, batch: RolloutBatch, rewards: np.ndarray, iteration: int,
-                               progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], np.ndarray]:
-    """run_update that also returns the advantages [S] (sample_keys order) it trained on."""
+def run_update(s: Session, batch: RolloutBatch, rewards: np.ndarray, plan: IterationPlan,
+               progress: Callable[[int], None] | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Stage 3: advantages, then the plan's clipped GRPO update. Returns its metrics and the
+    advantages [S] (sample_keys order) it trained on."""
     samples = len(batch.branch_points if batch.kind == "branch" else batch.trajectories)
-    inp = update_inputs(s.cfg, s.schedule, iteration, batch.sample_keys(), rewards, batch, list(range(samples)))
+    inp = update_inputs(s.cfg, plan, batch.sample_keys(), rewards, batch, list(range(samples)))
     metrics = update_units(s, inp.units, batch.embeds, inp.weights, inp.stats, progress, importance=inp.importance)
     return metrics, inp.advantages
 
@@ -98,14 +92,13 @@ class UpdateInputs:
     importance: dict[int, float]  # trained step -> I_k
 
 
-def update_inputs(cfg: RunConfig, schedule: Schedule, iteration: int, keys: list[str], rewards: np.ndarray,
+def update_inputs(cfg: RunConfig, plan: IterationPlan, keys: list[str], rewards: np.ndarray,
                   share: RolloutBatch, positions: list[int]) -> UpdateInputs:
     """The learner's preparation, for one process or one rank: advantages over every sample of the
     stage (`keys` and `rewards` [S]: a group needs all its rewards, flow_grpo's global std the
     batch's), the trained steps with their weights and importance (the iteration's plan), and
     the units of `share`, the samples at `positions` [s] of the stage (branch points or trajectories)."""
     adv, astats = compute_advantages(rewards, [group_of_key(k) for k in keys], cfg.std_mode, cfg.loss.adv_clip_max)
-    plan = plan_iteration(cfg, schedule, iteration)
     if share.kind == "branch":  # the steps the rollouts branched at (checked against the plan)
         steps, owned = sorted({branch_step_of_group(group_of_key(k)) for k in keys}), list(positions)
         total = len(keys) // cfg.rollout.group_size
@@ -178,35 +171,63 @@ class TrainResult:
     out_dir: Path | None = None
 
 
-class InProcessSteps:
-    """loop.Steps on one in-memory session: the step functions the stages share, no store."""
+@dataclass(frozen=True)
+class Sampled:
+    """One iteration's rollouts in memory: the prompts' records and what was sampled for them."""
+
+    records: list[PromptRecord]
+    batch: RolloutBatch
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    rewards: np.ndarray  # [S] in the batch's sample_keys order
+    details: dict[str, np.ndarray]  # each reward's part, [S]
+    seconds: float
+
+
+class InMemory:
+    """controller.Context on one in-memory session: the stage functions above, nothing stored."""
 
     def __init__(self, s: Session, progress: bool = False) -> None:
         self.s, self.progress = s, progress
 
-    def iterate(self, it: int) -> dict[str, float]:
+    def init(self) -> None:
+        pass  # the session holds the seeded initial adapter from setup
+
+    def schedule(self) -> Schedule:
+        return self.s.schedule
+
+    def _bar(self, total: int, desc: str):
         from tqdm.auto import tqdm
 
-        s, cfg = self.s, self.s.cfg
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    def rollout(self, plan: IterationPlan) -> Sampled:
+        s, t0 = self.s, time.perf_counter()
+        records = s.stream.next_batch(plan.prompts)
+        with self._bar(plan.num_steps, f"iter {plan.iteration} rollout") as bar:
+            batch = run_rollout(s, records, plan, bar.update)
+        return Sampled(records, batch, time.perf_counter() - t0)
+
+    def score(self, plan: IterationPlan, rollouts: Sampled) -> Scored:
         t0 = time.perf_counter()
-        records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
-        with tqdm(total=cfg.sampling.num_steps, desc=f"iter {it} rollout", disable=not self.progress,
-                  leave=False) as bar:
-            batch = run_rollout(s, records, it, bar.update)
-        t1 = time.perf_counter()
-        rewards, details = score_rollout(s.reward_fn, batch, records)
-        t2 = time.perf_counter()
-        units = plan_iteration(cfg, s.schedule, it).learner_units
-        with tqdm(total=units, desc=f"iter {it} learner", disable=not self.progress, leave=False) as bar:
-            metrics = run_update(s, batch, rewards, it, bar.update)
-        t3 = time.perf_counter()
-        metrics.update(reward_metrics(batch, rewards, details))
-        metrics.update({"iteration": it, "rollout/nfe": batch.nfe, "rollout/rows": batch.nfe * cfg.rows_per_sample(),
-                        "rollout/forward_calls": batch.forward_calls,
-                        "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learner_s": t3 - t2})
+        rewards, details = score_rollout(self.s.reward_fn, rollouts.batch, rollouts.records)
+        return Scored(rewards, details, time.perf_counter() - t0)
+
+    def update(self, plan: IterationPlan, rollouts: Sampled, rewards: Scored) -> dict[str, float]:
+        cfg, batch, t0 = self.s.cfg, rollouts.batch, time.perf_counter()
+        with self._bar(plan.learner_units, f"iter {plan.iteration} learner") as bar:
+            metrics, _ = run_update(self.s, batch, rewards.rewards, plan, bar.update)
+        metrics.update(reward_metrics(batch, rewards.rewards, rewards.details))
+        metrics.update({"iteration": plan.iteration, "rollout/nfe": batch.nfe,
+                        "rollout/rows": batch.nfe * cfg.rows_per_sample(), "rollout/forward_calls": batch.forward_calls,
+                        "time/rollout_s": rollouts.seconds, "time/reward_s": rewards.seconds,
+                        "time/learner_s": time.perf_counter() - t0})
         return metrics
 
-    def evaluate(self, it: int) -> dict[str, Any]:
+    def evaluate(self, iteration: int) -> dict[str, Any]:
         """The held-out evaluation of the current LoRA (its EMA when EMA is on, as the pipeline's)."""
         from tempflow_core.algorithm.evaluation import eval_prompts, evaluate_policy
 
@@ -220,9 +241,9 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
                      pipe=None, on_iteration: Callable[[int, dict[str, float]], None] | None = None,
                      eval_at: Callable[[int], bool] | None = None,
                      on_eval: Callable[[int, dict[str, Any]], None] | None = None,
-                     before: Callable[[InProcessSteps], None] | None = None) -> TrainResult:
-    """Run cfg.train.iterations of the configured algorithm in this process: the training loop
-    (loop.train_loop) on InProcessSteps.
+                     before: Callable[[InMemory], None] | None = None) -> TrainResult:
+    """Run cfg.train.iterations of the configured algorithm in this process: controller.train on
+    an InMemory context.
 
     Args:
         out_dir: where metrics.jsonl and the final LoRA go (cfg.output_dir if None).
@@ -230,15 +251,15 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
         pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
         on_iteration: called with each iteration's metrics.
         eval_at: which iterations end with a held-out evaluation (default: none), `on_eval` gets it.
-        before: called with the steps before the first iteration (e.g. to evaluate the base model).
+        before: called with the context before the first iteration (e.g. to evaluate the base model).
     """
     out = Path(out_dir or cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     s = setup(cfg, out / "tokenizer", pipe)
-    steps = InProcessSteps(s, progress)
+    ctx = InMemory(s, progress)
     if before is not None:
-        before(steps)
+        before(ctx)
     result = TrainResult(out_dir=out)
     with (out / "metrics.jsonl").open("w") as metrics_file:
 
@@ -249,8 +270,8 @@ def train_in_process(cfg: RunConfig, out_dir: str | Path | None = None, progress
                 on_iteration(it, metrics)
 
         hooks = Hooks(on_iteration=logged, on_eval=on_eval or Hooks().on_eval, eval_at=eval_at or (lambda it: False))
-        loop = train_loop(cfg, steps, hooks, LoopResult(result.history, result.evals))
-    result.history, result.evals = loop.history, loop.evals
+        run = train(cfg, ctx, hooks, RunResult(result.history, result.evals))
+    result.history, result.evals = run.history, run.evals
     result.lora_path = s.policy.save_lora(out / "lora")
     if s.ema is not None:
         with evaluated_weights(s):

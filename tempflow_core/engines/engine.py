@@ -3,8 +3,8 @@
     LocalEngine   here, one stage after the other (pipeline.engine=local, the default)
     RayEngine     rollout and reward actors and a Ray Train group (ray_engine.py; engine=ray)
 
-The flow builds the engine once (flows/train.py) and the stage tasks call `init`, `rollout`,
-`score`, `update` and `evaluate` on whichever they hold. Both run the same stages (stages.py): the prefixes,
+The flow builds the engine once (flows/train.py); the run's `StoredRun` (stored_run.py) calls
+`init`, `schedule`, `rollout`, `score`, `update` and `evaluate` on whichever it holds. Both run the same stages (stages.py): the prefixes,
 manifests, healing and resume are the same, and so are the outputs (tests/pipeline/
 test_ray_engine.py compares them).
 
@@ -25,6 +25,7 @@ from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.run.rollout_slices import sample_slice
 from tempflow_core.shards import RolloutPart
 
@@ -42,6 +43,8 @@ class Engine(Protocol):
     """The work of a run's stages; each stage call returns the URI of what the stage wrote."""
 
     def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str: ...
+
+    def schedule(self, cfg: RunConfig, sessions: SessionCache) -> Schedule: ...  # the policy's grid, where it is loaded
 
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                 bar: Bar = no_bar, log: Log | None = None) -> str: ...
@@ -73,6 +76,9 @@ class LocalEngine:
 
     def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
         return stages.init_stage(cfg, layout, sessions)
+
+    def schedule(self, cfg: RunConfig, sessions: SessionCache) -> Schedule:
+        return sessions.get(cfg).schedule
 
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                 bar: Bar = no_bar, log: Log | None = None) -> str:

@@ -48,6 +48,7 @@ from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
 from tempflow_core.algorithm.data_parallel import CollectiveError
+from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import RolloutPart
 from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_part, score_share
@@ -115,6 +116,9 @@ class _RolloutWorker:
 
     def sample(self, cfg: RunConfig, run_id: str, iteration: int, index: int) -> RolloutPart:
         return sample_slice(cfg, RunLayout.open(cfg, run_id), iteration, index, self.sessions)
+
+    def schedule(self, cfg: RunConfig) -> Schedule:
+        return self.sessions.get(cfg).schedule
 
     def pid(self) -> int:
         return os.getpid()
@@ -247,6 +251,8 @@ def _run_job(kind: str, cfg: RunConfig, layout: RunLayout, iteration: int, arg: 
         return [sample_slice(cfg, layout, iteration, j, sessions) for j in arg]
     if kind == "init":
         return stages.init_stage(cfg, layout, sessions)
+    if kind == "schedule":
+        return sessions.get(cfg).schedule
     if kind == "eval":
         return stages.eval_stage(cfg, layout, iteration, sessions)
     if kind == "base_eval":  # arg: the run's input fingerprints
@@ -357,6 +363,15 @@ class RayEngine:
         if not self.colocated:
             return self._here.init(cfg, layout, sessions)
         return self._on_group(cfg, layout.run_id, -1, "init", {0: None})[0]
+
+    def schedule(self, cfg: RunConfig, sessions: SessionCache) -> Schedule:
+        """The policy's grid from a worker that holds the model (learner rank 0 when colocated, else a
+        rollout actor): the driver builds none."""
+        if self.colocated:
+            return self._on_group(cfg, "schedule", -1, "schedule", {0: None})[0]
+        got: dict[int, Schedule] = {}
+        _on_actors(self.rollout_workers, [lambda a: a.schedule.remote(cfg)], got.__setitem__)
+        return got[0]
 
     def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                 bar: Bar = no_bar, log: Log | None = None) -> str:

@@ -21,6 +21,7 @@ from tempflow_core.run.layout import RunLayout
 from tempflow_core.prompts import PromptRecord, PromptStream, load_prompts
 from tempflow_core.algorithm.session import SessionCache, restore
 from tempflow_core.shards import RolloutPart, write_rollout_part
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.algorithm.train import run_rollout
 
 
@@ -53,7 +54,7 @@ def sample_slice(cfg: RunConfig, layout: RunLayout, iteration: int, index: int, 
     lo, hi = slice_bounds(len(records), cfg.rollout.slices)[index]
     s = sessions.get(cfg)
     restore(s, load_checkpoint(layout.store, layout.prefix(iteration - 1, "learner")), with_optimizer=False)
-    batch = run_rollout(s, records[lo:hi], iteration, progress, start=lo)
+    batch = run_rollout(s, records[lo:hi], plan_iteration(cfg, s.schedule, iteration), progress, start=lo)
     for item in batch.branch_points or batch.trajectories:  # rows of the merged stage's prompts
         item.prompt_index += lo
     return write_rollout_part(batch, layout.store, layout.prefix(iteration, "rollout"), index,

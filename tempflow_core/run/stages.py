@@ -59,9 +59,9 @@ from tempflow_core.shards import (
 )
 from tempflow_core.shards.manifest import prepare_prefix
 from tempflow_core.storage import join_key
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.algorithm.train import (
-    reward_metrics, reward_metrics_of, run_rollout, run_update_with_advantages, score_rollout, update_inputs,
-    update_units,
+    reward_metrics, reward_metrics_of, run_rollout, run_update, score_rollout, update_inputs, update_units,
 )
 
 log = logging.getLogger("tempflow.stages")
@@ -161,7 +161,7 @@ def rollout_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
         s.stream.position = ck.stream_position
         t0 = time.perf_counter()
         records = s.stream.next_batch(cfg.rollout.prompts_per_iter)
-        batch = run_rollout(s, records, iteration, progress)
+        batch = run_rollout(s, records, plan_iteration(cfg, s.schedule, iteration), progress)
         publish(records, s.stream.position, time.perf_counter() - t0, s.schedule.noise_level, batch.nfe,
                 batch.forward_calls,
                 lambda **kw: write_rollouts(batch, layout.store, prefix,
@@ -298,7 +298,7 @@ def learner_stage(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: S
         keys = batch.sample_keys()
         rewards, details = _rewards(layout, iteration, keys)
         t0 = time.perf_counter()
-        metrics, adv = run_update_with_advantages(s, batch, rewards, iteration, progress)
+        metrics, adv = run_update(s, batch, rewards, plan_iteration(cfg, s.schedule, iteration), progress)
         metrics.update(reward_metrics(batch, rewards, details))
         _write_learner(cfg, layout, iteration, s, m, keys, adv, metrics, time.perf_counter() - t0)
 
@@ -329,7 +329,7 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     keys = sample_keys_of(m, cfg.rollout.group_size)
     rewards, details = _rewards(layout, iteration, keys)
     t0 = time.perf_counter()
-    inp = update_inputs(cfg, s.schedule, iteration, keys, rewards, share, positions)
+    inp = update_inputs(cfg, plan_iteration(cfg, s.schedule, iteration), keys, rewards, share, positions)
     dp = DataParallel(rank, world, inp.total, torch.tensor(inp.owned, dtype=torch.long), device,
                       sharded=cfg.train.sharding == "fsdp")
     metrics = update_units(s, inp.units, share.embeds, inp.weights, inp.stats, progress, dp, importance=inp.importance)

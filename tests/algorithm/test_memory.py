@@ -198,6 +198,7 @@ def test_store_bytes_match_the_shards_a_rollout_writes(tmp_path, dtype):
     the raw pixels."""
     import tarfile
 
+    from tempflow_core.algorithm.iteration import plan_iteration
     from tempflow_core.algorithm.train import run_rollout
     from tempflow_core.shards import write_rollouts
     from tempflow_core.storage import open_store
@@ -205,7 +206,7 @@ def test_store_bytes_match_the_shards_a_rollout_writes(tmp_path, dtype):
     cfg = load_config(ROOT / "flows" / "configs" / "default.yaml",
                       [f"model.path={ROOT / 'models' / 'tiny-shapes-sd3'}", "model.device=cpu", f"model.dtype={dtype}"])
     s = setup(cfg)
-    batch = run_rollout(s, s.stream.next_batch(cfg.rollout.prompts_per_iter), 0)
+    batch = run_rollout(s, s.stream.next_batch(cfg.rollout.prompts_per_iter), plan_iteration(cfg, s.schedule, 0))
     write_rollouts(batch, open_store(str(tmp_path)), "r/iter-000000/rollout")
     sizes = {".safetensors": 0, ".png": 0}
     for shard in tmp_path.rglob("*.tar"):

@@ -84,7 +84,7 @@ def test_a_batch_at_T10_trains_B_times_T_minus_1_actions(tiny_pipe, algorithm):
                     rollout={"prompts_per_iter": B, "group_size": K}, lora={"rank": 2, "alpha": 2})
     sess = setup(cfg, pipe=tiny_pipe)
     records = [PromptRecord(id=f"p{i}", text=t) for i, t in enumerate(["a red circle", "a blue square"])]
-    batch = run_rollout(sess, records, 0)
+    batch = run_rollout(sess, records, plan_iteration(cfg, sess.schedule, 0))
     steps = trained_steps(batch, cfg.train.train_steps)
     assert steps == list(range(T - 1))
     adv = np.zeros(len(batch.sample_keys()), dtype=np.float32)

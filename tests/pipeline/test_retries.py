@@ -12,7 +12,10 @@ from prefect import flow, task
 
 from tasks.stages import STAGE_TASK_OPTIONS, reward_task
 from tempflow_core.run.layout import RunLayout, open_run_store
+from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.schedule import make_schedule
 from tempflow_core.engines.engine import LocalEngine
+from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.config import load_config
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards.errors import SchemaError, ShardIntegrityError, StageExists
@@ -75,13 +78,14 @@ def test_a_stage_task_with_an_invalid_key_runs_once(prefect_api, tiny_model_dir,
     escape = object.__new__(RunLayout)
     object.__setattr__(escape, "store", open_run_store(cfg))
     object.__setattr__(escape, "run_id", "runs/../escape")
+    plan = plan_iteration(cfg, make_schedule(cfg.sampling.num_steps, 3.0, 0.7), 0)
 
     @flow(name="retry-probe-reward")
     def one_reward() -> str:
         from prefect.runtime import flow_run
 
         try:
-            reward_task(cfg, escape, 0, SessionCache(), LocalEngine())
+            reward_task(StoredRun(cfg, escape, SessionCache(), LocalEngine()), plan, "unread")
         except Exception:  # noqa: BLE001 - the flow's own id is what the test needs
             pass
         return flow_run.get_id()

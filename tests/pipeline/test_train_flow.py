@@ -187,7 +187,7 @@ def test_a_run_held_by_a_live_process_is_refused_before_any_work(prefect_api, ti
 
 def test_degenerate_reward_stops_the_run_naming_it(prefect_api, tiny_model_dir, tmp_path, quiet_env):
     from flows.train import train_flow
-    from tempflow_core.algorithm.loop import DegenerateRewardError
+    from tempflow_core.algorithm.controller import DegenerateRewardError
 
     cfg = load_config(overrides=tiny_overrides(tmp_path, tiny_model_dir, iterations=5)
                       + ["reward.name=test_constant", f"reward.plugins=[{__name__}]",
