@@ -17,12 +17,15 @@ def plan(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override: section.field=value (repeatable)."),
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB of one GPU: exit 2 with one line "
                                                "naming the setting to change when a stage does not fit."),
+    settings: bool = typer.Option(False, "--settings", help="Also print what each setting that cuts rows (and "
+                                  "`--preset fast`) would cost on this config: rows and H200 minutes."),
 ) -> None:
     """Estimate a run before any weight is allocated: peak device memory per stage and worker
     (weights, LoRA and optimizer, activations, latents kept, decode), transformer rows per
     iteration and minutes per iteration on one H100 / H200.
 
         tempflow plan --config flows/configs/models/sd35m.yaml --gpu-memory 80
+        tempflow plan --config flows/configs/models/sd35m.yaml --settings
     """
     from tempflow_core.memory import GIB, estimate, load_facts, probe
     from tempflow_core.rewards import RewardRegistry
@@ -76,8 +79,35 @@ def plan(
             typer.echo(f"{'this run' if i == 0 else 'instead'}: {p.name} placement on Ray holds {gpus} "
                        f"({held}; the reward {'takes a GPU per actor' if reward_gpus else 'takes none'}): "
                        f"{wall:.2f} min wall per iteration on H200s, {hours * p.gpus:,.0f} GPU-hours for the run")
+    if settings:
+        _settings_table(cfg, facts)
     if gpu_memory is not None:
         why = refusal(memory, gpu_memory * GIB, f"a {gpu_memory:g} GiB GPU")
         if why:
             _fail(why)
         typer.echo(f"fits a {gpu_memory:g} GiB GPU")
+
+
+def _settings_table(cfg, facts) -> None:
+    """The rows and one H200's minutes of each cost setting applied to `cfg` (run.plan.setting_costs)."""
+    from tempflow_core.run.plan import DRAWS, setting_costs
+
+    costs = setting_costs(cfg, facts)
+    first = costs[0]
+    run = first.minutes.total * first.iterations
+    typer.echo(f"\ncost settings on this config (one H200; rows averaged over {DRAWS:,} iterations where steps "
+               "are drawn; rewards and orchestration not counted):\n")
+    typer.echo("| setting | rollout NFEs | learner units | rows | rollout min | learner min | iteration min | "
+               "of this config's | run min | of this config's |")
+    typer.echo("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for c in costs:
+        if isinstance(c, tuple):
+            typer.echo(f"| {c[0]} | not for this config: {c[1]} |||||||||")
+            continue
+        m = c.minutes
+        typer.echo(f"| {c.label} | {c.nfe:,.0f} | {c.units:,.0f} | {c.rows:,.0f} | {m.rollout:.1f} | {m.learner:.1f} | "
+                   f"{m.total:.1f} | {m.total / first.minutes.total:.2f} | {m.total * c.iterations:,.0f} | "
+                   f"{m.total * c.iterations / run:.2f} |")
+    typer.echo("\nrows: transformer rows as the `rollout/rows` and `learner/rows` metrics count them: rollout NFEs and "
+               "the learner's two forwards per unit (with grad, and the KL reference's), each x2 under CFG; "
+               f"minutes {'measured' if first.minutes.measured else 'estimated'} from SD3.5-M's per-row costs")

@@ -77,15 +77,72 @@ class Minutes:
         return self.rollout + self.learner
 
 
-def minutes(cfg: Any, facts: ModelFacts) -> list[Minutes]:
-    """Minutes per iteration on one H200 and one H100 (see the module docstring)."""
-    nfe, units = rows_per_iteration(cfg)
+def minutes(cfg: Any, facts: ModelFacts, iterations: int | None = None) -> list[Minutes]:
+    """Minutes per iteration on one H200 and one H100 (see the module docstring), averaged over the
+    run's iterations (or `iterations` of them) where the branch steps are drawn."""
+    nfe, units = rows_per_iteration(cfg, iterations)
     rows = cfg.rows_per_sample()
     work = facts.component_params.get("transformer", 0) * facts.tokens * rows / 2 / SD35M_WORK  # SD3.5-M's rows: 2
     unit_s = H200_S_PER_UNIT_CHECKPOINTED if cfg.train.gradient_checkpointing else H200_S_PER_UNIT
     roll, learn = nfe * H200_S_PER_NFE * work / 60, units * unit_s * work / 60
     measured = abs(work - 1.0) < 1e-6 and cfg.model.dtype == "bfloat16"
     return [Minutes("H200", roll, learn, measured), Minutes("H100", roll, learn, False)]
+
+
+# Settings that cut a run's transformer rows, as overrides of its config (`tempflow plan --settings`;
+# what each was measured to give, and on which world: docs/experiments/cost.md)
+COST_SETTINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("rollout.branch_steps=3 (uniform draw)", ("rollout.branch_steps=3", "rollout.branch_draw=uniform")),
+    ("rollout.branch_steps=3, branch_draw=weighted", ("rollout.branch_steps=3", "rollout.branch_draw=weighted")),
+    ("rollout.branch_steps=3, branch_draw=window", ("rollout.branch_steps=3", "rollout.branch_draw=window")),
+    ("rollout.branch_steps=[0,1] (an ODE after two branch points)", ("rollout.branch_steps=[0, 1]",)),
+    ("rollout.branch_steps=[0] (an ODE after the noisiest step)", ("rollout.branch_steps=[0]",)),
+    ("rollout.completion_stride=2", ("rollout.completion_stride=2",)),
+    ("sampling.guidance_scale=1 (no CFG)", ("sampling.guidance_scale=1",)),
+    ("algorithm=flow_grpo_fixed (plain SDE trajectories)", ("algorithm=flow_grpo_fixed",)),
+)
+DRAWS = 2000  # iterations a drawn setting's rows are averaged over
+
+
+@dataclass(frozen=True)
+class SettingCost:
+    """One row of `tempflow plan --settings`: a setting applied to the run's config, per iteration
+    on one H200 and over the run's iterations (a preset changes their number)."""
+
+    label: str
+    nfe: float  # rollout NFEs (a CFG pair once)
+    units: float  # learner units
+    rows: float  # transformer rows (rollout NFEs and the learner's two forwards per unit, x2 under CFG)
+    minutes: Minutes  # one H200, per iteration
+    iterations: int
+
+
+def setting_costs(cfg: Any, facts: ModelFacts) -> list[SettingCost | tuple[str, str]]:
+    """The config as given, `--preset fast`, then each of COST_SETTINGS applied to it; a setting
+    that does not apply to the config is (label, why)."""
+    from tempflow_core.config import ConfigError, load_config
+    from tempflow_core.presets import apply_preset
+
+    def cost(label: str, c: Any) -> SettingCost:
+        nfe, units = rows_per_iteration(c, DRAWS)
+        return SettingCost(label, nfe, units, (nfe + 2 * units) * c.rows_per_sample(), minutes(c, facts, DRAWS)[0],
+                           c.train.iterations)
+
+    out: list[SettingCost | tuple[str, str]] = [cost("this config", cfg)]
+    try:
+        out.append(cost("`--preset fast` (branch points [0,1,2,3], half the iterations)", apply_preset(cfg, "fast")))
+    except ValueError as e:
+        out.append(("`--preset fast`", str(e)))
+    base = cfg.model_dump(mode="json")
+    for label, overrides in COST_SETTINGS:
+        if not cfg.branching and "rollout.branch_steps" in overrides[0]:
+            out.append((label, f"algorithm {cfg.algorithm!r} does not branch"))
+            continue
+        try:
+            out.append(cost(label, load_config(None, list(overrides), base=base)))
+        except ConfigError as e:
+            out.append((label, " ".join(str(e).split())))
+    return out
 
 
 def placement_on_gpus(cfg: Any) -> str:

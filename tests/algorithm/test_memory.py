@@ -5,6 +5,7 @@ batch sizes and options; on a GPU, the peaks the H200 smoke records measured for
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,11 +134,50 @@ def test_rows_per_iteration_by_hand():
     assert plan.rows_per_iteration(flat) == (3 * 4 * 10, 3 * 4 * 9)
 
 
+def test_the_cost_settings_rows_by_hand_and_the_presets_share_of_a_run():
+    """`tempflow plan --settings` at the paper's batch (T 10, K 24, 48 prompts): each setting's rows
+    worked out by hand, and `--preset fast`'s share of the run's minutes from the per-row costs."""
+    from tempflow_core.memory import ModelFacts
+
+    T, K, B = 10, 24, 48
+    cfg = load_config(overrides=[f"sampling.num_steps={T}", f"rollout.group_size={K}", f"rollout.prompts_per_iter={B}",
+                                 "train.iterations=8", "model.dtype=bfloat16"])
+    facts = ModelFacts({"transformer": 2_243_171_520}, 1, (16, 64, 64), 512, 1357)  # SD3.5-M's work: measured rows
+    got = {c.label.split(" (")[0]: c for c in plan.setting_costs(cfg, facts)}
+    rows = {k: (c.nfe, c.units) for k, c in got.items()}
+    # every branch point: T-1 backbone steps + K children finishing 9+8+...+1 steps
+    assert rows["this config"] == (B * (9 + K * 45), B * 9)
+    # 3 of the 9 steps drawn uniformly: E[max] + 1 = 3 * 10 / 4 = 7.5 backbone steps, 3 * E[9 - k] = 15 child steps
+    nfe, units = rows["rollout.branch_steps=3"]
+    assert nfe == pytest.approx(B * (7.5 + K * 15), rel=0.02) and units == B * 3
+    # stride 2: children from step k visit range(k+1, 10, 2) + [10]
+    assert rows["rollout.completion_stride=2"][0] == B * (9 + K * sum(len(range(k + 1, 10, 2)) for k in range(9)))
+    assert rows["rollout.branch_steps=[0]"] == (B * (1 + K * 9), B)  # one backbone step, K children of 9 steps
+    # the four noisiest steps: four backbone steps, K children of 9 + 8 + 7 + 6 steps
+    assert rows["`--preset fast`"] == (B * (4 + K * 30), B * 4) and got["`--preset fast`"].iterations == 4
+    assert rows["algorithm=flow_grpo_fixed"] == (B * K * T, B * K * 9)
+    assert got["sampling.guidance_scale=1"].rows == B * (9 + K * 45) + 2 * B * 9  # one row per call without CFG
+    # half the iterations at (34,752 c_f + 192 c_u) / (52,272 c_f + 432 c_u) each
+    c_f, c_u = plan.H200_S_PER_NFE, plan.H200_S_PER_UNIT
+    share = 0.5 * (B * (4 + K * 30) * c_f + B * 4 * c_u) / (B * (9 + K * 45) * c_f + B * 9 * c_u)
+    fast, mine = got["`--preset fast`"], got["this config"]
+    assert fast.minutes.total * 4 / (mine.minutes.total * 8) == pytest.approx(share, rel=1e-9)
+    assert mine.minutes.measured and round(share, 2) == 0.33
+    flat = plan.setting_costs(load_config(overrides=["algorithm=flow_grpo_fixed"]), facts)
+    refused = {c[0].split(" (")[0]: c[1] for c in flat if isinstance(c, tuple)}
+    assert refused["rollout.branch_steps=[0]"] == "algorithm 'flow_grpo_fixed' does not branch"
+    assert "does not branch" in refused["`--preset fast`"] and "does not branch" in refused["rollout.completion_stride=2"]
+    assert "sampling.guidance_scale=1" not in refused  # what applies to plain trajectories is costed
+
+
 def test_tempflow_plan_prints_every_stage_and_refuses_a_run_that_does_not_fit_in_one_line(tmp_path):
     cli = [sys.executable, "-m", "flows.cli", "plan", "--set", "model.path=null", "--set", "sampling.num_steps=4"]
     env = {"TEMPFLOW_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(cli, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    out = subprocess.run(cli + ["--settings"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "| `--preset fast` | not for this config: preset 'fast' branches at steps [0, 1, 2, 3], and " \
+           "sampling.num_steps 4" in out.stdout  # the settings table, a preset that does not apply named
+    assert re.search(r"\| rollout.completion_stride=2 \| [\d,]+ \| [\d,]+ \|", out.stdout)
     for needle in ("rollout", "learner", "eval", "per worker", "rows per iteration", "one H200", "one H100"):
         assert needle in out.stdout, needle
     out = subprocess.run(cli + ["--set", "train.micro_batch=64", "--gpu-memory", "0.01"], capture_output=True,
