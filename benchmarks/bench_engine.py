@@ -23,7 +23,9 @@ import yaml
 from benchmarks.harness import parser, set_threads
 from tempflow_core.run import stages
 from tempflow_core.config import load_config
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.engines.engine import Engine, LocalEngine
+from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import read_manifest
@@ -32,13 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("rollout", "reward", "learner")
 
 
-def _iteration(cfg, lay: RunLayout, it: int, sessions: SessionCache, engine: Engine) -> dict[str, float]:
-    out = {}
-    for stage, run in (("rollout", engine.rollout), ("reward", engine.score), ("learner", engine.update)):
-        t = time.perf_counter()
-        run(cfg, lay, it, sessions)
-        out[stage] = time.perf_counter() - t
-    return out
+def _iteration(run: StoredRun, it: int) -> dict[str, float]:
+    plan = plan_iteration(run.cfg, run.schedule(), it)
+    t0 = time.perf_counter()
+    rollouts = run.rollout(plan)
+    t1 = time.perf_counter()
+    rewards = run.score(plan, rollouts)
+    t2 = time.perf_counter()
+    run.update(plan, rollouts, rewards)
+    return {"rollout": t1 - t0, "reward": t2 - t1, "learner": time.perf_counter() - t2}
 
 
 def _bytes(lay: RunLayout, it: int, cfg) -> dict[str, int]:
@@ -77,9 +81,10 @@ def main() -> None:
 
             engine = RayEngine(cfg, cluster.enter_context(ray_cluster(max(2, RayEngine.cpus_needed(cfg)))))
         startup = time.perf_counter() - t
+        run = StoredRun(cfg, lay, sessions, engine)
         stages.init_stage(cfg, lay, sessions)
-        _iteration(cfg, lay, 0, sessions, engine)  # warm-up: models load, actors start
-        walls[engine_name] = _iteration(cfg, lay, 1, sessions, engine)
+        _iteration(run, 0)  # warm-up: models load, actors start
+        walls[engine_name] = _iteration(run, 1)
         engine.close()
         cluster.close()
         sessions.clear()

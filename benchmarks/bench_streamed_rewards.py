@@ -23,10 +23,11 @@ import torch
 
 from benchmarks.harness import parser, set_threads
 from flows.reward_server import reward_server_process
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.config import load_config
 from tempflow_core.engines.engine import LocalEngine
-from tempflow_core.run import stages
+from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.shards import read_scores
 
@@ -36,16 +37,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(cfg, iterations: int) -> tuple[list[dict[str, float]], list[np.ndarray], dict[str, torch.Tensor]]:
     """Stage seconds per iteration, the scores of each iteration and the final LoRA."""
     lay, sessions, engine = RunLayout.open(cfg, "bench"), SessionCache(), LocalEngine()
-    stages.init_stage(cfg, lay, sessions)
+    run = StoredRun(cfg, lay, sessions, engine)
+    run.init()
     times, scores = [], []
     try:
         for it in range(iterations):
+            plan = plan_iteration(cfg, run.schedule(), it)
             t0 = time.perf_counter()
-            engine.rollout(cfg, lay, it, sessions)
+            rollouts = run.rollout(plan)
             t1 = time.perf_counter()
-            engine.score(cfg, lay, it, sessions)
+            rewards = run.score(plan, rollouts)
             t2 = time.perf_counter()
-            engine.update(cfg, lay, it, sessions)
+            run.update(plan, rollouts, rewards)
             t3 = time.perf_counter()
             times.append({"rollout": t1 - t0, "reward": t2 - t1, "learner": t3 - t2, "iteration": t3 - t0})
             scores.append(read_scores(lay.store, lay.iteration_prefix(it), "reward").values["reward"])

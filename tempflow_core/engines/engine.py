@@ -3,10 +3,13 @@
     LocalEngine   here, one stage after the other (pipeline.engine=local, the default)
     RayEngine     rollout and reward actors and a Ray Train group (ray_engine.py; engine=ray)
 
-The flow builds the engine once (flows/train.py); the run's `StoredRun` (stored_run.py) calls
-`init`, `schedule`, `rollout`, `score`, `update` and `evaluate` on whichever it holds. Both run the same stages (stages.py): the prefixes,
-manifests, healing and resume are the same, and so are the outputs (tests/pipeline/
-test_ray_engine.py compares them).
+An engine is placement only. The run's `StoredRun` (stored_run.py) calls each stage (run/stages.py:
+reuse, healing, manifests) and hands it the engine's work: `sampling` gives the rollout stage its
+progress tick and slice runner, `scoring` the reward stage its share runner, `training` the learner
+stage its tick and rank runner (None: the stage does that work here, in this process). `init`,
+`evaluate` and `base_eval` are whole stages run where the engine keeps its model (the Ray engine's
+colocated placement: learner rank 0). Both engines write the same outputs
+(tests/pipeline/test_ray_engine.py compares them).
 
 `bar(total, description)` is the caller's progress bar (a context manager yielding a tick
 function; tasks/stages.py opens a tqdm bar on a terminal); each engine says how many ticks
@@ -24,7 +27,7 @@ from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
-from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.iteration import IterationPlan
 from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.run.rollout_slices import sample_slice
 from tempflow_core.shards import RolloutPart
@@ -39,20 +42,25 @@ def no_bar(total: int, description: str) -> Iterator[Tick]:
     yield lambda n: None
 
 
+Sampling = tuple[Tick | None, stages.SliceRunner | None]  # the rollout stage's progress and slice runner
+Training = tuple[Tick | None, stages.RankRunner | None]  # the learner stage's progress and rank runner
+
+
 class Engine(Protocol):
-    """The work of a run's stages; each stage call returns the URI of what the stage wrote."""
+    """Where a run's stage work runs; whole stages return the URI of what they wrote."""
 
     def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str: ...
 
     def schedule(self, cfg: RunConfig, sessions: SessionCache) -> Schedule: ...  # the policy's grid, where it is loaded
 
-    def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
-                bar: Bar = no_bar, log: Log | None = None) -> str: ...
+    def sampling(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
+                 bar: Bar = no_bar, log: Log | None = None) -> ContextManager[Sampling]: ...
 
-    def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str: ...
+    def scoring(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan,
+                sessions: SessionCache) -> stages.ScoreRunner | None: ...
 
-    def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
-               bar: Bar = no_bar) -> str: ...
+    def training(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
+                 bar: Bar = no_bar) -> ContextManager[Training]: ...
 
     def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str: ...
 
@@ -80,12 +88,14 @@ class LocalEngine:
     def schedule(self, cfg: RunConfig, sessions: SessionCache) -> Schedule:
         return sessions.get(cfg).schedule
 
-    def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
-                bar: Bar = no_bar, log: Log | None = None) -> str:
+    @contextlib.contextmanager
+    def sampling(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
+                 bar: Bar = no_bar, log: Log | None = None) -> Iterator[Sampling]:
+        """One tick per denoising step of each slice; with reward.stream, the slices sampled here
+        one after the other, each scored on a thread as soon as it is written."""
         total = cfg.sampling.num_steps * cfg.rollout.slices
-        with self.hold(), bar(total, f"iter {iteration} rollout") as tick:
-            runner = self._streaming(cfg, layout, iteration, sessions, tick) if cfg.reward.stream else None
-            return stages.rollout_stage(cfg, layout, iteration, sessions, progress=tick, run_slices=runner)
+        with self.hold(), bar(total, f"iter {plan.iteration} rollout") as tick:
+            yield tick, (self._streaming(cfg, layout, plan.iteration, sessions, tick) if cfg.reward.stream else None)
 
     def _streaming(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
                    tick: Tick) -> stages.SliceRunner:
@@ -105,18 +115,19 @@ class LocalEngine:
 
         return run
 
-    def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
-        futures = self._streamed.pop((layout.run_id, iteration), None)
-        run_scoring = (lambda: [f.result() for f in futures]) if futures else None
-        return stages.reward_stage(cfg, layout, iteration, sessions, run_scoring=run_scoring)
+    def scoring(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan,
+                sessions: SessionCache) -> stages.ScoreRunner | None:
+        """The streamed slices' scores when the rollout streamed them; else the stage scores here."""
+        futures = self._streamed.pop((layout.run_id, plan.iteration), None)
+        return (lambda: [f.result() for f in futures]) if futures else None
 
-    def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
-               bar: Bar = no_bar) -> str:
-        # the session the stage loads anyway; a finished stage (reused) loads nothing and counts nothing
-        units = 0 if layout.complete(iteration, "learner") else \
-            plan_iteration(cfg, sessions.get(cfg).schedule, iteration).learner_units
-        with self.hold(), bar(units, f"iter {iteration} learner") as tick:
-            return stages.learner_stage(cfg, layout, iteration, sessions, progress=tick)
+    @contextlib.contextmanager
+    def training(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
+                 bar: Bar = no_bar) -> Iterator[Training]:
+        """One tick per training unit (a finished stage, reused, counts none); the update runs here."""
+        units = 0 if layout.complete(plan.iteration, "learner") else plan.learner_units
+        with self.hold(), bar(units, f"iter {plan.iteration} learner") as tick:
+            yield tick, None
 
     def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
         with self.hold():

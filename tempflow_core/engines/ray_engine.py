@@ -19,8 +19,8 @@ work runs, nothing else. Two placements (pipeline.placement):
     reward     `reward.workers` actors in both, the reward loaded once per actor (a GPU only for a
                reward that runs a model: RewardRegistry.needs_gpu); each scores shards r, r+W, ...
 
-Stage prefixes, manifests and resume are those of the local engine (`rollout`, `score` and
-`update` call the same stages, with the runners below as their hooks). A killed actor is restarted by Ray and its task retried; a learner
+Stage prefixes, manifests and resume are those of the local engine (the run's StoredRun calls the
+same stages, handing them the runners below as their work). A killed actor is restarted by Ray and its task retried; a learner
 group that dies under a job (an update, or in the colocated placement any job) is started anew
 and reruns it, which gives the same result. Ray is imported here only: `tempflow train` on the local engine never needs it. The engine
 connects to the cluster at `address` (flows/ray_head.py: RAY_ADDRESS, or a local head on
@@ -37,21 +37,22 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from tempflow_core import failpoints
 
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.engines.engine import Bar, LocalEngine, Log, no_bar
+from tempflow_core.engines.engine import Bar, LocalEngine, Log, Sampling, Training, no_bar
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
 from tempflow_core.algorithm.data_parallel import CollectiveError
+from tempflow_core.algorithm.iteration import IterationPlan
 from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import RolloutPart
-from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, learner_rank, score_part, score_share
+from tempflow_core.run.stages import DAMAGED_INPUT, ScoredShare, ScoreRunner, learner_rank, score_part, score_share
 from tempflow_core.run.rollout_slices import sample_slice
 
 log = logging.getLogger("tempflow.ray")
@@ -373,14 +374,15 @@ class RayEngine:
         _on_actors(self.rollout_workers, [lambda a: a.schedule.remote(cfg)], got.__setitem__)
         return got[0]
 
-    def rollout(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
-                bar: Bar = no_bar, log: Log | None = None) -> str:
+    @contextlib.contextmanager
+    def sampling(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
+                 bar: Bar = no_bar, log: Log | None = None) -> Iterator[Sampling]:
         """Slices sampled by the rollout actors, or by the learner's ranks when colocated (one tick
         per finished slice; colocated, a rank's slices tick together)."""
-        with bar(cfg.rollout.slices, f"iter {iteration} rollout slices") as tick:
-            runner = self.colocated_rollout_runner(cfg, layout.run_id, iteration, tick) if self.colocated else \
-                self.rollout_runner(cfg, layout.run_id, iteration, tick, log)
-            return stages.rollout_stage(cfg, layout, iteration, sessions, run_slices=runner)
+        i = plan.iteration
+        with bar(cfg.rollout.slices, f"iter {i} rollout slices") as tick:
+            yield None, (self.colocated_rollout_runner(cfg, layout.run_id, i, tick) if self.colocated else
+                         self.rollout_runner(cfg, layout.run_id, i, tick, log))
 
     def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
         """The evaluation of checkpoint i: on learner rank 0 when colocated, else here."""
@@ -395,16 +397,15 @@ class RayEngine:
             return self._here.base_eval(cfg, sessions, inputs)
         return tuple(self._on_group(cfg, "base", -1, "base_eval", {0: inputs})[0])  # type: ignore[return-value]
 
-    def score(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
+    def scoring(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache) -> ScoreRunner:
         """Shares of the shards scored by the reward actors."""
-        return stages.reward_stage(cfg, layout, iteration, sessions,
-                                   run_scoring=self.reward_runner(cfg, layout.run_id, iteration))
+        return self.reward_runner(cfg, layout.run_id, plan.iteration)
 
-    def update(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache,
-               bar: Bar = no_bar) -> str:
+    @contextlib.contextmanager
+    def training(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
+                 bar: Bar = no_bar) -> Iterator[Training]:
         """The update, data-parallel on the run's Ray Train group (its ranks log their own progress)."""
-        return stages.learner_stage(cfg, layout, iteration, sessions,
-                                    run_ranks=self.learner_runner(cfg, layout.run_id, iteration))
+        yield None, self.learner_runner(cfg, layout.run_id, plan.iteration)
 
     # -- the runners the stages call
 

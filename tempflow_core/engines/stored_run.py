@@ -4,7 +4,8 @@ It is the one place where a stage's caching, healing and placement meet:
 
     what is kept     each stage's output at its prefix of the run's layout (run/layout.py)
     reuse, healing   a finished stage is reused, a damaged or stale one recomputed (run/stages.py)
-    placement        the run's engine: here (LocalEngine) or Ray actors and a Ray Train group (RayEngine)
+    placement        the run's engine: here (LocalEngine) or Ray actors and a Ray Train group (RayEngine),
+                     which hands each stage its work (a slice, share or rank runner; None: here)
 
 `rollout` and `score` hand on the URI of what their stage wrote; `update` returns the metrics
 the learner recorded in checkpoint i, `evaluate` the stored evaluation. The Prefect flow wraps
@@ -41,14 +42,19 @@ class StoredRun:
         return self.engine.schedule(self.cfg, self.sessions)
 
     def rollout(self, plan: IterationPlan) -> str:
-        return self.engine.rollout(self.cfg, self.layout, plan.iteration, self.sessions, self.bar, self.log)
+        cfg, lay, s = self.cfg, self.layout, self.sessions
+        with self.engine.sampling(cfg, lay, plan, s, self.bar, self.log) as (tick, slices):
+            return stages.rollout_stage(cfg, lay, plan.iteration, s, progress=tick, run_slices=slices)
 
     def score(self, plan: IterationPlan, rollouts: str) -> str:
-        return self.engine.score(self.cfg, self.layout, plan.iteration, self.sessions)
+        cfg, lay, s = self.cfg, self.layout, self.sessions
+        return stages.reward_stage(cfg, lay, plan.iteration, s, run_scoring=self.engine.scoring(cfg, lay, plan, s))
 
     def update(self, plan: IterationPlan, rollouts: str, rewards: str) -> dict[str, float]:
-        self.engine.update(self.cfg, self.layout, plan.iteration, self.sessions, self.bar)
-        return stages.checkpoint_metrics(self.layout, plan.iteration)
+        cfg, lay, s = self.cfg, self.layout, self.sessions
+        with self.engine.training(cfg, lay, plan, s, self.bar) as (tick, ranks):
+            stages.learner_stage(cfg, lay, plan.iteration, s, progress=tick, run_ranks=ranks)
+        return stages.checkpoint_metrics(lay, plan.iteration)
 
     def evaluate(self, iteration: int) -> dict[str, Any]:
         self.engine.evaluate(self.cfg, self.layout, iteration, self.sessions)

@@ -1,5 +1,6 @@
-"""The local engine (tempflow_core.engines.engine): the stages in this process, the GPU slot held around
-rollout and update only, and progress bars whose totals are the ticks the stages make."""
+"""The local engine (tempflow_core.engines.engine) under a run's StoredRun: the stages in this process,
+the GPU slot held around rollout and update only, and progress bars whose totals are the ticks the
+stages make."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 
 from tempflow_core.run import stages
 from tempflow_core.config import load_config
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.engines.engine import LocalEngine
+from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.shards import read_rollouts
@@ -42,12 +45,16 @@ def test_the_local_engine_runs_the_stages_holding_the_gpu_slot_and_ticks_its_bar
 
     engine, lay, sessions = LocalEngine(hold=hold), RunLayout.open(cfg, "local"), SessionCache()
     try:
-        stages.init_stage(cfg, lay, sessions)
-        uris = [engine.rollout(cfg, lay, 0, sessions, bar=bar), engine.score(cfg, lay, 0, sessions),
-                engine.update(cfg, lay, 0, sessions, bar=bar)]
+        run = StoredRun(cfg, lay, sessions, engine, bar=bar)
+        run.init()
+        plan = plan_iteration(cfg, run.schedule(), 0)
+        rollouts = run.rollout(plan)
+        rewards = run.score(plan, rollouts)
+        metrics = run.update(plan, rollouts, rewards)
     finally:
         sessions.clear()
-    assert uris == [lay.store.uri_for(lay.prefix(0, s)) for s in ("rollout", "reward", "learner")]
+    assert [rollouts, rewards] == [lay.store.uri_for(lay.prefix(0, s)) for s in ("rollout", "reward")]
+    assert metrics == stages.checkpoint_metrics(lay, 0) and metrics["iteration"] == 0
     assert all(lay.complete(0, s) for s in ("rollout", "reward", "learner"))
     assert held == ["in", "out", "in", "out"]  # rollout and update, not the reward
     assert set(bars) == {"iter 0 rollout", "iter 0 learner"}

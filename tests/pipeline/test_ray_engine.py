@@ -166,9 +166,11 @@ def test_colocated_ranks_sample_train_and_evaluate_and_the_driver_builds_no_mode
                                                                                    tiny_model_dir, tmp_path):
     """pipeline.ray_gpus=1 on a Ray with 2 pretend GPUs: the placement (auto) is colocated. The 2
     learner ranks, one GPU each, write the initial adapter, sample the rollout's slices, update and
-    evaluate, with one model each; the shapes reward's actors take no GPU; the driver never asks
-    for a model. The rollouts and scores are the local engine's bit for bit, the update its update."""
+    evaluate, with one model each, and rank 0 gives the policy's grid; the shapes reward's actors
+    take no GPU; the driver never asks for a model. The rollouts and scores are the local engine's bit for bit, the update its update."""
+    from tempflow_core.algorithm.iteration import plan_iteration
     from tempflow_core.engines.ray_engine import RayEngine, colocated
+    from tempflow_core.engines.stored_run import StoredRun
     from tempflow_core.run.baseline import base_evaluation
 
     sessions, ref = SessionCache(), local_reference
@@ -180,14 +182,15 @@ def test_colocated_ranks_sample_train_and_evaluate_and_the_driver_builds_no_mode
     with RayEngine(cfg) as eng:
         assert eng.rollout_workers == []
         assert ray.available_resources().get("GPU") == 2  # the 2 reward actors hold none
-        lay = RunLayout.open(cfg, "r")
-        eng.init(cfg, lay, driver)
+        run = StoredRun(cfg, RunLayout.open(cfg, "r"), driver, eng)
+        run.init()
         assert ray.available_resources().get("GPU", 0) == 0  # the 2 ranks hold both
-        eng.rollout(cfg, lay, 0, driver)
-        eng.score(cfg, lay, 0, driver)
-        eng.update(cfg, lay, 0, driver)
-        eng.evaluate(cfg, lay, 0, driver)
-        base, cached = eng.base_eval(cfg, driver, {})
+        plan = plan_iteration(cfg, run.schedule(), 0)  # the grid from rank 0
+        rollouts = run.rollout(plan)
+        run.update(plan, rollouts, run.score(plan, rollouts))
+        run.evaluate(0)
+        base, cached = run.base_eval({})
+        lay = run.layout
     _same_rollouts(ref, lay)
     keys = read_rollouts(ref.store, ref.prefix(0, "rollout"), images=False).sample_keys()
     a, b = (read_scores(v.store, v.iteration_prefix(0), "reward") for v in (ref, lay))

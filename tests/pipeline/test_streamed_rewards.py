@@ -9,10 +9,11 @@ import time
 
 import pytest
 
+from tempflow_core.algorithm.iteration import plan_iteration
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.config import ConfigError, load_config
 from tempflow_core.engines.engine import LocalEngine
-from tempflow_core.run import stages
+from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.shards import read_scores
 
@@ -38,14 +39,15 @@ REWARDS = {"test_logged_brightness": _logged_brightness}
 def _run(cfg, run_id: str):
     """Two iterations through the local engine; when each rollout stage returned."""
     lay, sessions, engine = RunLayout.open(cfg, run_id), SessionCache(), LocalEngine()
-    stages.init_stage(cfg, lay, sessions)
+    run = StoredRun(cfg, lay, sessions, engine)
+    run.init()
     rollout_done = []
     try:
         for it in range(cfg.train.iterations):
-            engine.rollout(cfg, lay, it, sessions)
+            plan = plan_iteration(cfg, run.schedule(), it)
+            rollouts = run.rollout(plan)
             rollout_done.append(time.monotonic())
-            engine.score(cfg, lay, it, sessions)
-            engine.update(cfg, lay, it, sessions)
+            run.update(plan, rollouts, run.score(plan, rollouts))
     finally:
         engine.close()
     return lay, sessions, rollout_done
