@@ -12,8 +12,9 @@
     checkpoint.py     the training state on the store (LoRA, AdamW, RNG, prompt position): exact resume
     session.py        the Session of a run (model, schedule, optimizer, reward, prompt stream, EMA)
     evaluation.py     the held-out evaluation (fixed seeds, ODE + CFG, scores with standard errors)
-    loop.py           the one training loop (steps + hooks: the flow, train_in_process, the sweep)
-    train.py          the rollout, reward and update steps the stages share; `train_in_process`
+    controller.py     a training run top to bottom: plan, roll out, score, update, evaluate, on a context
+                      (in memory, a run's store, Prefect tasks) that owns reuse, healing and placement
+    train.py          the rollout, reward and update steps the stages share; InMemory; `train_in_process`
 
 Imports: the base modules (config, seeding, prompts, ...), the data plane (storage, shards),
 rewards, shapes and policies; never run, engines or reports.
