@@ -72,8 +72,8 @@ class BranchPoint:
     prompt_index: int  # row in the batch's prompts / embeddings
     prompt_id: str
     step: int  # k: index into the schedule, 0 = noisiest
-    sigma: float  # t_k
-    sigma_next: float  # t_{k+1}
+    t: float  # t_k, the flow's time at step k (the grid's sigma_k on a rectified-flow grid)
+    t_next: float  # t_{k+1}
     x_k: torch.Tensor  # [C, H, W] backbone state, stored once
     x_next: torch.Tensor  # [K, C, H, W] child state after its one SDE step
     log_prob: torch.Tensor  # [K] float32 old log-prob of x_next

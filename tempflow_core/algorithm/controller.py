@@ -23,6 +23,10 @@ which owns where the work runs and what is kept of it:
                                       (here, or Ray actors and a Ray Train group)
     flows/train.py      FlowStages    StoredRun with each stage a Prefect task
 
+Names: a step of the controller is named for what it does (rollout, score, update, evaluate); a
+stage on the store, its Prefect task and its prefix for what it writes (rollout, reward, learner,
+eval: run/layout.py), the names that stored runs and `tempflow train --resume RUN --from STAGE` use.
+
 The advantages are computed inside `update` because that is where the rewards of the whole
 stage are read (every data-parallel rank computes them over all samples; a group needs all its
 rewards): algorithm/train.update_inputs.

@@ -144,7 +144,7 @@ def _spawn(su: _Setup, x_k: torch.Tensor, v_k: torch.Tensor, prompt_index: int, 
     x_k = x_k.to(su.store).float()  # as kept (the transformer read it in this precision already)
     x_next, log_prob = _kept(su, x_k.expand(K, *su.shape), v_k.expand(K, *su.shape), t, t_next, su.sde_sigma[step],
                              noise)
-    return BranchPoint(prompt_index=prompt_index, prompt_id=prompt_id, step=step, sigma=t, sigma_next=t_next,
+    return BranchPoint(prompt_index=prompt_index, prompt_id=prompt_id, step=step, t=t, t_next=t_next,
                        x_k=x_k.to(su.keep, su.store, copy=True), x_next=x_next.to(su.keep, su.store, copy=True),
                        log_prob=log_prob, seeds=torch.tensor(seeds, dtype=torch.int64), final_latents=x_next)
 

@@ -68,7 +68,7 @@ def encode_branch_point(bp: BranchPoint, *, images: bool = True, png_level: int 
     meta = {
         "schema_version": SCHEMA_VERSION, "kind": "branch", "key": key, "group_id": key,
         "prompt_id": bp.prompt_id, "prompt_index": int(bp.prompt_index), "step": int(bp.step),
-        "sigma": float(bp.sigma), "sigma_next": float(bp.sigma_next), "child_keys": bp.child_keys,
+        "sigma": float(bp.t), "sigma_next": float(bp.t_next), "child_keys": bp.child_keys,
         "seeds": [int(s) for s in bp.seeds.tolist()],
     }
     sample: dict[str, Any] = {
@@ -180,7 +180,7 @@ def sample_to_dataclass(d: Mapping[str, Any]) -> BranchPoint | Trajectory:
         if d["kind"] == "branch":
             return BranchPoint(
                 prompt_index=int(meta["prompt_index"]), prompt_id=str(meta["prompt_id"]), step=int(meta["step"]),
-                sigma=float(meta["sigma"]), sigma_next=float(meta["sigma_next"]), x_k=d["x_k"], x_next=d["x_next"],
+                t=float(meta["sigma"]), t_next=float(meta["sigma_next"]), x_k=d["x_k"], x_next=d["x_next"],
                 log_prob=d["log_prob"], seeds=d["seeds"], final_latents=d.get("final_latents"), images=d.get("images"))
         return Trajectory(prompt_index=int(meta["prompt_index"]), prompt_id=str(meta["prompt_id"]),
                           member=int(meta["member"]), seed=int(meta["seed"]), states=d["states"],

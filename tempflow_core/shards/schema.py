@@ -17,7 +17,8 @@ A rollout stage writes, under its prefix:
 
 One branch-point sample (`__key__` = BranchPoint.group_id, e.g. `000003_k04`):
 
-    meta.json              kind, step k, sigma, sigma_next, prompt id/index, group id, child keys, seeds
+    meta.json              kind, step k, sigma and sigma_next (BranchPoint.t and t_next: t_k and t_{k+1}),
+                           prompt id/index, group id, child keys, seeds
     tensors.safetensors    x_k [C,H,W] (once), x_next [K,C,H,W] in the model's half precision when it
                            runs in one (else float32), log_prob [K] float32, seeds [K]; shards written
                            before also hold final_latents [K,C,H,W] (read, not needed)

@@ -76,7 +76,7 @@ def test_stored_log_probs_are_those_of_the_policy(policy):
     for bp in b.branch_points:
         emb = b.embeds
         r = torch.tensor([bp.prompt_index])
-        v = policy.velocity(bp.x_k[None], torch.tensor(bp.sigma), emb.select(r), 4.5)
+        v = policy.velocity(bp.x_k[None], torch.tensor(bp.t), emb.select(r), 4.5)
         lp, _, _ = sde_log_prob(bp.x_next, bp.x_k[None].expand_as(bp.x_next), v.expand_as(bp.x_next),
                                 float(sig[bp.step]), float(sig[bp.step + 1]), float(ss[bp.step]))
         torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)

@@ -33,7 +33,7 @@ def make_branch_batch(prompts: int = 2, steps: tuple[int, ...] = (0, 2), k: int 
     for step in steps:
         for p, pid in enumerate(ids):
             bps.append(BranchPoint(
-                prompt_index=p, prompt_id=pid, step=step, sigma=float(sigmas[step]), sigma_next=float(sigmas[step + 1]),
+                prompt_index=p, prompt_id=pid, step=step, t=float(sigmas[step]), t_next=float(sigmas[step + 1]),
                 x_k=torch.randn(*latent, generator=g).to(dtype), x_next=torch.randn(k, *latent, generator=g).to(dtype),
                 log_prob=torch.randn(k, generator=g), seeds=torch.randint(0, 2**62, (k,), generator=g, dtype=torch.int64),
                 final_latents=torch.randn(k, *latent, generator=g).to(dtype),
@@ -79,8 +79,8 @@ def assert_batches_identical(a: RolloutBatch, b: RolloutBatch, images: bool = Tr
     if a.kind == "branch":
         assert len(a.branch_points) == len(b.branch_points)
         for x, y in zip(a.branch_points, b.branch_points):
-            assert (x.prompt_index, x.prompt_id, x.step, x.sigma, x.sigma_next) == \
-                (y.prompt_index, y.prompt_id, y.step, y.sigma, y.sigma_next)
+            assert (x.prompt_index, x.prompt_id, x.step, x.t, x.t_next) == \
+                (y.prompt_index, y.prompt_id, y.step, y.t, y.t_next)
             for f in ("x_k", "x_next", "log_prob", "seeds"):
                 assert_tensor_identical(getattr(x, f), getattr(y, f), f"{x.group_id}.{f}")
             if images:

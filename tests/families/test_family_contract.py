@@ -70,7 +70,7 @@ def test_stored_log_probs_are_the_policys_the_ratio_is_one_and_every_used_adapte
     for bp in b.branch_points:
         r = torch.tensor([bp.prompt_index])
         with torch.no_grad():
-            v = pol.velocity(bp.x_k[None], torch.tensor(bp.sigma), b.embeds.select(r), g)
+            v = pol.velocity(bp.x_k[None], torch.tensor(bp.t), b.embeds.select(r), g)
         lp, _, _ = sde_log_prob(bp.x_next, bp.x_k[None].expand_as(bp.x_next), v.expand_as(bp.x_next),
                                 float(sig[bp.step]), float(sig[bp.step + 1]), float(ss[bp.step]))
         torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)

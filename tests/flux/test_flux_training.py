@@ -55,7 +55,7 @@ def test_wavefront_equals_loop_and_stored_log_probs_are_the_policys(policy):
     for bp in wave.branch_points:
         r = torch.tensor([bp.prompt_index])
         with torch.no_grad():
-            v = policy.velocity(bp.x_k[None], torch.tensor(bp.sigma), emb.select(r), G)
+            v = policy.velocity(bp.x_k[None], torch.tensor(bp.t), emb.select(r), G)
         lp, _, _ = sde_log_prob(bp.x_next, bp.x_k[None].expand_as(bp.x_next), v.expand_as(bp.x_next),
                                 float(sig[bp.step]), float(sig[bp.step + 1]), float(ss[bp.step]))
         torch.testing.assert_close(lp, bp.log_prob, rtol=1e-4, atol=1e-4)
