@@ -81,7 +81,6 @@ def _ranks(rank: int, world: int, args: argparse.Namespace, path: str, result: s
 
     from tempflow_core.algorithm.data_parallel import DataParallel, collective_device
     from tempflow_core.algorithm.learner import TrainUnits
-    from tempflow_core.algorithm.sharding import shard_transformer
     from tempflow_core.batches import PromptEmbeds
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("TEMPFLOW_VALIDATE_PORT", "29511"))
@@ -91,20 +90,23 @@ def _ranks(rank: int, world: int, args: argparse.Namespace, path: str, result: s
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
     dtype = "bfloat16" if gpu else "float32"
     cfg = _config(args, dtype)
-    policy, schedule = _policy(args, torch.device("cuda", rank) if gpu else torch.device("cpu"), getattr(torch, dtype))
+    device = torch.device("cuda", rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)  # the peak counts the model's load
+    # sharded: loaded on the host, then the transformer sharded onto the device block by block (as a
+    # sharded learner rank's session is set up), so the device never holds the whole transformer
+    policy, schedule = _policy(args, torch.device("cpu") if sharded else device, getattr(torch, dtype))
+    if sharded:
+        policy.shard_onto(device)
     saved = safetensors.torch.load_file(path)
     policy.load_lora_state_dict({k[5:]: v for k, v in saved.items() if k.startswith("lora.")})
     units = TrainUnits(*(saved[f"units.{f}"] for f in ("x", "x_next", "old_log_prob", "advantages", "step",
                                                        "prompt_index", "weight", "kl_weight")))
     emb = PromptEmbeds.from_tensors({k[4:]: v for k, v in saved.items() if k.startswith("emb.")}).to(policy.device)
-    if sharded:
-        shard_transformer(policy.transformer, policy.device)
     owned = torch.arange(rank, len(units), world)
     dp = DataParallel(rank, world, len(units), owned, collective_device(dist.get_backend_config(), policy.device),
                       sharded=sharded)
     optimizer = make_optimizer(policy, cfg.train)
-    if gpu:
-        torch.cuda.reset_peak_memory_stats(policy.device)
     update(policy, optimizer, units.subset(owned), emb, schedule, cfg.guidance_scale(), cfg.train, cfg.loss,
            torch.Generator().manual_seed(0), dp=dp)
     lora = policy.lora_state_dict()  # every rank: gathering a sharded LoRA is a collective

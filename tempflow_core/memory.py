@@ -9,7 +9,9 @@ A stage's peak is the largest sum, over its phases, of what it holds on the devi
                  moments (16 B a parameter).
     sharding     with train.sharding=fsdp the learner holds 1/train.workers of the transformer and
                  of the LoRA, gradient and moments, plus two whole blocks (the one computing and
-                 the next one gathered ahead).
+                 the next one gathered ahead). Its model is loaded on the host and the transformer
+                 sharded onto the device one block at a time (FlowPolicy.shard_onto), so loading
+                 holds less than the update: the other modules, the shards so far and one block.
     latents      a branched rollout keeps x_k and the K children x_next of every branch point
                  (in the model's half precision, else float32; on the host with
                  rollout.children_on_host) and solves a wavefront of live float32 samples (the

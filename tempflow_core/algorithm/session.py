@@ -28,13 +28,13 @@ import torch
 from tempflow_core.algorithm.checkpoint import CheckpointState
 from tempflow_core.config import RunConfig
 from tempflow_core.algorithm.learner import make_optimizer
-from tempflow_core.policies.models import load_model
+from tempflow_core.policies.models import load_model, resolve_device
 from tempflow_core.families import make_policy
 from tempflow_core.policies.base import FlowPolicy
 from tempflow_core.prompts import PromptStream, load_prompts
 from tempflow_core.rewards import RewardFn, RewardRegistry
 from tempflow_core.algorithm.schedule import Schedule
-from tempflow_core.algorithm.sharding import is_sharded, shard_transformer, sharded_optimizer_state
+from tempflow_core.algorithm.sharding import sharded_optimizer_state
 from tempflow_core.seeding import derive_seed
 
 
@@ -59,20 +59,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None) -> Session:
+def setup(cfg: RunConfig, workdir: str | Path | None = None, pipe: Any = None, sharded: bool = False) -> Session:
     """Load the model, attach the LoRA, build reward, prompts, schedule and optimizer.
 
     Args:
         workdir: where a tiny random model writes its tokenizer files (cfg.model.path unset).
         pipe: an already-loaded pipeline (tests reuse one); loaded from cfg.model otherwise.
+        sharded: a learner rank of train.sharding=fsdp: the model is loaded on the host and the
+            transformer sharded onto the device block by block (FlowPolicy.shard_onto), so a
+            transformer larger than one device loads; needs torch.distributed initialised.
     """
     seed_everything(cfg.train.seed)
     pipe = pipe if pipe is not None else load_model(cfg.model, workdir)
     # LoRA init draws from the global RNG: seed it here so that a built and a loaded model
     # start from the same adapter
     torch.manual_seed(derive_seed(cfg.train.seed, "lora-init"))
-    policy = make_policy(pipe, cfg.lora, cfg.model.device, cfg.model.max_sequence_length, cfg.model.resolution,
-                         cfg.train.gradient_checkpointing, frames=cfg.model.num_frames)
+    policy = make_policy(pipe, cfg.lora, "cpu" if sharded else cfg.model.device, cfg.model.max_sequence_length,
+                         cfg.model.resolution, cfg.train.gradient_checkpointing, frames=cfg.model.num_frames)
+    if sharded:
+        policy.shard_onto(resolve_device(cfg.model.device))
     policy.decode_chunk = cfg.rollout.decode_chunk
     if cfg.model.offload_text_encoders:
         policy.offload_text_encoders()
@@ -141,15 +146,6 @@ def evaluated_weights(s: Session) -> Iterator[None]:
         s.policy.load_lora_state_dict(raw)
 
 
-def shard(s: Session) -> None:
-    """Shard the session's transformer over the learner's process group (train.sharding=fsdp,
-    sharding.py), once; the optimizer is built anew over the sharded LoRA."""
-    if any(is_sharded(p) for p in s.policy.lora_parameters()):
-        return
-    shard_transformer(s.policy.transformer, s.policy.device)
-    s.optimizer = make_optimizer(s.policy, s.cfg.train)
-
-
 def restore(s: Session, ck: CheckpointState, with_optimizer: bool) -> None:
     """Put the session in the state of checkpoint `ck`: LoRA and EMA; with_optimizer also a
     fresh AdamW loaded with the checkpoint's moments and the shuffling RNG (the learner's state).
@@ -177,18 +173,19 @@ class SessionCache:
     """
 
     def __init__(self) -> None:
-        self._digest: str | None = None
+        self._key: tuple[str, bool] | None = None
         self._session: Session | None = None
 
-    def get(self, cfg: RunConfig) -> Session:
-        """The session of `cfg`, set up on first use; stages of one run share it."""
-        key = cfg.digest()
-        if self._session is None or self._digest != key:
+    def get(self, cfg: RunConfig, sharded: bool = False) -> Session:
+        """The session of `cfg`, set up on first use; stages of one run share it. `sharded`: a
+        learner rank's session with its transformer sharded (setup)."""
+        key = (cfg.digest(), sharded)
+        if self._session is None or self._key != key:
             self.clear()  # one model at a time: a new config replaces the old one
-            self._session = setup(cfg)
-            self._digest = key
+            self._session = setup(cfg, sharded=sharded)
+            self._key = key
         return self._session
 
     def clear(self) -> None:
         """Drop the session (and with it the model)."""
-        self._session, self._digest = None, None
+        self._session, self._key = None, None

@@ -132,6 +132,19 @@ class FlowPolicy:
         mask = (torch.ones(n, L, dtype=torch.long), torch.ones(neg, L, dtype=torch.long)) if self.uses_mask else (None, None)
         return PromptEmbeds(torch.zeros(n, L, D), torch.zeros(n, P), torch.zeros(neg, L, D), torch.zeros(neg, P), *mask)
 
+    def shard_onto(self, device: torch.device) -> None:
+        """Move this policy, loaded on the host, to `device` with its transformer sharded over the
+        default process group (train.sharding=fsdp, algorithm/sharding.py): the other modules
+        whole, the transformer one block at a time, each block's shard left on the device, so the
+        device never holds the whole transformer."""
+        from tempflow_core.algorithm.sharding import shard_transformer
+
+        self.device = device
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module) and module is not self.transformer:
+                module.to(device)
+        shard_transformer(self.transformer, device)
+
     # ------------------------------------------------------------------ text encoders
     def offload_text_encoders(self) -> None:
         """Keep the text encoders on the host from now on; `encoding()` brings them to the device

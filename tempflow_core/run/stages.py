@@ -51,7 +51,7 @@ from tempflow_core.rewards import reward_servers
 from tempflow_core.batches import RolloutBatch
 from tempflow_core.run.rollout_slices import iteration_records, sample_slice
 from tempflow_core.seeding import derive_seed
-from tempflow_core.algorithm.session import Session, SessionCache, restore, shard
+from tempflow_core.algorithm.session import Session, SessionCache, restore
 from tempflow_core.algorithm.sharding import full_optimizer_state
 from tempflow_core.shards import (
     Manifest, ObjectInfo, RolloutPart, SchemaError, ShardIntegrityError, StageNotFound, iter_samples, publish_rollouts,
@@ -99,9 +99,10 @@ def _checkpoint(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Ses
 
 
 def _at_checkpoint(sessions: SessionCache, cfg: RunConfig, layout: RunLayout, iteration: int,
-                   with_optimizer: bool) -> tuple[Session, CheckpointState]:
-    """The session of `cfg` in the state of checkpoint `iteration` (-1: the initial adapter)."""
-    s = sessions.get(cfg)
+                   with_optimizer: bool, sharded: bool = False) -> tuple[Session, CheckpointState]:
+    """The session of `cfg` (`sharded`: a sharded learner rank's) in the state of checkpoint
+    `iteration` (-1: the initial adapter)."""
+    s = sessions.get(cfg, sharded)
     ck = load_checkpoint(layout.store, layout.prefix(iteration, "learner"))
     restore(s, ck, with_optimizer)
     return s, ck
@@ -318,9 +319,8 @@ def learner_rank(cfg: RunConfig, layout: RunLayout, iteration: int, sessions: Se
     writes. Needs torch.distributed initialised (Ray Train does it)."""
     import torch.distributed as dist
 
-    if cfg.train.sharding == "fsdp":
-        shard(sessions.get(cfg))
-    s, _ = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=True)
+    s, _ = _at_checkpoint(sessions, cfg, layout, iteration - 1, with_optimizer=True,
+                          sharded=cfg.train.sharding == "fsdp")
     device = collective_device(dist.get_backend_config(), s.policy.device)  # before any work: NCCL takes cuda only
     rp = layout.prefix(iteration, "rollout")
     m = require_manifest(layout.store, rp, kind="rollouts")

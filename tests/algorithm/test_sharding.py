@@ -63,7 +63,7 @@ _RANK = """
     for overrides in runs:  # plain data-parallel, then sharded
         cfg, sessions = load_config(overrides=overrides), SessionCache()
         stages.learner_rank(cfg, RunLayout.open(cfg, "r"), 0, sessions, rank, 2)
-        params = list(sessions.get(cfg).policy.transformer.parameters())
+        params = list(sessions.get(cfg, cfg.train.sharding == "fsdp").policy.transformer.parameters())
         held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
         print("HELD", held / sum(p.numel() for p in params))  # this rank's share of the transformer's weights
     dist.destroy_process_group()
