@@ -20,10 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import parser, set_threads
-from tempflow_core.run import stages
+from benchmarks.harness import TimedStages, parser, set_threads
 from tempflow_core.config import load_config
-from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.controller import Hooks, train
 from tempflow_core.engines.engine import Engine, LocalEngine
 from tempflow_core.engines.stored_run import StoredRun
 from tempflow_core.run.layout import RunLayout
@@ -32,17 +31,6 @@ from tempflow_core.shards import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("rollout", "reward", "learner")
-
-
-def _iteration(run: StoredRun, it: int) -> dict[str, float]:
-    plan = plan_iteration(run.cfg, run.schedule(), it)
-    t0 = time.perf_counter()
-    rollouts = run.rollout(plan)
-    t1 = time.perf_counter()
-    rewards = run.score(plan, rollouts)
-    t2 = time.perf_counter()
-    run.update(plan, rollouts, rewards)
-    return {"rollout": t1 - t0, "reward": t2 - t1, "learner": time.perf_counter() - t2}
 
 
 def _bytes(lay: RunLayout, it: int, cfg) -> dict[str, int]:
@@ -69,7 +57,7 @@ def main() -> None:
     walls: dict[str, dict[str, float]] = {}
     for engine_name in ("local", "ray"):
         cfg = load_config(args.config, [*args.set, f"pipeline.engine={engine_name}", f"pipeline.store={store}",
-                                        "eval.every=0"], base=yaml.safe_load(Path(args.base).read_text()))
+                                        "eval.every=0", "train.iterations=2"], base=yaml.safe_load(Path(args.base).read_text()))
         lay = RunLayout.open(cfg, f"bench-{engine_name}")
         sessions = SessionCache()
         engine: Engine = LocalEngine()
@@ -81,10 +69,9 @@ def main() -> None:
 
             engine = RayEngine(cfg, cluster.enter_context(ray_cluster(max(2, RayEngine.cpus_needed(cfg)))))
         startup = time.perf_counter() - t
-        run = StoredRun(cfg, lay, sessions, engine)
-        stages.init_stage(cfg, lay, sessions)
-        _iteration(run, 0)  # warm-up: models load, actors start
-        walls[engine_name] = _iteration(run, 1)
+        timed = TimedStages(StoredRun(cfg, lay, sessions, engine))
+        train(cfg, timed, Hooks(eval_at=lambda it: False))  # the product's controller; iteration 0 warms up
+        walls[engine_name] = timed.seconds[1]
         engine.close()
         cluster.close()
         sessions.clear()

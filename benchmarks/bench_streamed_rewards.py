@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.harness import parser, set_threads
+from benchmarks.harness import TimedStages, parser, set_threads
 from flows.reward_server import reward_server_process
-from tempflow_core.algorithm.iteration import plan_iteration
+from tempflow_core.algorithm.controller import Hooks, train
 from tempflow_core.algorithm.session import SessionCache
 from tempflow_core.config import load_config
 from tempflow_core.engines.engine import LocalEngine
@@ -34,27 +33,20 @@ from tempflow_core.shards import read_scores
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cfg, iterations: int) -> tuple[list[dict[str, float]], list[np.ndarray], dict[str, torch.Tensor]]:
-    """Stage seconds per iteration, the scores of each iteration and the final LoRA."""
+def run(cfg) -> tuple[list[dict[str, float]], list[np.ndarray], dict[str, torch.Tensor]]:
+    """The product's training controller on the run's stored stages (no evaluation): stage seconds
+    per iteration, the scores of each iteration and the final LoRA."""
     lay, sessions, engine = RunLayout.open(cfg, "bench"), SessionCache(), LocalEngine()
-    run = StoredRun(cfg, lay, sessions, engine)
-    run.init()
-    times, scores = [], []
+    timed, scores = TimedStages(StoredRun(cfg, lay, sessions, engine)), []
+
+    def scored(it: int, metrics: dict[str, float]) -> None:
+        scores.append(read_scores(lay.store, lay.iteration_prefix(it), "reward").values["reward"])
+
     try:
-        for it in range(iterations):
-            plan = plan_iteration(cfg, run.schedule(), it)
-            t0 = time.perf_counter()
-            rollouts = run.rollout(plan)
-            t1 = time.perf_counter()
-            rewards = run.score(plan, rollouts)
-            t2 = time.perf_counter()
-            run.update(plan, rollouts, rewards)
-            t3 = time.perf_counter()
-            times.append({"rollout": t1 - t0, "reward": t2 - t1, "learner": t3 - t2, "iteration": t3 - t0})
-            scores.append(read_scores(lay.store, lay.iteration_prefix(it), "reward").values["reward"])
+        train(cfg, timed, Hooks(on_iteration=scored, eval_at=lambda it: False))
     finally:
         engine.close()
-    return times, scores, sessions.get(cfg).policy.lora_state_dict()
+    return timed.seconds, scores, sessions.get(cfg).policy.lora_state_dict()
 
 
 def main() -> None:
@@ -75,7 +67,7 @@ def main() -> None:
                         "model.path=" + str(ROOT / "models" / "tiny-shapes-sd3"), f"pipeline.store={tmp}",
                         f"rollout.slices={args.slices}", "reward.name=remote", f"reward.options.remote.url={url}",
                         f"reward.stream={str(stream).lower()}", f"train.iterations={args.iterations}"])
-                    times, scores, lora = run(cfg, args.iterations)
+                    times, scores, lora = run(cfg)
                 per_mode[stream] += times[1:]  # the first iteration also loads the model
                 results.setdefault(stream, (scores, lora))
                 print(f"repeat {r} stream={stream}: " + ", ".join(f"{t['iteration']:.2f}" for t in times) + " s",

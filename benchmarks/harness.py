@@ -71,3 +71,39 @@ def interleaved(variants: Mapping[str, Callable[[], Any]], repeats: int, warmup:
                 t.seconds[name].append(time.perf_counter() - t0)
             t.results[name] = after(name) if after is not None else out
     return t
+
+
+class TimedStages:
+    """A training controller context (tempflow_core.algorithm.controller) that times each stage of
+    another: `seconds[i]` holds iteration i's rollout, reward and learner seconds and their sum."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx, self.seconds = ctx, []  # type: list[dict[str, float]]
+
+    def _timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if stage == "rollout":
+            self.seconds.append({})
+        row = self.seconds[-1]
+        row[stage] = time.perf_counter() - t0
+        row["iteration"] = sum(v for k, v in row.items() if k != "iteration")
+        return out
+
+    def init(self) -> None:
+        self.ctx.init()
+
+    def schedule(self) -> Any:
+        return self.ctx.schedule()
+
+    def rollout(self, plan: Any) -> Any:
+        return self._timed("rollout", self.ctx.rollout, plan)
+
+    def score(self, plan: Any, rollouts: Any) -> Any:
+        return self._timed("reward", self.ctx.score, plan, rollouts)
+
+    def update(self, plan: Any, rollouts: Any, rewards: Any) -> dict[str, float]:
+        return self._timed("learner", self.ctx.update, plan, rollouts, rewards)
+
+    def evaluate(self, iteration: int) -> dict[str, Any]:
+        return self.ctx.evaluate(iteration)
