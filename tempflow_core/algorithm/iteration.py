@@ -10,9 +10,12 @@ The only place that computes, for iteration i of a run,
     completion   the grid nodes a child of each branch step visits after its SDE step
     rows         rollout NFEs (a CFG pair counts once), samples written, learner units
 
-The rollout samples `steps`, the learner trains with `weights_of` / `importance_of`, the progress
-bars count `learner_units`, and `tempflow plan` and the scaling model average `rollout_nfe` and
-`learner_units` over a run's iterations. The arithmetic of the draws lives in steps.py.
+The training controller (controller.py) plans each iteration and hands the plan to its context;
+a stage that runs where the model is (a worker, or a stage healing an input) plans with this
+function on its own session's grid, which gives the same plan. The rollout samples `steps`, the
+learner trains with `weights_of` / `importance_of`, the progress bars count `learner_units`, and
+`tempflow plan` (with its `--settings` table) averages `rollout_nfe` and `learner_units` over a
+run's iterations. The arithmetic of the draws lives in steps.py.
 
 Shapes: B prompts, K group size, T denoising steps, d drawn steps.
 """
