@@ -9,7 +9,8 @@ work runs, nothing else. Two placements (pipeline.placement):
                GPU), started once per run and resident (its fit() runs in a thread of the
                driver); each learner stage hands every rank the iteration through a Ray queue,
                each rank runs stages.learner_rank on its share of the shards; rank 0 writes the
-               checkpoint. The initial adapter and evaluations are computed by the driver.
+               checkpoint. A rollout actor also writes the initial adapter and runs the
+               evaluations, on the model it holds. The driver builds no model.
     colocated  the learner's ranks are the only model workers (one copy of the model each, the
                default when the workers use GPUs): the rollout's slices go to them (slice j to
                rank j mod W), then the update; rank 0 writes the initial adapter and runs the
@@ -43,7 +44,7 @@ from tempflow_core import failpoints
 
 from tempflow_core.run import stages
 from tempflow_core.config import RunConfig
-from tempflow_core.engines.engine import Bar, LocalEngine, Log, Sampling, Training, no_bar
+from tempflow_core.engines.engine import Bar, Log, Sampling, Training, no_bar
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
@@ -118,8 +119,10 @@ class _RolloutWorker:
     def sample(self, cfg: RunConfig, run_id: str, iteration: int, index: int) -> RolloutPart:
         return sample_slice(cfg, RunLayout.open(cfg, run_id), iteration, index, self.sessions)
 
-    def schedule(self, cfg: RunConfig) -> Schedule:
-        return self.sessions.get(cfg).schedule
+    def job(self, kind: str, cfg: RunConfig, run_id: str, iteration: int, arg: Any = None) -> Any:
+        """A whole stage on this actor's model (separate placement): the initial adapter, an
+        evaluation, the base model's evaluation, or the policy's grid (_run_job)."""
+        return _run_job(kind, cfg, RunLayout.open(cfg, run_id), iteration, arg, self.sessions, 0, 1)
 
     def pid(self) -> int:
         return os.getpid()
@@ -345,7 +348,6 @@ class RayEngine:
         self.reward_workers = [placed(_RewardWorker, "reward", i).remote(cfg, self.home)
                                for i in range(cfg.reward.workers)]
         self._job_id = 0
-        self._here = LocalEngine()  # the separate placement's initial adapter and evaluations, in the driver
         self._storage = tempfile.mkdtemp(prefix="tempflow-raytrain-")
         self._group: dict[str, Any] | None = None  # the resident learner group (_learner_group)
         self._groups_started = 0
@@ -359,20 +361,23 @@ class RayEngine:
 
     # -- the Engine interface (engine.py): the same stages, their work on the actors and the group
 
+    def _on_a_model(self, cfg: RunConfig, run_id: str, iteration: int, kind: str, arg: Any = None) -> Any:
+        """Job `kind` (_run_job) where a model already is: learner rank 0 when colocated, else a
+        rollout actor; the driver builds none."""
+        if self.colocated:
+            return self._on_group(cfg, run_id, iteration, kind, {0: arg})[0]
+        got: dict[int, Any] = {}
+        _on_actors(self.rollout_workers, [lambda a: a.job.remote(kind, cfg, run_id, iteration, arg)],
+                   got.__setitem__)
+        return got[0]
+
     def init(self, cfg: RunConfig, layout: RunLayout, sessions: SessionCache) -> str:
-        """The initial adapter: written by learner rank 0 when colocated, else here."""
-        if not self.colocated:
-            return self._here.init(cfg, layout, sessions)
-        return self._on_group(cfg, layout.run_id, -1, "init", {0: None})[0]
+        """The initial adapter, written where a model is (_on_a_model)."""
+        return self._on_a_model(cfg, layout.run_id, -1, "init")
 
     def schedule(self, cfg: RunConfig, sessions: SessionCache) -> Schedule:
-        """The policy's grid from a worker that holds the model (learner rank 0 when colocated, else a
-        rollout actor): the driver builds none."""
-        if self.colocated:
-            return self._on_group(cfg, "schedule", -1, "schedule", {0: None})[0]
-        got: dict[int, Schedule] = {}
-        _on_actors(self.rollout_workers, [lambda a: a.schedule.remote(cfg)], got.__setitem__)
-        return got[0]
+        """The policy's grid, from where a model is (_on_a_model)."""
+        return self._on_a_model(cfg, "schedule", -1, "schedule")
 
     @contextlib.contextmanager
     def sampling(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache,
@@ -385,17 +390,13 @@ class RayEngine:
                          self.rollout_runner(cfg, layout.run_id, i, tick, log))
 
     def evaluate(self, cfg: RunConfig, layout: RunLayout, iteration: int, sessions: SessionCache) -> str:
-        """The evaluation of checkpoint i: on learner rank 0 when colocated, else here."""
-        if not self.colocated:
-            return self._here.evaluate(cfg, layout, iteration, sessions)
-        return self._on_group(cfg, layout.run_id, iteration, "eval", {0: None})[0]
+        """The evaluation of checkpoint i, where a model is (_on_a_model)."""
+        return self._on_a_model(cfg, layout.run_id, iteration, "eval")
 
     def base_eval(self, cfg: RunConfig, sessions: SessionCache,
                   inputs: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
-        """The base model's evaluation (stored once per store): on learner rank 0 when colocated."""
-        if not self.colocated:
-            return self._here.base_eval(cfg, sessions, inputs)
-        return tuple(self._on_group(cfg, "base", -1, "base_eval", {0: inputs})[0])  # type: ignore[return-value]
+        """The base model's evaluation (stored once per store), where a model is (_on_a_model)."""
+        return tuple(self._on_a_model(cfg, "base", -1, "base_eval", inputs))  # type: ignore[return-value]
 
     def scoring(self, cfg: RunConfig, layout: RunLayout, plan: IterationPlan, sessions: SessionCache) -> ScoreRunner:
         """Shares of the shards scored by the reward actors."""
@@ -596,7 +597,6 @@ class RayEngine:
         from ray.util.placement_group import remove_placement_group
 
         self._stop_learner_group()
-        self._here.close()
         for a in self.rollout_workers + self.reward_workers:
             ray.kill(a)
         for g in self._groups.values():

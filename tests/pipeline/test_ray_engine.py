@@ -135,18 +135,26 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, local
     """2 rollout actors write the tensors the local engine writes (1 actor: the killed actor's test
     below), each slice its own shards merged into one manifest; with reward.stream each written
     slice goes to one of the 2 reward actors at once, and the scores are the local engine's (scores
-    in shares: the tests below)."""
+    in shares: the tests below). A rollout actor writes the initial adapter, gives the grid and
+    evaluates the base model: the driver never asks for a model."""
     from tempflow_core.engines.ray_engine import RayEngine
 
-    sessions, ref = SessionCache(), local_reference
+    from tempflow_core.algorithm.iteration import plan_iteration
+    from tempflow_core.engines.stored_run import StoredRun
+
+    ref = local_reference
     cfg = _cfg(tmp_path, tiny_model_dir, "ray-stream", 2, extra=["reward.stream=true"])
     with RayEngine(cfg) as eng:
-        lay = RunLayout.open(cfg, "r")
-        stages.init_stage(cfg, lay, sessions)
-        stages.rollout_stage(cfg, lay, 0, sessions, run_slices=eng.rollout_runner(cfg, "r", 0))
+        run = StoredRun(cfg, RunLayout.open(cfg, "r"), _NoModel(), eng)
+        run.init()  # on a rollout actor, as the grid and the base model's evaluation
+        plan = plan_iteration(cfg, run.schedule(), 0)
+        rollouts = run.rollout(plan)
         assert len(eng._streamed[("r", 0)]) == 2  # both slices handed to the reward actors already
-        stages.reward_stage(cfg, lay, 0, sessions, run_scoring=eng.reward_runner(cfg, "r", 0))
+        run.score(plan, rollouts)
         assert eng._streamed == {}
+        base, cached = run.base_eval({})
+        lay = run.layout
+    assert not cached and 0.0 <= base["reward"] <= 1.0
     _same_rollouts(ref, lay)
     parts = {s.name.split("-shard-")[0] for s in require_manifest(lay.store, lay.prefix(0, "rollout")).shards}
     assert parts == {"part-000", "part-001"}
@@ -156,9 +164,9 @@ def test_rollouts_and_rewards_do_not_depend_on_the_worker_count(local_ray, local
 
 
 class _NoModel(SessionCache):
-    """The driver's sessions in the colocated placement: asked for a model, the test fails."""
+    """The driver's sessions on Ray: asked for a model, the test fails."""
 
-    def get(self, cfg):
+    def get(self, cfg, sharded=False):
         raise AssertionError("the driver's process built a model")
 
 

@@ -75,16 +75,25 @@ def test_two_iterations_on_s3_match_in_process_and_are_visible_in_prefect_and_ml
         async with get_client() as c:
             runs = await c.read_flow_runs()
             run = [r for r in runs if r.parameters.get("run_id") == "e2e"][0]
-            tasks = await c.read_task_runs()
-            names = sorted(t.name for t in tasks if t.flow_run_id == run.id)
+            tasks = [t for t in await c.read_task_runs() if t.flow_run_id == run.id]
             arts = await c.read_artifacts()
-            return run, names, [a.key for a in arts if a.flow_run_id == run.id]
+            return run, tasks, [a.key for a in arts if a.flow_run_id == run.id]
 
-    run, names, keys = asyncio.run(read())
+    run, tasks, keys = asyncio.run(read())
+    names = sorted(t.name for t in tasks)
     assert run.state.is_completed()
     for stage in ("init", "rollout-iter-0", "reward-iter-1", "learner-iter-1", "eval-iter-1", "track-iter-0",
                   "base-eval"):
         assert stage in names
+    # the iteration's graph in the UI: each stage's task run takes the URIs of the ones before as inputs
+    by_id, by_name = {t.id: t.name for t in tasks}, {t.name: t for t in tasks}
+
+    def upstream(name: str, parameter: str) -> list[str]:
+        return [by_id.get(i.id) for i in by_name[name].task_inputs.get(parameter, []) if hasattr(i, "id")]
+
+    assert upstream("reward-iter-1", "rollouts") == ["rollout-iter-1"]
+    assert upstream("learner-iter-1", "rollouts") == ["rollout-iter-1"]
+    assert upstream("learner-iter-1", "rewards") == ["reward-iter-1"]
     assert {"tempflow-metrics", "tempflow-summary"} <= set(keys)
 
     # MLflow, through the REST API of a tracking server on 127.0.0.1: the parent run, one
