@@ -41,6 +41,30 @@ class CollectiveError(RuntimeError):
     group has no backend for): not a lost peer, so the stage fails without a retry."""
 
 
+# What a surviving rank raises when a peer died under a collective: gloo and NCCL errors
+# (torch.distributed's DistError family, or their text where a backend raises RuntimeError) and
+# Ray's own actor-death errors. Such a failure restarts the group; any other error fails the stage.
+PEER_LOST = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "gloo", "NCCL",
+             "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out",
+             "ActorDiedError", "RayActorError", "ActorUnavailableError")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception in its chain) is what a rank raises when a peer died
+    (never a CollectiveError: a fault of the setup, whatever backend its text names)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, CollectiveError):
+            return False
+        text = f"{type(e).__name__}: {e}"
+        if any(p in text for p in PEER_LOST):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def collective_device(backend_config: str, param_device: torch.device) -> torch.device:
     """The device the learner's collectives use: the device of its LoRA parameters when the
     process group has a backend for that device type (NCCL: cuda; gloo: cpu, and cuda too),

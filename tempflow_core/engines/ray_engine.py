@@ -48,7 +48,7 @@ from tempflow_core.engines.engine import Bar, Log, Sampling, Training, no_bar
 from tempflow_core.run.layout import RunLayout
 from tempflow_core.run.preflight import PreflightError, local_paths
 from tempflow_core.rewards import RewardRegistry
-from tempflow_core.algorithm.data_parallel import CollectiveError
+from tempflow_core.algorithm.data_parallel import peer_lost
 from tempflow_core.algorithm.iteration import IterationPlan
 from tempflow_core.algorithm.schedule import Schedule
 from tempflow_core.algorithm.session import SessionCache
@@ -65,14 +65,6 @@ UNREACHABLE_S = 180.0  # how long a task waits for its actor to be reachable aga
 # Variables of the driver that its actors and ranks see too: the torch thread count of a worker
 # and the test failpoints (tempflow_core.failpoints).
 FORWARDED_ENV = ("TEMPFLOW_WORKER_THREADS", failpoints.ENV)
-
-# What a surviving rank raises when a peer died under a collective: gloo and NCCL errors
-# (torch.distributed's DistError family, or their text where a backend raises RuntimeError) and
-# Ray's own actor-death errors. Such a failure restarts the group; any other error fails the stage.
-PEER_LOST = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError", "gloo", "NCCL",
-             "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "Timed out",
-             "ActorDiedError", "RayActorError", "ActorUnavailableError")
-
 
 def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k, "").strip()}
@@ -91,22 +83,6 @@ def _enter(home: tuple[str, str], env: dict[str, str] | None = None) -> None:
     if ray.get_runtime_context().get_node_id() == node and os.path.isdir(cwd):
         os.chdir(cwd)
     torch.set_num_threads(int(os.environ.get("TEMPFLOW_WORKER_THREADS", "").strip() or "1"))
-
-
-def peer_lost(exc: BaseException) -> bool:
-    """Whether `exc` (or an exception in its chain) is what a rank raises when a peer died
-    (never a CollectiveError: a fault of the setup, whatever backend its text names)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, CollectiveError):
-            return False
-        text = f"{type(e).__name__}: {e}"
-        if any(p in text for p in PEER_LOST):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 class _RolloutWorker:

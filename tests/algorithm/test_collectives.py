@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tempflow_core.algorithm.data_parallel import CollectiveError, collective_device
-from tempflow_core.engines.ray_engine import peer_lost
+from tempflow_core.algorithm.data_parallel import peer_lost
 
 ROOT = Path(__file__).resolve().parents[2]
 

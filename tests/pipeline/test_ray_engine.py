@@ -270,7 +270,7 @@ def test_a_learner_rank_killed_anywhere_or_finding_a_damaged_shard_never_fails_t
 
 
 def test_what_a_surviving_rank_raises_when_a_peer_dies_restarts_the_group_and_nothing_else_does():
-    from tempflow_core.engines.ray_engine import peer_lost
+    from tempflow_core.algorithm.data_parallel import peer_lost
 
     for exc in (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                              "[127.0.0.1]:41952"),
