@@ -9,19 +9,20 @@
                                                       trajectories for the Flow-GRPO variants
         rewards  = ctx.score(plan, rollouts)          every final image's reward: a process reward per
                                                       branch point
-        metrics  = ctx.update(plan, rollouts, rewards)   group-std advantages, then the clipped, weighted
-                                                      policy update with its KL and EMA: checkpoint i
+        metrics  = ctx.update(plan, rollouts, rewards)   group-std advantages (global std for flow_grpo),
+                                                      then the clipped policy update with the plan's step
+                                                      weights, its KL and EMA: checkpoint i
         the reward guard stops a reward without signal
         if the evaluation is due: ctx.evaluate(i)     the held-out evaluation of checkpoint i
 
 This function is the only description of an iteration; what varies is the `Context` it is handed,
 which owns where the work runs and what is kept of it:
 
-    algorithm/train.py  InMemory      one session, nothing stored (train_in_process: tests, sweeps)
-    run/context.py      StoredRun     stage outputs on the run's store, finished ones reused and damaged
-                                      ones healed (run/stages.py), the work placed by the run's engine
-                                      (here, or Ray actors and a Ray Train group)
-    flows/train.py      FlowStages    StoredRun with each stage a Prefect task
+    algorithm/train.py       InMemory     one session, nothing stored (train_in_process: tests, sweeps)
+    engines/stored_run.py    StoredRun    stage outputs on the run's store, finished ones reused and
+                                          damaged ones healed (run/stages.py), the work placed by the
+                                          run's engine (here, or Ray actors and a Ray Train group)
+    tasks/stages.py          FlowStages   StoredRun with each stage a Prefect task (flows/train.py)
 
 Names: a step of the controller is named for what it does (rollout, score, update, evaluate); a
 stage on the store, its Prefect task and its prefix for what it writes (rollout, reward, learner,
