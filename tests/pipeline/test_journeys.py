@@ -376,6 +376,8 @@ def test_browse_the_training_runs_in_mlflow(browser, served, custom_run, mlflow_
     search.fill("reward")
     snap(page, "mlflow-metrics")
     search.fill("grid")
+    # the card into view before its image is waited for (once, under load, the image did not attach in 120 s)
+    page.get_by_text("group_grid", exact=True).first.scroll_into_view_if_needed()
     card = page.locator("div", has=page.get_by_text("group_grid", exact=True)).filter(has=page.locator("img")).last
     image = card.locator("img").first
     image.wait_for(state="attached")
