@@ -78,7 +78,8 @@ class TimedStages:
     another: `seconds[i]` holds iteration i's rollout, reward and learner seconds and their sum."""
 
     def __init__(self, ctx: Any) -> None:
-        self.ctx, self.seconds = ctx, []  # type: list[dict[str, float]]
+        self.ctx = ctx
+        self.seconds: list[dict[str, float]] = []
 
     def _timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ from tempflow_core.config import DEFAULT_LORA_TARGETS, LoraSettings
 from tempflow_core.families import ModelFamily, family_defaults, family_spec, lora_targets
 from tempflow_core.policies.models import resolve_device
 from tempflow_core.algorithm.schedule import Schedule, make_schedule
-from tempflow_core.algorithm.sharding import full, shard_like
+from tempflow_core.algorithm.sharding import full, shard_like, shard_transformer
 from tempflow_core.batches import PromptEmbeds  # noqa: F401  (the type encode_prompts returns)
 
 
@@ -137,8 +137,6 @@ class FlowPolicy:
         default process group (train.sharding=fsdp, algorithm/sharding.py): the other modules
         whole, the transformer one block at a time, each block's shard left on the device, so the
         device never holds the whole transformer."""
-        from tempflow_core.algorithm.sharding import shard_transformer
-
         self.device = device
         for module in self.pipe.components.values():
             if isinstance(module, torch.nn.Module) and module is not self.transformer:

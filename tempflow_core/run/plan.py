@@ -20,7 +20,9 @@ import numpy as np
 
 from tempflow_core.algorithm.iteration import IterationPlan, plan_iteration
 from tempflow_core.algorithm.schedule import make_schedule
+from tempflow_core.config import ConfigError, load_config
 from tempflow_core.memory import GIB, Footprint, ModelFacts, dtype_bytes
+from tempflow_core.presets import apply_preset
 
 # One H200, SD3.5-M, 512 px, bf16, 4 prompts x K 6, T 10 (results/gpu/smoke/sd35m_mb8.json and
 # sd35m_mb8_checkpointing.json; tests/algorithm/test_memory.py checks these against the records)
@@ -77,10 +79,10 @@ class Minutes:
         return self.rollout + self.learner
 
 
-def minutes(cfg: Any, facts: ModelFacts, iterations: int | None = None) -> list[Minutes]:
-    """Minutes per iteration on one H200 and one H100 (see the module docstring), averaged over the
-    run's iterations (or `iterations` of them) where the branch steps are drawn."""
-    nfe, units = rows_per_iteration(cfg, iterations)
+def minutes(cfg: Any, facts: ModelFacts, rows_per_it: tuple[float, float] | None = None) -> list[Minutes]:
+    """Minutes per iteration on one H200 and one H100 (see the module docstring) of `rows_per_it`
+    (rollout NFEs, learner units), the run's own (rows_per_iteration) when not given."""
+    nfe, units = rows_per_it or rows_per_iteration(cfg)
     rows = cfg.rows_per_sample()
     work = facts.component_params.get("transformer", 0) * facts.tokens * rows / 2 / SD35M_WORK  # SD3.5-M's rows: 2
     unit_s = H200_S_PER_UNIT_CHECKPOINTED if cfg.train.gradient_checkpointing else H200_S_PER_UNIT
@@ -120,13 +122,10 @@ class SettingCost:
 def setting_costs(cfg: Any, facts: ModelFacts) -> list[SettingCost | tuple[str, str]]:
     """The config as given, `--preset fast`, then each of COST_SETTINGS applied to it; a setting
     that does not apply to the config is (label, why)."""
-    from tempflow_core.config import ConfigError, load_config
-    from tempflow_core.presets import apply_preset
-
     def cost(label: str, c: Any) -> SettingCost:
         nfe, units = rows_per_iteration(c, DRAWS)
-        return SettingCost(label, nfe, units, (nfe + 2 * units) * c.rows_per_sample(), minutes(c, facts, DRAWS)[0],
-                           c.train.iterations)
+        h200 = minutes(c, facts, (nfe, units))[0]
+        return SettingCost(label, nfe, units, (nfe + 2 * units) * c.rows_per_sample(), h200, c.train.iterations)
 
     out: list[SettingCost | tuple[str, str]] = [cost("this config", cfg)]
     try:
